@@ -1,0 +1,511 @@
+//! Typed settings from a TOML file plus `TALLY_*` environment overrides, validated once at
+//! start. Owns defaults and validation; never logs secrets (see [`Secret`]).
+//!
+//! Environment overrides use `__` between sections and keys:
+//! `TALLY_KAFKA__BROKERS=host:9092`, `TALLY_PIPELINE__BATCH_MAX_EVENTS=2000`,
+//! `TALLY_POSTGRES__URL=...`. librdkafka properties pass through from `[kafka.properties]`
+//! (or `TALLY_KAFKA__PROPERTIES__SASL.MECHANISM=...` — keys are lower-cased).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// A string that is never printed: Debug and Display show `***`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub postgres: PostgresConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub pipeline: PipelineConfig,
+    pub prices: PricesConfig,
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// bootstrap.servers
+    pub brokers: String,
+    pub ledger_group: String,
+    pub analytics_group: String,
+    /// Partitions for topics Tally creates (existing topics are left as they are).
+    pub topic_partitions: i32,
+    pub replication_factor: i32,
+    pub topics: Topics,
+    /// librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.*...).
+    /// Values of keys containing "password", "secret" or "key" are never logged.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("ledger_group", &self.ledger_group)
+            .field("analytics_group", &self.analytics_group)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("topics", &self.topics)
+            .field("properties", &redact_properties(&self.properties))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    pub calls: String,
+    pub chat_responses: String,
+    pub instance_hours: String,
+    pub metered: String,
+    pub grants: String,
+    pub plans: String,
+    pub dead_letter: String,
+}
+
+impl Topics {
+    /// Every input topic the pipelines consume.
+    pub fn inputs(&self) -> Vec<&str> {
+        vec![
+            &self.calls,
+            &self.chat_responses,
+            &self.instance_hours,
+            &self.metered,
+            &self.grants,
+            &self.plans,
+        ]
+    }
+
+    /// Every topic Tally creates at migrate / start-up.
+    pub fn all(&self) -> Vec<&str> {
+        let mut all = self.inputs();
+        all.push(&self.dead_letter);
+        all
+    }
+}
+
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// libpq-style connection string or URL; may hold a password, so it is a Secret.
+    pub url: Secret,
+    /// Schema holding Tally's tables (tests use one schema each).
+    pub schema: String,
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(self.url.expose()))
+            .field("schema", &self.schema)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    pub url: String,
+    pub database: String,
+    pub user: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// A batch closes at whichever limit comes first: events, bytes, or time.
+    pub batch_max_events: usize,
+    pub batch_max_bytes: usize,
+    pub batch_max_wait_ms: u64,
+    /// Larger messages are dead-lettered as too_large.
+    pub max_message_bytes: usize,
+    /// Event times further ahead than this are invalid.
+    pub max_future_seconds: i64,
+    /// Dedupe claims are kept this long; older events are dead-lettered as too_late.
+    pub dedupe_window_days: i64,
+    /// Back-off bounds when PostgreSQL or ClickHouse is unavailable.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricesConfig {
+    pub path: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            kafka: KafkaConfig::default(),
+            postgres: PostgresConfig::default(),
+            clickhouse: ClickHouseConfig::default(),
+            pipeline: PipelineConfig::default(),
+            prices: PricesConfig::default(),
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            ledger_group: "tally-ledger".into(),
+            analytics_group: "tally-analytics".into(),
+            topic_partitions: 3,
+            replication_factor: 1,
+            topics: Topics::default(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            calls: "usage.calls".into(),
+            chat_responses: "usage.chat_responses".into(),
+            instance_hours: "usage.instance_hours".into(),
+            metered: "usage.metered".into(),
+            grants: "credit.grants".into(),
+            plans: "account.plans".into(),
+            dead_letter: "tally.dead_letter".into(),
+        }
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: Secret::new("host=127.0.0.1 user=postgres dbname=tally"),
+            schema: "tally".into(),
+        }
+    }
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://127.0.0.1:8123".into(),
+            database: "tally".into(),
+            user: "default".into(),
+            password: Secret::default(),
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_max_events: 5_000,
+            batch_max_bytes: 8 * 1024 * 1024,
+            batch_max_wait_ms: 100,
+            max_message_bytes: 64 * 1024,
+            max_future_seconds: 300,
+            dedupe_window_days: 35,
+            retry_initial_ms: 200,
+            retry_max_ms: 10_000,
+        }
+    }
+}
+
+impl Default for PricesConfig {
+    fn default() -> Self {
+        PricesConfig {
+            path: PathBuf::from("prices/default.toml"),
+        }
+    }
+}
+
+/// A configuration error, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("configuration: {0}")]
+    Parse(String),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Defaults, then the file (when given; it must exist), then `TALLY_*` environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, Env::prefixed("TALLY_").split("__"))
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if let Err(source) = std::fs::metadata(path) {
+                return Err(ConfigError::File {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Parse(figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value once, so the rest of the program can trust them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must not be empty"));
+        }
+        if self.kafka.ledger_group.is_empty() || self.kafka.analytics_group.is_empty() {
+            return Err(invalid("kafka.ledger_group", "group ids must not be empty"));
+        }
+        if self.kafka.ledger_group == self.kafka.analytics_group {
+            return Err(invalid(
+                "kafka.analytics_group",
+                "must differ from kafka.ledger_group (the pipelines track offsets separately)",
+            ));
+        }
+        if !(1..=1024).contains(&self.kafka.topic_partitions) {
+            return Err(invalid("kafka.topic_partitions", "must be 1..=1024"));
+        }
+        if self.kafka.replication_factor < 1 {
+            return Err(invalid("kafka.replication_factor", "must be >= 1"));
+        }
+        let topics = self.kafka.topics.all();
+        for (i, t) in topics.iter().enumerate() {
+            if !valid_topic(t) {
+                return Err(invalid(
+                    "kafka.topics",
+                    format!("`{t}` is not a valid topic name ([A-Za-z0-9._-]{{1,249}})"),
+                ));
+            }
+            if topics[..i].contains(t) {
+                return Err(invalid("kafka.topics", format!("`{t}` is used twice")));
+            }
+        }
+        if self.postgres.url.expose().trim().is_empty() {
+            return Err(invalid("postgres.url", "must not be empty"));
+        }
+        if !valid_identifier(&self.postgres.schema) {
+            return Err(invalid(
+                "postgres.schema",
+                "must be a lower-case SQL identifier ([a-z_][a-z0-9_]{0,62})",
+            ));
+        }
+        if !self.clickhouse.url.starts_with("http://") && !self.clickhouse.url.starts_with("https://") {
+            return Err(invalid("clickhouse.url", "must start with http:// or https://"));
+        }
+        if !valid_identifier(&self.clickhouse.database) {
+            return Err(invalid(
+                "clickhouse.database",
+                "must be a lower-case identifier ([a-z_][a-z0-9_]{0,62})",
+            ));
+        }
+        let p = &self.pipeline;
+        if !(1..=100_000).contains(&p.batch_max_events) {
+            return Err(invalid("pipeline.batch_max_events", "must be 1..=100000"));
+        }
+        if p.batch_max_bytes < p.max_message_bytes {
+            return Err(invalid(
+                "pipeline.batch_max_bytes",
+                "must be at least pipeline.max_message_bytes",
+            ));
+        }
+        if !(1..=60_000).contains(&p.batch_max_wait_ms) {
+            return Err(invalid("pipeline.batch_max_wait_ms", "must be 1..=60000"));
+        }
+        if !(256..=16 * 1024 * 1024).contains(&p.max_message_bytes) {
+            return Err(invalid("pipeline.max_message_bytes", "must be 256..=16777216"));
+        }
+        if p.max_future_seconds < 0 {
+            return Err(invalid("pipeline.max_future_seconds", "must be >= 0"));
+        }
+        if !(1..=3650).contains(&p.dedupe_window_days) {
+            return Err(invalid("pipeline.dedupe_window_days", "must be 1..=3650"));
+        }
+        if p.retry_initial_ms == 0 || p.retry_max_ms < p.retry_initial_ms {
+            return Err(invalid(
+                "pipeline.retry_max_ms",
+                "retry_initial_ms must be > 0 and <= retry_max_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// librdkafka properties for display: secrets replaced by `***`.
+    pub fn kafka_properties_redacted(&self) -> BTreeMap<String, String> {
+        redact_properties(&self.kafka.properties)
+    }
+}
+
+fn redact_properties(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    properties
+            .iter()
+            .map(|(k, v)| {
+                let secret = ["password", "secret", "key"]
+                    .iter()
+                    .any(|s| k.to_ascii_lowercase().contains(s));
+                (k.clone(), if secret { "***".into() } else { v.clone() })
+            })
+            .collect()
+}
+
+fn figment_error(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            if key.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("key `{key}`: {}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// A lower-case identifier safe to splice into SQL (schema and database names).
+pub fn valid_identifier(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && s.len() <= 63
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// `postgres://user:pass@host/db` -> `postgres://user:***@host/db`; key/value strings lose
+/// their `password=` value.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((creds, host)) = rest.split_once('@') {
+            let user = creds.split(':').next().unwrap_or("");
+            return format!("{scheme}://{user}:***@{host}");
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_with(vars: &[(&str, &str)]) -> Env {
+        // figment reads the process environment; tests use a unique prefix to stay isolated.
+        let prefix = format!("TALLYTEST{}_", vars.len() + std::process::id() as usize);
+        for (k, v) in vars {
+            std::env::set_var(format!("{prefix}{k}"), v);
+        }
+        Env::prefixed(&prefix).split("__")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tally.toml");
+        std::fs::write(
+            &path,
+            "[kafka]\nbrokers = \"file:9092\"\n[pipeline]\nbatch_max_events = 10\n[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load_from(Some(&path), env_with(&[("KAFKA__BROKERS", "env:9092")])).unwrap();
+        assert_eq!(cfg.kafka.brokers, "env:9092");
+        assert_eq!(cfg.pipeline.batch_max_events, 10);
+        assert_eq!(cfg.kafka_properties_redacted()["sasl.password"], "***");
+        assert_eq!(cfg.kafka.properties["sasl.password"], "hunter2");
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tally.toml");
+        std::fs::write(&path, "[pipeline]\nbatch_max_events = \"many\"\n").unwrap();
+        let err = Config::load_from(Some(&path), Env::prefixed("TALLY_NOTHING_")).unwrap_err();
+        assert!(err.to_string().contains("pipeline.batch_max_events"), "{err}");
+
+        std::fs::write(&path, "[pipeline]\nbatch_max_events = 0\n").unwrap();
+        let err = Config::load_from(Some(&path), Env::prefixed("TALLY_NOTHING_")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "configuration key `pipeline.batch_max_events`: must be 1..=100000"
+        );
+
+        std::fs::write(&path, "[pipeline]\nbatch_size = 3\n").unwrap();
+        let err = Config::load_from(Some(&path), Env::prefixed("TALLY_NOTHING_")).unwrap_err();
+        assert!(err.to_string().contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load_from(Some(Path::new("/nonexistent/tally.toml")), Env::prefixed("X_")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/tally.toml"));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut cfg = Config::default();
+        cfg.postgres.url = Secret::new("postgres://tally:s3cret@db/tally");
+        cfg.clickhouse.password = Secret::new("chpass");
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret") && !shown.contains("chpass"), "{shown}");
+        assert!(shown.contains("postgres://tally:***@db/tally"));
+        assert_eq!(redact_url("host=db user=t password=x"), "host=db user=t password=***");
+    }
+}

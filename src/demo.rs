@@ -1,0 +1,1 @@
+//! Demo stream (being written).

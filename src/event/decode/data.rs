@@ -1,0 +1,482 @@
+//! The `data` object of each event type: its wire shape (serde structs that borrow from the
+//! payload) and its value rules (ranges, enums, time ordering). Knows nothing of envelopes.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use super::scalar::{parse_decimal, parse_rfc3339, StringMap, Text};
+use crate::event::{
+    CallUsage, ChatUsage, Direction, GrantEvent, GrantKind, InstanceUsage, MeteredUsage,
+    OveragePolicy, Payload, PlanEvent, Reason, Rejection, KIND_CALL, KIND_CHAT, KIND_INSTANCE,
+};
+
+/// Longest id (`call_id`, `grant_id`...), in bytes.
+pub(crate) const MAX_ID_BYTES: usize = 256;
+/// Longest attribute value (`model`, `channel`...), in bytes.
+pub(crate) const MAX_NAME_BYTES: usize = 128;
+/// Longest span a call or an instance period may cover.
+pub(crate) const MAX_DURATION_SECONDS: i64 = 31 * 86_400;
+/// Most attributes a metered event may carry.
+pub(crate) const MAX_ATTRIBUTES: usize = 16;
+/// Most allowance alert thresholds a plan may carry.
+pub(crate) const MAX_ALERT_PERCENTS: usize = 16;
+pub(crate) const MAX_RESPONSES: i64 = 10_000;
+pub(crate) const MAX_TOP_UP_VALIDITY_MONTHS: i64 = 120;
+
+pub(crate) type Check<T> = Result<T, Rejection>;
+
+pub(crate) fn invalid(field: &str, detail: impl Into<String>) -> Rejection {
+    Rejection::new(Reason::InvalidValue, Some(field), detail)
+}
+
+pub(crate) fn required<T>(value: Option<T>, field: &str) -> Check<T> {
+    value.ok_or_else(|| Rejection::new(Reason::MissingField, Some(field), "required"))
+}
+
+/// An identifier: 1..=256 bytes.
+pub(crate) fn id<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
+    let len = value.0.len();
+    if len == 0 {
+        return Err(invalid(field, "empty"));
+    }
+    if len > MAX_ID_BYTES {
+        return Err(invalid(
+            field,
+            format!("{len} bytes, at most {MAX_ID_BYTES}"),
+        ));
+    }
+    Ok(value.0)
+}
+
+/// An attribute value rules may match on: 1..=128 bytes.
+fn name<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
+    let len = value.0.len();
+    if len == 0 || len > MAX_NAME_BYTES {
+        return Err(invalid(
+            field,
+            format!("{len} bytes, expected 1..={MAX_NAME_BYTES}"),
+        ));
+    }
+    Ok(value.0)
+}
+
+fn opt_name<'a>(value: Option<Text<'a>>, field: &str) -> Check<Option<Cow<'a, str>>> {
+    value.map(|v| name(v, field)).transpose()
+}
+
+pub(crate) fn timestamp(value: &Text<'_>, field: &str) -> Check<DateTime<Utc>> {
+    parse_rfc3339(value.as_str())
+        .ok_or_else(|| invalid(field, format!("not an RFC 3339 date-time: {:?}", clip(value.as_str()))))
+}
+
+fn decimal(value: &Text<'_>, field: &str) -> Check<Decimal> {
+    parse_decimal(value.as_str()).map_err(|e| invalid(field, format!("{e}: {:?}", clip(value.as_str()))))
+}
+
+fn positive_decimal(value: &Text<'_>, field: &str) -> Check<Decimal> {
+    let d = decimal(value, field)?;
+    if d.is_zero() {
+        return Err(invalid(field, "must be greater than 0"));
+    }
+    Ok(d)
+}
+
+fn int_in(value: i64, min: i64, max: i64, field: &str) -> Check<i64> {
+    if value < min || value > max {
+        return Err(invalid(field, format!("{value} is outside {min}..={max}")));
+    }
+    Ok(value)
+}
+
+/// The first 64 characters of a value, for details (a rejected value may be huge).
+pub(crate) fn clip(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Is `s` a metered kind or attribute name: `^[a-z][a-z0-9_]{0,63}$`?
+fn is_identifier(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_lowercase()
+        && b[1..]
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CallData<'a> {
+    #[serde(borrow)]
+    call_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    direction: Option<Text<'a>>,
+    #[serde(borrow)]
+    channel: Option<Text<'a>>,
+    #[serde(borrow)]
+    model: Option<Text<'a>>,
+    #[serde(borrow)]
+    voice_tier: Option<Text<'a>>,
+    #[serde(borrow)]
+    started_at: Option<Text<'a>>,
+    #[serde(borrow)]
+    answered_at: Option<Text<'a>>,
+    #[serde(borrow)]
+    ended_at: Option<Text<'a>>,
+    hold_seconds: Option<i64>,
+}
+
+impl<'a> CallData<'a> {
+    pub(crate) fn check(self) -> Check<Payload<'a>> {
+        let call_id = required(self.call_id, "data.call_id")?;
+        let direction = required(self.direction, "data.direction")?;
+        let started_at = required(self.started_at, "data.started_at")?;
+        let ended_at = required(self.ended_at, "data.ended_at")?;
+
+        let call_id = id(call_id, "data.call_id")?;
+        let direction = match direction.as_str() {
+            "inbound" => Direction::Inbound,
+            "outbound" => Direction::Outbound,
+            other => {
+                return Err(invalid(
+                    "data.direction",
+                    format!("{:?} is not inbound or outbound", clip(other)),
+                ))
+            }
+        };
+        let channel = opt_name(self.channel, "data.channel")?;
+        let model = opt_name(self.model, "data.model")?;
+        let voice_tier = opt_name(self.voice_tier, "data.voice_tier")?;
+        let started_at = timestamp(&started_at, "data.started_at")?;
+        let answered_at = self
+            .answered_at
+            .map(|t| timestamp(&t, "data.answered_at"))
+            .transpose()?;
+        let ended_at = timestamp(&ended_at, "data.ended_at")?;
+        let hold_seconds = self.hold_seconds.unwrap_or(0);
+        if hold_seconds < 0 {
+            return Err(invalid("data.hold_seconds", format!("{hold_seconds} is negative")));
+        }
+
+        if let Some(answered) = answered_at {
+            if answered < started_at {
+                return Err(invalid("data.answered_at", "answered before the call started"));
+            }
+        }
+        if ended_at < started_at {
+            return Err(invalid("data.ended_at", "ended before the call started"));
+        }
+        if let Some(answered) = answered_at {
+            if ended_at < answered {
+                return Err(invalid("data.ended_at", "hung up before the call was answered"));
+            }
+        }
+        if (ended_at - started_at).num_seconds() > MAX_DURATION_SECONDS {
+            return Err(invalid("data.ended_at", "the call lasts more than 31 days"));
+        }
+        let answered_seconds = answered_at.map_or(0, |a| (ended_at - a).num_seconds());
+        if hold_seconds > answered_seconds {
+            return Err(invalid(
+                "data.hold_seconds",
+                format!("{hold_seconds} s of hold in {answered_seconds} s of answered time"),
+            ));
+        }
+
+        Ok(Payload::Call(CallUsage {
+            call_id,
+            direction,
+            channel,
+            model,
+            voice_tier,
+            started_at,
+            answered_at,
+            ended_at,
+            // At most 31 days, checked above.
+            hold_seconds: hold_seconds as u32,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ChatData<'a> {
+    #[serde(borrow)]
+    conversation_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    model: Option<Text<'a>>,
+    #[serde(borrow)]
+    voice_tier: Option<Text<'a>>,
+    #[serde(borrow)]
+    channel: Option<Text<'a>>,
+    responses: Option<i64>,
+}
+
+impl<'a> ChatData<'a> {
+    pub(crate) fn check(self) -> Check<Payload<'a>> {
+        let conversation_id = required(self.conversation_id, "data.conversation_id")?;
+        let model = required(self.model, "data.model")?;
+        let conversation_id = id(conversation_id, "data.conversation_id")?;
+        let model = name(model, "data.model")?;
+        let voice_tier = opt_name(self.voice_tier, "data.voice_tier")?;
+        let channel = opt_name(self.channel, "data.channel")?;
+        let responses = match self.responses {
+            None => 1,
+            Some(n) => int_in(n, 1, MAX_RESPONSES, "data.responses")? as u32,
+        };
+        Ok(Payload::Chat(ChatUsage {
+            conversation_id,
+            model,
+            voice_tier,
+            channel,
+            responses,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InstanceData<'a> {
+    #[serde(borrow)]
+    instance_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    instance_type: Option<Text<'a>>,
+    #[serde(borrow)]
+    started_at: Option<Text<'a>>,
+    #[serde(borrow)]
+    ended_at: Option<Text<'a>>,
+}
+
+impl<'a> InstanceData<'a> {
+    pub(crate) fn check(self) -> Check<Payload<'a>> {
+        let instance_id = required(self.instance_id, "data.instance_id")?;
+        let instance_type = required(self.instance_type, "data.instance_type")?;
+        let started_at = required(self.started_at, "data.started_at")?;
+        let ended_at = required(self.ended_at, "data.ended_at")?;
+        let instance_id = id(instance_id, "data.instance_id")?;
+        let instance_type = name(instance_type, "data.instance_type")?;
+        let started_at = timestamp(&started_at, "data.started_at")?;
+        let ended_at = timestamp(&ended_at, "data.ended_at")?;
+        if ended_at < started_at {
+            return Err(invalid("data.ended_at", "ended before it started"));
+        }
+        if (ended_at - started_at).num_seconds() > MAX_DURATION_SECONDS {
+            return Err(invalid("data.ended_at", "the period lasts more than 31 days"));
+        }
+        Ok(Payload::Instance(InstanceUsage {
+            instance_id,
+            instance_type,
+            started_at,
+            ended_at,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MeteredData<'a> {
+    #[serde(borrow)]
+    kind: Option<Text<'a>>,
+    #[serde(borrow)]
+    quantity: Option<Text<'a>>,
+    #[serde(borrow)]
+    attributes: Option<StringMap<'a>>,
+}
+
+impl<'a> MeteredData<'a> {
+    pub(crate) fn check(self) -> Check<Payload<'a>> {
+        let kind = required(self.kind, "data.kind")?;
+        let quantity = required(self.quantity, "data.quantity")?;
+        if !is_identifier(kind.as_str()) {
+            return Err(invalid(
+                "data.kind",
+                format!("{:?} does not match ^[a-z][a-z0-9_]{{0,63}}$", clip(kind.as_str())),
+            ));
+        }
+        if matches!(kind.as_str(), KIND_CALL | KIND_CHAT | KIND_INSTANCE) {
+            return Err(invalid(
+                "data.kind",
+                format!("{:?} is a built-in kind: use its own event type", kind.as_str()),
+            ));
+        }
+        let quantity = positive_decimal(&quantity, "data.quantity")?;
+        let attributes = self.attributes.unwrap_or_default().0;
+        if attributes.len() > MAX_ATTRIBUTES {
+            return Err(invalid(
+                "data.attributes",
+                format!("{} attributes, at most {MAX_ATTRIBUTES}", attributes.len()),
+            ));
+        }
+        for (i, (key, value)) in attributes.iter().enumerate() {
+            if !is_identifier(key) {
+                return Err(invalid(
+                    "data.attributes",
+                    format!("name {:?} does not match ^[a-z][a-z0-9_]{{0,63}}$", clip(key)),
+                ));
+            }
+            if attributes[..i].iter().any(|(k, _)| k == key) {
+                return Err(invalid(
+                    &format!("data.attributes.{key}"),
+                    "duplicate attribute",
+                ));
+            }
+            if value.is_empty() || value.len() > MAX_NAME_BYTES {
+                return Err(invalid(
+                    &format!("data.attributes.{key}"),
+                    format!("{} bytes, expected 1..={MAX_NAME_BYTES}", value.len()),
+                ));
+            }
+        }
+        Ok(Payload::Metered(MeteredUsage {
+            kind: kind.0,
+            quantity,
+            attributes,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GrantData<'a> {
+    #[serde(borrow)]
+    grant_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    kind: Option<Text<'a>>,
+    #[serde(borrow)]
+    credits: Option<Text<'a>>,
+    #[serde(borrow)]
+    expires_at: Option<Text<'a>>,
+    priority: Option<i64>,
+}
+
+impl<'a> GrantData<'a> {
+    pub(crate) fn check(self) -> Check<Payload<'a>> {
+        let grant_id = required(self.grant_id, "data.grant_id")?;
+        let kind = required(self.kind, "data.kind")?;
+        let credits = required(self.credits, "data.credits")?;
+        let grant_id = id(grant_id, "data.grant_id")?;
+        let kind = GrantKind::parse(kind.as_str()).ok_or_else(|| {
+            invalid(
+                "data.kind",
+                format!(
+                    "{:?} is not allowance, package, top_up, promo or manual",
+                    clip(kind.as_str())
+                ),
+            )
+        })?;
+        let credits = positive_decimal(&credits, "data.credits")?;
+        let expires_at = self
+            .expires_at
+            .map(|t| timestamp(&t, "data.expires_at"))
+            .transpose()?;
+        let priority = self
+            .priority
+            .map(|p| int_in(p, i64::from(i32::MIN), i64::from(i32::MAX), "data.priority"))
+            .transpose()?
+            .map(|p| p as i32);
+        Ok(Payload::Grant(GrantEvent {
+            grant_id,
+            kind,
+            credits,
+            expires_at,
+            priority,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PlanData<'a> {
+    #[serde(borrow)]
+    plan_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    monthly_allowance: Option<Text<'a>>,
+    billing_day: Option<i64>,
+    #[serde(borrow)]
+    overage_policy: Option<Text<'a>>,
+    top_up_validity_months: Option<i64>,
+    #[serde(borrow)]
+    low_balance_credits: Option<Text<'a>>,
+    #[serde(borrow)]
+    low_balance_percent: Option<Text<'a>>,
+    allowance_alert_percents: Option<Vec<i64>>,
+}
+
+impl<'a> PlanData<'a> {
+    pub(crate) fn check(self) -> Check<Payload<'a>> {
+        let plan_id = required(self.plan_id, "data.plan_id")?;
+        let monthly_allowance = required(self.monthly_allowance, "data.monthly_allowance")?;
+        let billing_day = required(self.billing_day, "data.billing_day")?;
+        let overage_policy = required(self.overage_policy, "data.overage_policy")?;
+        let plan_id = id(plan_id, "data.plan_id")?;
+        let monthly_allowance = decimal(&monthly_allowance, "data.monthly_allowance")?;
+        let billing_day = int_in(billing_day, 1, 31, "data.billing_day")? as u8;
+        let overage_policy = match overage_policy.as_str() {
+            "settle_from_next_grant" => OveragePolicy::SettleFromNextGrant,
+            "bill_overage" => OveragePolicy::BillOverage,
+            other => {
+                return Err(invalid(
+                    "data.overage_policy",
+                    format!(
+                        "{:?} is not settle_from_next_grant or bill_overage",
+                        clip(other)
+                    ),
+                ))
+            }
+        };
+        let top_up_validity_months = self
+            .top_up_validity_months
+            .map(|m| int_in(m, 1, MAX_TOP_UP_VALIDITY_MONTHS, "data.top_up_validity_months"))
+            .transpose()?
+            .map(|m| m as u32);
+        let low_balance_credits = self
+            .low_balance_credits
+            .map(|c| decimal(&c, "data.low_balance_credits"))
+            .transpose()?;
+        let low_balance_percent = self
+            .low_balance_percent
+            .map(|p| {
+                let d = decimal(&p, "data.low_balance_percent")?;
+                if d > Decimal::ONE_HUNDRED {
+                    return Err(invalid("data.low_balance_percent", format!("{d} is above 100")));
+                }
+                Ok(d)
+            })
+            .transpose()?;
+        let allowance_alert_percents = match self.allowance_alert_percents {
+            None => None,
+            Some(list) => {
+                if list.len() > MAX_ALERT_PERCENTS {
+                    return Err(invalid(
+                        "data.allowance_alert_percents",
+                        format!("{} thresholds, at most {MAX_ALERT_PERCENTS}", list.len()),
+                    ));
+                }
+                let mut out = Vec::with_capacity(list.len());
+                for (i, p) in list.into_iter().enumerate() {
+                    if !(1..=100).contains(&p) {
+                        let field = format!("data.allowance_alert_percents[{i}]");
+                        return Err(invalid(&field, format!("{p} is outside 1..=100")));
+                    }
+                    out.push(p as u32);
+                }
+                Some(out)
+            }
+        };
+        Ok(Payload::Plan(PlanEvent {
+            plan_id,
+            monthly_allowance,
+            billing_day,
+            overage_policy,
+            top_up_validity_months,
+            low_balance_credits,
+            low_balance_percent,
+            allowance_alert_percents,
+        }))
+    }
+}

@@ -1,0 +1,12 @@
+//! Bytes -> typed events. Owns the CloudEvents 1.0 (structured JSON) wire format of every
+//! message Tally consumes, its validation, and the machine-readable reasons a message is
+//! rejected with. Pure: no IO, no clock (the caller passes "now" for the future-time check).
+//! Must not know about prices, balances or storage.
+
+mod decode;
+// The file is types.rs; `types` itself names the CloudEvents type constants.
+#[path = "types.rs"]
+mod model;
+
+pub use decode::{decode, DecodeLimits};
+pub use model::*;

@@ -1,0 +1,347 @@
+//! A consumer that hands out batches bounded by count, bytes and time, and whose positions
+//! come from an external store of record (PostgreSQL for the ledger, ClickHouse for
+//! analytics) rather than from Kafka's committed offsets.
+//!
+//! On partition assignment the rebalance callback loads the stored next offsets and assigns
+//! the partitions at exactly those offsets. Records below the stored position (a redelivery
+//! after a crash or rebalance) are dropped before they reach the pipeline. Kafka offsets are
+//! committed too, after the store commits, so standard lag tools work.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::KafkaConfig;
+
+/// (topic, partition)
+pub type TopicPartition = (String, i32);
+
+/// Next offset to read per partition, as stored by the pipeline's store of record.
+pub type Positions = HashMap<TopicPartition, i64>;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The store of record for consumed positions.
+pub trait OffsetStore: Send + Sync + 'static {
+    /// Next offsets for the given partitions (absent: nothing consumed yet). The future must
+    /// be self-contained (own connection): it also runs on a thread of its own inside the
+    /// rebalance callback.
+    fn load(&self, partitions: Vec<TopicPartition>) -> BoxFuture<anyhow::Result<Positions>>;
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_events: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
+/// One consumed Kafka record, copied out of librdkafka's buffers.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// Next offset per partition after this batch (max offset + 1).
+    pub next_offsets: Positions,
+    /// Records dropped because they were below the stored position.
+    pub skipped: usize,
+    pub bytes: usize,
+}
+
+struct Ctx {
+    store: Arc<dyn OffsetStore>,
+    positions: Arc<Mutex<Positions>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            let partitions: Vec<TopicPartition> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            match load_blocking(&self.store, partitions.clone()) {
+                Ok(stored) => {
+                    let mut positions = self.positions.lock().expect("positions lock");
+                    for (topic, partition) in partitions {
+                        let offset = match stored.get(&(topic.clone(), partition)) {
+                            Some(&next) => Offset::Offset(next),
+                            // Never consumed by this pipeline: the store of record is the
+                            // truth, so start at the beginning (dedupe covers overlaps).
+                            None => Offset::Beginning,
+                        };
+                        if let Err(e) = tpl.set_partition_offset(&topic, partition, offset) {
+                            tracing::error!(topic, partition, error = %e, "could not set offset");
+                        }
+                        if let Offset::Offset(next) = offset {
+                            positions.insert((topic.clone(), partition), next);
+                        }
+                        tracing::info!(topic, partition, ?offset, "partition assigned");
+                    }
+                }
+                Err(e) => {
+                    // The loop loads the positions again before it processes anything from
+                    // these partitions, so nothing is applied twice or skipped.
+                    tracing::error!(error = %e, "could not load stored offsets at assignment");
+                }
+            }
+        } else if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+            let mut positions = self.positions.lock().expect("positions lock");
+            for e in tpl.elements() {
+                positions.remove(&(e.topic().to_owned(), e.partition()));
+                tracing::info!(topic = e.topic(), partition = e.partition(), "partition revoked");
+            }
+        }
+        // The default strategy performs the (un)assignment with the offsets set above.
+        default_rebalance(base_consumer, err, tpl);
+    }
+}
+
+/// What the trait's provided `rebalance` does, after our override has set the offsets.
+fn default_rebalance(
+    base_consumer: &BaseConsumer<Ctx>,
+    err: RDKafkaRespErr,
+    tpl: &mut TopicPartitionList,
+) {
+    // Eager protocol (the default assignment strategies): assign the whole list, or clear it.
+    let result = match err {
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => base_consumer.assign(tpl),
+        _ => base_consumer.unassign(),
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "rebalance (un)assign failed");
+    }
+}
+
+/// Runs the store's future to completion on a thread of its own, so it works from inside
+/// librdkafka's callback whatever the surrounding runtime is.
+fn load_blocking(
+    store: &Arc<dyn OffsetStore>,
+    partitions: Vec<TopicPartition>,
+) -> anyhow::Result<Positions> {
+    let fut = store.load(partitions);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), fut).await? })
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("offset loader panicked"))?
+    })
+}
+
+/// A Kafka consumer in a group whose positions live in an [`OffsetStore`].
+pub struct BatchConsumer {
+    consumer: StreamConsumer<Ctx>,
+    positions: Arc<Mutex<Positions>>,
+    store: Arc<dyn OffsetStore>,
+    topics: HashMap<String, Arc<str>>,
+}
+
+impl BatchConsumer {
+    pub fn new(
+        kafka: &KafkaConfig,
+        group_id: &str,
+        topics: &[&str],
+        store: Arc<dyn OffsetStore>,
+    ) -> Result<Self, KafkaError> {
+        let positions = Arc::new(Mutex::new(Positions::new()));
+        let ctx = Ctx {
+            store: store.clone(),
+            positions: positions.clone(),
+        };
+        let mut cc = super::client_config(kafka);
+        cc.set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+        let consumer: StreamConsumer<Ctx> = cc.create_with_context(ctx)?;
+        consumer.subscribe(topics)?;
+        Ok(BatchConsumer {
+            consumer,
+            positions,
+            store,
+            topics: topics
+                .iter()
+                .map(|t| (t.to_string(), Arc::<str>::from(*t)))
+                .collect(),
+        })
+    }
+
+    /// Waits for the first record (or shutdown), then gathers records until a limit is hit.
+    /// Returns None when shutdown was signalled before any record arrived.
+    pub async fn next_batch(
+        &self,
+        limits: &BatchLimits,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Batch>, KafkaError> {
+        let mut batch = Batch::default();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if batch.records.len() >= limits.max_events || batch.bytes >= limits.max_bytes {
+                break;
+            }
+            let msg = match deadline {
+                None => {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => return Ok(None),
+                        m = self.consumer.recv() => m?,
+                    }
+                }
+                Some(d) => {
+                    tokio::select! {
+                        biased;
+                        _ = tokio::time::sleep_until(d) => break,
+                        m = self.consumer.recv() => m?,
+                    }
+                }
+            };
+            let topic = self
+                .topics
+                .get(msg.topic())
+                .cloned()
+                .unwrap_or_else(|| Arc::from(msg.topic()));
+            let (partition, offset) = (msg.partition(), msg.offset());
+            let position = self.position(&topic, partition, offset).await;
+            if offset < position {
+                batch.skipped += 1;
+                continue;
+            }
+            let record = Record {
+                topic: topic.clone(),
+                partition,
+                offset,
+                key: msg.key().map(<[u8]>::to_vec),
+                payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers: msg
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                timestamp_ms: msg.timestamp().to_millis(),
+            };
+            drop(msg);
+            batch.bytes += record.payload.len();
+            batch
+                .next_offsets
+                .insert((topic.to_string(), partition), offset + 1);
+            batch.records.push(record);
+            if deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + limits.max_wait);
+            }
+        }
+        Ok(Some(batch))
+    }
+
+    /// The stored position of a partition; loads it (retrying) when the rebalance callback
+    /// could not, and seeks when Kafka's position disagrees with the store.
+    async fn position(&self, topic: &str, partition: i32, offset: i64) -> i64 {
+        let key = (topic.to_owned(), partition);
+        if let Some(&p) = self.positions.lock().expect("positions lock").get(&key) {
+            return p;
+        }
+        let mut delay = Duration::from_millis(200);
+        let stored = loop {
+            match self.store.load(vec![key.clone()]).await {
+                Ok(s) => break s.get(&key).copied(),
+                Err(e) => {
+                    tracing::warn!(topic, partition, error = %e, "loading stored offset failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        let next = stored.unwrap_or(0);
+        if offset > next {
+            // Kafka is ahead of the store of record: go back so nothing is skipped.
+            tracing::warn!(topic, partition, offset, stored = next, "seeking back to stored offset");
+            if let Err(e) = self.consumer.seek(topic, partition, Offset::Offset(next), Duration::from_secs(10)) {
+                tracing::error!(topic, partition, error = %e, "seek failed");
+            }
+        }
+        self.positions
+            .lock()
+            .expect("positions lock")
+            .insert(key, next);
+        next
+    }
+
+    /// After the store of record committed a batch: advance positions and commit the same
+    /// offsets to Kafka (asynchronously; they only serve lag monitoring and fallbacks).
+    pub fn committed(&self, next_offsets: &Positions) {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut positions = self.positions.lock().expect("positions lock");
+            for ((topic, partition), &next) in next_offsets {
+                let entry = positions.entry((topic.clone(), *partition)).or_insert(next);
+                *entry = (*entry).max(next);
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(next));
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::warn!(error = %e, "kafka offset commit failed (store of record is authoritative)");
+            }
+        }
+    }
+
+    /// Partitions currently assigned to this member.
+    pub fn assignment(&self) -> Vec<TopicPartition> {
+        self.consumer
+            .assignment()
+            .map(|tpl| {
+                tpl.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Consumer lag per assigned partition (high watermark − stored position).
+    pub fn lag(&self) -> Vec<(TopicPartition, i64)> {
+        let positions = self.positions.lock().expect("positions lock").clone();
+        positions
+            .into_iter()
+            .filter_map(|((t, p), pos)| {
+                let (_, high) = self.consumer.fetch_watermarks(&t, p, Duration::from_secs(2)).ok()?;
+                Some(((t, p), (high - pos).max(0)))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,51 @@
+//! Versioned PostgreSQL migrations (schemas/postgres/NNNN_name.sql), applied once each,
+//! in order, inside the configured schema, under an advisory lock so concurrent
+//! `tally migrate` runs do not race.
+
+use tokio_postgres::Client;
+
+/// (version, name, SQL), embedded at build time so the binary carries its schema.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
+    1,
+    "ledger",
+    include_str!("../../schemas/postgres/0001_ledger.sql"),
+)];
+
+/// Applies the migrations not yet recorded; returns the versions applied now.
+pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    // A fixed key: one migrator at a time per database.
+    tx.execute("SELECT pg_advisory_xact_lock(7421001)", &[]).await?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         SET LOCAL search_path TO {schema};
+         CREATE TABLE IF NOT EXISTS schema_migrations (
+             version integer PRIMARY KEY,
+             name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );"
+    ))
+    .await?;
+    let done: Vec<i32> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut applied = Vec::new();
+    for &(version, name, sql) in MIGRATIONS {
+        if done.contains(&version) {
+            continue;
+        }
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&version, &name],
+        )
+        .await?;
+        tracing::info!(version, name, schema, "applied PostgreSQL migration");
+        applied.push(version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}

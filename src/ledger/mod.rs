@@ -1,0 +1,13 @@
+//! The ledger of record: pure credit-bucket logic ([`buckets`]) and the PostgreSQL store
+//! ([`store`]) that applies a batch of claimed events, their entries and the consumed
+//! offsets in one transaction. Knows nothing of Kafka or ClickHouse.
+
+pub mod buckets;
+pub mod migrate;
+pub mod store;
+
+pub use buckets::{Account, Entry, EntryKind, NewGrant};
+pub use store::{
+    AccountBalance, Action, BatchOutcome, DebitInfo, Item, LedgerLine, PgOffsetStore, Store,
+    StoreError,
+};

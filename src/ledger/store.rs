@@ -1,0 +1,627 @@
+//! The PostgreSQL store: applies a batch in ONE transaction — dedupe claims, account locks
+//! (in account_id order, so instances never deadlock on accounts), grant and debit effects,
+//! ledger entries, and the consumed offsets — and reads balances back.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls, Transaction};
+
+use super::buckets::{Account, Entry, Grant, NewGrant};
+use crate::config::PostgresConfig;
+use crate::event::{GrantKind, OveragePolicy};
+use crate::kafka::{OffsetStore, Positions, TopicPartition};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("PostgreSQL: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("PostgreSQL data: {0}")]
+    Data(String),
+}
+
+impl StoreError {
+    /// Worth retrying the same batch (connection trouble, deadlock, serialization).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Db(e) => {
+                e.is_closed()
+                    || e.code().is_none()
+                    || matches!(
+                        e.code(),
+                        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
+                            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+                            || *c == SqlState::ADMIN_SHUTDOWN
+                            || *c == SqlState::CANNOT_CONNECT_NOW
+                            || *c == SqlState::TOO_MANY_CONNECTIONS
+                    )
+            }
+            StoreError::Data(_) => false,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self, StoreError::Db(e) if e.is_closed())
+    }
+}
+
+/// What a rated usage event takes from the account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DebitInfo<'a> {
+    pub credits: Decimal,
+    pub usage_kind: &'a str,
+    pub price_version: &'a str,
+    pub rule_id: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action<'a> {
+    Debit(DebitInfo<'a>),
+    Grant(NewGrant),
+    /// Plan settings the ledger applies (policy and top-up validity).
+    Plan {
+        overage_policy: OveragePolicy,
+        top_up_validity_months: u32,
+    },
+}
+
+/// One event ready for the ledger: its identity, account, time and effect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item<'a> {
+    pub source: &'a str,
+    pub id: &'a str,
+    pub account_id: &'a str,
+    pub time: DateTime<Utc>,
+    pub action: Action<'a>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events applied now.
+    pub applied: usize,
+    /// Events already claimed before (producer retries, redeliveries).
+    pub duplicates: usize,
+    pub entries: usize,
+    pub accounts: usize,
+}
+
+/// A ledger line as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerLine {
+    pub entry_id: i64,
+    pub kind: String,
+    pub grant_id: Option<String>,
+    pub amount: Decimal,
+    pub balance_after: Decimal,
+    pub overage_after: Decimal,
+    pub effective_at: DateTime<Utc>,
+    pub event_id: Option<String>,
+    pub rule_id: Option<String>,
+}
+
+/// An account's balance by grant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountBalance {
+    pub account_id: String,
+    pub spendable: Decimal,
+    pub overage: Decimal,
+    pub grants: Vec<Grant>,
+}
+
+pub struct Store {
+    client: Client,
+    schema: String,
+}
+
+/// Connects and sets the search path to Tally's schema. The connection task is spawned.
+pub async fn connect(cfg: &PostgresConfig) -> Result<Client, StoreError> {
+    let (client, connection) = tokio_postgres::connect(cfg.url.expose(), NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    client
+        .batch_execute(&format!("SET search_path TO {}", cfg.schema))
+        .await?;
+    Ok(client)
+}
+
+impl Store {
+    pub async fn connect(cfg: &PostgresConfig) -> Result<Store, StoreError> {
+        Ok(Store {
+            client: connect(cfg).await?,
+            schema: cfg.schema.clone(),
+        })
+    }
+
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    pub async fn migrate(&mut self) -> Result<Vec<i32>, StoreError> {
+        Ok(super::migrate::migrate(&mut self.client, &self.schema).await?)
+    }
+
+    /// Applies a batch atomically. `next_offsets` is stored with the effects, never ahead of
+    /// them (a stored offset only ever grows).
+    pub async fn apply_batch(
+        &mut self,
+        group_id: &str,
+        items: &[Item<'_>],
+        next_offsets: &Positions,
+    ) -> Result<BatchOutcome, StoreError> {
+        let tx = self.client.transaction().await?;
+        let fresh = claim(&tx, items).await?;
+        let mut outcome = BatchOutcome {
+            applied: fresh.len(),
+            duplicates: items.len() - fresh.len(),
+            ..Default::default()
+        };
+        if !fresh.is_empty() {
+            let mut accounts = lock_accounts(&tx, &fresh).await?;
+            outcome.accounts = accounts.len();
+            let known = known_grants(&tx, &fresh).await?;
+            let mut rows = EntryRows::default();
+            let mut out = Vec::new();
+            for item in &fresh {
+                let account = accounts
+                    .get_mut(item.account_id)
+                    .ok_or_else(|| StoreError::Data(format!("account {} not locked", item.account_id)))?;
+                out.clear();
+                let mut debit = None;
+                match &item.action {
+                    Action::Debit(d) => {
+                        account.debit(d.credits, item.time, &mut out);
+                        debit = Some(d);
+                    }
+                    Action::Grant(g) => {
+                        let is_known =
+                            known.contains(&(item.account_id.to_owned(), g.grant_id.clone()));
+                        account.grant(g, item.time, is_known, &mut out);
+                    }
+                    Action::Plan {
+                        overage_policy,
+                        top_up_validity_months,
+                    } => {
+                        account.policy = *overage_policy;
+                        account.top_up_validity_months = *top_up_validity_months;
+                    }
+                }
+                for e in &out {
+                    rows.push(item, debit, e);
+                }
+            }
+            outcome.entries = rows.len();
+            write_grants(&tx, &accounts).await?;
+            rows.insert(&tx).await?;
+            write_accounts(&tx, &accounts).await?;
+        }
+        store_offsets(&tx, group_id, next_offsets).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Stored next offsets of a group for the given partitions.
+    pub async fn load_offsets(
+        &self,
+        group_id: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<Positions, StoreError> {
+        let topics: Vec<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
+        let parts: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT o.topic, o.partition, o.next_offset FROM consumer_offsets o
+                 JOIN unnest($2::text[], $3::int[]) AS w(topic, partition)
+                   ON o.topic = w.topic AND o.partition = w.partition
+                 WHERE o.group_id = $1",
+                &[&group_id, &topics, &parts],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ((r.get::<_, String>(0), r.get::<_, i32>(1)), r.get::<_, i64>(2)))
+            .collect())
+    }
+
+    /// Deletes dedupe claims older than the window; returns how many.
+    pub async fn purge_dedupe(&self, window_days: i64) -> Result<u64, StoreError> {
+        Ok(self
+            .client
+            .execute(
+                "DELETE FROM processed_events WHERE claimed_at < now() - make_interval(days => $1::int)",
+                &[&(window_days as i32)],
+            )
+            .await?)
+    }
+
+    pub async fn balance(&self, account_id: &str) -> Result<Option<AccountBalance>, StoreError> {
+        let Some(acct) = self
+            .client
+            .query_opt(
+                "SELECT spendable, overage FROM accounts WHERE account_id = $1",
+                &[&account_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let grants = self
+            .client
+            .query(
+                &format!("{GRANT_COLUMNS} WHERE account_id = $1 ORDER BY seq"),
+                &[&account_id],
+            )
+            .await?
+            .iter()
+            .map(grant_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(AccountBalance {
+            account_id: account_id.to_owned(),
+            spendable: acct.get(0),
+            overage: acct.get(1),
+            grants,
+        }))
+    }
+
+    /// The last `limit` ledger lines of an account, newest last.
+    pub async fn entries(&self, account_id: &str, limit: i64) -> Result<Vec<LedgerLine>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT * FROM (
+                   SELECT entry_id, kind, grant_id, amount, balance_after, overage_after,
+                          effective_at, event_id, rule_id
+                   FROM ledger_entries WHERE account_id = $1
+                   ORDER BY entry_id DESC LIMIT $2) e ORDER BY entry_id",
+                &[&account_id, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LedgerLine {
+                entry_id: r.get(0),
+                kind: r.get(1),
+                grant_id: r.get(2),
+                amount: r.get(3),
+                balance_after: r.get(4),
+                overage_after: r.get(5),
+                effective_at: r.get(6),
+                event_id: r.get(7),
+                rule_id: r.get(8),
+            })
+            .collect())
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Claims the identities in (source, id) order (a fixed lock order across instances) and
+/// returns the items claimed now, first occurrence only, in batch order.
+async fn claim<'i, 'a>(
+    tx: &Transaction<'_>,
+    items: &'i [Item<'a>],
+) -> Result<Vec<&'i Item<'a>>, StoreError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sources: Vec<&str> = items.iter().map(|i| i.source).collect();
+    let ids: Vec<&str> = items.iter().map(|i| i.id).collect();
+    let accounts: Vec<&str> = items.iter().map(|i| i.account_id).collect();
+    let times: Vec<DateTime<Utc>> = items.iter().map(|i| i.time).collect();
+    let rows = tx
+        .query(
+            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
+             ORDER BY 1, 2
+             ON CONFLICT DO NOTHING
+             RETURNING event_source, event_id",
+            &[&sources, &ids, &accounts, &times],
+        )
+        .await?;
+    let mut claimed: HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(items
+        .iter()
+        .filter(|i| claimed.remove(&(i.source.to_owned(), i.id.to_owned())))
+        .collect())
+}
+
+const GRANT_COLUMNS: &str = "SELECT account_id, grant_id, kind, priority, granted, remaining, \
+                             expires_at, granted_at, seq FROM grants";
+
+fn grant_from_row(r: &tokio_postgres::Row) -> Result<Grant, StoreError> {
+    let kind: String = r.get(2);
+    Ok(Grant {
+        grant_id: r.get(1),
+        kind: GrantKind::parse(&kind).ok_or_else(|| StoreError::Data(format!("grant kind {kind}")))?,
+        priority: r.get(3),
+        granted: r.get(4),
+        remaining: r.get(5),
+        expires_at: r.get(6),
+        granted_at: r.get(7),
+        seq: r.get(8),
+        dirty: false,
+    })
+}
+
+/// Creates missing accounts, locks every account of the batch in account_id order, and
+/// loads their live grants.
+async fn lock_accounts<'a>(
+    tx: &Transaction<'_>,
+    items: &[&Item<'a>],
+) -> Result<BTreeMap<&'a str, Account>, StoreError> {
+    let mut ids: Vec<&str> = items.iter().map(|i| i.account_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    tx.execute(
+        "INSERT INTO accounts (account_id) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
+        &[&ids],
+    )
+    .await?;
+    let rows = tx
+        .query(
+            "SELECT account_id, overage, overage_policy, top_up_validity_months, last_grant_seq
+             FROM accounts WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
+            &[&ids],
+        )
+        .await?;
+    let mut accounts = BTreeMap::new();
+    for r in &rows {
+        let id: String = r.get(0);
+        let key = *ids
+            .iter()
+            .find(|i| **i == id)
+            .ok_or_else(|| StoreError::Data(format!("unexpected account {id}")))?;
+        let policy: String = r.get(2);
+        let mut a = Account::new(id);
+        a.overage = r.get(1);
+        a.policy = match policy.as_str() {
+            "bill_overage" => OveragePolicy::BillOverage,
+            _ => OveragePolicy::SettleFromNextGrant,
+        };
+        a.top_up_validity_months = r.get::<_, i32>(3) as u32;
+        a.last_seq = r.get(4);
+        accounts.insert(key, a);
+    }
+    let grants = tx
+        .query(
+            &format!("{GRANT_COLUMNS} WHERE account_id = ANY($1) AND remaining > 0"),
+            &[&ids],
+        )
+        .await?;
+    for r in &grants {
+        let id: String = r.get(0);
+        if let Some(a) = accounts.get_mut(id.as_str()) {
+            a.grants.push(grant_from_row(r)?);
+        }
+    }
+    Ok(accounts)
+}
+
+/// Grant ids of the batch that already exist (a purchase delivered twice credits once).
+async fn known_grants(
+    tx: &Transaction<'_>,
+    items: &[&Item<'_>],
+) -> Result<HashSet<(String, String)>, StoreError> {
+    let (accts, gids): (Vec<&str>, Vec<&str>) = items
+        .iter()
+        .filter_map(|i| match &i.action {
+            Action::Grant(g) => Some((i.account_id, g.grant_id.as_str())),
+            _ => None,
+        })
+        .unzip();
+    if accts.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = tx
+        .query(
+            "SELECT g.account_id, g.grant_id FROM grants g
+             JOIN unnest($1::text[], $2::text[]) AS w(account_id, grant_id)
+               ON g.account_id = w.account_id AND g.grant_id = w.grant_id",
+            &[&accts, &gids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Ledger entry columns, gathered for one multi-row insert.
+#[derive(Default)]
+struct EntryRows<'a> {
+    account_id: Vec<&'a str>,
+    kind: Vec<&'static str>,
+    grant_id: Vec<Option<String>>,
+    amount: Vec<Decimal>,
+    balance_after: Vec<Decimal>,
+    overage_after: Vec<Decimal>,
+    effective_at: Vec<DateTime<Utc>>,
+    event_source: Vec<Option<&'a str>>,
+    event_id: Vec<Option<&'a str>>,
+    usage_kind: Vec<Option<&'a str>>,
+    price_version: Vec<Option<&'a str>>,
+    rule_id: Vec<Option<&'a str>>,
+}
+
+impl<'a> EntryRows<'a> {
+    fn len(&self) -> usize {
+        self.account_id.len()
+    }
+
+    fn push(&mut self, item: &Item<'a>, debit: Option<&DebitInfo<'a>>, e: &Entry) {
+        use super::buckets::EntryKind;
+        // Expiries happen because time passed, not because of this event.
+        let caused = e.kind != EntryKind::Expiry;
+        self.account_id.push(item.account_id);
+        self.kind.push(e.kind.as_str());
+        self.grant_id.push(e.grant_id.clone());
+        self.amount.push(e.amount);
+        self.balance_after.push(e.balance_after);
+        self.overage_after.push(e.overage_after);
+        self.effective_at.push(e.effective_at);
+        self.event_source.push(caused.then_some(item.source));
+        self.event_id.push(caused.then_some(item.id));
+        let d = debit.filter(|_| caused);
+        self.usage_kind.push(d.map(|d| d.usage_kind));
+        self.price_version.push(d.map(|d| d.price_version));
+        self.rule_id.push(d.map(|d| d.rule_id));
+    }
+
+    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        if self.len() == 0 {
+            return Ok(());
+        }
+        tx.execute(
+            "INSERT INTO ledger_entries (account_id, kind, grant_id, amount, balance_after,
+                 overage_after, effective_at, event_source, event_id, usage_kind, price_version, rule_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::numeric[],
+                 $6::numeric[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])",
+            &[
+                &self.account_id,
+                &self.kind,
+                &self.grant_id,
+                &self.amount,
+                &self.balance_after,
+                &self.overage_after,
+                &self.effective_at,
+                &self.event_source,
+                &self.event_id,
+                &self.usage_kind,
+                &self.price_version,
+                &self.rule_id,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+async fn write_grants(
+    tx: &Transaction<'_>,
+    accounts: &BTreeMap<&str, Account>,
+) -> Result<(), StoreError> {
+    let mut account_id = Vec::new();
+    let mut grant_id = Vec::new();
+    let mut kind = Vec::new();
+    let mut priority = Vec::new();
+    let mut granted = Vec::new();
+    let mut remaining = Vec::new();
+    let mut expires_at = Vec::new();
+    let mut granted_at = Vec::new();
+    let mut seq = Vec::new();
+    for (id, a) in accounts {
+        for g in a.grants.iter().filter(|g| g.dirty) {
+            account_id.push(*id);
+            grant_id.push(g.grant_id.as_str());
+            kind.push(g.kind.as_str());
+            priority.push(g.priority);
+            granted.push(g.granted);
+            remaining.push(g.remaining);
+            expires_at.push(g.expires_at);
+            granted_at.push(g.granted_at);
+            seq.push(g.seq);
+        }
+    }
+    if account_id.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO grants (account_id, grant_id, kind, priority, granted, remaining, expires_at, granted_at, seq)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
+                              $7::timestamptz[], $8::timestamptz[], $9::bigint[])
+         ON CONFLICT (account_id, grant_id) DO UPDATE
+           SET remaining = EXCLUDED.remaining, expires_at = EXCLUDED.expires_at",
+        &[&account_id, &grant_id, &kind, &priority, &granted, &remaining, &expires_at, &granted_at, &seq],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_accounts(
+    tx: &Transaction<'_>,
+    accounts: &BTreeMap<&str, Account>,
+) -> Result<(), StoreError> {
+    let ids: Vec<&str> = accounts.keys().copied().collect();
+    let now = Utc::now();
+    // The stored spendable balance counts grants not yet expired by an entry.
+    let spendable: Vec<Decimal> = accounts
+        .values()
+        .map(|a| a.grants.iter().map(|g| g.remaining).sum())
+        .collect();
+    let overage: Vec<Decimal> = accounts.values().map(|a| a.overage).collect();
+    let policy: Vec<&str> = accounts
+        .values()
+        .map(|a| match a.policy {
+            OveragePolicy::BillOverage => "bill_overage",
+            OveragePolicy::SettleFromNextGrant => "settle_from_next_grant",
+        })
+        .collect();
+    let validity: Vec<i32> = accounts
+        .values()
+        .map(|a| a.top_up_validity_months as i32)
+        .collect();
+    let seq: Vec<i64> = accounts.values().map(|a| a.last_seq).collect();
+    tx.execute(
+        "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,
+                overage_policy = u.policy, top_up_validity_months = u.validity,
+                last_grant_seq = u.seq, updated_at = $7
+         FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::text[], $5::int[], $6::bigint[])
+              AS u(account_id, spendable, overage, policy, validity, seq)
+         WHERE a.account_id = u.account_id",
+        &[&ids, &spendable, &overage, &policy, &validity, &seq, &now],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn store_offsets(
+    tx: &Transaction<'_>,
+    group_id: &str,
+    next_offsets: &Positions,
+) -> Result<(), StoreError> {
+    if next_offsets.is_empty() {
+        return Ok(());
+    }
+    let topics: Vec<&str> = next_offsets.keys().map(|(t, _)| t.as_str()).collect();
+    let parts: Vec<i32> = next_offsets.keys().map(|(_, p)| *p).collect();
+    let offsets: Vec<i64> = next_offsets.values().copied().collect();
+    tx.execute(
+        "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
+         SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[]) ORDER BY 1, 2
+         ON CONFLICT (group_id, topic, partition) DO UPDATE
+           SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset),
+               updated_at = now()",
+        &[&group_id, &topics, &parts, &offsets],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Loads the ledger group's positions from PostgreSQL (own connection per call: it also runs
+/// inside the rebalance callback).
+pub struct PgOffsetStore {
+    pub config: PostgresConfig,
+    pub group_id: String,
+}
+
+impl OffsetStore for PgOffsetStore {
+    fn load(
+        &self,
+        partitions: Vec<TopicPartition>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Positions>> + Send>> {
+        let config = self.config.clone();
+        let group = self.group_id.clone();
+        Box::pin(async move {
+            let store = Store::connect(&config).await?;
+            Ok(store.load_offsets(&group, &partitions).await?)
+        })
+    }
+}
