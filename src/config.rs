@@ -251,7 +251,10 @@ impl Default for PricesConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {path}: {source}")]
-    File { path: PathBuf, source: std::io::Error },
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("configuration: {0}")]
     Parse(String),
     #[error("configuration key `{key}`: {message}")]
@@ -330,8 +333,13 @@ impl Config {
                 "must be a lower-case SQL identifier ([a-z_][a-z0-9_]{0,62})",
             ));
         }
-        if !self.clickhouse.url.starts_with("http://") && !self.clickhouse.url.starts_with("https://") {
-            return Err(invalid("clickhouse.url", "must start with http:// or https://"));
+        if !self.clickhouse.url.starts_with("http://")
+            && !self.clickhouse.url.starts_with("https://")
+        {
+            return Err(invalid(
+                "clickhouse.url",
+                "must start with http:// or https://",
+            ));
         }
         if !valid_identifier(&self.clickhouse.database) {
             return Err(invalid(
@@ -353,7 +361,10 @@ impl Config {
             return Err(invalid("pipeline.batch_max_wait_ms", "must be 1..=60000"));
         }
         if !(256..=16 * 1024 * 1024).contains(&p.max_message_bytes) {
-            return Err(invalid("pipeline.max_message_bytes", "must be 256..=16777216"));
+            return Err(invalid(
+                "pipeline.max_message_bytes",
+                "must be 256..=16777216",
+            ));
         }
         if p.max_future_seconds < 0 {
             return Err(invalid("pipeline.max_future_seconds", "must be >= 0"));
@@ -378,14 +389,14 @@ impl Config {
 
 fn redact_properties(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     properties
-            .iter()
-            .map(|(k, v)| {
-                let secret = ["password", "secret", "key"]
-                    .iter()
-                    .any(|s| k.to_ascii_lowercase().contains(s));
-                (k.clone(), if secret { "***".into() } else { v.clone() })
-            })
-            .collect()
+        .iter()
+        .map(|(k, v)| {
+            let secret = ["password", "secret", "key"]
+                .iter()
+                .any(|s| k.to_ascii_lowercase().contains(s));
+            (k.clone(), if secret { "***".into() } else { v.clone() })
+        })
+        .collect()
 }
 
 fn figment_error(e: figment::Error) -> String {
@@ -405,8 +416,7 @@ fn figment_error(e: figment::Error) -> String {
 fn valid_topic(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 249
-        && t
-            .bytes()
+        && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
@@ -464,7 +474,8 @@ mod tests {
             "[kafka]\nbrokers = \"file:9092\"\n[pipeline]\nbatch_max_events = 10\n[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n",
         )
         .unwrap();
-        let cfg = Config::load_from(Some(&path), env_with(&[("KAFKA__BROKERS", "env:9092")])).unwrap();
+        let cfg =
+            Config::load_from(Some(&path), env_with(&[("KAFKA__BROKERS", "env:9092")])).unwrap();
         assert_eq!(cfg.kafka.brokers, "env:9092");
         assert_eq!(cfg.pipeline.batch_max_events, 10);
         assert_eq!(cfg.kafka_properties_redacted()["sasl.password"], "***");
@@ -478,7 +489,10 @@ mod tests {
         let path = dir.path().join("tally.toml");
         std::fs::write(&path, "[pipeline]\nbatch_max_events = \"many\"\n").unwrap();
         let err = Config::load_from(Some(&path), Env::prefixed("TALLY_NOTHING_")).unwrap_err();
-        assert!(err.to_string().contains("pipeline.batch_max_events"), "{err}");
+        assert!(
+            err.to_string().contains("pipeline.batch_max_events"),
+            "{err}"
+        );
 
         std::fs::write(&path, "[pipeline]\nbatch_max_events = 0\n").unwrap();
         let err = Config::load_from(Some(&path), Env::prefixed("TALLY_NOTHING_")).unwrap_err();
@@ -494,7 +508,11 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let err = Config::load_from(Some(Path::new("/nonexistent/tally.toml")), Env::prefixed("X_")).unwrap_err();
+        let err = Config::load_from(
+            Some(Path::new("/nonexistent/tally.toml")),
+            Env::prefixed("X_"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/tally.toml"));
     }
 
@@ -504,8 +522,14 @@ mod tests {
         cfg.postgres.url = Secret::new("postgres://tally:s3cret@db/tally");
         cfg.clickhouse.password = Secret::new("chpass");
         let shown = format!("{cfg:?}");
-        assert!(!shown.contains("s3cret") && !shown.contains("chpass"), "{shown}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("chpass"),
+            "{shown}"
+        );
         assert!(shown.contains("postgres://tally:***@db/tally"));
-        assert_eq!(redact_url("host=db user=t password=x"), "host=db user=t password=***");
+        assert_eq!(
+            redact_url("host=db user=t password=x"),
+            "host=db user=t password=***"
+        );
     }
 }

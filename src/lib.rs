@@ -31,9 +31,12 @@
 //! - [`pipeline`] — the batch loops joining the pieces above.
 //! - [`demo`] — the realistic demo stream behind `tally produce`.
 
+pub mod analytics;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod event;
-pub mod rating;
 pub mod kafka;
 pub mod ledger;
+pub mod pipeline;
+pub mod rating;

@@ -1,1 +1,344 @@
-fn main() {}
+//! The `tally` binary: parses arguments and hands over to the library. See `tally --help`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+use tally::config::Config;
+use tally::rating::PriceTable;
+
+#[derive(Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Usage aggregator and credit ledger: rates usage events from Kafka, debits credit grants in PostgreSQL, writes rated usage to ClickHouse.",
+    long_about = None
+)]
+struct Cli {
+    /// Configuration file (TOML). Every key can be overridden with TALLY_<SECTION>__<KEY>.
+    #[arg(long, short, global = true, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format: text for people, json for log pipelines. Level via RUST_LOG (default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TALLY_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipelines until SIGTERM/Ctrl-C: consume usage and grants, rate, debit the
+    /// ledger (PostgreSQL), write rated usage (ClickHouse). On a signal: stop polling, finish
+    /// the batch in hand, commit, exit.
+    Run {
+        /// Which pipelines this process runs.
+        #[arg(long, value_enum, default_value_t = Role::All)]
+        role: Role,
+        /// Exit after this many seconds without a new record (demo and tests; default: never).
+        #[arg(long)]
+        idle_exit_secs: Option<u64>,
+    },
+    /// Create Kafka topics, apply PostgreSQL migrations and ClickHouse DDL. Idempotent.
+    Migrate,
+    /// Price tables.
+    Prices {
+        #[command(subcommand)]
+        command: PricesCommand,
+    },
+    /// Send a realistic demo stream (several accounts, all usage kinds, grants, a few
+    /// duplicates and malformed events) to the input topics at a chosen rate.
+    Produce(ProduceArgs),
+    /// Print an account's balance by grant and its last ledger entries.
+    Balance {
+        account: String,
+        /// How many ledger entries to show.
+        #[arg(long, default_value_t = 10)]
+        entries: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-submit dead letters to their source topics (after the cause is fixed), or re-read
+    /// events from a JSON-lines file (backfills).
+    Replay {
+        #[command(subcommand)]
+        command: ReplayCommand,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Role {
+    Ledger,
+    Analytics,
+    All,
+}
+
+#[derive(Subcommand)]
+enum PricesCommand {
+    /// Validate a price table; prints FILE:LINE: message for every problem.
+    Check { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct ProduceArgs {
+    /// Number of accounts.
+    #[arg(long, default_value_t = 5)]
+    accounts: usize,
+    /// Number of usage events (grants and plans come on top).
+    #[arg(long, default_value_t = 2_000)]
+    events: usize,
+    /// Events per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Random seed: the same seed gives the same stream.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Every Nth record is an exact resend (0 = none).
+    #[arg(long, default_value_t = 97)]
+    duplicate_every: usize,
+    /// Every Nth record is malformed (0 = none).
+    #[arg(long, default_value_t = 101)]
+    malformed_every: usize,
+    /// Event times span the last N days up to now.
+    #[arg(long, default_value_t = 7)]
+    days: i64,
+}
+
+#[derive(Subcommand)]
+enum ReplayCommand {
+    /// Re-submit dead letters from the dead-letter topic (all, or one reason).
+    DeadLetters {
+        /// Only this reason (malformed_json, missing_field, wrong_type, unknown_type,
+        /// invalid_value, too_large, unpriced, too_late).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Print what would be re-submitted without sending.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Send events from a JSON-lines file (one CloudEvent per line) to the topic of their type.
+    File { path: PathBuf },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Prices {
+        command: PricesCommand::Check { file },
+    } = &cli.command
+    {
+        return prices_check(file);
+    }
+    let cfg = Arc::new(Config::load(cli.config.as_deref())?);
+    match cli.command {
+        Command::Prices { .. } => unreachable!("handled above"),
+        Command::Migrate => migrate(&cfg).await,
+        Command::Run {
+            role,
+            idle_exit_secs,
+        } => run_pipelines(cfg, role, idle_exit_secs).await,
+        Command::Produce(args) => tally::cli::produce(&cfg, &args.into()).await,
+        Command::Balance {
+            account,
+            entries,
+            json,
+        } => tally::cli::balance(&cfg, &account, entries, json).await,
+        Command::Replay { command } => match command {
+            ReplayCommand::DeadLetters { reason, dry_run } => {
+                let reason = match reason {
+                    None => None,
+                    Some(r) => Some(
+                        tally::event::Reason::parse(&r)
+                            .with_context(|| format!("unknown reason `{r}`"))?,
+                    ),
+                };
+                tally::cli::replay_dead_letters(&cfg, reason, dry_run).await
+            }
+            ReplayCommand::File { path } => tally::cli::replay_file(&cfg, &path).await,
+        },
+    }
+}
+
+impl From<ProduceArgs> for tally::cli::ProduceOptions {
+    fn from(a: ProduceArgs) -> Self {
+        let end: DateTime<Utc> = Utc::now();
+        tally::cli::ProduceOptions {
+            accounts: a.accounts,
+            events: a.events,
+            rate_per_second: a.rate,
+            seed: a.seed,
+            duplicate_every: a.duplicate_every,
+            malformed_every: a.malformed_every,
+            start: end - chrono::Duration::days(a.days),
+            end,
+        }
+    }
+}
+
+fn prices_check(file: &std::path::Path) -> anyhow::Result<()> {
+    match tally::rating::check_file(file) {
+        Ok(table) => {
+            let rules: usize = table.versions().iter().map(|v| v.rules().len()).sum();
+            println!(
+                "{}: ok ({} versions, {} rules)",
+                file.display(),
+                table.versions().len(),
+                rules
+            );
+            Ok(())
+        }
+        Err(report) => {
+            eprintln!("{report}");
+            bail!(
+                "{}: {} problem(s)",
+                file.display(),
+                report.errors().len().max(1)
+            )
+        }
+    }
+}
+
+async fn migrate(cfg: &Config) -> anyhow::Result<()> {
+    tally::kafka::ensure_topics(
+        &cfg.kafka,
+        &cfg.kafka.topics.all(),
+        cfg.kafka.topic_partitions,
+    )
+    .await
+    .context("creating Kafka topics")?;
+    let mut store = tally::ledger::Store::connect(&cfg.postgres)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let applied = store.migrate().await.context("PostgreSQL migrations")?;
+    println!(
+        "PostgreSQL schema {}: applied {:?}",
+        cfg.postgres.schema, applied
+    );
+    let applied = tally::analytics::migrate(&cfg.clickhouse)
+        .await
+        .context("ClickHouse DDL")?;
+    println!(
+        "ClickHouse database {}: applied {:?}",
+        cfg.clickhouse.database, applied
+    );
+    Ok(())
+}
+
+async fn run_pipelines(
+    cfg: Arc<Config>,
+    role: Role,
+    idle_exit_secs: Option<u64>,
+) -> anyhow::Result<()> {
+    let prices = Arc::new(
+        PriceTable::load(&cfg.prices.path)
+            .map_err(|r| anyhow::anyhow!("{r}"))
+            .with_context(|| format!("loading price table {}", cfg.prices.path.display()))?,
+    );
+    tally::kafka::ensure_topics(
+        &cfg.kafka,
+        &cfg.kafka.topics.all(),
+        cfg.kafka.topic_partitions,
+    )
+    .await
+    .context("creating Kafka topics")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    if role != Role::Analytics {
+        let (cfg, prices, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            tally::pipeline::ledger::run(cfg, prices, stop)
+                .await
+                .map(|s| format!("ledger: {s:?}"))
+        });
+    }
+    if role != Role::Ledger {
+        let (cfg, prices, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            tally::pipeline::analytics::run(cfg, prices, stop)
+                .await
+                .map(|s| format!("analytics: {s:?}"))
+        });
+    }
+    if let Some(secs) = idle_exit_secs {
+        let stop = stop_tx.clone();
+        let cfg = cfg.clone();
+        tasks.spawn(async move {
+            tally::cli::wait_until_idle(&cfg, Duration::from_secs(secs)).await?;
+            let _ = stop.send(true);
+            Ok("idle exit".to_owned())
+        });
+    }
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            _ = &mut signal, if !*stop_tx.borrow() => {
+                tracing::info!("shutdown requested: finishing the batch in hand");
+                let _ = stop_tx.send(true);
+            }
+            done = tasks.join_next() => match done {
+                None => break,
+                Some(Ok(Ok(summary))) => tracing::info!(summary, "task finished"),
+                Some(Ok(Err(e))) => {
+                    let _ = stop_tx.send(true);
+                    return Err(e);
+                }
+                Some(Err(e)) => {
+                    let _ = stop_tx.send(true);
+                    bail!("task panicked: {e}");
+                }
+            },
+        }
+    }
+    tracing::info!(elapsed_s = started.elapsed().as_secs(), "stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

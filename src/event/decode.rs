@@ -2,10 +2,12 @@
 //! [`Rejection`] naming the reason and the field at fault. Pure (the caller passes "now");
 //! owns the wire rules, not what an event costs or where it goes.
 //!
-//! Hot path: one serde_json pass over the envelope (strings borrowed, `data` kept as a raw
-//! slice), one pass over `data` into the struct of its type, RFC 3339 and decimals parsed
+//! Hot path: one UTF-8 check, then one serde_json pass over the message: strings borrowed,
+//! and `data` read straight into the struct of its type when `type` comes before it (else
+//! kept as a raw slice and read once the type is known). RFC 3339 and decimals are parsed
 //! by hand. Nothing is allocated for a valid event except escaped strings and the lists of
-//! metered attributes / plan thresholds. The error path re-parses to name the field.
+//! metered attributes / plan thresholds. Any serde error sends the message down the slow
+//! path (raw `data`, then a re-parse with path tracking to name the field).
 //!
 //! Precedence when a message breaks several rules: `too_large` > `malformed_json` >
 //! envelope `missing_field`/`wrong_type` > `unknown_type` > envelope `invalid_value` >
@@ -17,7 +19,7 @@ mod scalar;
 use std::fmt;
 
 use chrono::{DateTime, Duration, Utc};
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
 use self::data::{
@@ -73,11 +75,18 @@ pub fn decode<'a>(
         Some(_) => return Err(malformed("the top level is not a JSON object")),
         None => return Err(malformed("empty message")),
     }
-    let envelope: RawEnvelope<'a> = match serde_json::from_slice(bytes) {
-        Ok(envelope) => envelope,
-        Err(e) => return Err(envelope_error(bytes, e)),
-    };
-    check(envelope, now, limits).map_err(|rejection| {
+    // One UTF-8 check for the whole message (fast on ASCII), then serde_json's `str` reader,
+    // which does not re-validate every string it borrows.
+    let text = std::str::from_utf8(bytes).map_err(|e| malformed(format!("invalid UTF-8: {e}")))?;
+    let mut envelope = RawEnvelope::default();
+    if read_envelope(text, true, &mut envelope).is_err() {
+        // Slow path: whatever went wrong in `data` must not hide an envelope error.
+        envelope = RawEnvelope::default();
+        if let Err(e) = read_envelope(text, false, &mut envelope) {
+            return Err(envelope_error(bytes, e));
+        }
+    }
+    check(&mut envelope, now, limits).map_err(|rejection| {
         // A rejection found after the envelope parsed may still hide nesting deeper than
         // serde_json's limit inside `data` (raw values are skipped without one).
         if is_well_formed(bytes) {
@@ -102,40 +111,89 @@ enum Kind {
     Plan,
 }
 
+impl Kind {
+    fn of(event_type: &str) -> Option<Kind> {
+        Some(match event_type {
+            types::CALL => Kind::Call,
+            types::CHAT_RESPONSE => Kind::Chat,
+            types::INSTANCE_HOURS => Kind::Instance,
+            types::METERED => Kind::Metered,
+            types::GRANT => Kind::Grant,
+            types::PLAN => Kind::Plan,
+            _ => return None,
+        })
+    }
+}
+
+/// `data` as read by the envelope pass.
+enum DataValue<'a> {
+    /// Read before its type was known, or on the slow path.
+    Raw(&'a RawValue),
+    /// Read straight into the struct of its type.
+    Typed(TypedData<'a>),
+}
+
+enum TypedData<'a> {
+    Call(CallData<'a>),
+    Chat(ChatData<'a>),
+    Instance(InstanceData<'a>),
+    Metered(MeteredData<'a>),
+    Grant(GrantData<'a>),
+    Plan(PlanData<'a>),
+}
+
+impl<'a> TypedData<'a> {
+    fn parse(kind: Kind, raw: &'a RawValue) -> Check<TypedData<'a>> {
+        Ok(match kind {
+            Kind::Call => TypedData::Call(parse_data(raw)?),
+            Kind::Chat => TypedData::Chat(parse_data(raw)?),
+            Kind::Instance => TypedData::Instance(parse_data(raw)?),
+            Kind::Metered => TypedData::Metered(parse_data(raw)?),
+            Kind::Grant => TypedData::Grant(parse_data(raw)?),
+            Kind::Plan => TypedData::Plan(parse_data(raw)?),
+        })
+    }
+
+    fn check(self) -> Check<Payload<'a>> {
+        match self {
+            TypedData::Call(d) => d.check(),
+            TypedData::Chat(d) => d.check(),
+            TypedData::Instance(d) => d.check(),
+            TypedData::Metered(d) => d.check(),
+            TypedData::Grant(d) => d.check(),
+            TypedData::Plan(d) => d.check(),
+        }
+    }
+}
+
 fn check<'a>(
-    env: RawEnvelope<'a>,
+    env: &mut RawEnvelope<'a>,
     now: DateTime<Utc>,
     limits: &DecodeLimits,
 ) -> Check<Event<'a>> {
-    let specversion = required(env.specversion, "specversion")?;
-    let event_id = required(env.id, "id")?;
-    let source = required(env.source, "source")?;
-    let event_type = required(env.event_type, "type")?;
-    let subject = required(env.subject, "subject")?;
-    let time = required(env.time, "time")?;
-    let data = required(env.data, "data")?;
-    if !data.get().starts_with('{') {
-        return Err(Rejection::new(
-            Reason::WrongType,
-            Some("data"),
-            "expected an object",
-        ));
+    let specversion = required(env.specversion.take(), "specversion")?;
+    let event_id = required(env.id.take(), "id")?;
+    let source = required(env.source.take(), "source")?;
+    let event_type = required(env.event_type.take(), "type")?;
+    let subject = required(env.subject.take(), "subject")?;
+    let time = required(env.time.take(), "time")?;
+    let data = required(env.data.take(), "data")?;
+    if let DataValue::Raw(raw) = &data {
+        if !raw.get().starts_with('{') {
+            return Err(Rejection::new(
+                Reason::WrongType,
+                Some("data"),
+                "expected an object",
+            ));
+        }
     }
 
-    let kind = match event_type.as_str() {
-        types::CALL => Kind::Call,
-        types::CHAT_RESPONSE => Kind::Chat,
-        types::INSTANCE_HOURS => Kind::Instance,
-        types::METERED => Kind::Metered,
-        types::GRANT => Kind::Grant,
-        types::PLAN => Kind::Plan,
-        other => {
-            return Err(Rejection::new(
-                Reason::UnknownType,
-                Some("type"),
-                format!("{:?} is not a known event type", clip(other)),
-            ))
-        }
+    let Some(kind) = Kind::of(event_type.as_str()) else {
+        return Err(Rejection::new(
+            Reason::UnknownType,
+            Some("type"),
+            format!("{:?} is not a known event type", clip(event_type.as_str())),
+        ));
     };
 
     if let Some(field) = env.duplicate {
@@ -182,14 +240,11 @@ fn check<'a>(
         ));
     }
 
-    let payload = match kind {
-        Kind::Call => parse_data::<CallData>(data)?.check()?,
-        Kind::Chat => parse_data::<ChatData>(data)?.check()?,
-        Kind::Instance => parse_data::<InstanceData>(data)?.check()?,
-        Kind::Metered => parse_data::<MeteredData>(data)?.check()?,
-        Kind::Grant => parse_data::<GrantData>(data)?.check()?,
-        Kind::Plan => parse_data::<PlanData>(data)?.check()?,
-    };
+    let payload = match data {
+        DataValue::Typed(typed) => typed,
+        DataValue::Raw(raw) => TypedData::parse(kind, raw)?,
+    }
+    .check()?;
 
     Ok(Event {
         envelope: Envelope {
@@ -215,8 +270,7 @@ fn is_json_media_type(s: &str) -> bool {
 fn is_account_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_SUBJECT_BYTES
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
@@ -230,7 +284,7 @@ fn envelope_error(bytes: &[u8], e: serde_json::Error) -> Rejection {
         return malformed(e.to_string());
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    match serde_path_to_error::deserialize::<_, RawEnvelope>(&mut de) {
+    match serde_path_to_error::deserialize::<_, SlowEnvelope>(&mut de) {
         Ok(_) => classify(&e, ""),
         Err(located) => {
             let path = located.path().to_string();
@@ -262,7 +316,8 @@ fn locate<'a, T: Deserialize<'a>>(text: &'a str, e: serde_json::Error, base: &st
 }
 
 /// Maps a serde data error to a reason. `path` is where serde was when it failed; errors
-/// about a named field ("unknown field `x`") are raised one level up, so the name is added.
+/// about a named field ("duplicate field `x`") may be raised one level up: the name is
+/// added when the path does not already end with it.
 fn classify(e: &serde_json::Error, path: &str) -> Rejection {
     let message = e.to_string();
     let detail = message
@@ -271,8 +326,10 @@ fn classify(e: &serde_json::Error, path: &str) -> Rejection {
     let named = |prefix: &str| -> Option<String> {
         let rest = detail.strip_prefix(prefix)?;
         let name = &rest[..rest.find('`')?];
-        Some(if path.is_empty() {
+        Some(if path.is_empty() || path == name {
             name.to_owned()
+        } else if path.ends_with(&format!(".{name}")) {
+            path.to_owned()
         } else {
             format!("{path}.{name}")
         })
@@ -281,11 +338,20 @@ fn classify(e: &serde_json::Error, path: &str) -> Rejection {
     let (reason, field) = if detail.starts_with("invalid type:") {
         (Reason::WrongType, path.to_owned())
     } else if detail.starts_with("missing field `") {
-        (Reason::MissingField, field_or_path(named("missing field `")))
+        (
+            Reason::MissingField,
+            field_or_path(named("missing field `")),
+        )
     } else if detail.starts_with("unknown field `") {
-        (Reason::InvalidValue, field_or_path(named("unknown field `")))
+        (
+            Reason::InvalidValue,
+            field_or_path(named("unknown field `")),
+        )
     } else if detail.starts_with("duplicate field `") {
-        (Reason::InvalidValue, field_or_path(named("duplicate field `")))
+        (
+            Reason::InvalidValue,
+            field_or_path(named("duplicate field `")),
+        )
     } else {
         (Reason::InvalidValue, path.to_owned())
     };
@@ -298,7 +364,8 @@ fn classify(e: &serde_json::Error, path: &str) -> Rejection {
 }
 
 /// The envelope as read from the wire: every attribute optional (absent and null are told
-/// apart from wrong types later), `data` kept raw until the type is known.
+/// apart from wrong types later).
+#[derive(Default)]
 struct RawEnvelope<'a> {
     specversion: Option<Text<'a>>,
     id: Option<Text<'a>>,
@@ -307,38 +374,52 @@ struct RawEnvelope<'a> {
     subject: Option<Text<'a>>,
     time: Option<Text<'a>>,
     datacontenttype: Option<Text<'a>>,
-    data: Option<&'a RawValue>,
+    data: Option<DataValue<'a>>,
     /// The first known attribute that appeared twice.
     duplicate: Option<&'static str>,
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for RawEnvelope<'a> {
+/// Reads the envelope into `env` (filled in place: it is a few hundred bytes, and moving it
+/// through every serde layer showed up in profiles). `typed`: read `data` into its struct
+/// when its type is already known.
+fn read_envelope<'a>(
+    text: &'a str,
+    typed: bool,
+    env: &mut RawEnvelope<'a>,
+) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.deserialize_map(EnvelopeVisitor { typed, env })?;
+    de.end()
+}
+
+/// The slow path's reading (raw `data`), for serde_path_to_error.
+struct SlowEnvelope;
+
+impl<'de> Deserialize<'de> for SlowEnvelope {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_map(EnvelopeVisitor)
+        let mut env = RawEnvelope::default();
+        deserializer.deserialize_map(EnvelopeVisitor {
+            typed: false,
+            env: &mut env,
+        })?;
+        Ok(SlowEnvelope)
     }
 }
 
-struct EnvelopeVisitor;
+struct EnvelopeVisitor<'e, 'a> {
+    typed: bool,
+    env: &'e mut RawEnvelope<'a>,
+}
 
-impl<'de> Visitor<'de> for EnvelopeVisitor {
-    type Value = RawEnvelope<'de>;
+impl<'de> Visitor<'de> for EnvelopeVisitor<'_, 'de> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a CloudEvents object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut env = RawEnvelope {
-            specversion: None,
-            id: None,
-            source: None,
-            event_type: None,
-            subject: None,
-            time: None,
-            datacontenttype: None,
-            data: None,
-            duplicate: None,
-        };
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let env = self.env;
         let mut seen: u8 = 0;
         let mut mark = |bit: u8, name: &'static str, duplicate: &mut Option<&'static str>| {
             if seen & bit != 0 && duplicate.is_none() {
@@ -378,7 +459,21 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
                 }
                 "data" => {
                     mark(128, "data", &mut env.duplicate);
-                    env.data = map.next_value::<Option<&'de RawValue>>()?;
+                    let kind = match (&env.event_type, env.duplicate) {
+                        (Some(t), None) if self.typed => Kind::of(t.as_str()),
+                        _ => None,
+                    };
+                    match kind {
+                        Some(kind) => map.next_value_seed(TypedSeed {
+                            kind,
+                            slot: &mut env.data,
+                        })?,
+                        None => {
+                            env.data = map
+                                .next_value::<Option<&'de RawValue>>()?
+                                .map(DataValue::Raw)
+                        }
+                    }
                     continue;
                 }
                 _ => {
@@ -389,7 +484,56 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
             };
             *slot = map.next_value::<Option<Text<'de>>>()?;
         }
-        Ok(env)
+        Ok(())
+    }
+}
+
+/// Reads `data` (an object, or null) straight into the struct of a known type, in place.
+struct TypedSeed<'s, 'a> {
+    kind: Kind,
+    slot: &'s mut Option<DataValue<'a>>,
+}
+
+impl<'de> DeserializeSeed<'de> for TypedSeed<'_, 'de> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TypedSeed<'_, 'de> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        *self.slot = None;
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.visit_none()
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        // deserialize_map, not the derived deserialize_struct: the latter also accepts an array.
+        deserializer.deserialize_map(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        let de = de::value::MapAccessDeserializer::new(map);
+        *self.slot = Some(DataValue::Typed(match self.kind {
+            Kind::Call => TypedData::Call(CallData::deserialize(de)?),
+            Kind::Chat => TypedData::Chat(ChatData::deserialize(de)?),
+            Kind::Instance => TypedData::Instance(InstanceData::deserialize(de)?),
+            Kind::Metered => TypedData::Metered(MeteredData::deserialize(de)?),
+            Kind::Grant => TypedData::Grant(GrantData::deserialize(de)?),
+            Kind::Plan => TypedData::Plan(PlanData::deserialize(de)?),
+        }));
+        Ok(())
     }
 }
 

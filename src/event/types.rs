@@ -326,9 +326,7 @@ impl<'a> Event<'a> {
                 kind: KIND_INSTANCE,
                 time,
                 attributes: vec![("instance_type", i.instance_type.as_ref())],
-                quantity: Quantity::Seconds(
-                    (i.ended_at - i.started_at).num_seconds().max(0) as u64,
-                ),
+                quantity: Quantity::Seconds((i.ended_at - i.started_at).num_seconds().max(0) as u64),
             }),
             Payload::Metered(m) => Some(Usage {
                 kind: m.kind.as_ref(),

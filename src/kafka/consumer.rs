@@ -116,7 +116,11 @@ impl ConsumerContext for Ctx {
             let mut positions = self.positions.lock().expect("positions lock");
             for e in tpl.elements() {
                 positions.remove(&(e.topic().to_owned(), e.partition()));
-                tracing::info!(topic = e.topic(), partition = e.partition(), "partition revoked");
+                tracing::info!(
+                    topic = e.topic(),
+                    partition = e.partition(),
+                    "partition revoked"
+                );
             }
         }
         // The default strategy performs the (un)assignment with the offsets set above.
@@ -249,7 +253,12 @@ impl BatchConsumer {
                     .headers()
                     .map(|hs| {
                         hs.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -289,8 +298,19 @@ impl BatchConsumer {
         let next = stored.unwrap_or(0);
         if offset > next {
             // Kafka is ahead of the store of record: go back so nothing is skipped.
-            tracing::warn!(topic, partition, offset, stored = next, "seeking back to stored offset");
-            if let Err(e) = self.consumer.seek(topic, partition, Offset::Offset(next), Duration::from_secs(10)) {
+            tracing::warn!(
+                topic,
+                partition,
+                offset,
+                stored = next,
+                "seeking back to stored offset"
+            );
+            if let Err(e) = self.consumer.seek(
+                topic,
+                partition,
+                Offset::Offset(next),
+                Duration::from_secs(10),
+            ) {
                 tracing::error!(topic, partition, error = %e, "seek failed");
             }
         }
@@ -339,7 +359,10 @@ impl BatchConsumer {
         positions
             .into_iter()
             .filter_map(|((t, p), pos)| {
-                let (_, high) = self.consumer.fetch_watermarks(&t, p, Duration::from_secs(2)).ok()?;
+                let (_, high) = self
+                    .consumer
+                    .fetch_watermarks(&t, p, Duration::from_secs(2))
+                    .ok()?;
                 Some(((t, p), (high - pos).max(0)))
             })
             .collect()

@@ -15,8 +15,13 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
 
-pub use consumer::{Batch, BatchConsumer, BatchLimits, OffsetStore, Positions, Record, TopicPartition};
-pub use dead_letter::{DeadLetter, DeadLetterProducer, HEADER_FIELD, HEADER_REASON};
+pub use consumer::{
+    Batch, BatchConsumer, BatchLimits, OffsetStore, Positions, Record, TopicPartition,
+};
+pub use dead_letter::{
+    DeadLetter, DeadLetterProducer, HEADER_DETAIL, HEADER_FIELD, HEADER_OFFSET, HEADER_PARTITION,
+    HEADER_PIPELINE, HEADER_REASON, HEADER_TOPIC,
+};
 
 /// Base client configuration: brokers plus every pass-through librdkafka property.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
@@ -48,7 +53,13 @@ pub async fn ensure_topics(
     let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(kafka.replication_factor)))
+        .map(|t| {
+            NewTopic::new(
+                t,
+                partitions,
+                TopicReplication::Fixed(kafka.replication_factor),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(new.iter(), &opts).await? {

@@ -41,7 +41,12 @@ pub struct Grant {
 impl Grant {
     /// The consumption order: priority, then soonest expiry (never-expiring last), then oldest.
     fn order_key(&self) -> (i32, bool, Option<DateTime<Utc>>, i64) {
-        (self.priority, self.expires_at.is_none(), self.expires_at, self.seq)
+        (
+            self.priority,
+            self.expires_at.is_none(),
+            self.expires_at,
+            self.seq,
+        )
     }
 
     fn live_at(&self, at: DateTime<Utc>) -> bool {
@@ -162,7 +167,9 @@ impl Account {
                 .grants
                 .iter()
                 .enumerate()
-                .filter(|(_, g)| g.remaining > Decimal::ZERO && g.expires_at.is_some_and(|e| e <= at))
+                .filter(|(_, g)| {
+                    g.remaining > Decimal::ZERO && g.expires_at.is_some_and(|e| e <= at)
+                })
                 .min_by_key(|(_, g)| (g.expires_at, g.seq))
                 .map(|(i, _)| i);
             let Some(i) = due else { return };
@@ -192,7 +199,9 @@ impl Account {
         self.expire_due(at, out);
         let expires_at = match (new.expires_at, new.kind) {
             (Some(e), _) => Some(e),
-            (None, GrantKind::TopUp) => at.checked_add_months(Months::new(self.top_up_validity_months)),
+            (None, GrantKind::TopUp) => {
+                at.checked_add_months(Months::new(self.top_up_validity_months))
+            }
             (None, _) => None,
         };
         self.last_seq += 1;
@@ -236,7 +245,11 @@ impl Account {
                     });
                 }
                 let balance = self.balance();
-                for e in out.iter_mut().rev().take_while(|e| e.kind == EntryKind::Renewal) {
+                for e in out
+                    .iter_mut()
+                    .rev()
+                    .take_while(|e| e.kind == EntryKind::Renewal)
+                {
                     e.balance_after = balance;
                 }
             }
@@ -315,7 +328,12 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 1, day, 0, 0, 0).unwrap()
     }
 
-    fn new_grant(id: &str, kind: GrantKind, credits: Decimal, expires_at: Option<DateTime<Utc>>) -> NewGrant {
+    fn new_grant(
+        id: &str,
+        kind: GrantKind,
+        credits: Decimal,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> NewGrant {
         NewGrant {
             grant_id: id.into(),
             kind,
@@ -329,10 +347,30 @@ mod tests {
     fn consumption_order_priority_expiry_age() {
         let mut a = Account::new("a");
         let mut out = vec![];
-        a.grant(&new_grant("pkg", GrantKind::Package, dec!(10), None), t(1), false, &mut out);
-        a.grant(&new_grant("promo-late", GrantKind::Promo, dec!(5), Some(t(20))), t(1), false, &mut out);
-        a.grant(&new_grant("promo-soon", GrantKind::Promo, dec!(5), Some(t(10))), t(1), false, &mut out);
-        a.grant(&new_grant("allow", GrantKind::Allowance, dec!(3), Some(t(28))), t(1), false, &mut out);
+        a.grant(
+            &new_grant("pkg", GrantKind::Package, dec!(10), None),
+            t(1),
+            false,
+            &mut out,
+        );
+        a.grant(
+            &new_grant("promo-late", GrantKind::Promo, dec!(5), Some(t(20))),
+            t(1),
+            false,
+            &mut out,
+        );
+        a.grant(
+            &new_grant("promo-soon", GrantKind::Promo, dec!(5), Some(t(10))),
+            t(1),
+            false,
+            &mut out,
+        );
+        a.grant(
+            &new_grant("allow", GrantKind::Allowance, dec!(3), Some(t(28))),
+            t(1),
+            false,
+            &mut out,
+        );
         out.clear();
         a.debit(dec!(12), t(2), &mut out);
         let touched: Vec<(&str, Decimal, Decimal)> = out
@@ -354,7 +392,12 @@ mod tests {
     fn overage_recorded_then_settled_by_next_grant() {
         let mut a = Account::new("a");
         let mut out = vec![];
-        a.grant(&new_grant("g1", GrantKind::Package, dec!(2), None), t(1), false, &mut out);
+        a.grant(
+            &new_grant("g1", GrantKind::Package, dec!(2), None),
+            t(1),
+            false,
+            &mut out,
+        );
         out.clear();
         a.debit(dec!(5.5), t(2), &mut out);
         assert_eq!(out.len(), 2);
@@ -362,7 +405,12 @@ mod tests {
         assert_eq!(out[1].amount, dec!(-3.5));
         assert_eq!(a.overage, dec!(3.5));
         out.clear();
-        a.grant(&new_grant("g2", GrantKind::TopUp, dec!(10), None), t(3), false, &mut out);
+        a.grant(
+            &new_grant("g2", GrantKind::TopUp, dec!(10), None),
+            t(3),
+            false,
+            &mut out,
+        );
         assert_eq!(out.last().unwrap().kind, EntryKind::Settle);
         assert_eq!(out.last().unwrap().amount, dec!(-3.5));
         assert_eq!(out.last().unwrap().balance_after, dec!(6.5));
@@ -375,7 +423,12 @@ mod tests {
         a.policy = OveragePolicy::BillOverage;
         let mut out = vec![];
         a.debit(dec!(4), t(2), &mut out);
-        a.grant(&new_grant("g", GrantKind::Package, dec!(10), None), t(3), false, &mut out);
+        a.grant(
+            &new_grant("g", GrantKind::Package, dec!(10), None),
+            t(3),
+            false,
+            &mut out,
+        );
         assert_eq!(a.overage, dec!(4));
         assert_eq!(a.spendable(t(3)), dec!(10));
     }
@@ -384,16 +437,31 @@ mod tests {
     fn top_up_renews_remaining_top_ups_and_expires() {
         let mut a = Account::new("a");
         let mut out = vec![];
-        a.grant(&new_grant("t1", GrantKind::TopUp, dec!(10), None), t(1), false, &mut out);
-        assert_eq!(a.grants[0].expires_at, Some(Utc.with_ymd_and_hms(2026, 4, 1, 0, 0, 0).unwrap()));
-        a.grant(&new_grant("t2", GrantKind::TopUp, dec!(5), None), t(15), false, &mut out);
+        a.grant(
+            &new_grant("t1", GrantKind::TopUp, dec!(10), None),
+            t(1),
+            false,
+            &mut out,
+        );
+        assert_eq!(
+            a.grants[0].expires_at,
+            Some(Utc.with_ymd_and_hms(2026, 4, 1, 0, 0, 0).unwrap())
+        );
+        a.grant(
+            &new_grant("t2", GrantKind::TopUp, dec!(5), None),
+            t(15),
+            false,
+            &mut out,
+        );
         let renewed = Utc.with_ymd_and_hms(2026, 4, 15, 0, 0, 0).unwrap();
         assert!(a.grants.iter().all(|g| g.expires_at == Some(renewed)));
         assert_eq!(out.last().unwrap().kind, EntryKind::Renewal);
         out.clear();
         a.debit(dec!(1), renewed, &mut out);
         assert_eq!(out.len(), 3, "{out:?}");
-        assert!(out[..2].iter().all(|e| e.kind == EntryKind::Expiry && e.effective_at == renewed));
+        assert!(out[..2]
+            .iter()
+            .all(|e| e.kind == EntryKind::Expiry && e.effective_at == renewed));
         assert_eq!(out[2].kind, EntryKind::Overage);
         assert_eq!(a.spendable(renewed), Decimal::ZERO);
     }
@@ -405,7 +473,12 @@ mod tests {
         let g = new_grant("g", GrantKind::Package, dec!(10), None);
         a.grant(&g, t(1), false, &mut out);
         a.grant(&g, t(1), false, &mut out);
-        a.grant(&new_grant("h", GrantKind::Package, dec!(10), None), t(1), true, &mut out);
+        a.grant(
+            &new_grant("h", GrantKind::Package, dec!(10), None),
+            t(1),
+            true,
+            &mut out,
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(a.spendable(t(1)), dec!(10));
     }
@@ -418,7 +491,8 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u8..5, 1i64..5_000_000, proptest::option::of(1u32..60)).prop_map(|(k, c, e)| Op::Grant(k, c, e)),
+            (0u8..5, 1i64..5_000_000, proptest::option::of(1u32..60))
+                .prop_map(|(k, c, e)| Op::Grant(k, c, e)),
             (0i64..3_000_000).prop_map(Op::Debit),
         ]
     }

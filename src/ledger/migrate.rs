@@ -15,7 +15,8 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
 pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     // A fixed key: one migrator at a time per database.
-    tx.execute("SELECT pg_advisory_xact_lock(7421001)", &[]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7421001)", &[])
+        .await?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS {schema};
          SET LOCAL search_path TO {schema};

@@ -171,9 +171,9 @@ impl Store {
             let mut rows = EntryRows::default();
             let mut out = Vec::new();
             for item in &fresh {
-                let account = accounts
-                    .get_mut(item.account_id)
-                    .ok_or_else(|| StoreError::Data(format!("account {} not locked", item.account_id)))?;
+                let account = accounts.get_mut(item.account_id).ok_or_else(|| {
+                    StoreError::Data(format!("account {} not locked", item.account_id))
+                })?;
                 out.clear();
                 let mut debit = None;
                 match &item.action {
@@ -228,7 +228,12 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| ((r.get::<_, String>(0), r.get::<_, i32>(1)), r.get::<_, i64>(2)))
+            .map(|r| {
+                (
+                    (r.get::<_, String>(0), r.get::<_, i32>(1)),
+                    r.get::<_, i64>(2),
+                )
+            })
             .collect())
     }
 
@@ -273,7 +278,11 @@ impl Store {
     }
 
     /// The last `limit` ledger lines of an account, newest last.
-    pub async fn entries(&self, account_id: &str, limit: i64) -> Result<Vec<LedgerLine>, StoreError> {
+    pub async fn entries(
+        &self,
+        account_id: &str,
+        limit: i64,
+    ) -> Result<Vec<LedgerLine>, StoreError> {
         let rows = self
             .client
             .query(
@@ -329,7 +338,8 @@ async fn claim<'i, 'a>(
             &[&sources, &ids, &accounts, &times],
         )
         .await?;
-    let mut claimed: HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut claimed: HashSet<(String, String)> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     Ok(items
         .iter()
         .filter(|i| claimed.remove(&(i.source.to_owned(), i.id.to_owned())))
@@ -343,7 +353,8 @@ fn grant_from_row(r: &tokio_postgres::Row) -> Result<Grant, StoreError> {
     let kind: String = r.get(2);
     Ok(Grant {
         grant_id: r.get(1),
-        kind: GrantKind::parse(&kind).ok_or_else(|| StoreError::Data(format!("grant kind {kind}")))?,
+        kind: GrantKind::parse(&kind)
+            .ok_or_else(|| StoreError::Data(format!("grant kind {kind}")))?,
         priority: r.get(3),
         granted: r.get(4),
         remaining: r.get(5),
@@ -616,7 +627,8 @@ impl OffsetStore for PgOffsetStore {
     fn load(
         &self,
         partitions: Vec<TopicPartition>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Positions>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Positions>> + Send>>
+    {
         let config = self.config.clone();
         let group = self.group_id.clone();
         Box::pin(async move {

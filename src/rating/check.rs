@@ -11,7 +11,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use toml_edit::{ImDocument, Item, Table, TableLike, Value};
 
-use super::table::{Billing, PriceRule, PriceTable, PriceVersion, Unit};
+use super::table::{Billing, PriceRule, PriceTable, PriceVersion, Unit, MICROS};
 use crate::event::{KIND_CALL, KIND_INSTANCE};
 
 /// One problem in a price table file.
@@ -162,6 +162,13 @@ fn names(units: impl Iterator<Item = Unit>) -> String {
     }
 }
 
+/// A count with at most 6 decimal places, in millionths.
+fn micros(value: Decimal) -> Option<u64> {
+    value
+        .checked_mul(Decimal::from(MICROS))
+        .and_then(|m| u64::try_from(m).ok())
+}
+
 fn rfc3339(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
@@ -296,7 +303,10 @@ impl Checker {
         }
         match root.get("version") {
             None => {
-                self.error(1, "no [[version]]: a price table needs at least one version");
+                self.error(
+                    1,
+                    "no [[version]]: a price table needs at least one version",
+                );
                 Vec::new()
             }
             Some(Item::ArrayOfTables(versions)) => {
@@ -310,7 +320,13 @@ impl Checker {
         }
     }
 
-    fn string(&mut self, table: &dyn TableLike, key: &str, line: usize, what: &str) -> Option<String> {
+    fn string(
+        &mut self,
+        table: &dyn TableLike,
+        key: &str,
+        line: usize,
+        what: &str,
+    ) -> Option<String> {
         let item = table.get(key)?;
         match item.as_str() {
             Some(s) if !s.trim().is_empty() => Some(s.to_owned()),
@@ -323,7 +339,10 @@ impl Checker {
                 let line = self.key_line(table, key, line);
                 self.error(
                     line,
-                    format!("{what}: `{key}` must be a string, found {}", item.type_name()),
+                    format!(
+                        "{what}: `{key}` must be a string, found {}",
+                        item.type_name()
+                    ),
                 );
                 None
             }
@@ -510,7 +529,7 @@ impl Checker {
                     let line = self.key_line(table, "credits_per_unit", line);
                     self.error(
                         line,
-                        format!("{what}: credits_per_unit must not be negative, got {price}"),
+                        format!("{what}: `credits_per_unit` must not be negative, got {price}"),
                     );
                     None
                 } else {
@@ -558,7 +577,10 @@ impl Checker {
             let value_line = self.key_line(pairs, key, line);
             match value.as_str() {
                 Some("") => {
-                    self.error(value_line, format!("{what}: match.{key} must not be empty"));
+                    self.error(
+                        value_line,
+                        format!("{what}: `match.{key}` must not be empty"),
+                    );
                     ok = false;
                 }
                 Some(v) => {
@@ -568,7 +590,7 @@ impl Checker {
                     {
                         self.error(
                             value_line,
-                            format!("{what}: match.direction must be \"inbound\" or \"outbound\", got {v:?}"),
+                            format!("{what}: `match.direction` must be \"inbound\" or \"outbound\", got {v:?}"),
                         );
                         ok = false;
                     }
@@ -578,7 +600,7 @@ impl Checker {
                     self.error(
                         value_line,
                         format!(
-                            "{what}: match.{key} must be a string, found {}",
+                            "{what}: `match.{key}` must be a string, found {}",
                             value.type_name()
                         ),
                     );
@@ -608,11 +630,14 @@ impl Checker {
                     if increment < Decimal::ZERO {
                         self.error(
                             increment_line,
-                            format!("{what}: increment must be positive, got {increment}"),
+                            format!("{what}: `increment` must be positive, got {increment}"),
                         );
                         None
                     } else if increment.is_zero() {
-                        self.error(increment_line, format!("{what}: increment must not be zero"));
+                        self.error(
+                            increment_line,
+                            format!("{what}: `increment` must not be zero"),
+                        );
                         None
                     } else {
                         Some(increment)
@@ -621,17 +646,19 @@ impl Checker {
         };
         let minimum = match table.contains_key("minimum") {
             false => Some(Decimal::ZERO),
-            true => self.decimal(table, "minimum", line, what).and_then(|minimum| {
-                if minimum < Decimal::ZERO {
-                    self.error(
-                        minimum_line,
-                        format!("{what}: minimum must not be negative, got {minimum}"),
-                    );
-                    None
-                } else {
-                    Some(minimum)
-                }
-            }),
+            true => self
+                .decimal(table, "minimum", line, what)
+                .and_then(|minimum| {
+                    if minimum < Decimal::ZERO {
+                        self.error(
+                            minimum_line,
+                            format!("{what}: `minimum` must not be negative, got {minimum}"),
+                        );
+                        None
+                    } else {
+                        Some(minimum)
+                    }
+                }),
         };
         let unit = unit?;
         let (increment, minimum) = (increment?, minimum?);
@@ -644,7 +671,7 @@ impl Checker {
                 if !value.fract().is_zero() || u64::try_from(value).is_err() {
                     self.error(
                         at,
-                        format!("{what}: {name} must be a whole number of seconds, got {value}"),
+                        format!("{what}: `{name}` must be a whole number of seconds, got {value}"),
                     );
                     ok = false;
                 }
@@ -657,8 +684,11 @@ impl Checker {
                 if value.normalize().scale() > 6 {
                     self.error(
                         at,
-                        format!("{what}: {name} must have at most 6 decimal places, got {value}"),
+                        format!("{what}: `{name}` must have at most 6 decimal places, got {value}"),
                     );
+                    ok = false;
+                } else if micros(value).is_none() {
+                    self.error(at, format!("{what}: `{name}` {value} is too large"));
                     ok = false;
                 }
             }
@@ -669,7 +699,7 @@ impl Checker {
         if !(minimum % increment).is_zero() {
             self.error(
                 minimum_line,
-                format!("{what}: minimum {minimum} is not a multiple of increment {increment}"),
+                format!("{what}: `minimum` {minimum} is not a multiple of `increment` {increment}"),
             );
             return None;
         }
@@ -680,8 +710,8 @@ impl Checker {
             }
         } else {
             Billing::Units {
-                increment: increment.normalize(),
-                minimum: minimum.normalize(),
+                increment_micros: micros(increment)?,
+                minimum_micros: micros(minimum)?,
             }
         })
     }
@@ -714,7 +744,7 @@ impl Checker {
                     self.error(
                         next_line,
                         format!(
-                            "{}: effective_from {} is not after {label}'s {} (versions must be in time order)",
+                            "{}: effective_from {} is not after the effective_from of {label} ({}): versions must be in time order",
                             next.label(),
                             rfc3339(next_from),
                             rfc3339(from)
@@ -835,6 +865,9 @@ impl Checker {
     /// disappears would make its usage unpriced from `next`'s start. (Outbound call rules are
     /// exempt: without them outbound calls are free, not unpriced.)
     fn coverage(&mut self, prev: &DraftVersion, next: &DraftVersion) {
+        if next.rules.is_empty() {
+            return; // reported already: a version without rules
+        }
         let since = next
             .effective_from
             .map(|(t, _)| format!(" from {} on", rfc3339(t)))
@@ -873,7 +906,7 @@ impl Checker {
                     format!(
                         "{} prices no {kind} usage matching {} (rule `{}` of {}, line {}): such usage{since} would be unpriced",
                         next.label(),
-                        show_conditions(conditions),
+                        show_conditions(&wanted),
                         rule.id.as_deref().unwrap_or("?"),
                         prev.label(),
                         rule.line
@@ -894,19 +927,15 @@ fn build(versions: Vec<DraftVersion>) -> Option<PriceTable> {
                 .into_iter()
                 .map(|r| {
                     let (unit, credits_per_unit, billing) = r.price?;
-                    Some(PriceRule {
-                        id: r.id?.into(),
-                        kind: r.kind?.into(),
-                        conditions: r
-                            .conditions?
-                            .into_iter()
-                            .map(|(k, v)| (k.into(), v.into()))
-                            .collect(),
+                    Some(PriceRule::new(
+                        r.id?,
+                        r.kind?,
+                        r.conditions?,
                         unit,
                         credits_per_unit,
                         billing,
-                        line: r.line,
-                    })
+                        r.line,
+                    ))
                 })
                 .collect::<Option<Vec<_>>>()?;
             Some(PriceVersion::new(

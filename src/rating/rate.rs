@@ -6,7 +6,7 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 
-use super::table::{Billing, PriceRule, PriceTable, PriceVersion, Unit};
+use super::table::{same, Billing, PriceRule, PriceTable, PriceVersion, Unit, MICROS};
 use crate::event::{Quantity, Usage, KIND_CALL};
 
 /// Credits and billable quantities are kept to this many decimal places.
@@ -42,18 +42,20 @@ pub enum UnpricedWhy {
     /// The event time is before the first version, or after the last one's `effective_until`.
     NoVersion,
     /// No rule of the version in force matches the kind and attributes.
-    NoRule { version: String },
+    NoRule { version: Box<str> },
     /// The rule is a time unit and the usage a count, or the other way round.
     WrongQuantity {
-        version: String,
-        rule_id: String,
+        version: Box<str>,
+        rule_id: Box<str>,
         unit: Unit,
-        quantity: Quantity,
     },
     /// A negative count (never produced by the decoder).
     NegativeQuantity { quantity: Decimal },
     /// The charge does not fit in a decimal (an absurd quantity).
-    Overflow { version: String, rule_id: String },
+    Overflow {
+        version: Box<str>,
+        rule_id: Box<str>,
+    },
 }
 
 impl fmt::Display for UnpricedWhy {
@@ -67,11 +69,11 @@ impl fmt::Display for UnpricedWhy {
                 version,
                 rule_id,
                 unit,
-                quantity,
             } => {
-                let measured = match quantity {
-                    Quantity::Seconds(_) => "in seconds",
-                    Quantity::Units(_) => "in units",
+                let measured = if unit.is_time() {
+                    "in units"
+                } else {
+                    "in seconds"
                 };
                 write!(
                     f,
@@ -137,26 +139,20 @@ impl PriceTable {
         let Some(version) = self.version_at(usage.time) else {
             return Err(Unpriced::new(usage, UnpricedWhy::NoVersion));
         };
-        let outbound = usage.kind == KIND_CALL
+        let outbound = same(usage.kind, KIND_CALL)
             && usage
                 .attributes
                 .iter()
-                .any(|&(k, v)| k == "direction" && v == "outbound");
-        let rule = version.kind_index(usage.kind).and_then(|index| {
-            let pool = if outbound {
-                &index.outbound
-            } else {
-                &index.general
-            };
-            pool.iter()
-                .map(|&i| &version.rules[i as usize])
-                .find(|rule| rule.matches(&usage.attributes))
-        });
+                .find(|(k, _)| same(k, "direction"))
+                .is_some_and(|(_, v)| same(v, "outbound"));
+        let rule = version
+            .kind_index(usage.kind)
+            .and_then(|index| index.find(&version.rules, &usage.attributes, outbound));
         match rule {
             Some(rule) => charge(version, rule, usage),
             None if outbound => Ok(Charge {
-                credits: scaled(Decimal::ZERO),
-                billable_quantity: scaled(Decimal::ZERO),
+                credits: ZERO_CREDITS,
+                billable_quantity: ZERO_CREDITS,
                 billable_seconds: 0,
                 unit: Unit::Second,
                 price_version: &version.id,
@@ -165,7 +161,7 @@ impl PriceTable {
             None => Err(Unpriced::new(
                 usage,
                 UnpricedWhy::NoRule {
-                    version: version.id.to_string(),
+                    version: version.id.clone(),
                 },
             )),
         }
@@ -178,16 +174,125 @@ fn charge<'t>(
     rule: &'t PriceRule,
     usage: &Usage<'_>,
 ) -> Result<Charge<'t>, Unpriced> {
-    let overflow = || {
-        Unpriced::new(
-            usage,
-            UnpricedWhy::Overflow {
-                version: version.id.to_string(),
-                rule_id: rule.id.to_string(),
+    match bill(rule, usage.quantity) {
+        Ok(billed) => Ok(Charge {
+            credits: billed.credits,
+            billable_quantity: billed.quantity,
+            billable_seconds: billed.seconds,
+            unit: rule.unit,
+            price_version: &version.id,
+            rule_id: &rule.id,
+        }),
+        Err(error) => {
+            let why = match error {
+                BillError::WrongQuantity => UnpricedWhy::WrongQuantity {
+                    version: version.id.clone(),
+                    rule_id: rule.id.clone(),
+                    unit: rule.unit,
+                },
+                BillError::Negative(quantity) => UnpricedWhy::NegativeQuantity { quantity },
+                BillError::Overflow => UnpricedWhy::Overflow {
+                    version: version.id.clone(),
+                    rule_id: rule.id.clone(),
+                },
+            };
+            Err(Unpriced::new(usage, why))
+        }
+    }
+}
+
+/// A billed quantity: credits and quantity in the rule's unit (scale 6), and billed seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Billed {
+    pub(crate) credits: Decimal,
+    pub(crate) quantity: Decimal,
+    pub(crate) seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BillError {
+    WrongQuantity,
+    Negative(Decimal),
+    Overflow,
+}
+
+/// Billed base quantity: 0 for 0, else max(minimum, quantity rounded up to the increment).
+#[inline]
+fn billable(quantity: u128, increment: u128, minimum: u128) -> Option<u128> {
+    if quantity == 0 {
+        return Some(0);
+    }
+    div_ceil(quantity, increment)
+        .checked_mul(increment)
+        .map(|billed| billed.max(minimum))
+}
+
+/// Bills a quantity under a rule, in integers (seconds or micro-units, micro-credits): exact,
+/// and fast. Amounts beyond the integer range fall back to [`bill_decimal`].
+#[inline]
+pub(crate) fn bill(rule: &PriceRule, quantity: Quantity) -> Result<Billed, BillError> {
+    let (base, increment, minimum, is_time) = match (rule.billing, quantity) {
+        (
+            Billing::Seconds {
+                increment_seconds,
+                minimum_seconds,
             },
-        )
+            Quantity::Seconds(seconds),
+        ) => (
+            u128::from(seconds),
+            u128::from(increment_seconds),
+            u128::from(minimum_seconds),
+            true,
+        ),
+        (
+            Billing::Units {
+                increment_micros,
+                minimum_micros,
+            },
+            Quantity::Units(units),
+        ) => {
+            if units < Decimal::ZERO {
+                return Err(BillError::Negative(units));
+            }
+            let Some(micros) = micros_ceil(units) else {
+                return bill_decimal(rule, quantity);
+            };
+            (
+                micros,
+                u128::from(increment_micros),
+                u128::from(minimum_micros),
+                false,
+            )
+        }
+        _ => return Err(BillError::WrongQuantity),
     };
-    let (credits, billable_quantity, billable_seconds) = match (rule.billing, usage.quantity) {
+    let fast = || -> Option<Billed> {
+        let billed = billable(base, increment, minimum)?;
+        let credits_micros = mul_div_round(billed, rule.factor, rule.divisor)?;
+        let per_unit = u128::from(rule.billing.base_per_unit(rule.unit));
+        let quantity_micros = mul_div_round(billed, u128::from(MICROS), per_unit)?;
+        Some(Billed {
+            credits: from_micros(credits_micros)?,
+            quantity: from_micros(quantity_micros)?,
+            seconds: if is_time {
+                u64::try_from(billed).ok()?
+            } else {
+                0
+            },
+        })
+    };
+    match fast() {
+        Some(billed) => Ok(billed),
+        None => bill_decimal(rule, quantity),
+    }
+}
+
+/// The same computation in `Decimal` arithmetic: the reference the integer path is tested
+/// against, and the fallback for amounts too large for it.
+pub(crate) fn bill_decimal(rule: &PriceRule, quantity: Quantity) -> Result<Billed, BillError> {
+    let overflow = |_| BillError::Overflow;
+    let none = || BillError::Overflow;
+    let (billed, seconds) = match (rule.billing, quantity) {
         (
             Billing::Seconds {
                 increment_seconds,
@@ -195,77 +300,100 @@ fn charge<'t>(
             },
             Quantity::Seconds(seconds),
         ) => {
-            let billable_seconds = if seconds == 0 {
-                0
-            } else {
-                seconds
-                    .div_ceil(increment_seconds)
-                    .checked_mul(increment_seconds)
-                    .ok_or_else(overflow)?
-                    .max(minimum_seconds)
-            };
-            let per_unit = rule.unit.seconds().unwrap_or(1);
-            let billed = Decimal::from(billable_seconds);
-            // Multiply before dividing: one rounding, at the end.
-            let mut credits = billed
-                .checked_mul(rule.credits_per_unit)
-                .ok_or_else(overflow)?;
-            let mut quantity = billed;
-            if per_unit != 1 {
-                let per_unit = Decimal::from(per_unit);
-                credits = credits.checked_div(per_unit).ok_or_else(overflow)?;
-                quantity = quantity.checked_div(per_unit).ok_or_else(overflow)?;
-            }
-            (credits, quantity, billable_seconds)
+            let billed = billable(
+                u128::from(seconds),
+                u128::from(increment_seconds),
+                u128::from(minimum_seconds),
+            )
+            .ok_or_else(none)?;
+            let billed = u64::try_from(billed).map_err(overflow)?;
+            (Decimal::from(billed), billed)
         }
-        (Billing::Units { increment, minimum }, Quantity::Units(units)) => {
+        (
+            Billing::Units {
+                increment_micros,
+                minimum_micros,
+            },
+            Quantity::Units(units),
+        ) => {
             if units < Decimal::ZERO {
-                return Err(Unpriced::new(
-                    usage,
-                    UnpricedWhy::NegativeQuantity { quantity: units },
-                ));
+                return Err(BillError::Negative(units));
             }
-            let billable = if units.is_zero() {
+            let increment = Decimal::from(increment_micros) / Decimal::from(MICROS);
+            let minimum = Decimal::from(minimum_micros) / Decimal::from(MICROS);
+            let billed = if units.is_zero() {
                 Decimal::ZERO
-            } else if increment == Decimal::ONE {
-                units.ceil().max(minimum)
             } else {
                 units
                     .checked_div(increment)
-                    .ok_or_else(overflow)?
+                    .ok_or_else(none)?
                     .ceil()
                     .checked_mul(increment)
-                    .ok_or_else(overflow)?
+                    .ok_or_else(none)?
                     .max(minimum)
             };
-            let credits = billable
-                .checked_mul(rule.credits_per_unit)
-                .ok_or_else(overflow)?;
-            (credits, billable, 0)
+            (billed, 0)
         }
-        (_, quantity) => {
-            return Err(Unpriced::new(
-                usage,
-                UnpricedWhy::WrongQuantity {
-                    version: version.id.to_string(),
-                    rule_id: rule.id.to_string(),
-                    unit: rule.unit,
-                    quantity,
-                },
-            ))
-        }
+        _ => return Err(BillError::WrongQuantity),
     };
-    Ok(Charge {
-        credits: round6(credits),
-        billable_quantity: round6(billable_quantity),
-        billable_seconds,
-        unit: rule.unit,
-        price_version: &version.id,
-        rule_id: &rule.id,
+    let per_unit = Decimal::from(rule.unit.seconds().unwrap_or(1));
+    // Multiply before dividing: one rounding, at the end.
+    let credits = billed
+        .checked_mul(rule.credits_per_unit)
+        .and_then(|c| c.checked_div(per_unit))
+        .ok_or_else(none)?;
+    let quantity = billed.checked_div(per_unit).ok_or_else(none)?;
+    // Amounts too large to keep 6 decimal places (beyond ~7.9e22) are refused.
+    let exact6 = |value: Decimal| Some(round6(value)).filter(|v| v.scale() == CREDITS_DP);
+    Ok(Billed {
+        credits: exact6(credits).ok_or_else(none)?,
+        quantity: exact6(quantity).ok_or_else(none)?,
+        seconds,
     })
 }
 
-/// Rounds to 6 dp with [`CREDITS_ROUNDING`] and sets the scale to exactly 6.
+/// A non-negative decimal in millionths, rounded up; None beyond u128.
+#[inline]
+fn micros_ceil(units: Decimal) -> Option<u128> {
+    let mantissa = units.mantissa().unsigned_abs();
+    let scale = units.scale();
+    if scale <= CREDITS_DP {
+        mantissa.checked_mul(10u128.pow(CREDITS_DP - scale))
+    } else {
+        Some(div_ceil(mantissa, 10u128.pow(scale - CREDITS_DP)))
+    }
+}
+
+/// round_half_up(x * factor / divisor), with a 64-bit division when the operands fit.
+#[inline]
+fn mul_div_round(x: u128, factor: u128, divisor: u128) -> Option<u128> {
+    let product = x.checked_mul(factor)?;
+    if divisor == 1 {
+        return Some(product);
+    }
+    let numerator = product.checked_add(divisor / 2)?;
+    Some(match (u64::try_from(numerator), u64::try_from(divisor)) {
+        (Ok(n), Ok(d)) => u128::from(n / d),
+        _ => numerator / divisor,
+    })
+}
+
+#[inline]
+fn div_ceil(x: u128, d: u128) -> u128 {
+    match (u64::try_from(x), u64::try_from(d)) {
+        (Ok(x), Ok(d)) => u128::from(x.div_ceil(d)),
+        _ => x.div_ceil(d),
+    }
+}
+
+/// Micro-credits (or micro-units) as a Decimal of scale 6; None beyond Decimal's range.
+#[inline]
+fn from_micros(micros: u128) -> Option<Decimal> {
+    Decimal::try_from_i128_with_scale(i128::try_from(micros).ok()?, CREDITS_DP).ok()
+}
+
+/// Rounds to 6 dp with [`CREDITS_ROUNDING`] and sets the scale to exactly 6 (or as close as
+/// `Decimal` allows, for values beyond ~7.9e22).
 #[inline]
 pub fn round6(value: Decimal) -> Decimal {
     scaled(value.round_dp_with_strategy(CREDITS_DP, CREDITS_ROUNDING))
@@ -276,3 +404,6 @@ fn scaled(mut value: Decimal) -> Decimal {
     value.rescale(CREDITS_DP);
     value
 }
+
+/// 0.000000
+const ZERO_CREDITS: Decimal = Decimal::from_parts(0, 0, 0, false, CREDITS_DP);

@@ -83,8 +83,36 @@ pub(crate) enum Billing {
         increment_seconds: u64,
         minimum_seconds: u64,
     },
-    /// Count units: increment > 0 and minimum >= 0 (a multiple of the increment), at most 6 dp.
-    Units { increment: Decimal, minimum: Decimal },
+    /// Count units, in millionths of a unit (`check` allows at most 6 decimal places):
+    /// `increment_micros` > 0, `minimum_micros` a multiple of it.
+    Units {
+        increment_micros: u64,
+        minimum_micros: u64,
+    },
+}
+
+/// Millionths per unit: count quantities are billed in micro-units, credits in micro-credits.
+pub(crate) const MICROS: u64 = 1_000_000;
+
+impl Billing {
+    /// Billed base quantities (seconds, or micro-units) in one unit of the rule.
+    pub(crate) fn base_per_unit(self, unit: Unit) -> u64 {
+        match self {
+            Billing::Seconds { .. } => unit.seconds().unwrap_or(1),
+            Billing::Units { .. } => MICROS,
+        }
+    }
+}
+
+fn micros_to_decimal(micros: u64) -> Decimal {
+    Decimal::from_i128_with_scale(i128::from(micros), 6).normalize()
+}
+
+fn gcd(mut a: u128, mut b: u128) -> u128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// One price rule: usage of `kind` whose attributes include every `conditions` pair costs
@@ -97,10 +125,48 @@ pub struct PriceRule {
     pub(crate) unit: Unit,
     pub(crate) credits_per_unit: Decimal,
     pub(crate) billing: Billing,
+    /// micro-credits = billed base quantity x `factor` / `divisor` (rounded half up), where
+    /// the base quantity is seconds or micro-units: the exact price as a reduced fraction.
+    pub(crate) factor: u128,
+    pub(crate) divisor: u128,
+    /// The conditions as (key, value) ids of the kind's [`KindIndex`] dictionaries.
+    pub(crate) compiled: Box<[(u8, u16)]>,
     pub(crate) line: usize,
 }
 
 impl PriceRule {
+    pub(crate) fn new(
+        id: String,
+        kind: String,
+        conditions: Vec<(String, String)>,
+        unit: Unit,
+        credits_per_unit: Decimal,
+        billing: Billing,
+        line: usize,
+    ) -> Self {
+        // credits_per_unit = mantissa / 10^scale (mantissa < 2^96, scale <= 28), so
+        // mantissa x 10^6 < 2^116 and 10^scale x base_per_unit <= 10^34: both fit in u128.
+        let factor = credits_per_unit.mantissa().unsigned_abs() * u128::from(MICROS);
+        let divisor =
+            10u128.pow(credits_per_unit.scale()) * u128::from(billing.base_per_unit(unit));
+        let common = gcd(factor, divisor).max(1);
+        PriceRule {
+            id: id.into(),
+            kind: kind.into(),
+            conditions: conditions
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            unit,
+            credits_per_unit,
+            billing,
+            factor: factor / common,
+            divisor: divisor / common,
+            compiled: Box::new([]),
+            line,
+        }
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -133,7 +199,9 @@ impl PriceRule {
             Billing::Seconds {
                 increment_seconds, ..
             } => Decimal::from(increment_seconds),
-            Billing::Units { increment, .. } => increment,
+            Billing::Units {
+                increment_micros, ..
+            } => micros_to_decimal(increment_micros),
         }
     }
 
@@ -143,7 +211,7 @@ impl PriceRule {
             Billing::Seconds {
                 minimum_seconds, ..
             } => Decimal::from(minimum_seconds),
-            Billing::Units { minimum, .. } => minimum,
+            Billing::Units { minimum_micros, .. } => micros_to_decimal(minimum_micros),
         }
     }
 
@@ -152,13 +220,15 @@ impl PriceRule {
         self.line
     }
 
-    /// True when every condition is among the attributes.
+    /// True when the attributes have every condition's key with its value (an attribute
+    /// given twice counts with its first value).
     #[inline]
     pub(crate) fn matches(&self, attributes: &[(&str, &str)]) -> bool {
         self.conditions.iter().all(|(k, v)| {
             attributes
                 .iter()
-                .any(|(ak, av)| *ak == &**k && *av == &**v)
+                .find(|(ak, _)| same(ak, k))
+                .is_some_and(|(_, av)| same(av, v))
         })
     }
 
@@ -173,14 +243,161 @@ impl PriceRule {
     }
 }
 
+/// String equality for the short keys and values of the hot path: lengths first, then 8
+/// bytes at a time, without a call to `memcmp`.
+#[inline(always)]
+pub(crate) fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut a_words = a.chunks_exact(8);
+    let mut b_words = b.chunks_exact(8);
+    for (x, y) in (&mut a_words).zip(&mut b_words) {
+        if u64::from_ne_bytes(x.try_into().unwrap_or([0; 8]))
+            != u64::from_ne_bytes(y.try_into().unwrap_or([0; 8]))
+        {
+            return false;
+        }
+    }
+    a_words
+        .remainder()
+        .iter()
+        .zip(b_words.remainder())
+        .all(|(x, y)| x == y)
+}
+
+/// A kind with at most this many distinct `match` keys is matched by ids, not strings.
+const MAX_KEYS: usize = 16;
+/// Resolved value id of a key the usage does not have.
+const ABSENT: u16 = u16::MAX;
+/// Resolved value id of a value no rule of the kind mentions.
+const UNKNOWN: u16 = u16::MAX - 1;
+
 /// The rules of one kind in one version, as indices into `PriceVersion::rules`, most specific
 /// first (file order among equals). For calls, rules matching `direction = "outbound"` are
 /// kept apart: only they may price outbound calls.
+///
+/// Matching compiles the conditions: the kind's distinct `match` keys and, per key, the
+/// distinct values. A usage's attributes are resolved once to value ids (one short scan per
+/// key), then each rule is a few integer comparisons.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct KindIndex {
     pub(crate) kind: Box<str>,
     pub(crate) general: Box<[u32]>,
     pub(crate) outbound: Box<[u32]>,
+    keys: Box<[Box<str>]>,
+    values: Box<[Box<[Box<str>]>]>,
+    /// False when the kind has too many keys or values for ids: match by strings.
+    compiled: bool,
+}
+
+impl KindIndex {
+    /// Builds the index of `kind` and compiles the conditions of its rules.
+    fn new(kind: &str, rules: &mut [PriceRule]) -> Self {
+        let mut of_kind: Vec<u32> = (0..rules.len() as u32)
+            .filter(|&i| &*rules[i as usize].kind == kind)
+            .collect();
+        // Stable: file order among rules of equal specificity.
+        of_kind.sort_by_key(|&i| std::cmp::Reverse(rules[i as usize].specificity()));
+
+        let mut keys: Vec<Box<str>> = Vec::new();
+        let mut values: Vec<Vec<Box<str>>> = Vec::new();
+        for &i in &of_kind {
+            for (k, v) in rules[i as usize].conditions.iter() {
+                let key = match keys.iter().position(|known| known == k) {
+                    Some(key) => key,
+                    None => {
+                        keys.push(k.clone());
+                        values.push(Vec::new());
+                        keys.len() - 1
+                    }
+                };
+                if !values[key].contains(v) {
+                    values[key].push(v.clone());
+                }
+            }
+        }
+        let compiled =
+            keys.len() <= MAX_KEYS && values.iter().all(|v| v.len() < usize::from(UNKNOWN));
+        if compiled {
+            for &i in &of_kind {
+                let rule = &mut rules[i as usize];
+                rule.compiled = rule
+                    .conditions
+                    .iter()
+                    .map(|(k, v)| {
+                        let key = keys.iter().position(|known| known == k).unwrap_or(0);
+                        let value = values[key].iter().position(|known| known == v).unwrap_or(0);
+                        (key as u8, value as u16)
+                    })
+                    .collect();
+            }
+        }
+        let (outbound, general): (Vec<u32>, Vec<u32>) = of_kind
+            .into_iter()
+            .partition(|&i| rules[i as usize].is_outbound_call());
+        KindIndex {
+            kind: kind.into(),
+            general: general.into(),
+            outbound: outbound.into(),
+            keys: keys.into(),
+            values: values.into_iter().map(Into::into).collect(),
+            compiled,
+        }
+    }
+
+    /// The most specific rule of the pool (outbound calls, or everything else) matching the
+    /// attributes.
+    #[inline]
+    pub(crate) fn find<'v>(
+        &self,
+        rules: &'v [PriceRule],
+        attributes: &[(&str, &str)],
+        outbound: bool,
+    ) -> Option<&'v PriceRule> {
+        let pool = if outbound {
+            &self.outbound
+        } else {
+            &self.general
+        };
+        let mut pool = pool.iter().map(|&i| &rules[i as usize]);
+        if !self.compiled {
+            return pool.find(|rule| rule.matches(attributes));
+        }
+        let mut resolved = [ABSENT; MAX_KEYS];
+        for ((slot, key), values) in resolved.iter_mut().zip(&*self.keys).zip(&*self.values) {
+            if let Some((_, value)) = attributes.iter().find(|(k, _)| same(k, key)) {
+                *slot = values
+                    .iter()
+                    .position(|v| same(v, value))
+                    .map_or(UNKNOWN, |p| p as u16);
+            }
+        }
+        pool.find(|rule| {
+            rule.compiled
+                .iter()
+                .all(|&(key, value)| resolved[usize::from(key)] == value)
+        })
+    }
+
+    /// The same answer by comparing strings (the reference for tests).
+    #[cfg(test)]
+    pub(crate) fn find_by_strings<'v>(
+        &self,
+        rules: &'v [PriceRule],
+        attributes: &[(&str, &str)],
+        outbound: bool,
+    ) -> Option<&'v PriceRule> {
+        let pool = if outbound {
+            &self.outbound
+        } else {
+            &self.general
+        };
+        pool.iter()
+            .map(|&i| &rules[i as usize])
+            .find(|rule| rule.matches(attributes))
+    }
 }
 
 /// One effective-dated version of the table.
@@ -190,7 +407,7 @@ pub struct PriceVersion {
     pub(crate) effective_from: DateTime<Utc>,
     pub(crate) effective_until: Option<DateTime<Utc>>,
     pub(crate) rules: Vec<PriceRule>,
-    /// Sorted by kind (binary search).
+    /// Sorted by kind.
     pub(crate) index: Vec<KindIndex>,
     pub(crate) line: usize,
 }
@@ -200,29 +417,15 @@ impl PriceVersion {
         id: String,
         effective_from: DateTime<Utc>,
         effective_until: Option<DateTime<Utc>>,
-        rules: Vec<PriceRule>,
+        mut rules: Vec<PriceRule>,
         line: usize,
     ) -> Self {
-        let mut kinds: Vec<&str> = rules.iter().map(|r| &*r.kind).collect();
+        let mut kinds: Vec<Box<str>> = rules.iter().map(|r| r.kind.clone()).collect();
         kinds.sort_unstable();
         kinds.dedup();
         let index = kinds
-            .into_iter()
-            .map(|kind| {
-                let mut of_kind: Vec<u32> = (0..rules.len() as u32)
-                    .filter(|&i| &*rules[i as usize].kind == kind)
-                    .collect();
-                // Stable: file order among rules of equal specificity.
-                of_kind.sort_by_key(|&i| std::cmp::Reverse(rules[i as usize].specificity()));
-                let (outbound, general): (Vec<u32>, Vec<u32>) = of_kind
-                    .into_iter()
-                    .partition(|&i| rules[i as usize].is_outbound_call());
-                KindIndex {
-                    kind: kind.into(),
-                    general: general.into(),
-                    outbound: outbound.into(),
-                }
-            })
+            .iter()
+            .map(|kind| KindIndex::new(kind, &mut rules))
             .collect();
         PriceVersion {
             id: id.into(),
@@ -263,12 +466,11 @@ impl PriceVersion {
         self.line
     }
 
+    /// A linear scan: a version prices a handful of kinds, and `same` rejects most of them
+    /// on their length alone.
     #[inline]
     pub(crate) fn kind_index(&self, kind: &str) -> Option<&KindIndex> {
-        self.index
-            .binary_search_by(|k| (*k.kind).cmp(kind))
-            .ok()
-            .map(|i| &self.index[i])
+        self.index.iter().find(|k| same(&k.kind, kind))
     }
 }
 

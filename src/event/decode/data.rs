@@ -68,12 +68,17 @@ fn opt_name<'a>(value: Option<Text<'a>>, field: &str) -> Check<Option<Cow<'a, st
 }
 
 pub(crate) fn timestamp(value: &Text<'_>, field: &str) -> Check<DateTime<Utc>> {
-    parse_rfc3339(value.as_str())
-        .ok_or_else(|| invalid(field, format!("not an RFC 3339 date-time: {:?}", clip(value.as_str()))))
+    parse_rfc3339(value.as_str()).ok_or_else(|| {
+        invalid(
+            field,
+            format!("not an RFC 3339 date-time: {:?}", clip(value.as_str())),
+        )
+    })
 }
 
 fn decimal(value: &Text<'_>, field: &str) -> Check<Decimal> {
-    parse_decimal(value.as_str()).map_err(|e| invalid(field, format!("{e}: {:?}", clip(value.as_str()))))
+    parse_decimal(value.as_str())
+        .map_err(|e| invalid(field, format!("{e}: {:?}", clip(value.as_str()))))
 }
 
 fn positive_decimal(value: &Text<'_>, field: &str) -> Check<Decimal> {
@@ -161,12 +166,18 @@ impl<'a> CallData<'a> {
         let ended_at = timestamp(&ended_at, "data.ended_at")?;
         let hold_seconds = self.hold_seconds.unwrap_or(0);
         if hold_seconds < 0 {
-            return Err(invalid("data.hold_seconds", format!("{hold_seconds} is negative")));
+            return Err(invalid(
+                "data.hold_seconds",
+                format!("{hold_seconds} is negative"),
+            ));
         }
 
         if let Some(answered) = answered_at {
             if answered < started_at {
-                return Err(invalid("data.answered_at", "answered before the call started"));
+                return Err(invalid(
+                    "data.answered_at",
+                    "answered before the call started",
+                ));
             }
         }
         if ended_at < started_at {
@@ -174,7 +185,10 @@ impl<'a> CallData<'a> {
         }
         if let Some(answered) = answered_at {
             if ended_at < answered {
-                return Err(invalid("data.ended_at", "hung up before the call was answered"));
+                return Err(invalid(
+                    "data.ended_at",
+                    "hung up before the call was answered",
+                ));
             }
         }
         if (ended_at - started_at).num_seconds() > MAX_DURATION_SECONDS {
@@ -266,7 +280,10 @@ impl<'a> InstanceData<'a> {
             return Err(invalid("data.ended_at", "ended before it started"));
         }
         if (ended_at - started_at).num_seconds() > MAX_DURATION_SECONDS {
-            return Err(invalid("data.ended_at", "the period lasts more than 31 days"));
+            return Err(invalid(
+                "data.ended_at",
+                "the period lasts more than 31 days",
+            ));
         }
         Ok(Payload::Instance(InstanceUsage {
             instance_id,
@@ -295,13 +312,19 @@ impl<'a> MeteredData<'a> {
         if !is_identifier(kind.as_str()) {
             return Err(invalid(
                 "data.kind",
-                format!("{:?} does not match ^[a-z][a-z0-9_]{{0,63}}$", clip(kind.as_str())),
+                format!(
+                    "{:?} does not match ^[a-z][a-z0-9_]{{0,63}}$",
+                    clip(kind.as_str())
+                ),
             ));
         }
         if matches!(kind.as_str(), KIND_CALL | KIND_CHAT | KIND_INSTANCE) {
             return Err(invalid(
                 "data.kind",
-                format!("{:?} is a built-in kind: use its own event type", kind.as_str()),
+                format!(
+                    "{:?} is a built-in kind: use its own event type",
+                    kind.as_str()
+                ),
             ));
         }
         let quantity = positive_decimal(&quantity, "data.quantity")?;
@@ -316,7 +339,10 @@ impl<'a> MeteredData<'a> {
             if !is_identifier(key) {
                 return Err(invalid(
                     "data.attributes",
-                    format!("name {:?} does not match ^[a-z][a-z0-9_]{{0,63}}$", clip(key)),
+                    format!(
+                        "name {:?} does not match ^[a-z][a-z0-9_]{{0,63}}$",
+                        clip(key)
+                    ),
                 ));
             }
             if attributes[..i].iter().any(|(k, _)| k == key) {
@@ -431,7 +457,14 @@ impl<'a> PlanData<'a> {
         };
         let top_up_validity_months = self
             .top_up_validity_months
-            .map(|m| int_in(m, 1, MAX_TOP_UP_VALIDITY_MONTHS, "data.top_up_validity_months"))
+            .map(|m| {
+                int_in(
+                    m,
+                    1,
+                    MAX_TOP_UP_VALIDITY_MONTHS,
+                    "data.top_up_validity_months",
+                )
+            })
             .transpose()?
             .map(|m| m as u32);
         let low_balance_credits = self
@@ -443,7 +476,10 @@ impl<'a> PlanData<'a> {
             .map(|p| {
                 let d = decimal(&p, "data.low_balance_percent")?;
                 if d > Decimal::ONE_HUNDRED {
-                    return Err(invalid("data.low_balance_percent", format!("{d} is above 100")));
+                    return Err(invalid(
+                        "data.low_balance_percent",
+                        format!("{d} is above 100"),
+                    ));
                 }
                 Ok(d)
             })

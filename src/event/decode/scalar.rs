@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
@@ -158,13 +158,7 @@ pub(crate) fn parse_rfc3339(s: &str) -> Option<DateTime<Utc>> {
     {
         return None;
     }
-    if !(1..=12).contains(&month)
-        || day == 0
-        || day > days_in_month(year, month)
-        || hour > 23
-        || minute > 59
-        || second > 59
-    {
+    if !(1..=12).contains(&month) || day == 0 || hour > 23 || minute > 59 || second > 59 {
         return None;
     }
 
@@ -206,10 +200,15 @@ pub(crate) fn parse_rfc3339(s: &str) -> Option<DateTime<Utc>> {
         _ => return None,
     };
 
-    let days = days_from_civil(i64::from(year), month, day);
-    let secs = days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second)
-        - offset_seconds;
-    DateTime::from_timestamp(secs, nanos)
+    // from_ymd_opt is a table look-up: cheaper than going through a day count.
+    let local = NaiveDate::from_ymd_opt(year as i32, month, day)?
+        .and_hms_nano_opt(hour, minute, second, nanos)?
+        .and_utc();
+    if offset_seconds == 0 {
+        Some(local)
+    } else {
+        local.checked_sub_signed(TimeDelta::seconds(offset_seconds))
+    }
 }
 
 #[inline]
@@ -224,26 +223,6 @@ fn digits2(b: &[u8]) -> Option<u32> {
 #[inline]
 fn digits4(b: &[u8]) -> Option<u32> {
     Some(digits2(&b[0..2])? * 100 + digits2(&b[2..4])?)
-}
-
-fn days_in_month(year: u32, month: u32) -> u32 {
-    match month {
-        4 | 6 | 9 | 11 => 30,
-        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
-        2 => 28,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// Most integer digits a decimal string may have (values below 10^12).
@@ -421,7 +400,9 @@ mod tests {
 
     #[test]
     fn well_formed_enforces_the_nesting_limit() {
-        assert!(is_well_formed(br#"{"a":[1,2.5,-3,"x",null,true,{"b":{}}]}"#));
+        assert!(is_well_formed(
+            br#"{"a":[1,2.5,-3,"x",null,true,{"b":{}}]}"#
+        ));
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(!is_well_formed(deep.as_bytes()));
         // RawValue and IgnoredAny would accept it: that is why WellFormed exists.

@@ -107,7 +107,7 @@ fn reject(v: &Value) -> (Reason, Option<String>) {
 
 fn set(mut v: Value, pointer: &str, value: Value) -> Value {
     *v.pointer_mut(pointer)
-        .unwrap_or_else(|| panic!("{pointer} not in {v}")) = value;
+        .unwrap_or_else(|| panic!("{pointer} not found")) = value;
     v
 }
 
@@ -172,7 +172,13 @@ fn decodes_an_unanswered_call_with_defaults() {
     assert_eq!(c.billable_seconds(), 0);
     let v = remove(call(), "/data", "answered_at");
     let v = set(v, "/data/hold_seconds", json!(0));
-    assert!(matches!(ok(&v).payload, Payload::Call(CallUsage { answered_at: None, .. })));
+    assert!(matches!(
+        ok(&v).payload,
+        Payload::Call(CallUsage {
+            answered_at: None,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -248,7 +254,11 @@ fn extensions_are_ignored_and_attribute_order_is_free() {
     let raw = br#"{"data":{"kind":"ai_analysis","quantity":"1"},"time":"2025-06-15T11:00:00Z",
         "subject":"a","type":"tally.usage.metered.v1","source":"s","id":"i","specversion":"1.0"}"#;
     decode(raw, now(), &DecodeLimits::default()).unwrap();
-    let v = set(call(), "/datacontenttype", json!("application/json; charset=utf-8"));
+    let v = set(
+        call(),
+        "/datacontenttype",
+        json!("application/json; charset=utf-8"),
+    );
     ok(&v);
 }
 
@@ -290,12 +300,16 @@ fn malformed_json() {
             .replace("call-1", "call-\u{1}")
             .into_bytes(),
         [&good[..good.len() - 2], b",\"x\":\"\xc3\x28\"}}".as_slice()].concat(),
-        [&good[..good.len() - 1], b",\"ext\":\"\xe2\x82\"}".as_slice()].concat(),
+        [
+            &good[..good.len() - 1],
+            b",\"ext\":\"\xe2\x82\"}".as_slice(),
+        ]
+        .concat(),
         [b"{\"\xff\":1,".as_slice(), &good[1..]].concat(),
     ];
     for (i, case) in cases.iter().enumerate() {
-        let r = decode(case, now(), &DecodeLimits::default())
-            .expect_err(&format!("case {i} accepted"));
+        let r =
+            decode(case, now(), &DecodeLimits::default()).expect_err(&format!("case {i} accepted"));
         assert_eq!(
             (r.reason, r.field.as_deref()),
             (MalformedJson, None),
@@ -317,7 +331,10 @@ fn nesting_too_deep_is_malformed_wherever_it_is() {
     // serde_json's Value serializer has no depth limit; its parser does.
     let too_deep = deep(200);
     let at = |v: Value| reject(&v);
-    assert_eq!(at(insert(call(), "", "ext", too_deep.clone())), (MalformedJson, None));
+    assert_eq!(
+        at(insert(call(), "", "ext", too_deep.clone())),
+        (MalformedJson, None)
+    );
     assert_eq!(
         at(insert(call(), "/data", "x", too_deep.clone())),
         (MalformedJson, None)
@@ -350,7 +367,15 @@ impl PipeInsert for Value {
 
 #[test]
 fn missing_envelope_fields() {
-    for field in ["specversion", "id", "source", "type", "subject", "time", "data"] {
+    for field in [
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "data",
+    ] {
         assert_eq!(reject(&remove(call(), "", field)), is(MissingField, field));
         assert_eq!(
             reject(&set(call(), &format!("/{field}"), Value::Null)),
@@ -361,8 +386,22 @@ fn missing_envelope_fields() {
 
 #[test]
 fn wrong_envelope_types() {
-    for field in ["specversion", "id", "source", "type", "subject", "time", "datacontenttype"] {
-        for value in [json!(1), json!(true), json!(["x"]), json!({"a": "b"}), json!(1.5)] {
+    for field in [
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "datacontenttype",
+    ] {
+        for value in [
+            json!(1),
+            json!(true),
+            json!(["x"]),
+            json!({"a": "b"}),
+            json!(1.5),
+        ] {
             assert_eq!(
                 reject(&set(call(), &format!("/{field}"), value.clone())),
                 is(WrongType, field),
@@ -383,7 +422,10 @@ fn unknown_type() {
         "",
         "TALLY.USAGE.CALL.V1",
     ] {
-        assert_eq!(reject(&set(call(), "/type", json!(t))), is(UnknownType, "type"));
+        assert_eq!(
+            reject(&set(call(), "/type", json!(t))),
+            is(UnknownType, "type")
+        );
     }
 }
 
@@ -393,7 +435,11 @@ fn envelope_invalid_values() {
         ("/specversion", json!("0.3"), "specversion"),
         ("/specversion", json!("1"), "specversion"),
         ("/datacontenttype", json!("text/plain"), "datacontenttype"),
-        ("/datacontenttype", json!("application/jsonx"), "datacontenttype"),
+        (
+            "/datacontenttype",
+            json!("application/jsonx"),
+            "datacontenttype",
+        ),
         ("/id", json!(""), "id"),
         ("/id", json!("x".repeat(257)), "id"),
         ("/source", json!(""), "source"),
@@ -439,7 +485,10 @@ fn duplicate_attributes_are_invalid() {
     let dup = raw.replacen("{", r#"{"id":"evt-0","#, 1);
     assert_eq!(reject_bytes(dup.as_bytes()), is(InvalidValue, "id"));
     let dup = raw.replacen(r#""call_id""#, r#""call_id":"c-0","call_id""#, 1);
-    assert_eq!(reject_bytes(dup.as_bytes()), is(InvalidValue, "data.call_id"));
+    assert_eq!(
+        reject_bytes(dup.as_bytes()),
+        is(InvalidValue, "data.call_id")
+    );
     // Duplicated extensions are not ours to judge.
     let dup = raw.replacen("{", r#"{"ext":1,"ext":2,"#, 1);
     decode(dup.as_bytes(), now(), &DecodeLimits::default()).unwrap();
@@ -470,7 +519,10 @@ fn data_missing_fields() {
     ];
     for (event, field) in cases {
         let path = format!("data.{field}");
-        assert_eq!(reject(&remove(event.clone(), "/data", field)), is(MissingField, &path));
+        assert_eq!(
+            reject(&remove(event.clone(), "/data", field)),
+            is(MissingField, &path)
+        );
         assert_eq!(
             reject(&set(event, &format!("/data/{field}"), Value::Null)),
             is(MissingField, &path)
@@ -503,24 +555,69 @@ fn data_wrong_types() {
     let cases = [
         (call(), "/data/call_id", json!(12), "data.call_id"),
         (call(), "/data/direction", json!(true), "data.direction"),
-        (call(), "/data/started_at", json!(1718452800), "data.started_at"),
-        (call(), "/data/hold_seconds", json!("30"), "data.hold_seconds"),
-        (call(), "/data/hold_seconds", json!(1.5), "data.hold_seconds"),
+        (
+            call(),
+            "/data/started_at",
+            json!(1718452800),
+            "data.started_at",
+        ),
+        (
+            call(),
+            "/data/hold_seconds",
+            json!("30"),
+            "data.hold_seconds",
+        ),
+        (
+            call(),
+            "/data/hold_seconds",
+            json!(1.5),
+            "data.hold_seconds",
+        ),
         (call(), "/data/channel", json!(["phone"]), "data.channel"),
         (chat(), "/data/responses", json!("3"), "data.responses"),
         (chat(), "/data/model", json!({"name": "x"}), "data.model"),
         (instance(), "/data/ended_at", json!(false), "data.ended_at"),
         (metered(), "/data/quantity", json!(2.5), "data.quantity"),
         (metered(), "/data/quantity", json!(3), "data.quantity"),
-        (metered(), "/data/attributes", json!(["model"]), "data.attributes"),
-        (metered(), "/data/attributes", json!("model"), "data.attributes"),
-        (metered(), "/data/attributes/model", json!(4), "data.attributes.model"),
-        (metered(), "/data/attributes/model", Value::Null, "data.attributes.model"),
+        (
+            metered(),
+            "/data/attributes",
+            json!(["model"]),
+            "data.attributes",
+        ),
+        (
+            metered(),
+            "/data/attributes",
+            json!("model"),
+            "data.attributes",
+        ),
+        (
+            metered(),
+            "/data/attributes/model",
+            json!(4),
+            "data.attributes.model",
+        ),
+        (
+            metered(),
+            "/data/attributes/model",
+            Value::Null,
+            "data.attributes.model",
+        ),
         (grant(), "/data/credits", json!(100), "data.credits"),
         (grant(), "/data/priority", json!("1"), "data.priority"),
         (plan(), "/data/billing_day", json!("1"), "data.billing_day"),
-        (plan(), "/data/allowance_alert_percents", json!(50), "data.allowance_alert_percents"),
-        (plan(), "/data/allowance_alert_percents/1", json!("80"), "data.allowance_alert_percents[1]"),
+        (
+            plan(),
+            "/data/allowance_alert_percents",
+            json!(50),
+            "data.allowance_alert_percents",
+        ),
+        (
+            plan(),
+            "/data/allowance_alert_percents/1",
+            json!("80"),
+            "data.allowance_alert_percents[1]",
+        ),
     ];
     for (event, pointer, value, field) in cases {
         assert_eq!(
@@ -548,20 +645,47 @@ fn call_rules() {
     let cases = [
         // Ids.
         (set(call(), "/data/call_id", json!("")), "data.call_id"),
-        (set(call(), "/data/call_id", json!("c".repeat(257))), "data.call_id"),
+        (
+            set(call(), "/data/call_id", json!("c".repeat(257))),
+            "data.call_id",
+        ),
         // Enums and names.
-        (set(call(), "/data/direction", json!("sideways")), "data.direction"),
-        (set(call(), "/data/direction", json!("Inbound")), "data.direction"),
+        (
+            set(call(), "/data/direction", json!("sideways")),
+            "data.direction",
+        ),
+        (
+            set(call(), "/data/direction", json!("Inbound")),
+            "data.direction",
+        ),
         (set(call(), "/data/channel", json!("")), "data.channel"),
-        (set(call(), "/data/model", json!("m".repeat(129))), "data.model"),
+        (
+            set(call(), "/data/model", json!("m".repeat(129))),
+            "data.model",
+        ),
         // Times.
-        (set(call(), "/data/started_at", json!("10:00")), "data.started_at"),
-        (set(call(), "/data/answered_at", json!("soon")), "data.answered_at"),
-        (set(call(), "/data/ended_at", json!("2025-06-15T10:05:10")), "data.ended_at"),
+        (
+            set(call(), "/data/started_at", json!("10:00")),
+            "data.started_at",
+        ),
+        (
+            set(call(), "/data/answered_at", json!("soon")),
+            "data.answered_at",
+        ),
+        (
+            set(call(), "/data/ended_at", json!("2025-06-15T10:05:10")),
+            "data.ended_at",
+        ),
         // Answered before started.
-        (set(call(), "/data/answered_at", json!("2025-06-15T09:59:59Z")), "data.answered_at"),
+        (
+            set(call(), "/data/answered_at", json!("2025-06-15T09:59:59Z")),
+            "data.answered_at",
+        ),
         // Hung up before answer.
-        (set(call(), "/data/ended_at", json!("2025-06-15T10:00:09Z")), "data.ended_at"),
+        (
+            set(call(), "/data/ended_at", json!("2025-06-15T10:00:09Z")),
+            "data.ended_at",
+        ),
         // Ended before started (unanswered).
         (
             set(call(), "/data/answered_at", Value::Null)
@@ -575,9 +699,18 @@ fn call_rules() {
             "data.ended_at",
         ),
         // Hold.
-        (set(call(), "/data/hold_seconds", json!(-1)), "data.hold_seconds"),
-        (set(call(), "/data/hold_seconds", json!(301)), "data.hold_seconds"),
-        (set(call(), "/data/answered_at", Value::Null), "data.hold_seconds"),
+        (
+            set(call(), "/data/hold_seconds", json!(-1)),
+            "data.hold_seconds",
+        ),
+        (
+            set(call(), "/data/hold_seconds", json!(301)),
+            "data.hold_seconds",
+        ),
+        (
+            set(call(), "/data/answered_at", Value::Null),
+            "data.hold_seconds",
+        ),
         (
             set(call(), "/data/hold_seconds", json!(u64::MAX)),
             "data.hold_seconds",
@@ -588,16 +721,20 @@ fn call_rules() {
     }
     // Boundaries that are fine: hold == answered time, exactly 31 days, zero-length call.
     ok(&set(call(), "/data/hold_seconds", json!(300)));
-    ok(&set(call(), "/data/started_at", json!("2025-05-15T10:05:10Z")).pipe_set(
-        "/data/answered_at",
-        json!("2025-05-15T10:05:10Z"),
-    ));
-    ok(&set(call(), "/data/ended_at", json!("2025-06-15T10:00:10Z")).pipe_set(
-        "/data/hold_seconds",
-        json!(0),
-    ));
+    ok(
+        &set(call(), "/data/started_at", json!("2025-05-15T10:05:10Z"))
+            .pipe_set("/data/answered_at", json!("2025-05-15T10:05:10Z")),
+    );
+    ok(
+        &set(call(), "/data/ended_at", json!("2025-06-15T10:00:10Z"))
+            .pipe_set("/data/hold_seconds", json!(0)),
+    );
     // Offsets are honoured in the ordering.
-    ok(&set(call(), "/data/answered_at", json!("2025-06-15T12:00:10+02:00")));
+    ok(&set(
+        call(),
+        "/data/answered_at",
+        json!("2025-06-15T12:00:10+02:00"),
+    ));
 }
 
 trait PipeSet {
@@ -635,8 +772,16 @@ fn instance_rules() {
         ("/data/instance_id", json!(""), "data.instance_id"),
         ("/data/instance_type", json!(""), "data.instance_type"),
         ("/data/started_at", json!("x"), "data.started_at"),
-        ("/data/ended_at", json!("2025-06-15T07:59:59Z"), "data.ended_at"),
-        ("/data/started_at", json!("2025-05-01T00:00:00Z"), "data.ended_at"),
+        (
+            "/data/ended_at",
+            json!("2025-06-15T07:59:59Z"),
+            "data.ended_at",
+        ),
+        (
+            "/data/started_at",
+            json!("2025-05-01T00:00:00Z"),
+            "data.ended_at",
+        ),
     ] {
         assert_eq!(
             reject(&set(instance(), pointer, value.clone())),
@@ -675,7 +820,11 @@ fn metered_rules() {
     let many: serde_json::Map<String, Value> =
         (0..17).map(|i| (format!("a{i}"), json!("v"))).collect();
     assert_eq!(
-        reject(&set(metered(), "/data/attributes", Value::Object(many.clone()))),
+        reject(&set(
+            metered(),
+            "/data/attributes",
+            Value::Object(many.clone())
+        )),
         is(InvalidValue, "data.attributes")
     );
     let sixteen: serde_json::Map<String, Value> = many.into_iter().take(16).collect();
@@ -720,18 +869,54 @@ fn grant_rules() {
 fn plan_rules() {
     for (pointer, value, field) in [
         ("/data/plan_id", json!(""), "data.plan_id"),
-        ("/data/monthly_allowance", json!("-1"), "data.monthly_allowance"),
-        ("/data/monthly_allowance", json!("lots"), "data.monthly_allowance"),
+        (
+            "/data/monthly_allowance",
+            json!("-1"),
+            "data.monthly_allowance",
+        ),
+        (
+            "/data/monthly_allowance",
+            json!("lots"),
+            "data.monthly_allowance",
+        ),
         ("/data/billing_day", json!(0), "data.billing_day"),
         ("/data/billing_day", json!(32), "data.billing_day"),
         ("/data/overage_policy", json!("free"), "data.overage_policy"),
-        ("/data/top_up_validity_months", json!(0), "data.top_up_validity_months"),
-        ("/data/top_up_validity_months", json!(121), "data.top_up_validity_months"),
-        ("/data/low_balance_credits", json!("-1"), "data.low_balance_credits"),
-        ("/data/low_balance_percent", json!("100.5"), "data.low_balance_percent"),
-        ("/data/low_balance_percent", json!("25%"), "data.low_balance_percent"),
-        ("/data/allowance_alert_percents/2", json!(101), "data.allowance_alert_percents[2]"),
-        ("/data/allowance_alert_percents/0", json!(0), "data.allowance_alert_percents[0]"),
+        (
+            "/data/top_up_validity_months",
+            json!(0),
+            "data.top_up_validity_months",
+        ),
+        (
+            "/data/top_up_validity_months",
+            json!(121),
+            "data.top_up_validity_months",
+        ),
+        (
+            "/data/low_balance_credits",
+            json!("-1"),
+            "data.low_balance_credits",
+        ),
+        (
+            "/data/low_balance_percent",
+            json!("100.5"),
+            "data.low_balance_percent",
+        ),
+        (
+            "/data/low_balance_percent",
+            json!("25%"),
+            "data.low_balance_percent",
+        ),
+        (
+            "/data/allowance_alert_percents/2",
+            json!(101),
+            "data.allowance_alert_percents[2]",
+        ),
+        (
+            "/data/allowance_alert_percents/0",
+            json!(0),
+            "data.allowance_alert_percents[0]",
+        ),
         (
             "/data/allowance_alert_percents",
             json!([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]),
@@ -746,7 +931,11 @@ fn plan_rules() {
     }
     ok(&set(plan(), "/data/monthly_allowance", json!("0")));
     ok(&set(plan(), "/data/low_balance_percent", json!("100")));
-    ok(&set(plan(), "/data/overage_policy", json!("settle_from_next_grant")));
+    ok(&set(
+        plan(),
+        "/data/overage_policy",
+        json!("settle_from_next_grant"),
+    ));
     ok(&set(plan(), "/data/allowance_alert_percents", json!([])));
 }
 
@@ -766,18 +955,36 @@ fn precedence() {
 
     // Envelope missing / wrong type beat unknown_type.
     let v = set(call(), "/type", json!("nope"));
-    assert_eq!(reject(&remove(v.clone(), "", "subject")), is(MissingField, "subject"));
-    assert_eq!(reject(&set(v.clone(), "/time", json!(5))), is(WrongType, "time"));
-    assert_eq!(reject(&set(v.clone(), "/data", json!(5))), is(WrongType, "data"));
+    assert_eq!(
+        reject(&remove(v.clone(), "", "subject")),
+        is(MissingField, "subject")
+    );
+    assert_eq!(
+        reject(&set(v.clone(), "/time", json!(5))),
+        is(WrongType, "time")
+    );
+    assert_eq!(
+        reject(&set(v.clone(), "/data", json!(5))),
+        is(WrongType, "data")
+    );
 
     // unknown_type beats envelope invalid values and anything in data.
-    assert_eq!(reject(&set(v.clone(), "/specversion", json!("2.0"))), is(UnknownType, "type"));
-    assert_eq!(reject(&set(v.clone(), "/time", json!("nope"))), is(UnknownType, "type"));
+    assert_eq!(
+        reject(&set(v.clone(), "/specversion", json!("2.0"))),
+        is(UnknownType, "type")
+    );
+    assert_eq!(
+        reject(&set(v.clone(), "/time", json!("nope"))),
+        is(UnknownType, "type")
+    );
     assert_eq!(reject(&set(v, "/data", json!({}))), is(UnknownType, "type"));
 
     // Envelope invalid values beat data errors.
     let v = set(call(), "/data/call_id", json!(1));
-    assert_eq!(reject(&set(v, "/subject", json!("a b"))), is(InvalidValue, "subject"));
+    assert_eq!(
+        reject(&set(v, "/subject", json!("a b"))),
+        is(InvalidValue, "subject")
+    );
 
     // In data: wrong type, then missing, then invalid.
     let v = set(call(), "/data/hold_seconds", json!(-1));
@@ -791,8 +998,15 @@ fn precedence() {
 
 #[test]
 fn display_names_reason_and_field() {
-    let r = decode(&bytes(&set(call(), "/data/hold_seconds", json!(-1))), now(), &DecodeLimits::default())
-        .unwrap_err();
+    let r = decode(
+        &bytes(&set(call(), "/data/hold_seconds", json!(-1))),
+        now(),
+        &DecodeLimits::default(),
+    )
+    .unwrap_err();
     let shown = r.to_string();
-    assert!(shown.starts_with("invalid_value (data.hold_seconds): "), "{shown}");
+    assert!(
+        shown.starts_with("invalid_value (data.hold_seconds): "),
+        "{shown}"
+    );
 }

@@ -1,0 +1,509 @@
+//! The ClickHouse sink: turns a prepared (decoded and rated) event into a `rated_events` row,
+//! writes a batch of rows in one INSERT, stores and loads consumed positions, and answers the
+//! exact-total queries tests and reports use. With `migrate`, owns every ClickHouse call of
+//! the crate.
+//!
+//! Wire quirks (clickhouse crate 0.15, servers 18.16 to current): validation is off (18.16 has
+//! no RowBinaryWithNamesAndTypes), the database is set on the client and tables are named
+//! bare, Decimals travel as their raw mantissa (i64 for Decimal(18, 6), i128 for
+//! Decimal(38, 6)), DateTime as u32 Unix seconds and Date as u16 days since 1970-01-01.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use clickhouse::{Client, Compression, Row};
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+
+use super::AnalyticsError;
+use crate::config::ClickHouseConfig;
+use crate::event::{Payload, Quantity};
+use crate::kafka::{OffsetStore, Positions, TopicPartition};
+use crate::pipeline::Prepared;
+
+/// Rated usage, one row per event (see schemas/clickhouse/0001_rated_events.sql).
+pub const RATED_EVENTS: &str = "rated_events";
+/// Highest stored offset per partition, kept by a materialized view over `rated_events`.
+pub const RATED_OFFSETS: &str = "rated_offsets";
+/// Next offset per consumer group and partition, stored after every batch.
+pub const CONSUMER_OFFSETS: &str = "consumer_offsets";
+
+/// Longest a query (DDL, positions, totals) may take before it counts as a transient failure.
+pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest one batch INSERT may take. A timed-out insert may still land: the retry then
+/// writes the same keys again, which ReplacingMergeTree collapses.
+pub(crate) const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Decimal columns have 6 decimal places: values travel as value × 10^6.
+const SCALE: u32 = 6;
+
+/// One `rated_events` row, in the column order of the table. Decimals, times and dates are
+/// held in their wire form; the accessors give the typed values.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct RatedRow {
+    pub event_source: String,
+    pub event_id: String,
+    pub account_id: String,
+    pub kind: String,
+    #[serde(rename = "event_time")]
+    pub event_time_unix_seconds: u32,
+    #[serde(rename = "event_date")]
+    pub event_date_unix_days: u16,
+    pub model: String,
+    pub voice_tier: String,
+    pub channel: String,
+    pub direction: String,
+    pub instance_type: String,
+    pub call_id: String,
+    pub conversation_id: String,
+    pub instance_id: String,
+    pub answered: u8,
+    pub responses: u32,
+    /// Decimal(38, 6) mantissa: the raw measure (seconds or units) × 10^6.
+    #[serde(rename = "quantity")]
+    pub quantity_e6: i128,
+    pub billable_seconds: u64,
+    /// Decimal(18, 6) mantissa.
+    #[serde(rename = "billable_quantity")]
+    pub billable_quantity_e6: i64,
+    pub unit: String,
+    /// Decimal(18, 6) mantissa.
+    #[serde(rename = "credits")]
+    pub credits_e6: i64,
+    pub price_version: String,
+    pub rule_id: String,
+    pub topic: String,
+    pub partition: u32,
+    pub offset: u64,
+    #[serde(rename = "inserted_at")]
+    pub inserted_at_unix_seconds: u32,
+}
+
+impl RatedRow {
+    pub fn credits(&self) -> Decimal {
+        Decimal::new(self.credits_e6, SCALE)
+    }
+
+    pub fn billable_quantity(&self) -> Decimal {
+        Decimal::new(self.billable_quantity_e6, SCALE)
+    }
+
+    /// None only if the mantissa exceeds `Decimal`'s 96 bits (never for rows built here).
+    pub fn quantity(&self) -> Option<Decimal> {
+        Decimal::try_from_i128_with_scale(self.quantity_e6, SCALE).ok()
+    }
+
+    pub fn event_time(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp(i64::from(self.event_time_unix_seconds), 0).unwrap_or_default()
+    }
+
+    pub fn event_date(&self) -> NaiveDate {
+        NaiveDate::default() + chrono::Days::new(u64::from(self.event_date_unix_days))
+    }
+}
+
+/// The `rated_events` row of a prepared event: None for grants and plans (they carry no
+/// usage), an error when a value cannot be stored exactly (a time before 1970 or after 2106,
+/// a charge beyond Decimal(18, 6)).
+pub fn rated_row(
+    p: &Prepared<'_, '_>,
+    inserted_at: DateTime<Utc>,
+) -> Result<Option<RatedRow>, AnalyticsError> {
+    let (Some(charge), Some(usage)) = (&p.charge, p.event.usage()) else {
+        return Ok(None);
+    };
+    let env = &p.event.envelope;
+    let out_of_range = |field: &'static str, value: String| AnalyticsError::OutOfRange {
+        source_id: env.source.to_string(),
+        event_id: env.id.to_string(),
+        field,
+        value,
+    };
+    let attribute = |key: &str| -> String {
+        usage
+            .attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| (*v).to_owned())
+            .unwrap_or_default()
+    };
+    let (mut call_id, mut conversation_id, mut instance_id) =
+        (String::new(), String::new(), String::new());
+    let (mut answered, mut responses) = (0u8, 0u32);
+    match &p.event.payload {
+        Payload::Call(c) => {
+            call_id = c.call_id.to_string();
+            answered = u8::from(c.answered_at.is_some());
+        }
+        Payload::Chat(c) => {
+            conversation_id = c.conversation_id.to_string();
+            responses = c.responses;
+        }
+        Payload::Instance(i) => instance_id = i.instance_id.to_string(),
+        Payload::Metered(_) | Payload::Grant(_) | Payload::Plan(_) => {}
+    }
+    let quantity = match usage.quantity {
+        Quantity::Seconds(s) => Decimal::from(s),
+        Quantity::Units(u) => u,
+    };
+    let quantity_e6 =
+        mantissa6(quantity).ok_or_else(|| out_of_range("quantity", quantity.to_string()))?;
+    let billable_quantity_e6 = mantissa6(charge.billable_quantity)
+        .and_then(|m| i64::try_from(m).ok())
+        .ok_or_else(|| out_of_range("billable_quantity", charge.billable_quantity.to_string()))?;
+    let credits_e6 = mantissa6(charge.credits)
+        .and_then(|m| i64::try_from(m).ok())
+        .ok_or_else(|| out_of_range("credits", charge.credits.to_string()))?;
+    let event_time_unix_seconds =
+        unix_seconds(env.time).ok_or_else(|| out_of_range("event_time", env.time.to_rfc3339()))?;
+    let event_date_unix_days = unix_days(env.time.date_naive())
+        .ok_or_else(|| out_of_range("event_date", env.time.date_naive().to_string()))?;
+    let inserted_at_unix_seconds = unix_seconds(inserted_at)
+        .ok_or_else(|| out_of_range("inserted_at", inserted_at.to_rfc3339()))?;
+    Ok(Some(RatedRow {
+        event_source: env.source.to_string(),
+        event_id: env.id.to_string(),
+        account_id: env.account_id.to_string(),
+        kind: usage.kind.to_owned(),
+        event_time_unix_seconds,
+        event_date_unix_days,
+        model: attribute("model"),
+        voice_tier: attribute("voice_tier"),
+        channel: attribute("channel"),
+        direction: attribute("direction"),
+        instance_type: attribute("instance_type"),
+        call_id,
+        conversation_id,
+        instance_id,
+        answered,
+        responses,
+        quantity_e6,
+        billable_seconds: charge.billable_seconds,
+        billable_quantity_e6,
+        unit: charge.unit.as_str().to_owned(),
+        credits_e6,
+        price_version: charge.price_version.to_owned(),
+        rule_id: charge.rule_id.to_owned(),
+        topic: p.record.topic.to_string(),
+        partition: u32::try_from(p.record.partition).unwrap_or_default(),
+        offset: u64::try_from(p.record.offset).unwrap_or_default(),
+        inserted_at_unix_seconds,
+    }))
+}
+
+/// value × 10^6 as an integer (rounded half away from zero past 6 places, like credits);
+/// None when it does not fit.
+fn mantissa6(value: Decimal) -> Option<i128> {
+    let mut v = value.round_dp_with_strategy(SCALE, RoundingStrategy::MidpointAwayFromZero);
+    v.rescale(SCALE);
+    (v.scale() == SCALE).then(|| v.mantissa())
+}
+
+fn from_mantissa6(op: &'static str, mantissa: i128) -> Result<Decimal, AnalyticsError> {
+    Decimal::try_from_i128_with_scale(mantissa, SCALE).map_err(|_| AnalyticsError::Overflow {
+        op,
+        value: format!("{mantissa}e-6"),
+    })
+}
+
+fn unix_seconds(t: DateTime<Utc>) -> Option<u32> {
+    u32::try_from(t.timestamp()).ok()
+}
+
+fn unix_days(d: NaiveDate) -> Option<u16> {
+    u16::try_from((d - NaiveDate::default()).num_days()).ok()
+}
+
+/// A `consumer_offsets` row.
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+struct OffsetRow {
+    group_id: String,
+    topic: String,
+    partition: u32,
+    next_offset: u64,
+    #[serde(rename = "updated_at")]
+    updated_at_unix_seconds: u32,
+}
+
+/// One stored position, as read back.
+#[derive(Debug, Row, Deserialize)]
+struct PositionRow {
+    topic: String,
+    partition: u32,
+    next_offset: u64,
+}
+
+/// Writes rated rows and positions to one ClickHouse database. Cheap to clone; the HTTP
+/// client connects lazily, so building one never fails for a server that is down.
+#[derive(Clone)]
+pub struct AnalyticsSink {
+    client: Client,
+    database: String,
+}
+
+impl std::fmt::Debug for AnalyticsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client's own Debug redacts credentials.
+        f.debug_struct("AnalyticsSink")
+            .field("client", &self.client)
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+/// A client for the configured server: RowBinary without validation, LZ4, and the database
+/// when given (it must exist: migrate builds its client without one).
+pub(crate) fn client(cfg: &ClickHouseConfig, database: Option<&str>) -> Client {
+    let mut client = Client::default()
+        .with_url(&cfg.url)
+        .with_user(&cfg.user)
+        .with_compression(Compression::Lz4)
+        .with_validation(false);
+    if !cfg.password.expose().is_empty() {
+        client = client.with_password(cfg.password.expose());
+    }
+    if let Some(db) = database {
+        client = client.with_database(db);
+    }
+    client
+}
+
+/// Runs a client call under a deadline, naming the operation in the error.
+pub(crate) async fn run_timed<T>(
+    op: &'static str,
+    after: Duration,
+    fut: impl Future<Output = clickhouse::error::Result<T>>,
+) -> Result<T, AnalyticsError> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(result) => result.map_err(AnalyticsError::clickhouse(op)),
+        Err(_) => Err(AnalyticsError::Timeout { op, after }),
+    }
+}
+
+impl AnalyticsSink {
+    /// A sink for `cfg.database` (which [`super::migrate`] creates). Never fails: nothing
+    /// connects until the first call, and the database travels as a URL parameter, never
+    /// spliced into SQL.
+    pub fn new(cfg: &ClickHouseConfig) -> Self {
+        AnalyticsSink {
+            client: client(cfg, Some(&cfg.database)),
+            database: cfg.database.clone(),
+        }
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Succeeds when the server answers a query in the database.
+    pub async fn ping(&self) -> Result<(), AnalyticsError> {
+        run_timed(
+            "ping",
+            QUERY_TIMEOUT,
+            self.client.query("SELECT 1").execute(),
+        )
+        .await
+    }
+
+    /// Writes the rows in one INSERT (one HTTP request, LZ4-compressed). Writing rows that are
+    /// already stored is harmless: same keys, collapsed by ReplacingMergeTree.
+    pub async fn insert(&self, rows: &[RatedRow]) -> Result<(), AnalyticsError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let client = &self.client;
+        run_timed("insert rated_events", INSERT_TIMEOUT, async move {
+            let mut insert = client.insert::<RatedRow>(RATED_EVENTS).await?;
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        })
+        .await
+    }
+
+    /// Stores the next offset of each partition for `group` (one INSERT). Positions only move
+    /// forward: the table keeps the largest offset per partition.
+    pub async fn store_positions(
+        &self,
+        group: &str,
+        positions: &Positions,
+    ) -> Result<(), AnalyticsError> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let now = unix_seconds(Utc::now()).unwrap_or(u32::MAX);
+        let rows: Vec<OffsetRow> = positions
+            .iter()
+            .map(|((topic, partition), &next)| OffsetRow {
+                group_id: group.to_owned(),
+                topic: topic.clone(),
+                partition: u32::try_from(*partition).unwrap_or_default(),
+                next_offset: u64::try_from(next).unwrap_or_default(),
+                updated_at_unix_seconds: now,
+            })
+            .collect();
+        let client = &self.client;
+        run_timed("store positions", QUERY_TIMEOUT, async move {
+            let mut insert = client.insert::<OffsetRow>(CONSUMER_OFFSETS).await?;
+            for row in &rows {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        })
+        .await
+    }
+
+    /// The next offset to read for each of `partitions` that has anything stored: the larger
+    /// of (highest offset in `rated_events`) + 1 and the group's stored position. Partitions
+    /// with nothing stored are absent (the consumer starts them at the beginning).
+    pub async fn load_positions(
+        &self,
+        group: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<Positions, AnalyticsError> {
+        // Both tables hold a handful of rows per partition: read them whole, filter here.
+        let stored = run_timed(
+            "load positions",
+            QUERY_TIMEOUT,
+            self.client
+                .query(
+                    "SELECT topic, `partition`, max(next_offset) AS stored_next_offset \
+                     FROM consumer_offsets WHERE group_id = ? GROUP BY topic, `partition`",
+                )
+                .bind(group)
+                .fetch_all::<PositionRow>(),
+        )
+        .await?;
+        let rated = run_timed(
+            "load positions",
+            QUERY_TIMEOUT,
+            self.client
+                .query(
+                    "SELECT topic, `partition`, max(max_offset) + 1 AS next_offset \
+                     FROM rated_offsets GROUP BY topic, `partition`",
+                )
+                .fetch_all::<PositionRow>(),
+        )
+        .await?;
+        let mut positions = Positions::new();
+        for row in stored.into_iter().chain(rated) {
+            let key = (row.topic, i32::try_from(row.partition).unwrap_or(i32::MAX));
+            if !partitions.contains(&key) {
+                continue;
+            }
+            let next = i64::try_from(row.next_offset).unwrap_or(i64::MAX);
+            let entry = positions.entry(key).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+        Ok(positions)
+    }
+
+    /// Exact (events, credits) of an account, duplicates collapsed (`FINAL`).
+    pub async fn totals_by_account(
+        &self,
+        account_id: &str,
+    ) -> Result<(u64, Decimal), AnalyticsError> {
+        #[derive(Row, Deserialize)]
+        struct Totals {
+            events: u64,
+            // sum() of a Decimal(18, 6) is a Decimal(38, 6).
+            total_credits: i128,
+        }
+        let totals = run_timed(
+            "totals by account",
+            QUERY_TIMEOUT,
+            self.client
+                .query(
+                    // An alias never reuses a column name: ClickHouse resolves aliases
+                    // first, so `sum(credits) AS credits` shadows the column query-wide.
+                    "SELECT count() AS events, sum(credits) AS total_credits \
+                     FROM rated_events FINAL WHERE account_id = ?",
+                )
+                .bind(account_id)
+                .fetch_one::<Totals>(),
+        )
+        .await?;
+        Ok((
+            totals.events,
+            from_mantissa6("totals by account", totals.total_credits)?,
+        ))
+    }
+
+    /// An account's rows, duplicates collapsed (`FINAL`), by event identity.
+    pub async fn rated_events_of(&self, account_id: &str) -> Result<Vec<RatedRow>, AnalyticsError> {
+        run_timed(
+            "rated events of account",
+            QUERY_TIMEOUT,
+            self.client
+                .query(
+                    "SELECT ?fields FROM rated_events FINAL WHERE account_id = ? \
+                     ORDER BY event_source, event_id",
+                )
+                .bind(account_id)
+                .fetch_all::<RatedRow>(),
+        )
+        .await
+    }
+}
+
+/// The analytics consumer's [`OffsetStore`]: positions as [`AnalyticsSink::load_positions`]
+/// computes them. Each load builds its own client (the rebalance callback runs it on a runtime
+/// of its own).
+#[derive(Debug, Clone)]
+pub struct ChOffsetStore {
+    pub config: ClickHouseConfig,
+    pub group_id: String,
+}
+
+impl OffsetStore for ChOffsetStore {
+    fn load(
+        &self,
+        partitions: Vec<TopicPartition>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Positions>> + Send>> {
+        let config = self.config.clone();
+        let group = self.group_id.clone();
+        Box::pin(async move {
+            let sink = AnalyticsSink::new(&config);
+            Ok(sink.load_positions(&group, &partitions).await?)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    #[test]
+    fn mantissas_are_exact() {
+        let d = |s: &str| Decimal::from_str(s).unwrap();
+        assert_eq!(mantissa6(d("1.5")), Some(1_500_000));
+        assert_eq!(mantissa6(d("0.000001")), Some(1));
+        assert_eq!(
+            mantissa6(d("123456789012.123456")),
+            Some(123_456_789_012_123_456)
+        );
+        assert_eq!(mantissa6(d("0.0000005")), Some(1));
+        assert_eq!(mantissa6(Decimal::ZERO), Some(0));
+        // Decimal's maximum (~7.9e28) cannot carry 6 decimal places.
+        assert_eq!(mantissa6(Decimal::MAX), None);
+        let back = from_mantissa6("t", 123_456_789_012_123_456).unwrap();
+        assert_eq!(back.to_string(), "123456789012.123456");
+    }
+
+    #[test]
+    fn times_and_dates() {
+        let t = DateTime::parse_from_rfc3339("2024-02-29T23:59:59Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(unix_seconds(t), Some(1_709_251_199));
+        assert_eq!(unix_days(t.date_naive()), Some(19_782));
+        let before = DateTime::parse_from_rfc3339("1969-12-31T23:59:59Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(unix_seconds(before), None);
+        assert_eq!(unix_days(before.date_naive()), None);
+    }
+}

@@ -1,0 +1,462 @@
+//! Glue behind the operator commands (`produce`, `balance`, `replay`, idle detection):
+//! each joins library pieces with IO and prints for people. No domain logic lives here.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{Config, Topics};
+use crate::demo::{self, DemoConfig, Expect, TopicKind};
+use crate::event::{types, Reason};
+use crate::kafka::{self, HEADER_REASON};
+use crate::ledger::Store;
+
+/// Options of `tally produce`.
+#[derive(Debug, Clone)]
+pub struct ProduceOptions {
+    pub accounts: usize,
+    pub events: usize,
+    pub rate_per_second: u64,
+    pub seed: u64,
+    pub duplicate_every: usize,
+    pub malformed_every: usize,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+pub fn topic_for(topics: &Topics, kind: TopicKind) -> &str {
+    match kind {
+        TopicKind::Calls => &topics.calls,
+        TopicKind::ChatResponses => &topics.chat_responses,
+        TopicKind::InstanceHours => &topics.instance_hours,
+        TopicKind::Metered => &topics.metered,
+        TopicKind::Grants => &topics.grants,
+        TopicKind::Plans => &topics.plans,
+    }
+}
+
+/// The topic an event type belongs on.
+pub fn topic_for_type<'t>(topics: &'t Topics, event_type: &str) -> Option<&'t str> {
+    Some(match event_type {
+        types::CALL => &topics.calls,
+        types::CHAT_RESPONSE => &topics.chat_responses,
+        types::INSTANCE_HOURS => &topics.instance_hours,
+        types::METERED => &topics.metered,
+        types::GRANT => &topics.grants,
+        types::PLAN => &topics.plans,
+        _ => return None,
+    })
+}
+
+/// Sends (topic, key, payload, headers) records at `rate_per_second` (0 = unthrottled),
+/// waiting for every acknowledgement. Returns the number sent.
+pub async fn send_all<'a, I>(
+    producer: &FutureProducer,
+    records: I,
+    total: u64,
+    rate_per_second: u64,
+    progress: bool,
+) -> anyhow::Result<u64>
+where
+    I: IntoIterator<Item = (&'a str, Option<&'a [u8]>, &'a [u8], Option<OwnedHeaders>)>,
+{
+    let bar = progress_bar(total, progress, "records");
+    let started = Instant::now();
+    let mut pending = Vec::with_capacity(1024);
+    let mut sent = 0u64;
+    for (topic, key, payload, headers) in records {
+        if rate_per_second > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate_per_second as f64);
+            let elapsed = started.elapsed();
+            if due > elapsed + Duration::from_millis(2) {
+                tokio::time::sleep(due - elapsed).await;
+            }
+        }
+        let mut record = FutureRecord::to(topic).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((e, r)) => {
+                    // Queue full: wait for what is in flight, then try again.
+                    if pending.is_empty() {
+                        return Err(e.into());
+                    }
+                    record = r;
+                    drain(&mut pending).await?;
+                }
+            }
+        }
+        sent += 1;
+        bar.inc(1);
+        if pending.len() >= 10_000 {
+            drain(&mut pending).await?;
+        }
+    }
+    drain(&mut pending).await?;
+    bar.finish_and_clear();
+    Ok(sent)
+}
+
+async fn drain(pending: &mut Vec<rdkafka::producer::DeliveryFuture>) -> anyhow::Result<()> {
+    for d in pending.drain(..) {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(anyhow::anyhow!("delivery failed: {e}")),
+            Err(_) => return Err(anyhow::anyhow!("delivery cancelled")),
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(total: u64, visible: bool, what: &str) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{bar:40}} {{pos}}/{{len}} {what} ({{per_sec}}, eta {{eta}})"
+        ))
+        .expect("valid template"),
+    );
+    bar
+}
+
+pub async fn produce(cfg: &Config, opts: &ProduceOptions) -> anyhow::Result<()> {
+    kafka::ensure_topics(
+        &cfg.kafka,
+        &cfg.kafka.topics.all(),
+        cfg.kafka.topic_partitions,
+    )
+    .await?;
+    let records = demo::generate(&DemoConfig {
+        seed: opts.seed,
+        accounts: opts.accounts,
+        events: opts.events,
+        start: opts.start,
+        end: opts.end,
+        duplicate_every: opts.duplicate_every,
+        malformed_every: opts.malformed_every,
+    });
+    let producer: FutureProducer = kafka::producer_config(&cfg.kafka).create()?;
+    let started = Instant::now();
+    let sent = send_all(
+        &producer,
+        records.iter().map(|r| {
+            (
+                topic_for(&cfg.kafka.topics, r.topic),
+                Some(r.key.as_bytes()),
+                r.payload.as_slice(),
+                None,
+            )
+        }),
+        records.len() as u64,
+        opts.rate_per_second,
+        true,
+    )
+    .await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut by_expect: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        let k = match r.expect {
+            Expect::Valid => "valid".to_owned(),
+            Expect::Duplicate => "duplicate".to_owned(),
+            Expect::Rejected(reason) => format!("rejected:{reason}"),
+        };
+        *by_expect.entry(k).or_default() += 1;
+    }
+    let mut summary: Vec<_> = by_expect.into_iter().collect();
+    summary.sort();
+    println!(
+        "sent {sent} records in {elapsed:.1} s ({:.0}/s) to {}: {summary:?}",
+        sent as f64 / elapsed.max(1e-9),
+        cfg.kafka.brokers
+    );
+    Ok(())
+}
+
+pub async fn balance(cfg: &Config, account: &str, entries: i64, json: bool) -> anyhow::Result<()> {
+    let store = Store::connect(&cfg.postgres).await?;
+    let Some(b) = store.balance(account).await? else {
+        anyhow::bail!("account `{account}` not found");
+    };
+    let lines = store.entries(account, entries).await?;
+    if json {
+        let grants: Vec<_> = b
+            .grants
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "grant_id": g.grant_id, "kind": g.kind.as_str(), "priority": g.priority,
+                    "granted": g.granted.to_string(), "remaining": g.remaining.to_string(),
+                    "expires_at": g.expires_at.map(|e| e.to_rfc3339()),
+                })
+            })
+            .collect();
+        let entries: Vec<_> = lines
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "entry_id": l.entry_id, "kind": l.kind, "grant_id": l.grant_id,
+                    "amount": l.amount.to_string(), "balance_after": l.balance_after.to_string(),
+                    "overage_after": l.overage_after.to_string(),
+                    "effective_at": l.effective_at.to_rfc3339(), "event_id": l.event_id,
+                    "rule_id": l.rule_id,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "account_id": b.account_id, "spendable": b.spendable.to_string(),
+                "overage": b.overage.to_string(), "grants": grants, "entries": entries,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("account {}", b.account_id);
+    println!(
+        "  spendable {:>16}   overage {:>14}",
+        b.spendable, b.overage
+    );
+    println!("  grants:");
+    println!(
+        "    {:<28} {:<10} {:>4} {:>16} {:>16}  expires",
+        "grant", "kind", "prio", "granted", "remaining"
+    );
+    for g in &b.grants {
+        println!(
+            "    {:<28} {:<10} {:>4} {:>16} {:>16}  {}",
+            g.grant_id,
+            g.kind.as_str(),
+            g.priority,
+            g.granted,
+            g.remaining,
+            g.expires_at.map_or("never".to_owned(), |e| e
+                .format("%Y-%m-%d %H:%M")
+                .to_string())
+        );
+    }
+    println!("  last {} entries:", lines.len());
+    for l in &lines {
+        println!(
+            "    #{:<8} {:<8} {:>14} -> {:>14} (overage {:>10})  {}  {} {}",
+            l.entry_id,
+            l.kind,
+            l.amount,
+            l.balance_after,
+            l.overage_after,
+            l.effective_at.format("%Y-%m-%d %H:%M:%S"),
+            l.grant_id.as_deref().unwrap_or("-"),
+            l.rule_id.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// Re-submits dead letters (all, or those of one reason) to their source topics, with the
+/// original key and headers. Reads the dead-letter topic from the beginning up to its end
+/// at start; records dead-lettered again go back to the topic with their new reason.
+pub async fn replay_dead_letters(
+    cfg: &Config,
+    reason: Option<Reason>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let dlq = cfg.kafka.topics.dead_letter.clone();
+    let mut cc = kafka::client_config(&cfg.kafka);
+    cc.set("group.id", "tally-replay")
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = cc.create()?;
+    let metadata = consumer.fetch_metadata(Some(&dlq), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    let mut total = 0u64;
+    for &p in &partitions {
+        let (low, high) = consumer.fetch_watermarks(&dlq, p, Duration::from_secs(10))?;
+        if high > low {
+            tpl.add_partition_offset(&dlq, p, Offset::Offset(low))?;
+            ends.insert(p, high);
+            total += (high - low) as u64;
+        }
+    }
+    if ends.is_empty() {
+        println!("dead-letter topic {dlq} is empty");
+        return Ok(());
+    }
+    consumer.assign(&tpl)?;
+    let producer: FutureProducer = kafka::producer_config(&cfg.kafka).create()?;
+    let bar = progress_bar(total, true, "dead letters");
+    let (mut resubmitted, mut seen) = (0u64, 0u64);
+    while !ends.is_empty() {
+        let Some(msg) = consumer.poll(Duration::from_secs(5)) else {
+            continue;
+        };
+        let msg = msg?;
+        seen += 1;
+        bar.inc(1);
+        if msg.offset() + 1 >= ends.get(&msg.partition()).copied().unwrap_or(0) {
+            ends.remove(&msg.partition());
+        }
+        let header = |name: &str| -> Option<String> {
+            msg.headers()?
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let this_reason = header(HEADER_REASON).and_then(|r| Reason::parse(&r));
+        if reason.is_some() && this_reason != reason {
+            continue;
+        }
+        let Some(topic) = header(kafka::HEADER_TOPIC) else {
+            tracing::warn!(
+                offset = msg.offset(),
+                "dead letter without source topic header; skipped"
+            );
+            continue;
+        };
+        if dry_run {
+            println!("{topic}: {:?} offset {}", this_reason, msg.offset());
+            resubmitted += 1;
+            continue;
+        }
+        let mut headers = OwnedHeaders::new();
+        if let Some(hs) = msg.headers() {
+            for h in hs.iter().filter(|h| !h.key.starts_with("tally.")) {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        send_all(
+            &producer,
+            [(
+                topic.as_str(),
+                msg.key(),
+                msg.payload().unwrap_or_default(),
+                Some(headers),
+            )],
+            1,
+            0,
+            false,
+        )
+        .await?;
+        resubmitted += 1;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    bar.finish_and_clear();
+    println!(
+        "read {seen} dead letters, re-submitted {resubmitted}{}",
+        if dry_run { " (dry run)" } else { "" }
+    );
+    Ok(())
+}
+
+/// Sends every line of a JSON-lines file to the topic of its event type, keyed by subject.
+pub async fn replay_file(cfg: &Config, path: &Path) -> anyhow::Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(rename = "type", borrow)]
+        event_type: std::borrow::Cow<'a, str>,
+        #[serde(borrow)]
+        subject: Option<std::borrow::Cow<'a, str>>,
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let lines: Vec<String> = std::io::BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut records = Vec::with_capacity(lines.len());
+    for (n, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let head: Head = serde_json::from_str(line).with_context(|| {
+            format!("{}:{}: not a CloudEvent with a type", path.display(), n + 1)
+        })?;
+        let topic = topic_for_type(&cfg.kafka.topics, &head.event_type).with_context(|| {
+            format!(
+                "{}:{}: unknown event type `{}`",
+                path.display(),
+                n + 1,
+                head.event_type
+            )
+        })?;
+        let key = head.subject.map(|s| s.into_owned());
+        records.push((topic, key, line.as_bytes()));
+    }
+    let producer: FutureProducer = kafka::producer_config(&cfg.kafka).create()?;
+    let sent = send_all(
+        &producer,
+        records
+            .iter()
+            .map(|(t, k, p)| (*t, k.as_deref().map(str::as_bytes), *p, None)),
+        records.len() as u64,
+        0,
+        true,
+    )
+    .await?;
+    println!("sent {sent} events from {}", path.display());
+    Ok(())
+}
+
+/// Returns once every input partition has been consumed to its end by the ledger group (as
+/// stored in PostgreSQL) and nothing new arrived for `quiet`.
+pub async fn wait_until_idle(cfg: &Config, quiet: Duration) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = kafka::client_config(&cfg.kafka).create()?;
+    let store = Store::connect(&cfg.postgres).await?;
+    let mut caught_up_since: Option<Instant> = None;
+    let mut last_ends = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut ends = HashMap::new();
+        for topic in cfg.kafka.topics.inputs() {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+            for t in md.topics() {
+                for p in t.partitions() {
+                    let (_, high) =
+                        consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
+                    ends.insert((topic.to_owned(), p.id()), high);
+                }
+            }
+        }
+        let keys: Vec<_> = ends.keys().cloned().collect();
+        let stored = store.load_offsets(&cfg.kafka.ledger_group, &keys).await?;
+        let caught_up = ends
+            .iter()
+            .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high);
+        if caught_up && ends == last_ends {
+            let since = *caught_up_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= quiet {
+                return Ok(());
+            }
+        } else {
+            caught_up_since = None;
+        }
+        last_ends = ends;
+    }
+}

@@ -1,0 +1,149 @@
+//! The batch loops that join the pieces: Kafka batch -> decode -> rate -> store of record.
+//! [`prepare`] is the shared front half (pure); [`ledger`] and [`analytics`] are the loops.
+//! Owns retry/back-off and shutdown; owns no SQL and no wire format.
+
+pub mod analytics;
+pub mod ledger;
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::event::{self, DecodeLimits, Event, Reason, Rejection};
+use crate::kafka::{BatchLimits, Record};
+use crate::rating::{Charge, PriceTable};
+
+/// A decoded event and, for usage, its charge.
+#[derive(Debug)]
+pub struct Prepared<'r, 'p> {
+    pub record: &'r Record,
+    pub event: Event<'r>,
+    /// None for grants and plans.
+    pub charge: Option<Charge<'p>>,
+}
+
+/// What an event must satisfy to enter either pipeline (both reject the same events, so the
+/// ledger and ClickHouse agree on which events exist).
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    pub decode: DecodeLimits,
+    /// Events older than this (the dedupe window) are rejected as `too_late`: their dedupe
+    /// claims may already be purged, so exactly-once could not be guaranteed.
+    pub dedupe_window: chrono::Duration,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        limits(&crate::config::PipelineConfig::default()).1
+    }
+}
+
+/// Decodes, admits and rates one record. Rejections carry the dead-letter reason.
+pub fn prepare<'r, 'p>(
+    record: &'r Record,
+    prices: &'p PriceTable,
+    now: DateTime<Utc>,
+    admission: &Admission,
+) -> Result<Prepared<'r, 'p>, Rejection> {
+    let event = event::decode(&record.payload, now, &admission.decode)?;
+    if event.envelope.time < now - admission.dedupe_window {
+        return Err(Rejection::new(
+            Reason::TooLate,
+            Some("time"),
+            format!(
+                "event time is older than the {}-day dedupe window",
+                admission.dedupe_window.num_days()
+            ),
+        ));
+    }
+    let charge = match event.usage() {
+        None => None,
+        Some(usage) => Some(
+            prices
+                .rate(&usage)
+                .map_err(|e| Rejection::new(Reason::Unpriced, None, e.to_string()))?,
+        ),
+    };
+    Ok(Prepared {
+        record,
+        event,
+        charge,
+    })
+}
+
+/// Batch limits and admission rules from configuration.
+pub fn limits(cfg: &crate::config::PipelineConfig) -> (BatchLimits, Admission) {
+    (
+        BatchLimits {
+            max_events: cfg.batch_max_events,
+            max_bytes: cfg.batch_max_bytes,
+            max_wait: Duration::from_millis(cfg.batch_max_wait_ms),
+        },
+        Admission {
+            decode: DecodeLimits {
+                max_message_bytes: cfg.max_message_bytes,
+                max_future_seconds: cfg.max_future_seconds,
+            },
+            dedupe_window: chrono::Duration::days(cfg.dedupe_window_days),
+        },
+    )
+}
+
+/// Exponential back-off between `initial` and `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    initial: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(cfg: &crate::config::PipelineConfig) -> Self {
+        let initial = Duration::from_millis(cfg.retry_initial_ms);
+        Backoff {
+            next: initial,
+            initial,
+            max: Duration::from_millis(cfg.retry_max_ms),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.initial;
+    }
+
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+}
+
+/// Retries `op` with back-off until it succeeds: a sink that is down means back-pressure
+/// (the loop stops consuming), never loss. `what` names the operation in logs.
+pub async fn retry<T, E: std::fmt::Display, F, Fut>(
+    backoff: &mut Backoff,
+    what: &str,
+    mut op: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match op().await {
+            Ok(v) => {
+                if attempt > 0 {
+                    tracing::info!(what, attempt, "recovered");
+                }
+                backoff.reset();
+                return v;
+            }
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(what, attempt, error = %e, "failed; retrying");
+                backoff.wait().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! Shared harness for the integration tests: each test gets its own topics, consumer groups,
+//! PostgreSQL schema and ClickHouse database, against the services `scripts/services up`
+//! started (URLs from TALLY_TEST_* variables, defaults on 127.0.0.1).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+
+use tally::config::{Config, Secret};
+use tally::ledger::Store;
+use tally::rating::PriceTable;
+
+pub struct TestEnv {
+    pub cfg: Arc<Config>,
+    pub prices: Arc<PriceTable>,
+    pub producer: FutureProducer,
+}
+
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{name}_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000_000
+    )
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A configuration isolated to one test.
+pub fn test_config(name: &str) -> Config {
+    let id = unique(name);
+    let mut cfg = Config::default();
+    cfg.kafka.brokers =
+        std::env::var("TALLY_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    cfg.kafka.ledger_group = format!("{id}-ledger");
+    cfg.kafka.analytics_group = format!("{id}-analytics");
+    let t = &mut cfg.kafka.topics;
+    for topic in [
+        &mut t.calls,
+        &mut t.chat_responses,
+        &mut t.instance_hours,
+        &mut t.metered,
+        &mut t.grants,
+        &mut t.plans,
+        &mut t.dead_letter,
+    ] {
+        *topic = format!("{id}.{topic}");
+    }
+    cfg.postgres.url = Secret::new(
+        std::env::var("TALLY_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=tally".into()),
+    );
+    cfg.postgres.schema = id.to_lowercase();
+    cfg.clickhouse.url = std::env::var("TALLY_TEST_CLICKHOUSE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    cfg.clickhouse.database = id.to_lowercase();
+    cfg.pipeline.batch_max_wait_ms = 50;
+    cfg.pipeline.retry_initial_ms = 50;
+    cfg.pipeline.retry_max_ms = 1000;
+    cfg.prices.path = repo_path("tests/fixtures/prices.toml");
+    cfg.validate().expect("test config is valid");
+    cfg
+}
+
+impl TestEnv {
+    /// Creates the topics, the PostgreSQL schema and the ClickHouse database.
+    pub async fn new(name: &str) -> TestEnv {
+        Self::with_config(test_config(name)).await
+    }
+
+    pub async fn with_config(cfg: Config) -> TestEnv {
+        tally::kafka::ensure_topics(
+            &cfg.kafka,
+            &cfg.kafka.topics.all(),
+            cfg.kafka.topic_partitions,
+        )
+        .await
+        .expect("Kafka is up (run scripts/services up)");
+        let mut store = Store::connect(&cfg.postgres)
+            .await
+            .expect("PostgreSQL is up (run scripts/services up)");
+        store.migrate().await.expect("PostgreSQL migrations");
+        tally::analytics::migrate(&cfg.clickhouse)
+            .await
+            .expect("ClickHouse is up (run scripts/services up)");
+        let prices = Arc::new(PriceTable::load(&cfg.prices.path).expect("price table"));
+        let producer = tally::kafka::producer_config(&cfg.kafka).create().unwrap();
+        TestEnv {
+            cfg: Arc::new(cfg),
+            prices,
+            producer,
+        }
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::connect(&self.cfg.postgres).await.unwrap()
+    }
+
+    /// Sends (topic, key, payload) and waits for every acknowledgement.
+    pub async fn send(&self, records: &[(String, String, Vec<u8>)]) {
+        tally::cli::send_all(
+            &self.producer,
+            records
+                .iter()
+                .map(|(t, k, p)| (t.as_str(), Some(k.as_bytes()), p.as_slice(), None)),
+            records.len() as u64,
+            0,
+            false,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// High watermark of every input partition.
+    pub fn ends(&self) -> HashMap<(String, i32), i64> {
+        let consumer: BaseConsumer = tally::kafka::client_config(&self.cfg.kafka)
+            .create()
+            .unwrap();
+        let mut ends = HashMap::new();
+        for topic in self.cfg.kafka.topics.inputs() {
+            for p in 0..self.cfg.kafka.topic_partitions {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .unwrap();
+                ends.insert((topic.to_owned(), p), high);
+            }
+        }
+        ends
+    }
+
+    /// Waits until the ledger group's stored offsets reach every input partition's end.
+    pub async fn wait_ledger_caught_up(&self, timeout: Duration) {
+        let ends = self.ends();
+        let keys: Vec<_> = ends.keys().cloned().collect();
+        let store = self.store().await;
+        let started = Instant::now();
+        loop {
+            let stored = store
+                .load_offsets(&self.cfg.kafka.ledger_group, &keys)
+                .await
+                .unwrap();
+            if ends
+                .iter()
+                .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "ledger did not catch up within {timeout:?}: ends {ends:?}, stored {stored:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the analytics group's stored positions reach every input partition's end.
+    pub async fn wait_analytics_caught_up(&self, timeout: Duration) {
+        let ends = self.ends();
+        let keys: Vec<_> = ends.keys().cloned().collect();
+        let sink = tally::analytics::AnalyticsSink::new(&self.cfg.clickhouse);
+        let started = Instant::now();
+        loop {
+            let stored = sink
+                .load_positions(&self.cfg.kafka.analytics_group, &keys)
+                .await
+                .unwrap_or_default();
+            if ends
+                .iter()
+                .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "analytics did not catch up within {timeout:?}: ends {ends:?}, stored {stored:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every record of the dead-letter topic: (reason header, source topic header, payload).
+    pub fn dead_letters(&self) -> Vec<DeadLetterSeen> {
+        let topic = &self.cfg.kafka.topics.dead_letter;
+        let mut cc = tally::kafka::client_config(&self.cfg.kafka);
+        cc.set("group.id", unique("dlq-reader"));
+        let consumer: BaseConsumer = cc.create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining = 0;
+        for p in 0..self.cfg.kafka.topic_partitions {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            remaining += high - low;
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let started = Instant::now();
+        while remaining > 0 && started.elapsed() < Duration::from_secs(30) {
+            if let Some(m) = consumer.poll(Duration::from_millis(500)) {
+                let m = m.unwrap();
+                let header = |name: &str| {
+                    m.headers()
+                        .and_then(|hs| hs.iter().find(|h| h.key == name).and_then(|h| h.value))
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                out.push(DeadLetterSeen {
+                    reason: header(tally::kafka::HEADER_REASON).unwrap_or_default(),
+                    field: header(tally::kafka::HEADER_FIELD),
+                    source_topic: header(tally::kafka::HEADER_TOPIC).unwrap_or_default(),
+                    source_offset: header(tally::kafka::HEADER_OFFSET).unwrap_or_default(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                });
+                remaining -= 1;
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadLetterSeen {
+    pub reason: String,
+    pub field: Option<String>,
+    pub source_topic: String,
+    pub source_offset: String,
+    pub payload: Vec<u8>,
+}
+
+/// CloudEvents builders for hand-written test streams.
+pub mod ev {
+    use serde_json::{json, Value};
+
+    pub fn envelope(
+        ty: &str,
+        source: &str,
+        id: &str,
+        account: &str,
+        time: &str,
+        data: Value,
+    ) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "specversion": "1.0", "type": ty, "source": source, "id": id,
+            "subject": account, "time": time, "datacontenttype": "application/json", "data": data,
+        }))
+        .unwrap()
+    }
+
+    pub fn grant(
+        id: &str,
+        account: &str,
+        time: &str,
+        grant_id: &str,
+        kind: &str,
+        credits: &str,
+    ) -> Vec<u8> {
+        envelope(
+            "tally.credit.grant.v1",
+            "//billing.test",
+            id,
+            account,
+            time,
+            json!({"grant_id": grant_id, "kind": kind, "credits": credits}),
+        )
+    }
+
+    pub fn call(
+        id: &str,
+        account: &str,
+        direction: &str,
+        started: &str,
+        answered: Option<&str>,
+        ended: &str,
+        hold: u32,
+    ) -> Vec<u8> {
+        envelope(
+            "tally.usage.call.v1",
+            "//voice.test/calls",
+            id,
+            account,
+            ended,
+            json!({"call_id": format!("c-{id}"), "direction": direction, "channel": "phone",
+                   "started_at": started, "answered_at": answered, "ended_at": ended,
+                   "hold_seconds": hold}),
+        )
+    }
+
+    pub fn chat(
+        id: &str,
+        account: &str,
+        time: &str,
+        model: &str,
+        tier: &str,
+        responses: u32,
+    ) -> Vec<u8> {
+        envelope(
+            "tally.usage.chat_response.v1",
+            "//chat.test",
+            id,
+            account,
+            time,
+            json!({"conversation_id": format!("conv-{id}"), "model": model, "voice_tier": tier,
+                   "channel": "text", "responses": responses}),
+        )
+    }
+
+    pub fn instance(id: &str, account: &str, kind: &str, started: &str, ended: &str) -> Vec<u8> {
+        envelope(
+            "tally.usage.instance_hours.v1",
+            "//compute.test",
+            id,
+            account,
+            ended,
+            json!({"instance_id": format!("i-{id}"), "instance_type": kind,
+                   "started_at": started, "ended_at": ended}),
+        )
+    }
+
+    pub fn analysis(id: &str, account: &str, time: &str, model: &str, quantity: &str) -> Vec<u8> {
+        envelope(
+            "tally.usage.metered.v1",
+            "//analysis.test",
+            id,
+            account,
+            time,
+            json!({"kind": "ai_analysis", "quantity": quantity, "attributes": {"model": model}}),
+        )
+    }
+}
+
+/// What the ledger and ClickHouse must hold for a demo stream whose grants and plans were
+/// applied before any usage: computed here with the pure pieces (decoder, rating, buckets),
+/// independently of the pipeline, Kafka and the stores.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Expected {
+    pub spendable: rust_decimal::Decimal,
+    pub overage: rust_decimal::Decimal,
+    pub remaining_by_grant: std::collections::BTreeMap<String, rust_decimal::Decimal>,
+    pub usage_events: u64,
+    pub credits: rust_decimal::Decimal,
+}
+
+pub fn expected_from_demo(
+    records: &[tally::demo::DemoRecord],
+    prices: &PriceTable,
+) -> std::collections::BTreeMap<String, Expected> {
+    use std::collections::{BTreeMap, HashSet};
+    use tally::demo::Expect;
+    use tally::event::{decode, DecodeLimits, Payload};
+    use tally::ledger::{Account, NewGrant};
+
+    let now = chrono::Utc::now();
+    let limits = DecodeLimits::default();
+    let mut seen = HashSet::new();
+    let mut accounts: BTreeMap<String, Account> = BTreeMap::new();
+    let mut debits: BTreeMap<String, (u64, rust_decimal::Decimal)> = BTreeMap::new();
+    let mut out = Vec::new();
+    // Grants and plans first (the tests deliver them first), then usage.
+    for pass in 0..2 {
+        for r in records.iter().filter(|r| r.expect == Expect::Valid) {
+            let e = decode(&r.payload, now, &limits).expect("valid demo record decodes");
+            let is_usage = e.usage().is_some();
+            if (pass == 0) == is_usage {
+                continue;
+            }
+            if !seen.insert((e.envelope.source.to_string(), e.envelope.id.to_string())) {
+                continue;
+            }
+            let account_id = e.envelope.account_id.to_string();
+            let acct = accounts
+                .entry(account_id.clone())
+                .or_insert_with(|| Account::new(account_id.clone()));
+            match &e.payload {
+                Payload::Grant(g) => acct.grant(
+                    &NewGrant {
+                        grant_id: g.grant_id.to_string(),
+                        kind: g.kind,
+                        credits: g.credits,
+                        expires_at: g.expires_at,
+                        priority: g.priority,
+                    },
+                    e.envelope.time,
+                    false,
+                    &mut out,
+                ),
+                Payload::Plan(p) => {
+                    acct.policy = p.overage_policy;
+                    if let Some(m) = p.top_up_validity_months {
+                        acct.top_up_validity_months = m;
+                    }
+                }
+                _ => {
+                    let charge = prices
+                        .rate(&e.usage().unwrap())
+                        .expect("valid demo usage is priced");
+                    let d = debits.entry(account_id).or_default();
+                    d.0 += 1;
+                    d.1 += charge.credits;
+                }
+            }
+        }
+    }
+    let latest = records
+        .iter()
+        .filter_map(|r| {
+            decode(&r.payload, now, &limits)
+                .ok()
+                .map(|e| e.envelope.time)
+        })
+        .max()
+        .unwrap_or(now);
+    accounts
+        .into_iter()
+        .map(|(id, mut acct)| {
+            let (usage_events, credits) = debits.get(&id).copied().unwrap_or_default();
+            acct.debit(credits, latest, &mut out);
+            let expected = Expected {
+                spendable: acct.spendable(latest),
+                overage: acct.overage,
+                remaining_by_grant: acct
+                    .grants
+                    .iter()
+                    .map(|g| (g.grant_id.clone(), g.remaining))
+                    .collect(),
+                usage_events,
+                credits,
+            };
+            (id, expected)
+        })
+        .collect()
+}
+
+/// What the ledger and ClickHouse hold, in the shape of [`Expected`].
+pub async fn actual(
+    env: &TestEnv,
+    accounts: &[String],
+) -> std::collections::BTreeMap<String, Expected> {
+    let store = env.store().await;
+    let sink = tally::analytics::AnalyticsSink::new(&env.cfg.clickhouse);
+    let mut out = std::collections::BTreeMap::new();
+    for id in accounts {
+        let b = store.balance(id).await.unwrap().expect("account exists");
+        let (usage_events, credits) = sink.totals_by_account(id).await.unwrap();
+        out.insert(
+            id.clone(),
+            Expected {
+                spendable: b.spendable,
+                overage: b.overage,
+                remaining_by_grant: b
+                    .grants
+                    .iter()
+                    .map(|g| (g.grant_id.clone(), g.remaining))
+                    .collect(),
+                usage_events,
+                credits,
+            },
+        );
+    }
+    out
+}
