@@ -25,7 +25,10 @@ use common::{test_config, TestEnv};
 use tally::demo::{self, DemoConfig, TopicKind};
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -64,7 +67,13 @@ async fn run() {
     let topics = &env.cfg.kafka.topics;
     let to_send = |rs: &[&demo::DemoRecord]| -> Vec<(String, String, Vec<u8>)> {
         rs.iter()
-            .map(|r| (tally::cli::topic_for(topics, r.topic).to_owned(), r.key.clone(), r.payload.clone()))
+            .map(|r| {
+                (
+                    tally::cli::topic_for(topics, r.topic).to_owned(),
+                    r.key.clone(),
+                    r.payload.clone(),
+                )
+            })
             .collect()
     };
     let t = Instant::now();
@@ -105,7 +114,11 @@ async fn run() {
     // Ledger pipeline alone over the backlog.
     let (stop_tx, stop_rx) = watch::channel(false);
     let t = Instant::now();
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(env.cfg.clone(), env.prices.clone(), stop_rx.clone()));
+    let ledger = tokio::spawn(tally::pipeline::ledger::run(
+        env.cfg.clone(),
+        env.prices.clone(),
+        stop_rx.clone(),
+    ));
     env.wait_ledger_caught_up(Duration::from_secs(1800)).await;
     let ledger_rate = total as f64 / t.elapsed().as_secs_f64();
     println!(
@@ -117,8 +130,13 @@ async fn run() {
     // Analytics pipeline alone over the backlog.
     let (astop_tx, astop_rx) = watch::channel(false);
     let t = Instant::now();
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(env.cfg.clone(), env.prices.clone(), astop_rx));
-    env.wait_analytics_caught_up(Duration::from_secs(1800)).await;
+    let analytics = tokio::spawn(tally::pipeline::analytics::run(
+        env.cfg.clone(),
+        env.prices.clone(),
+        astop_rx,
+    ));
+    env.wait_analytics_caught_up(Duration::from_secs(1800))
+        .await;
     let analytics_rate = total as f64 / t.elapsed().as_secs_f64();
     println!(
         "analytics pipeline: {total} records in {:.2} s: {analytics_rate:.0} events/s ({:.0}% of raw consume)",
@@ -143,7 +161,11 @@ async fn run() {
         .filter(|r| !matches!(r.topic, TopicKind::Grants | TopicKind::Plans))
         .collect();
     let (done_tx, done_rx) = watch::channel(false);
-    let poller = tokio::spawn(poll_offsets(env.store().await, env.cfg.kafka.ledger_group.clone(), done_rx));
+    let poller = tokio::spawn(poll_offsets(
+        env.store().await,
+        env.cfg.kafka.ledger_group.clone(),
+        done_rx,
+    ));
     let mut sends: Vec<(String, i32, i64, Instant)> = Vec::with_capacity(live.len());
     let mut pending = Vec::new();
     let t = Instant::now();
@@ -154,9 +176,15 @@ async fn run() {
             tokio::time::sleep(due - elapsed).await;
         }
         let topic = tally::cli::topic_for(topics, r.topic);
-        let record = FutureRecord::to(topic).key(r.key.as_bytes()).payload(&r.payload[..]);
+        let record = FutureRecord::to(topic)
+            .key(r.key.as_bytes())
+            .payload(&r.payload[..]);
         let sent_at = Instant::now();
-        let delivery = env.producer.send_result(record).map_err(|(e, _)| e).unwrap();
+        let delivery = env
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| e)
+            .unwrap();
         pending.push((topic.to_owned(), sent_at, delivery));
         if pending.len() >= 2_000 {
             for (topic, sent_at, d) in pending.drain(..) {
@@ -211,7 +239,11 @@ async fn run() {
 type Snapshot = (Instant, HashMap<(String, i32), i64>);
 
 /// Samples the stored ledger offsets every 5 ms until told to stop.
-async fn poll_offsets(store: tally::ledger::Store, group: String, mut done: watch::Receiver<bool>) -> Vec<Snapshot> {
+async fn poll_offsets(
+    store: tally::ledger::Store,
+    group: String,
+    mut done: watch::Receiver<bool>,
+) -> Vec<Snapshot> {
     let mut out = Vec::new();
     while !*done.borrow() {
         let rows = store
@@ -226,7 +258,12 @@ async fn poll_offsets(store: tally::ledger::Store, group: String, mut done: watc
         out.push((
             at,
             rows.iter()
-                .map(|r| ((r.get::<_, String>(0), r.get::<_, i32>(1)), r.get::<_, i64>(2)))
+                .map(|r| {
+                    (
+                        (r.get::<_, String>(0), r.get::<_, i32>(1)),
+                        r.get::<_, i64>(2),
+                    )
+                })
                 .collect(),
         ));
         tokio::select! {

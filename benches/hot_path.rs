@@ -55,7 +55,10 @@ fn hot_path(c: &mut Criterion) {
             black_box(credits)
         })
     });
-    let decoded: Vec<_> = payloads.iter().map(|p| decode(p, now, &limits).unwrap()).collect();
+    let decoded: Vec<_> = payloads
+        .iter()
+        .map(|p| decode(p, now, &limits).unwrap())
+        .collect();
     group.bench_function("rate", |b| {
         b.iter(|| {
             for e in &decoded {

@@ -424,11 +424,18 @@ pub async fn replay_file(cfg: &Config, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns once every input partition has been consumed to its end by the ledger group (as
-/// stored in PostgreSQL) and nothing new arrived for `quiet`.
-pub async fn wait_until_idle(cfg: &Config, quiet: Duration) -> anyhow::Result<()> {
+/// Returns once every input partition has been consumed to its end by the pipelines this
+/// process runs (ledger positions from PostgreSQL, analytics positions from ClickHouse) and
+/// nothing new arrived for `quiet`.
+pub async fn wait_until_idle(
+    cfg: &Config,
+    ledger: bool,
+    analytics: bool,
+    quiet: Duration,
+) -> anyhow::Result<()> {
     let consumer: BaseConsumer = kafka::client_config(&cfg.kafka).create()?;
     let store = Store::connect(&cfg.postgres).await?;
+    let sink = crate::analytics::AnalyticsSink::new(&cfg.clickhouse);
     let mut caught_up_since: Option<Instant> = None;
     let mut last_ends = HashMap::new();
     loop {
@@ -445,10 +452,21 @@ pub async fn wait_until_idle(cfg: &Config, quiet: Duration) -> anyhow::Result<()
             }
         }
         let keys: Vec<_> = ends.keys().cloned().collect();
-        let stored = store.load_offsets(&cfg.kafka.ledger_group, &keys).await?;
-        let caught_up = ends
-            .iter()
-            .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high);
+        let reached = |stored: &kafka::Positions| {
+            ends.iter()
+                .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
+        };
+        let mut caught_up = true;
+        if ledger {
+            caught_up &= reached(&store.load_offsets(&cfg.kafka.ledger_group, &keys).await?);
+        }
+        if analytics && caught_up {
+            caught_up &= reached(
+                &sink
+                    .load_positions(&cfg.kafka.analytics_group, &keys)
+                    .await?,
+            );
+        }
         if caught_up && ends == last_ends {
             let since = *caught_up_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= quiet {

@@ -40,7 +40,7 @@ impl fmt::Display for Secret {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub kafka: KafkaConfig,
@@ -164,18 +164,6 @@ pub struct PricesConfig {
     pub path: PathBuf,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            kafka: KafkaConfig::default(),
-            postgres: PostgresConfig::default(),
-            clickhouse: ClickHouseConfig::default(),
-            pipeline: PipelineConfig::default(),
-            prices: PricesConfig::default(),
-        }
-    }
-}
-
 impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
@@ -264,7 +252,12 @@ pub enum ConfigError {
 impl Config {
     /// Defaults, then the file (when given; it must exist), then `TALLY_*` environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_from(file, Env::prefixed("TALLY_").split("__"))
+        // Only SECTION__KEY variables are settings: TALLY_CONFIG, TALLY_LOG_FORMAT and the
+        // tests' TALLY_TEST_* variables are not.
+        let env = Env::prefixed("TALLY_")
+            .filter(|key| key.as_str().contains("__"))
+            .split("__");
+        Self::load_from(file, env)
     }
 
     fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {

@@ -294,7 +294,13 @@ async fn run_pipelines(
         let stop = stop_tx.clone();
         let cfg = cfg.clone();
         tasks.spawn(async move {
-            tally::cli::wait_until_idle(&cfg, Duration::from_secs(secs)).await?;
+            tally::cli::wait_until_idle(
+                &cfg,
+                role != Role::Analytics,
+                role != Role::Ledger,
+                Duration::from_secs(secs),
+            )
+            .await?;
             let _ = stop.send(true);
             Ok("idle exit".to_owned())
         });

@@ -182,8 +182,13 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
     records
         .iter()
         .filter_map(|r| {
-            let p = prepare(r, prices, Utc::now(), &tally::pipeline::Admission::default())
-                .unwrap_or_else(|e| panic!("offset {}: {e}", r.offset));
+            let p = prepare(
+                r,
+                prices,
+                Utc::now(),
+                &tally::pipeline::Admission::default(),
+            )
+            .unwrap_or_else(|e| panic!("offset {}: {e}", r.offset));
             rated_row(&p, inserted_at).unwrap()
         })
         .collect()
