@@ -76,7 +76,8 @@ pub struct DemoConfig {
     /// Usage event times fall in [start, end); grants and plans are dated `start`.
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
-    /// Every Nth usage record is an exact resend of an earlier one (0 = none).
+    /// Every Nth usage record is an exact resend of one of the 1000 valid usage records before
+    /// it (0 = none).
     pub duplicate_every: usize,
     /// Every Nth usage record is malformed (0 = none); a record that is both is a duplicate.
     pub malformed_every: usize,
@@ -128,7 +129,9 @@ pub fn generate(cfg: &DemoConfig) -> Vec<DemoRecord> {
         let time = trunc_seconds(cfg.start + Duration::milliseconds(offset_ms)).max(cfg.start);
 
         if cfg.duplicate_every > 0 && n % cfg.duplicate_every == 0 && !valid_usage.is_empty() {
-            let pick = valid_usage[g.rng.gen_range(0..valid_usage.len())];
+            // Producers retry soon after: resend one of the last 1000 valid usage records.
+            let from = valid_usage.len().saturating_sub(1000);
+            let pick = valid_usage[g.rng.gen_range(from..valid_usage.len())];
             let mut record = out[pick].clone();
             record.expect = Expect::Duplicate;
             out.push(record);

@@ -18,7 +18,7 @@ mod scalar;
 
 use std::fmt;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -228,7 +228,10 @@ fn check<'a>(
         ));
     }
     let time = timestamp(&time, "time")?;
-    if time > now + Duration::seconds(limits.max_future_seconds) {
+    // A limit too large to add to `now` is no limit.
+    let latest = TimeDelta::try_seconds(limits.max_future_seconds)
+        .and_then(|ahead| now.checked_add_signed(ahead));
+    if latest.is_some_and(|latest| time > latest) {
         return Err(invalid(
             "time",
             format!(

@@ -82,8 +82,35 @@ fn plan() -> Value {
     )
 }
 
+/// Serializes with the attributes in the usual order, `type` before `data` (serde_json's
+/// `Map` would sort them, putting `data` first), so the decoder's one-pass path is the one
+/// exercised; [`data_first`] gives the other order.
 fn bytes(v: &Value) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap()
+    let Some(map) = v.as_object() else {
+        return serde_json::to_vec(v).unwrap();
+    };
+    let order = [
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "datacontenttype",
+    ];
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_by_key(|k| order.iter().position(|o| o == k).unwrap_or(order.len()));
+    let mut out = b"{".to_vec();
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend(serde_json::to_vec(k).unwrap());
+        out.push(b':');
+        out.extend(serde_json::to_vec(&map[k]).unwrap());
+    }
+    out.push(b'}');
+    out
 }
 
 fn ok(v: &Value) -> Event<'static> {
@@ -1009,4 +1036,60 @@ fn display_names_reason_and_field() {
         shown.starts_with("invalid_value (data.hold_seconds): "),
         "{shown}"
     );
+}
+
+#[test]
+fn a_huge_future_limit_is_no_limit() {
+    let b = bytes(&set(call(), "/time", json!("9999-12-31T23:59:59Z")));
+    let limits = DecodeLimits {
+        max_future_seconds: i64::MAX,
+        ..DecodeLimits::default()
+    };
+    decode(&b, now(), &limits).unwrap();
+}
+
+/// Moves `data` before `type`, so the decoder cannot read it typed in the first pass.
+fn data_first(v: &Value) -> Vec<u8> {
+    let mut out = serde_json::Map::new();
+    out.insert("data".to_owned(), v["data"].clone());
+    for (k, val) in v.as_object().unwrap() {
+        if k != "data" {
+            out.insert(k.clone(), val.clone());
+        }
+    }
+    let b = serde_json::to_vec(&Value::Object(out)).unwrap();
+    assert!(b.starts_with(b"{\"data\""));
+    b
+}
+
+#[test]
+fn attribute_order_does_not_change_the_outcome() {
+    let valid = [call(), chat(), instance(), metered(), grant(), plan()];
+    for v in &valid {
+        let b = data_first(v);
+        assert_eq!(
+            decode(&b, now(), &DecodeLimits::default()).unwrap(),
+            ok(v),
+            "{v}"
+        );
+    }
+    let invalid = [
+        set(call(), "/data/hold_seconds", json!(-1)),
+        set(call(), "/data/hold_seconds", json!("1")),
+        remove(call(), "/data", "call_id"),
+        insert(call(), "/data", "extra", json!(1)),
+        set(call(), "/data", json!([1, 2])),
+        set(metered(), "/data/attributes/model", json!(1)),
+        set(plan(), "/data/allowance_alert_percents/1", json!(0)),
+        set(
+            set(call(), "/data/hold_seconds", json!("1")),
+            "/subject",
+            json!("a b"),
+        ),
+        set(set(call(), "/data/call_id", json!(1)), "/type", json!("x")),
+        remove(set(grant(), "/data/credits", json!(5)), "", "time"),
+    ];
+    for v in &invalid {
+        assert_eq!(reject_bytes(&data_first(v)), reject(v), "{v}");
+    }
 }
