@@ -20,6 +20,9 @@ use crate::event::{types, Reason};
 use crate::kafka::{self, HEADER_REASON};
 use crate::ledger::Store;
 
+mod report;
+pub use report::report;
+
 /// Options of `tally produce`.
 #[derive(Debug, Clone)]
 pub struct ProduceOptions {
@@ -141,12 +144,7 @@ fn progress_bar(total: u64, visible: bool, what: &str) -> ProgressBar {
 }
 
 pub async fn produce(cfg: &Config, opts: &ProduceOptions) -> anyhow::Result<()> {
-    kafka::ensure_topics(
-        &cfg.kafka,
-        &cfg.kafka.topics.all(),
-        cfg.kafka.topic_partitions,
-    )
-    .await?;
+    kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions).await?;
     let records = demo::generate(&DemoConfig {
         seed: opts.seed,
         accounts: opts.accounts,

@@ -48,6 +48,92 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub pipeline: PipelineConfig,
     pub prices: PricesConfig,
+    pub alerts: AlertsConfig,
+}
+
+/// Threshold alerts: where they are published and the defaults for accounts whose plan does
+/// not set its own thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    pub topics: AlertTopics,
+    /// Low-balance alert below this many credits for every account (a decimal string);
+    /// unset: only plans with their own threshold get low-balance alerts.
+    pub low_balance_credits: Option<rust_decimal::Decimal>,
+    /// Allowance-used thresholds in percent, for plans that do not set their own.
+    pub allowance_percents: Vec<u32>,
+    /// Credits-expiring alerts this many days before a grant expires.
+    pub expiring_within_days: i64,
+    /// How often the relay looks for unpublished alerts when idle.
+    pub relay_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertTopics {
+    pub low_balance: String,
+    pub allowance_used: String,
+    pub credits_exhausted: String,
+    pub projected_exhaustion: String,
+    pub credits_expiring: String,
+}
+
+impl AlertTopics {
+    pub fn all(&self) -> Vec<&str> {
+        vec![
+            &self.low_balance,
+            &self.allowance_used,
+            &self.credits_exhausted,
+            &self.projected_exhaustion,
+            &self.credits_expiring,
+        ]
+    }
+
+    /// The topic of an alert kind (`AlertKind::as_str`).
+    pub fn for_kind(&self, kind: &str) -> Option<&str> {
+        Some(match kind {
+            "low_balance" => &self.low_balance,
+            "allowance_used" => &self.allowance_used,
+            "credits_exhausted" => &self.credits_exhausted,
+            "projected_exhaustion" => &self.projected_exhaustion,
+            "credits_expiring" => &self.credits_expiring,
+            _ => return None,
+        })
+    }
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            topics: AlertTopics::default(),
+            low_balance_credits: None,
+            allowance_percents: vec![50, 80, 100],
+            expiring_within_days: 7,
+            relay_interval_ms: 200,
+        }
+    }
+}
+
+impl Default for AlertTopics {
+    fn default() -> Self {
+        AlertTopics {
+            low_balance: "tally.alerts.low_balance".into(),
+            allowance_used: "tally.alerts.allowance_used".into(),
+            credits_exhausted: "tally.alerts.credits_exhausted".into(),
+            projected_exhaustion: "tally.alerts.projected_exhaustion".into(),
+            credits_expiring: "tally.alerts.credits_expiring".into(),
+        }
+    }
+}
+
+impl AlertsConfig {
+    pub fn defaults(&self) -> crate::alerts::AlertDefaults {
+        crate::alerts::AlertDefaults {
+            low_balance_credits: self.low_balance_credits,
+            allowance_percents: self.allowance_percents.clone(),
+            expiring_within: chrono::Duration::days(self.expiring_within_days),
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +242,8 @@ pub struct PipelineConfig {
     /// Back-off bounds when PostgreSQL or ClickHouse is unavailable.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
+    /// How often the scheduler inside `tally run` resets cycles and expires grants.
+    pub scheduler_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,6 +311,7 @@ impl Default for PipelineConfig {
             dedupe_window_days: 35,
             retry_initial_ms: 200,
             retry_max_ms: 10_000,
+            scheduler_interval_ms: 10_000,
         }
     }
 }
@@ -305,7 +394,8 @@ impl Config {
         if self.kafka.replication_factor < 1 {
             return Err(invalid("kafka.replication_factor", "must be >= 1"));
         }
-        let topics = self.kafka.topics.all();
+        let mut topics = self.kafka.topics.all();
+        topics.extend(self.alerts.topics.all());
         for (i, t) in topics.iter().enumerate() {
             if !valid_topic(t) {
                 return Err(invalid(
@@ -371,7 +461,38 @@ impl Config {
                 "retry_initial_ms must be > 0 and <= retry_max_ms",
             ));
         }
+        if !(1..=3_600_000).contains(&p.scheduler_interval_ms) {
+            return Err(invalid(
+                "pipeline.scheduler_interval_ms",
+                "must be 1..=3600000",
+            ));
+        }
+        let a = &self.alerts;
+        if a.low_balance_credits
+            .is_some_and(|c| c < rust_decimal::Decimal::ZERO)
+        {
+            return Err(invalid("alerts.low_balance_credits", "must be >= 0"));
+        }
+        if a.allowance_percents.iter().any(|p| !(1..=1000).contains(p)) {
+            return Err(invalid(
+                "alerts.allowance_percents",
+                "each must be 1..=1000",
+            ));
+        }
+        if !(0..=366).contains(&a.expiring_within_days) {
+            return Err(invalid("alerts.expiring_within_days", "must be 0..=366"));
+        }
+        if !(1..=60_000).contains(&a.relay_interval_ms) {
+            return Err(invalid("alerts.relay_interval_ms", "must be 1..=60000"));
+        }
         Ok(())
+    }
+
+    /// Every topic Tally creates: inputs, dead letters, alert topics.
+    pub fn all_topics(&self) -> Vec<&str> {
+        let mut topics = self.kafka.topics.all();
+        topics.extend(self.alerts.topics.all());
+        topics
     }
 
     /// librdkafka properties for display: secrets replaced by `***`.

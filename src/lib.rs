@@ -31,8 +31,10 @@
 //! - [`pipeline`] — the batch loops joining the pieces above.
 //! - [`demo`] — the realistic demo stream behind `tally produce`.
 
+pub mod alerts;
 pub mod analytics;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod event;

@@ -69,6 +69,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Usage report of an account (ClickHouse roll-ups, balance from the ledger): daily usage,
+    /// this cycle, projection, counts, peak days, busiest hours, 3-month weekly trend.
+    Report {
+        account: String,
+        /// First day (UTC, YYYY-MM-DD) of the daily series, peaks, hours and counts
+        /// (default: the start of this cycle).
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last day, included (default: today, UTC).
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// Print JSON (every figure, decimals as strings) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-submit dead letters to their source topics (after the cause is fixed), or re-read
     /// events from a JSON-lines file (backfills).
     Replay {
@@ -174,6 +189,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             entries,
             json,
         } => tally::cli::balance(&cfg, &account, entries, json).await,
+        Command::Report {
+            account,
+            from,
+            to,
+            json,
+        } => tally::cli::report(&cfg, &account, from, to, json).await,
         Command::Replay { command } => match command {
             ReplayCommand::DeadLetters { reason, dry_run } => {
                 let reason = match reason {
@@ -230,13 +251,9 @@ fn prices_check(file: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn migrate(cfg: &Config) -> anyhow::Result<()> {
-    tally::kafka::ensure_topics(
-        &cfg.kafka,
-        &cfg.kafka.topics.all(),
-        cfg.kafka.topic_partitions,
-    )
-    .await
-    .context("creating Kafka topics")?;
+    tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
+        .await
+        .context("creating Kafka topics")?;
     let mut store = tally::ledger::Store::connect(&cfg.postgres)
         .await
         .context("connecting to PostgreSQL")?;
@@ -265,13 +282,9 @@ async fn run_pipelines(
             .map_err(|r| anyhow::anyhow!("{r}"))
             .with_context(|| format!("loading price table {}", cfg.prices.path.display()))?,
     );
-    tally::kafka::ensure_topics(
-        &cfg.kafka,
-        &cfg.kafka.topics.all(),
-        cfg.kafka.topic_partitions,
-    )
-    .await
-    .context("creating Kafka topics")?;
+    tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
+        .await
+        .context("creating Kafka topics")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     if role != Role::Analytics {
@@ -280,6 +293,20 @@ async fn run_pipelines(
             tally::pipeline::ledger::run(cfg, prices, stop)
                 .await
                 .map(|s| format!("ledger: {s:?}"))
+        });
+    }
+    if role != Role::Analytics {
+        let (c, stop) = (cfg.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            tally::pipeline::scheduler::run(c, Arc::new(tally::clock::SystemClock), stop)
+                .await
+                .map(|ticks| format!("scheduler: {ticks} ticks"))
+        });
+        let (c, stop) = (cfg.clone(), stop_rx.clone());
+        tasks.spawn(async move {
+            tally::pipeline::alerts::run(c, stop)
+                .await
+                .map(|n| format!("alert relay: {n} alerts published"))
         });
     }
     if role != Role::Ledger {

@@ -3,8 +3,9 @@
 //! own and drops it at the end.
 //!
 //! - `migrate_is_idempotent`: a second run applies nothing and breaks nothing.
-//! - `replayed_batch_keeps_exact_totals`: the same rows inserted twice (a replayed batch), and
-//!   the same event read again at another offset (a producer retry), count once with FINAL.
+//! - `replayed_batch_keeps_exact_totals`: the same rows inserted twice (a replayed batch), the
+//!   same event read again at another offset (a producer retry) and a repeat inside one batch
+//!   are written once (so the roll-ups count them once) and count once with FINAL.
 //! - `positions_resume_past_what_is_stored`: max(offset) + 1 from rated_events, or the stored
 //!   position when further; per group; only the partitions asked for; via the OffsetStore too.
 //! - `decimals_round_trip_exactly`: 6-decimal values at the edges of Decimal(18, 6) and
@@ -197,7 +198,7 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let cfg = config("migrate");
-    assert_eq!(migrate(&cfg).await.unwrap(), vec![1]);
+    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2]);
     assert_eq!(migrate(&cfg).await.unwrap(), Vec::<u32>::new());
     // Each run again after a half-applied migration: the statements are IF NOT EXISTS.
     raw(&cfg)
@@ -231,7 +232,11 @@ async fn migrate_is_idempotent() {
             "rated_events",
             "rated_offsets",
             "rated_offsets_mv",
-            "schema_migrations"
+            "schema_migrations",
+            "usage_daily",
+            "usage_daily_mv",
+            "usage_hourly",
+            "usage_hourly_mv"
         ]
     );
     drop_database(&cfg).await;
@@ -251,7 +256,11 @@ async fn replayed_batch_keeps_exact_totals() {
     let expected_credits: Decimal = first.iter().map(RatedRow::credits).sum();
     assert!(expected_credits > Decimal::ZERO);
 
-    sink.insert(&first).await.unwrap();
+    let outcome = sink.insert(&first).await.unwrap();
+    assert_eq!(
+        (outcome.written, outcome.already_stored, outcome.repeated),
+        (6, 0, 0)
+    );
     let totals = sink.totals_by_account("acct-replay").await.unwrap();
     assert_eq!(totals, (6, expected_credits));
 
@@ -327,7 +336,12 @@ async fn replayed_batch_keeps_exact_totals() {
 
     // The same batch again (a crash before positions were stored), rated a second later.
     let again = rows(&records, &prices, Utc::now() + chrono::Duration::seconds(1));
-    sink.insert(&again).await.unwrap();
+    let outcome = sink.insert(&again).await.unwrap();
+    assert_eq!(
+        (outcome.written, outcome.already_stored, outcome.repeated),
+        (0, 6, 0),
+        "stored identities are not written again (the roll-ups would count them twice)"
+    );
     // A producer retry: the same event identity, read at another offset.
     let retried = vec![record(
         "usage.mixed",
@@ -340,16 +354,34 @@ async fn replayed_batch_keeps_exact_totals() {
             json!({"conversation_id": "conv-1", "model": "gpt-4o-mini", "voice_tier": "premium", "responses": 3}),
         ),
     )];
-    sink.insert(&rows(&retried, &prices, Utc::now()))
-        .await
-        .unwrap();
+    let retried = rows(&retried, &prices, Utc::now());
+    let outcome = sink.insert(&retried).await.unwrap();
+    assert_eq!((outcome.written, outcome.already_stored), (0, 1));
+    // Repeats inside one batch: the first is written, the others not.
+    let mut fresh = rows(&records, &prices, Utc::now());
+    fresh.retain(|r| r.event_id == "call-2");
+    for r in &mut fresh {
+        r.account_id = "acct-repeat".into();
+    }
+    let twice = [fresh.clone(), fresh].concat();
+    let outcome = sink.insert(&twice).await.unwrap();
+    assert_eq!(
+        (outcome.written, outcome.already_stored, outcome.repeated),
+        (1, 0, 1)
+    );
 
     let physical: u64 = raw(&cfg)
         .query("SELECT count() FROM rated_events")
         .fetch_one()
         .await
         .unwrap();
-    assert!((6..=13).contains(&physical), "{physical}");
+    assert_eq!(physical, 7, "each identity written once");
+    let rolled: u64 = raw(&cfg)
+        .query("SELECT countMerge(event_count) FROM usage_daily")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(rolled, 7, "the roll-up saw each identity once");
     assert_eq!(
         sink.totals_by_account("acct-replay").await.unwrap(),
         (6, expected_credits)

@@ -40,6 +40,14 @@ pub enum AnalyticsError {
         value: String,
     },
 
+    /// A report asked for an empty or unreasonably long date range.
+    #[error("date range {from} to {to}: {problem}")]
+    InvalidRange {
+        from: chrono::NaiveDate,
+        to: chrono::NaiveDate,
+        problem: &'static str,
+    },
+
     /// A stored value that does not fit its Rust type (e.g. a sum beyond `Decimal`).
     #[error("ClickHouse {op}: stored value {value} does not fit")]
     Overflow { op: &'static str, value: String },
@@ -76,6 +84,7 @@ impl AnalyticsError {
             AnalyticsError::ClickHouse { source, .. }
             | AnalyticsError::Migration { source, .. } => client_error_is_transient(source),
             AnalyticsError::InvalidDatabase(_)
+            | AnalyticsError::InvalidRange { .. }
             | AnalyticsError::OutOfRange { .. }
             | AnalyticsError::Overflow { .. } => false,
         }

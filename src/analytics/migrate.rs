@@ -11,11 +11,31 @@ use super::AnalyticsError;
 use crate::config::ClickHouseConfig;
 
 /// (version, name, SQL with `{database}` placeholders), embedded at build time.
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "rated_events",
-    include_str!("../../schemas/clickhouse/0001_rated_events.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (
+        1,
+        "rated_events",
+        include_str!("../../schemas/clickhouse/0001_rated_events.sql"),
+    ),
+    (
+        2,
+        "usage_rollups",
+        include_str!("../../schemas/clickhouse/0002_usage_rollups.sql"),
+    ),
+];
+
+/// The statements that precede every migration: the database and the table recording the
+/// applied versions (both idempotent).
+pub fn bootstrap(database: &str) -> [String; 2] {
+    [
+        format!("CREATE DATABASE IF NOT EXISTS {database}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {database}.schema_migrations \
+             (version UInt32, name String, applied_at DateTime('UTC')) \
+             ENGINE = ReplacingMergeTree ORDER BY version"
+        ),
+    ]
+}
 
 /// Creates the database and applies the migrations not yet recorded; returns the versions
 /// applied now (empty when the schema is up to date).
@@ -30,13 +50,9 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, AnalyticsError>
         let ch = ch.clone();
         async move { run_timed("migrate", QUERY_TIMEOUT, ch.query(&sql).execute()).await }
     };
-    ddl(format!("CREATE DATABASE IF NOT EXISTS {db}")).await?;
-    ddl(format!(
-        "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
-         (version UInt32, name String, applied_at DateTime('UTC')) \
-         ENGINE = ReplacingMergeTree ORDER BY version"
-    ))
-    .await?;
+    for statement in bootstrap(db) {
+        ddl(statement).await?;
+    }
 
     #[derive(Row, Deserialize)]
     struct Version {
@@ -112,6 +128,20 @@ mod tests {
                 "{s}"
             );
             assert!(s.contains("IF NOT EXISTS"), "{s}");
+        }
+    }
+
+    #[test]
+    fn rollup_statements_are_idempotent() {
+        let st = statements(MIGRATIONS[1].2, "tally_x");
+        assert_eq!(st.len(), 6);
+        for s in &st {
+            assert!(!s.contains("{database}") && !s.contains("--"), "{s}");
+            // DDL is IF NOT EXISTS; a backfill only fills an empty roll-up.
+            assert!(
+                s.contains("IF NOT EXISTS") || s.contains(") = 0"),
+                "{s}"
+            );
         }
     }
 

@@ -1,18 +1,24 @@
 //! Analytics: rated usage in ClickHouse. Owns the ClickHouse DDL ([`migrate`], from
 //! `schemas/clickhouse/`), the sink that writes one `rated_events` row per rated usage event
-//! and the consumed positions ([`sink`]), and the read helpers. Knows nothing of Kafka clients,
-//! PostgreSQL or the ledger; the batch loop lives in `pipeline::analytics`.
+//! and the consumed positions ([`sink`]), and the usage reports read from the roll-ups
+//! ([`queries`]). Knows nothing of Kafka clients, PostgreSQL or the ledger; the batch loop
+//! lives in `pipeline::analytics`.
 //!
 //! Idempotence: rows are keyed by event identity (`event_source`, `event_id`, within the
-//! account and event date) in a ReplacingMergeTree, so a replayed batch or a producer retry
-//! is collapsed; exact totals are read with `FINAL`. Positions resume past what is stored:
-//! the highest offset in `rated_events` (kept by a materialized view in `rated_offsets`) or
-//! the group's `consumer_offsets`, whichever is further.
+//! account and event date) in a ReplacingMergeTree, read with `FINAL`. The roll-ups
+//! (`usage_daily`, `usage_hourly`) are kept by materialized views that see every inserted
+//! block, so the sink writes only identities not stored yet (a replayed batch or a producer
+//! retry writes nothing). Positions resume past what is stored: the highest offset in
+//! `rated_events` (kept by a materialized view in `rated_offsets`) or the group's
+//! `consumer_offsets`, whichever is further.
 
 mod error;
 pub mod migrate;
+pub mod queries;
 pub mod sink;
+pub mod sql;
 
 pub use error::AnalyticsError;
 pub use migrate::{migrate, MIGRATIONS};
-pub use sink::{rated_row, AnalyticsSink, ChOffsetStore, RatedRow};
+pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
+pub use sink::{rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome, RatedRow};

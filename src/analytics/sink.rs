@@ -8,6 +8,7 @@
 //! bare, Decimals travel as their raw mantissa (i64 for Decimal(18, 6), i128 for
 //! Decimal(38, 6)), DateTime as u32 Unix seconds and Date as u16 days since 1970-01-01.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use clickhouse::{Client, Compression, Row};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
-use super::AnalyticsError;
+use super::{sql, AnalyticsError};
 use crate::config::ClickHouseConfig;
 use crate::event::{Payload, Quantity};
 use crate::kafka::{OffsetStore, Positions, TopicPartition};
@@ -31,9 +32,12 @@ pub const CONSUMER_OFFSETS: &str = "consumer_offsets";
 
 /// Longest a query (DDL, positions, totals) may take before it counts as a transient failure.
 pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest one batch INSERT may take. A timed-out insert may still land: the retry then
-/// writes the same keys again, which ReplacingMergeTree collapses.
+/// Longest one batch INSERT may take. A timed-out insert may still land: the retry first asks
+/// which identities are stored and writes only the others (see `docs/analytics.md`, "Limits",
+/// for an insert still running on the server when the retry asks).
 pub(crate) const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest text of one stored-identities query; a bigger batch is asked in several.
+const STORED_KEYS_QUERY_BYTES: usize = 1 << 20;
 
 /// Decimal columns have 6 decimal places: values travel as value × 10^6.
 const SCALE: u32 = 6;
@@ -200,7 +204,7 @@ fn mantissa6(value: Decimal) -> Option<i128> {
     (v.scale() == SCALE).then(|| v.mantissa())
 }
 
-fn from_mantissa6(op: &'static str, mantissa: i128) -> Result<Decimal, AnalyticsError> {
+pub(crate) fn from_mantissa6(op: &'static str, mantissa: i128) -> Result<Decimal, AnalyticsError> {
     Decimal::try_from_i128_with_scale(mantissa, SCALE).map_err(|_| AnalyticsError::Overflow {
         op,
         value: format!("{mantissa}e-6"),
@@ -213,6 +217,84 @@ fn unix_seconds(t: DateTime<Utc>) -> Option<u32> {
 
 fn unix_days(d: NaiveDate) -> Option<u16> {
     u16::try_from((d - NaiveDate::default()).num_days()).ok()
+}
+
+/// What [`AnalyticsSink::insert`] did with a batch: every row is in exactly one count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InsertOutcome {
+    /// Rows written: identities not stored before.
+    pub written: usize,
+    /// Rows not written because their identity was already in `rated_events`.
+    pub already_stored: usize,
+    /// Rows not written because an earlier row of the same batch had their identity.
+    pub repeated: usize,
+}
+
+/// A row's key in `rated_events` (its ORDER BY): account, day, then the event identity.
+type RowKey<'a> = (&'a str, u16, &'a str, &'a str);
+
+fn row_key(row: &RatedRow) -> RowKey<'_> {
+    (
+        &row.account_id,
+        row.event_date_unix_days,
+        &row.event_source,
+        &row.event_id,
+    )
+}
+
+/// A key found stored, as read back.
+#[derive(Debug, Row, Deserialize)]
+struct StoredKey {
+    account_id: String,
+    event_date: u16,
+    event_source: String,
+    event_id: String,
+}
+
+/// The queries asking which of `rows`' keys are stored, each at most about `max_bytes` long
+/// (one row's key always fits in a query of its own). The whole key is given, so the primary
+/// index narrows the read to the granules holding those keys; no FINAL: any copy counts.
+pub fn stored_keys_queries(rows: &[&RatedRow], max_bytes: usize) -> Vec<String> {
+    const HEAD: &str = "SELECT account_id, event_date, event_source, event_id FROM rated_events \
+                        WHERE (account_id, event_date, event_source, event_id) IN (";
+    let mut queries = Vec::new();
+    let mut sql = String::new();
+    let mut first = String::new();
+    let mut tuples = 0usize;
+    let finish = |sql: &mut String, first: &str, tuples: usize, out: &mut Vec<String>| {
+        if tuples == 1 {
+            // `IN ((...))` with one tuple reads as the tuple itself on some versions: repeat it.
+            sql.push_str(", ");
+            sql.push_str(first);
+        }
+        sql.push(')');
+        out.push(std::mem::take(sql));
+    };
+    for row in rows {
+        let tuple = format!(
+            "({}, '{}', {}, {})",
+            sql::string(&row.account_id),
+            sql::date_from_unix_days(row.event_date_unix_days).format("%Y-%m-%d"),
+            sql::string(&row.event_source),
+            sql::string(&row.event_id),
+        );
+        if tuples > 0 && sql.len() + tuple.len() + 2 > max_bytes {
+            finish(&mut sql, &first, tuples, &mut queries);
+            tuples = 0;
+        }
+        if tuples == 0 {
+            sql.push_str(HEAD);
+            first.clone_from(&tuple);
+        } else {
+            sql.push_str(", ");
+        }
+        sql.push_str(&tuple);
+        tuples += 1;
+    }
+    if tuples > 0 {
+        finish(&mut sql, &first, tuples, &mut queries);
+    }
+    queries
 }
 
 /// A `consumer_offsets` row.
@@ -306,21 +388,76 @@ impl AnalyticsSink {
         .await
     }
 
-    /// Writes the rows in one INSERT (one HTTP request, LZ4-compressed). Writing rows that are
-    /// already stored is harmless: same keys, collapsed by ReplacingMergeTree.
-    pub async fn insert(&self, rows: &[RatedRow]) -> Result<(), AnalyticsError> {
+    /// Writes the rows whose identity is not stored yet, in one INSERT (one HTTP request,
+    /// LZ4-compressed). A row repeating an identity earlier in `rows`, or one already in
+    /// `rated_events` (a replayed batch, a producer retry read at another offset, the retry of
+    /// an insert that landed), is not written: the roll-ups' materialized views see every
+    /// inserted block, so each identity must reach them once. Which rows exist is asked first,
+    /// by the table's key prefix (account, day, source, id), so the check reads only the
+    /// granules those keys fall in.
+    pub async fn insert(&self, rows: &[RatedRow]) -> Result<InsertOutcome, AnalyticsError> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(InsertOutcome::default());
+        }
+        // First occurrence of each identity, in batch order.
+        let mut index: HashMap<RowKey<'_>, usize> = HashMap::with_capacity(rows.len());
+        let mut unique: Vec<&RatedRow> = Vec::with_capacity(rows.len());
+        for row in rows {
+            if let std::collections::hash_map::Entry::Vacant(e) = index.entry(row_key(row)) {
+                e.insert(unique.len());
+                unique.push(row);
+            }
+        }
+        let repeated = rows.len() - unique.len();
+        let mut stored = vec![false; unique.len()];
+        for sql in stored_keys_queries(&unique, STORED_KEYS_QUERY_BYTES) {
+            // Room for the whole text whatever the server's default (256 KiB).
+            let max_query_size = (sql.len() + 4096).max(262_144).to_string();
+            let found = run_timed(
+                "check stored identities",
+                QUERY_TIMEOUT,
+                self.client
+                    .query_raw(&sql)
+                    .with_setting("max_query_size", max_query_size)
+                    .fetch_all::<StoredKey>(),
+            )
+            .await?;
+            for k in &found {
+                let key = (
+                    k.account_id.as_str(),
+                    k.event_date,
+                    k.event_source.as_str(),
+                    k.event_id.as_str(),
+                );
+                if let Some(&i) = index.get(&key) {
+                    stored[i] = true;
+                }
+            }
+        }
+        let fresh: Vec<&RatedRow> = unique
+            .iter()
+            .zip(&stored)
+            .filter(|(_, &s)| !s)
+            .map(|(r, _)| *r)
+            .collect();
+        let outcome = InsertOutcome {
+            written: fresh.len(),
+            already_stored: unique.len() - fresh.len(),
+            repeated,
+        };
+        if fresh.is_empty() {
+            return Ok(outcome);
         }
         let client = &self.client;
         run_timed("insert rated_events", INSERT_TIMEOUT, async move {
             let mut insert = client.insert::<RatedRow>(RATED_EVENTS).await?;
-            for row in rows {
+            for row in fresh {
                 insert.write(row).await?;
             }
             insert.end().await
         })
-        .await
+        .await?;
+        Ok(outcome)
     }
 
     /// Stores the next offset of each partition for `group` (one INSERT). Positions only move

@@ -2,18 +2,23 @@
 //! [`Rejection`] naming the reason and the field at fault. Pure (the caller passes "now");
 //! owns the wire rules, not what an event costs or where it goes.
 //!
-//! Hot path: one UTF-8 check, then one serde_json pass over the message: strings borrowed,
-//! and `data` read straight into the struct of its type when `type` comes before it (else
-//! kept as a raw slice and read once the type is known). RFC 3339 and decimals are parsed
-//! by hand. Nothing is allocated for a valid event except escaped strings and the lists of
-//! metered attributes / plan thresholds. Any serde error sends the message down the slow
-//! path (raw `data`, then a re-parse with path tracking to name the field).
+//! Hot path: one UTF-8 check, then one pass of a strict hand-written scanner (`fast`) over
+//! the usual shape of a message: strings borrowed, `data` read straight into the struct of
+//! its type. Anything outside that shape (escapes, `data` before `type`, a repeated or
+//! unknown key, a wrong JSON type, ...) goes to the serde path, which reads the same
+//! [`RawEnvelope`] the scanner would have and words every error: one serde_json pass with
+//! `data` typed when `type` comes first (else kept raw and read once the type is known);
+//! on any serde error, a pass with raw `data`, then a re-parse with path tracking to name
+//! the field. Both paths end in the same checks, so they agree on every outcome. RFC 3339
+//! and decimals are parsed by hand. Nothing is allocated for a valid event except escaped
+//! strings and the lists of metered attributes / plan thresholds.
 //!
 //! Precedence when a message breaks several rules: `too_large` > `malformed_json` >
 //! envelope `missing_field`/`wrong_type` > `unknown_type` > envelope `invalid_value` >
 //! errors in `data` (wrong type, then missing, then invalid, in field order).
 
 mod data;
+mod fast;
 mod scalar;
 
 use std::fmt;
@@ -58,6 +63,17 @@ pub fn decode<'a>(
     now: DateTime<Utc>,
     limits: &DecodeLimits,
 ) -> Result<Event<'a>, Rejection> {
+    decode_with(bytes, now, limits, true)
+}
+
+/// [`decode`], with or without the fast path (`fast`: whichever reads the envelope, the
+/// outcome is the same; tests compare the two).
+fn decode_with<'a>(
+    bytes: &'a [u8],
+    now: DateTime<Utc>,
+    limits: &DecodeLimits,
+    fast: bool,
+) -> Result<Event<'a>, Rejection> {
     if bytes.len() > limits.max_message_bytes {
         return Err(Rejection::new(
             Reason::TooLarge,
@@ -75,16 +91,13 @@ pub fn decode<'a>(
         Some(_) => return Err(malformed("the top level is not a JSON object")),
         None => return Err(malformed("empty message")),
     }
-    // One UTF-8 check for the whole message (fast on ASCII), then serde_json's `str` reader,
-    // which does not re-validate every string it borrows.
+    // One UTF-8 check for the whole message (fast on ASCII); neither the scanner nor
+    // serde_json's `str` reader re-validates the strings it borrows.
     let text = std::str::from_utf8(bytes).map_err(|e| malformed(format!("invalid UTF-8: {e}")))?;
     let mut envelope = RawEnvelope::default();
-    if read_envelope(text, true, &mut envelope).is_err() {
-        // Slow path: whatever went wrong in `data` must not hide an envelope error.
+    if !fast || fast::read_envelope(text, &mut envelope).is_none() {
         envelope = RawEnvelope::default();
-        if let Err(e) = read_envelope(text, false, &mut envelope) {
-            return Err(envelope_error(bytes, e));
-        }
+        read_with_serde(text, &mut envelope)?;
     }
     check(&mut envelope, now, limits).map_err(|rejection| {
         // A rejection found after the envelope parsed may still hide nesting deeper than
@@ -95,6 +108,19 @@ pub fn decode<'a>(
             malformed("nested too deep")
         }
     })
+}
+
+/// The serde path: `data` typed in the same pass when possible, else (or on any error) a
+/// second pass with `data` raw, then a third with path tracking to name the field at fault.
+fn read_with_serde<'a>(text: &'a str, envelope: &mut RawEnvelope<'a>) -> Check<()> {
+    if read_envelope(text, true, envelope).is_err() {
+        // Whatever went wrong in `data` must not hide an envelope error.
+        *envelope = RawEnvelope::default();
+        if let Err(e) = read_envelope(text, false, envelope) {
+            return Err(envelope_error(text.as_bytes(), e));
+        }
+    }
+    Ok(())
 }
 
 fn malformed(detail: impl Into<String>) -> Rejection {

@@ -6,6 +6,7 @@
 use chrono::{DateTime, Months, Utc};
 use rust_decimal::Decimal;
 
+use super::cycle;
 use crate::event::{GrantKind, OveragePolicy};
 
 /// Default top-up validity.
@@ -68,6 +69,9 @@ pub enum EntryKind {
     Expiry,
     /// A top-up renewed the validity of a remaining top-up (amount 0).
     Renewal,
+    /// A cycle closed with billable overage (bill_overage plans): the overage is reported for
+    /// that cycle (see the cycles table) and the new cycle starts at zero (amount 0).
+    Reset,
 }
 
 impl EntryKind {
@@ -79,6 +83,7 @@ impl EntryKind {
             EntryKind::Settle => "settle",
             EntryKind::Expiry => "expiry",
             EntryKind::Renewal => "renewal",
+            EntryKind::Reset => "reset",
         }
     }
 
@@ -90,6 +95,7 @@ impl EntryKind {
             EntryKind::Settle,
             EntryKind::Expiry,
             EntryKind::Renewal,
+            EntryKind::Reset,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -119,6 +125,47 @@ pub struct NewGrant {
     pub priority: Option<i32>,
 }
 
+/// An account's plan: a monthly allowance on a billing day, and its alert thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub plan_id: String,
+    pub monthly_allowance: Decimal,
+    /// 1..=31 (29–31 fall on the last day of shorter months).
+    pub billing_day: u8,
+    pub low_balance_credits: Option<Decimal>,
+    pub low_balance_percent: Option<Decimal>,
+    /// Allowance-used alert thresholds in percent.
+    pub allowance_alert_percents: Vec<u32>,
+}
+
+/// The current billing cycle [start, end).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cycle {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    /// Credits used in this cycle (debited from grants or recorded as overage).
+    pub used: Decimal,
+    /// Overage incurred in this cycle.
+    pub overage: Decimal,
+}
+
+/// A cycle that ended: what the account's billing page reports for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedCycle {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub allowance: Decimal,
+    pub used: Decimal,
+    pub overage: Decimal,
+    /// Unused allowance that expired at the reset (no carry-over).
+    pub allowance_expired: Decimal,
+}
+
+/// The grant id of a cycle's allowance: deterministic, so a reset is idempotent.
+pub fn allowance_grant_id(cycle_start: DateTime<Utc>) -> String {
+    format!("allowance:{}", cycle_start.format("%Y-%m-%d"))
+}
+
 /// An account's credit state as far as the ledger needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Account {
@@ -129,8 +176,12 @@ pub struct Account {
     pub overage: Decimal,
     pub policy: OveragePolicy,
     pub top_up_validity_months: u32,
-    /// Highest grant `seq` so far.
+    /// Highest grant `seq` so far (0: the account never had a grant).
     pub last_seq: i64,
+    pub plan: Option<Plan>,
+    pub cycle: Option<Cycle>,
+    /// Cycles closed since loading (the store records them).
+    pub closed: Vec<ClosedCycle>,
 }
 
 impl Account {
@@ -142,7 +193,107 @@ impl Account {
             policy: OveragePolicy::SettleFromNextGrant,
             top_up_validity_months: DEFAULT_TOP_UP_VALIDITY_MONTHS,
             last_seq: 0,
+            plan: None,
+            cycle: None,
+            closed: Vec::new(),
         }
+    }
+
+    /// Applies a plan. The first plan starts the cycle containing `at` and grants its
+    /// allowance; a later plan change takes effect from the next reset.
+    pub fn set_plan(
+        &mut self,
+        plan: Plan,
+        policy: OveragePolicy,
+        top_up_validity_months: u32,
+        at: DateTime<Utc>,
+        out: &mut Vec<Entry>,
+    ) {
+        self.advance(at, out);
+        self.policy = policy;
+        self.top_up_validity_months = top_up_validity_months;
+        let day = plan.billing_day;
+        self.plan = Some(plan);
+        if self.cycle.is_none() {
+            let (start, end) = cycle::containing(at, day);
+            self.cycle = Some(Cycle {
+                start,
+                end,
+                used: Decimal::ZERO,
+                overage: Decimal::ZERO,
+            });
+            self.grant_allowance(at, out);
+        }
+    }
+
+    /// Brings the account to time `at`: every billing date passed closes its cycle (the unused
+    /// allowance expires, no carry-over) and grants the new allowance; every grant whose
+    /// expiry passed expires. Each is a ledger entry at the time it happened.
+    pub fn advance(&mut self, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+        while let Some(c) = self.cycle.clone() {
+            if at < c.end {
+                break;
+            }
+            let allowance_id = allowance_grant_id(c.start);
+            let allowance = self.grants.iter().find(|g| g.grant_id == allowance_id);
+            let (granted, unused) =
+                allowance.map_or((Decimal::ZERO, Decimal::ZERO), |g| (g.granted, g.remaining));
+            self.expire_due(c.end, out);
+            if self.policy == OveragePolicy::BillOverage && self.overage > Decimal::ZERO {
+                self.overage = Decimal::ZERO;
+                out.push(Entry {
+                    kind: EntryKind::Reset,
+                    grant_id: None,
+                    amount: Decimal::ZERO,
+                    balance_after: self.balance(),
+                    overage_after: Decimal::ZERO,
+                    effective_at: c.end,
+                });
+            }
+            self.closed.push(ClosedCycle {
+                start: c.start,
+                end: c.end,
+                allowance: granted,
+                used: c.used,
+                overage: c.overage,
+                allowance_expired: unused,
+            });
+            let day = self.plan.as_ref().map_or(1, |p| p.billing_day);
+            self.cycle = Some(Cycle {
+                start: c.end,
+                end: cycle::next_boundary(c.end, day),
+                used: Decimal::ZERO,
+                overage: Decimal::ZERO,
+            });
+            self.grant_allowance(c.end, out);
+        }
+        self.expire_due(at, out);
+    }
+
+    /// Grants the current cycle's allowance (expiring at the cycle end).
+    fn grant_allowance(&mut self, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+        let (Some(plan), Some(c)) = (&self.plan, &self.cycle) else {
+            return;
+        };
+        if plan.monthly_allowance <= Decimal::ZERO {
+            return;
+        }
+        let grant = NewGrant {
+            grant_id: allowance_grant_id(c.start),
+            kind: GrantKind::Allowance,
+            credits: plan.monthly_allowance,
+            expires_at: Some(c.end),
+            priority: None,
+        };
+        self.add_grant(&grant, at, out);
+    }
+
+    /// Credits of the current cycle's allowance still unused, and the allowance granted.
+    pub fn allowance_status(&self) -> Option<(Decimal, Decimal)> {
+        let c = self.cycle.as_ref()?;
+        let id = allowance_grant_id(c.start);
+        let g = self.grants.iter().find(|g| g.grant_id == id)?;
+        Some((g.granted, g.remaining))
     }
 
     /// Credits that can be spent at `at`.
@@ -196,7 +347,15 @@ impl Account {
         if known || self.grants.iter().any(|g| g.grant_id == new.grant_id) {
             return;
         }
-        self.expire_due(at, out);
+        self.advance(at, out);
+        self.add_grant(new, at, out);
+    }
+
+    /// Adds a grant without bringing the account to `at` first (the caller did).
+    fn add_grant(&mut self, new: &NewGrant, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+        if self.grants.iter().any(|g| g.grant_id == new.grant_id) {
+            return;
+        }
         let expires_at = match (new.expires_at, new.kind) {
             (Some(e), _) => Some(e),
             (None, GrantKind::TopUp) => {
@@ -275,9 +434,12 @@ impl Account {
     /// Takes `credits` from the live grants in consumption order; what they cannot cover is
     /// recorded as overage. Returns nothing for a zero charge.
     pub fn debit(&mut self, credits: Decimal, at: DateTime<Utc>, out: &mut Vec<Entry>) {
-        self.expire_due(at, out);
+        self.advance(at, out);
         if credits <= Decimal::ZERO {
             return;
+        }
+        if let Some(c) = &mut self.cycle {
+            c.used += credits;
         }
         let mut order: Vec<usize> = (0..self.grants.len())
             .filter(|&i| self.grants[i].live_at(at))
@@ -305,6 +467,9 @@ impl Account {
         }
         if left > Decimal::ZERO {
             self.overage += left;
+            if let Some(c) = &mut self.cycle {
+                c.overage += left;
+            }
             out.push(Entry {
                 kind: EntryKind::Overage,
                 grant_id: None,

@@ -5,11 +5,18 @@
 use tokio_postgres::Client;
 
 /// (version, name, SQL), embedded at build time so the binary carries its schema.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "ledger",
-    include_str!("../../schemas/postgres/0001_ledger.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "ledger",
+        include_str!("../../schemas/postgres/0001_ledger.sql"),
+    ),
+    (
+        2,
+        "plans_cycles_alerts",
+        include_str!("../../schemas/postgres/0002_plans_cycles_alerts.sql"),
+    ),
+];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.
 pub async fn migrate(client: &mut Client, schema: &str) -> Result<Vec<i32>, tokio_postgres::Error> {

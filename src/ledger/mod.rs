@@ -3,6 +3,7 @@
 //! offsets in one transaction. Knows nothing of Kafka or ClickHouse.
 
 pub mod buckets;
+pub mod cycle;
 pub mod migrate;
 pub mod store;
 

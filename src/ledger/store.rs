@@ -9,7 +9,8 @@ use rust_decimal::Decimal;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Transaction};
 
-use super::buckets::{Account, Entry, Grant, NewGrant};
+use super::buckets::{Account, ClosedCycle, Cycle, Entry, Grant, NewGrant, Plan};
+use crate::alerts::{self, Alert, AlertDefaults, AlertState, KeyState};
 use crate::config::PostgresConfig;
 use crate::event::{GrantKind, OveragePolicy};
 use crate::kafka::{OffsetStore, Positions, TopicPartition};
@@ -60,8 +61,9 @@ pub struct DebitInfo<'a> {
 pub enum Action<'a> {
     Debit(DebitInfo<'a>),
     Grant(NewGrant),
-    /// Plan settings the ledger applies (policy and top-up validity).
+    /// The account's plan (allowance, billing day, thresholds), policy and top-up validity.
     Plan {
+        plan: Plan,
         overage_policy: OveragePolicy,
         top_up_validity_months: u32,
     },
@@ -85,6 +87,8 @@ pub struct BatchOutcome {
     pub duplicates: usize,
     pub entries: usize,
     pub accounts: usize,
+    /// Alerts written to the outbox.
+    pub alerts: usize,
 }
 
 /// A ledger line as stored.
@@ -113,6 +117,8 @@ pub struct AccountBalance {
 pub struct Store {
     client: Client,
     schema: String,
+    /// Alert thresholds for accounts whose plan does not set them.
+    pub alert_defaults: AlertDefaults,
 }
 
 /// Connects and sets the search path to Tally's schema. The connection task is spawned.
@@ -134,6 +140,7 @@ impl Store {
         Ok(Store {
             client: connect(cfg).await?,
             schema: cfg.schema.clone(),
+            alert_defaults: AlertDefaults::default(),
         })
     }
 
@@ -165,13 +172,15 @@ impl Store {
             ..Default::default()
         };
         if !fresh.is_empty() {
-            let mut accounts = lock_accounts(&tx, &fresh).await?;
-            outcome.accounts = accounts.len();
+            let ids: Vec<&str> = fresh.iter().map(|i| i.account_id).collect();
+            let mut locked = lock_accounts(&tx, &ids).await?;
+            outcome.accounts = locked.accounts.len();
             let known = known_grants(&tx, &fresh).await?;
             let mut rows = EntryRows::default();
+            let mut fired = Vec::new();
             let mut out = Vec::new();
             for item in &fresh {
-                let account = accounts.get_mut(item.account_id).ok_or_else(|| {
+                let account = locked.accounts.get_mut(item.account_id).ok_or_else(|| {
                     StoreError::Data(format!("account {} not locked", item.account_id))
                 })?;
                 out.clear();
@@ -187,25 +196,166 @@ impl Store {
                         account.grant(g, item.time, is_known, &mut out);
                     }
                     Action::Plan {
+                        plan,
                         overage_policy,
                         top_up_validity_months,
-                    } => {
-                        account.policy = *overage_policy;
-                        account.top_up_validity_months = *top_up_validity_months;
-                    }
+                    } => account.set_plan(
+                        plan.clone(),
+                        *overage_policy,
+                        *top_up_validity_months,
+                        item.time,
+                        &mut out,
+                    ),
                 }
                 for e in &out {
-                    rows.push(item, debit, e);
+                    rows.push(item.account_id, Some((item, debit)), e);
                 }
+                let state = locked.alerts.entry(item.account_id.to_owned()).or_default();
+                fired.extend(alerts::evaluate(
+                    account,
+                    item.time,
+                    &self.alert_defaults,
+                    state,
+                ));
             }
             outcome.entries = rows.len();
-            write_grants(&tx, &accounts).await?;
-            rows.insert(&tx).await?;
-            write_accounts(&tx, &accounts).await?;
+            outcome.alerts = fired.len();
+            write_back(&tx, &locked, &rows, &fired).await?;
         }
         store_offsets(&tx, group_id, next_offsets).await?;
         tx.commit().await?;
         Ok(outcome)
+    }
+
+    /// The scheduler's step at `now`: accounts whose cycle ended, whose grants expired, or
+    /// whose grants expire within the alert window are brought to `now` (resets, expiries and
+    /// alerts each as entries/outbox rows), even without traffic. Returns the accounts touched.
+    pub async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let tx = self.client.transaction().await?;
+        let horizon = now + self.alert_defaults.expiring_within;
+        let rows = tx
+            .query(
+                "SELECT account_id FROM accounts WHERE cycle_end <= $1
+                 UNION
+                 SELECT g.account_id FROM grants g
+                 WHERE g.remaining > 0 AND g.expires_at <= $2
+                   AND (g.expires_at <= $1 OR (g.kind <> 'allowance' AND NOT EXISTS (
+                        SELECT 1 FROM alert_state s WHERE s.account_id = g.account_id
+                          AND s.alert_key = 'credits_expiring:' || g.grant_id || ':'
+                                            || extract(epoch FROM g.expires_at)::bigint)))
+                 ORDER BY 1",
+                &[&now, &horizon],
+            )
+            .await?;
+        let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut locked = lock_accounts(&tx, &ids).await?;
+        let mut rows = EntryRows::default();
+        let mut fired = Vec::new();
+        let mut out = Vec::new();
+        let locked_ids: Vec<String> = locked.accounts.keys().cloned().collect();
+        for id in &locked_ids {
+            let account = locked.accounts.get_mut(id).expect("locked above");
+            out.clear();
+            account.advance(now, &mut out);
+            for e in &out {
+                rows.push(id, None, e);
+            }
+            let state = locked.alerts.entry(id.clone()).or_default();
+            fired.extend(alerts::evaluate(account, now, &self.alert_defaults, state));
+        }
+        let touched = locked.accounts.len();
+        write_back(&tx, &locked, &rows, &fired).await?;
+        tx.commit().await?;
+        if touched > 0 {
+            tracing::info!(accounts = touched, entries = rows.len(), alerts = fired.len(), %now, "scheduler tick");
+        }
+        Ok(touched)
+    }
+
+    /// Unpublished outbox alerts, oldest first, locked for this relay (others skip them).
+    /// Call within [`Store::publish_outbox`].
+    pub async fn publish_outbox<F, Fut>(
+        &mut self,
+        limit: i64,
+        publish: F,
+    ) -> Result<usize, StoreError>
+    where
+        F: FnOnce(Vec<OutboxAlert>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let tx = self.client.transaction().await?;
+        let rows = tx
+            .query(
+                "SELECT seq, alert_id, kind, account_id, payload FROM alert_outbox
+                 WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&limit],
+            )
+            .await?;
+        let alerts: Vec<OutboxAlert> = rows
+            .iter()
+            .map(|r| OutboxAlert {
+                seq: r.get(0),
+                alert_id: r.get(1),
+                kind: r.get(2),
+                account_id: r.get(3),
+                payload: r.get(4),
+            })
+            .collect();
+        let n = alerts.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let seqs: Vec<i64> = alerts.iter().map(|a| a.seq).collect();
+        publish(alerts).await.map_err(StoreError::Data)?;
+        tx.execute(
+            "UPDATE alert_outbox SET published_at = now() WHERE seq = ANY($1)",
+            &[&seqs],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// The account's plan and current cycle, if it has a plan.
+    pub async fn plan(&self, account_id: &str) -> Result<Option<(Plan, Cycle)>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1"),
+                &[&account_id],
+            )
+            .await?;
+        Ok(row
+            .map(|r| account_from_row(&r))
+            .transpose()?
+            .and_then(|a| a.plan.zip(a.cycle)))
+    }
+
+    /// Closed cycles of an account, oldest first.
+    pub async fn cycles(&self, account_id: &str) -> Result<Vec<ClosedCycle>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT cycle_start, cycle_end, allowance, used, overage, allowance_expired
+                 FROM cycles WHERE account_id = $1 ORDER BY cycle_start",
+                &[&account_id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ClosedCycle {
+                start: r.get(0),
+                end: r.get(1),
+                allowance: r.get(2),
+                used: r.get(3),
+                overage: r.get(4),
+                allowance_expired: r.get(5),
+            })
+            .collect())
     }
 
     /// Stored next offsets of a group for the given partitions.
@@ -365,13 +515,57 @@ fn grant_from_row(r: &tokio_postgres::Row) -> Result<Grant, StoreError> {
     })
 }
 
-/// Creates missing accounts, locks every account of the batch in account_id order, and
-/// loads their live grants.
-async fn lock_accounts<'a>(
-    tx: &Transaction<'_>,
-    items: &[&Item<'a>],
-) -> Result<BTreeMap<&'a str, Account>, StoreError> {
-    let mut ids: Vec<&str> = items.iter().map(|i| i.account_id).collect();
+const ACCOUNT_COLUMNS: &str = "account_id, overage, overage_policy, top_up_validity_months, \
+     last_grant_seq, plan_id, monthly_allowance, billing_day, low_balance_credits, \
+     low_balance_percent, allowance_alert_percents, cycle_start, cycle_end, cycle_used, cycle_overage";
+
+fn account_from_row(r: &tokio_postgres::Row) -> Result<Account, StoreError> {
+    let policy: String = r.get(2);
+    let mut a = Account::new(r.get::<_, String>(0));
+    a.overage = r.get(1);
+    a.policy = match policy.as_str() {
+        "bill_overage" => OveragePolicy::BillOverage,
+        "settle_from_next_grant" => OveragePolicy::SettleFromNextGrant,
+        other => return Err(StoreError::Data(format!("overage policy {other}"))),
+    };
+    a.top_up_validity_months = r.get::<_, i32>(3) as u32;
+    a.last_seq = r.get(4);
+    if let Some(plan_id) = r.get::<_, Option<String>>(5) {
+        a.plan = Some(Plan {
+            plan_id,
+            monthly_allowance: r.get::<_, Option<Decimal>>(6).unwrap_or_default(),
+            billing_day: r.get::<_, Option<i32>>(7).unwrap_or(1) as u8,
+            low_balance_credits: r.get(8),
+            low_balance_percent: r.get(9),
+            allowance_alert_percents: r
+                .get::<_, Option<Vec<i32>>>(10)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p as u32)
+                .collect(),
+        });
+    }
+    if let (Some(start), Some(end)) = (r.get(11), r.get(12)) {
+        a.cycle = Some(Cycle {
+            start,
+            end,
+            used: r.get(13),
+            overage: r.get(14),
+        });
+    }
+    Ok(a)
+}
+
+/// Accounts locked for one transaction, with their alert states.
+struct Locked {
+    accounts: BTreeMap<String, Account>,
+    alerts: BTreeMap<String, AlertState>,
+}
+
+/// Creates missing accounts, locks them in account_id order (so instances never deadlock),
+/// and loads their live grants (and the current allowance, even when used up) and alert state.
+async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, StoreError> {
+    let mut ids = ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
     tx.execute(
@@ -381,42 +575,158 @@ async fn lock_accounts<'a>(
     .await?;
     let rows = tx
         .query(
-            "SELECT account_id, overage, overage_policy, top_up_validity_months, last_grant_seq
-             FROM accounts WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
+            &format!(
+                "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY($1)
+                 ORDER BY account_id FOR UPDATE"
+            ),
             &[&ids],
         )
         .await?;
     let mut accounts = BTreeMap::new();
     for r in &rows {
-        let id: String = r.get(0);
-        let key = *ids
-            .iter()
-            .find(|i| **i == id)
-            .ok_or_else(|| StoreError::Data(format!("unexpected account {id}")))?;
-        let policy: String = r.get(2);
-        let mut a = Account::new(id);
-        a.overage = r.get(1);
-        a.policy = match policy.as_str() {
-            "bill_overage" => OveragePolicy::BillOverage,
-            _ => OveragePolicy::SettleFromNextGrant,
-        };
-        a.top_up_validity_months = r.get::<_, i32>(3) as u32;
-        a.last_seq = r.get(4);
-        accounts.insert(key, a);
+        let a = account_from_row(r)?;
+        accounts.insert(a.account_id.clone(), a);
     }
     let grants = tx
         .query(
-            &format!("{GRANT_COLUMNS} WHERE account_id = ANY($1) AND remaining > 0"),
+            "SELECT g.account_id, g.grant_id, g.kind, g.priority, g.granted, g.remaining,
+                    g.expires_at, g.granted_at, g.seq
+             FROM grants g JOIN accounts a ON a.account_id = g.account_id
+             WHERE g.account_id = ANY($1)
+               AND (g.remaining > 0
+                    OR g.grant_id = 'allowance:' || to_char(a.cycle_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'))
+             ORDER BY g.account_id, g.seq",
             &[&ids],
         )
         .await?;
     for r in &grants {
         let id: String = r.get(0);
-        if let Some(a) = accounts.get_mut(id.as_str()) {
+        if let Some(a) = accounts.get_mut(&id) {
             a.grants.push(grant_from_row(r)?);
         }
     }
-    Ok(accounts)
+    let mut alerts: BTreeMap<String, AlertState> = BTreeMap::new();
+    for r in &tx
+        .query(
+            "SELECT account_id, alert_key, fired_count, active FROM alert_state WHERE account_id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+    {
+        alerts.entry(r.get(0)).or_default().insert(
+            r.get(1),
+            KeyState {
+                fired_count: r.get(2),
+                active: r.get(3),
+                dirty: false,
+            },
+        );
+    }
+    Ok(Locked { accounts, alerts })
+}
+
+/// Writes everything a transaction changed: grants, entries, accounts, closed cycles, alert
+/// state and the outbox.
+async fn write_back(
+    tx: &Transaction<'_>,
+    locked: &Locked,
+    rows: &EntryRows<'_>,
+    fired: &[Alert],
+) -> Result<(), StoreError> {
+    write_grants(tx, &locked.accounts).await?;
+    rows.insert(tx).await?;
+    write_accounts(tx, &locked.accounts).await?;
+    write_cycles(tx, &locked.accounts).await?;
+    write_alerts(tx, &locked.alerts, fired).await?;
+    Ok(())
+}
+
+async fn write_cycles(
+    tx: &Transaction<'_>,
+    accounts: &BTreeMap<String, Account>,
+) -> Result<(), StoreError> {
+    let mut id = Vec::new();
+    let (mut start, mut end) = (Vec::new(), Vec::new());
+    let (mut allowance, mut used, mut overage, mut expired) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (account_id, a) in accounts {
+        for c in &a.closed {
+            id.push(account_id.as_str());
+            start.push(c.start);
+            end.push(c.end);
+            allowance.push(c.allowance);
+            used.push(c.used);
+            overage.push(c.overage);
+            expired.push(c.allowance_expired);
+        }
+    }
+    if id.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO cycles (account_id, cycle_start, cycle_end, allowance, used, overage, allowance_expired)
+         SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::numeric[],
+                              $5::numeric[], $6::numeric[], $7::numeric[])",
+        &[&id, &start, &end, &allowance, &used, &overage, &expired],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_alerts(
+    tx: &Transaction<'_>,
+    states: &BTreeMap<String, AlertState>,
+    fired: &[Alert],
+) -> Result<(), StoreError> {
+    let mut id = Vec::new();
+    let mut key = Vec::new();
+    let mut count = Vec::new();
+    let mut active = Vec::new();
+    for (account_id, state) in states {
+        for (k, s) in state.iter().filter(|(_, s)| s.dirty) {
+            id.push(account_id.as_str());
+            key.push(k.as_str());
+            count.push(s.fired_count);
+            active.push(s.active);
+        }
+    }
+    if !id.is_empty() {
+        tx.execute(
+            "INSERT INTO alert_state (account_id, alert_key, fired_count, active)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bool[])
+             ON CONFLICT (account_id, alert_key) DO UPDATE
+               SET fired_count = EXCLUDED.fired_count, active = EXCLUDED.active, updated_at = now()",
+            &[&id, &key, &count, &active],
+        )
+        .await?;
+    }
+    if !fired.is_empty() {
+        let alert_id: Vec<&str> = fired.iter().map(|a| a.alert_id.as_str()).collect();
+        let kind: Vec<&str> = fired.iter().map(|a| a.kind.as_str()).collect();
+        let account: Vec<&str> = fired.iter().map(|a| a.account_id.as_str()).collect();
+        let payload: Vec<String> = fired
+            .iter()
+            .map(|a| a.to_cloud_event().to_string())
+            .collect();
+        tx.execute(
+            "INSERT INTO alert_outbox (alert_id, kind, account_id, payload)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+             ON CONFLICT (alert_id) DO NOTHING",
+            &[&alert_id, &kind, &account, &payload],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// An alert waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxAlert {
+    pub seq: i64,
+    pub alert_id: String,
+    pub kind: String,
+    pub account_id: String,
+    pub payload: String,
 }
 
 /// Grant ids of the batch that already exist (a purchase delivered twice credits once).
@@ -467,20 +777,33 @@ impl<'a> EntryRows<'a> {
         self.account_id.len()
     }
 
-    fn push(&mut self, item: &Item<'a>, debit: Option<&DebitInfo<'a>>, e: &Entry) {
+    /// `cause`: the event that led to the entry, if any (the scheduler's have none).
+    fn push(
+        &mut self,
+        account_id: &'a str,
+        cause: Option<(&Item<'a>, Option<&DebitInfo<'a>>)>,
+        e: &Entry,
+    ) {
         use super::buckets::EntryKind;
-        // Expiries happen because time passed, not because of this event.
-        let caused = e.kind != EntryKind::Expiry;
-        self.account_id.push(item.account_id);
+        // Expiries and resets happen because time passed, not because of the event.
+        let caused = !matches!(
+            e.kind,
+            EntryKind::Expiry | EntryKind::Reset | EntryKind::Renewal
+        ) || (e.kind == EntryKind::Renewal && cause.is_some());
+        let (item, debit) = match cause {
+            Some((item, debit)) if caused => (Some(item), debit),
+            _ => (None, None),
+        };
+        self.account_id.push(account_id);
         self.kind.push(e.kind.as_str());
         self.grant_id.push(e.grant_id.clone());
         self.amount.push(e.amount);
         self.balance_after.push(e.balance_after);
         self.overage_after.push(e.overage_after);
         self.effective_at.push(e.effective_at);
-        self.event_source.push(caused.then_some(item.source));
-        self.event_id.push(caused.then_some(item.id));
-        let d = debit.filter(|_| caused);
+        self.event_source.push(item.map(|i| i.source));
+        self.event_id.push(item.map(|i| i.id));
+        let d = debit;
         self.usage_kind.push(d.map(|d| d.usage_kind));
         self.price_version.push(d.map(|d| d.price_version));
         self.rule_id.push(d.map(|d| d.rule_id));
@@ -517,7 +840,7 @@ impl<'a> EntryRows<'a> {
 
 async fn write_grants(
     tx: &Transaction<'_>,
-    accounts: &BTreeMap<&str, Account>,
+    accounts: &BTreeMap<String, Account>,
 ) -> Result<(), StoreError> {
     let mut account_id = Vec::new();
     let mut grant_id = Vec::new();
@@ -530,7 +853,7 @@ async fn write_grants(
     let mut seq = Vec::new();
     for (id, a) in accounts {
         for g in a.grants.iter().filter(|g| g.dirty) {
-            account_id.push(*id);
+            account_id.push(id.as_str());
             grant_id.push(g.grant_id.as_str());
             kind.push(g.kind.as_str());
             priority.push(g.priority);
@@ -558,36 +881,97 @@ async fn write_grants(
 
 async fn write_accounts(
     tx: &Transaction<'_>,
-    accounts: &BTreeMap<&str, Account>,
+    accounts: &BTreeMap<String, Account>,
 ) -> Result<(), StoreError> {
-    let ids: Vec<&str> = accounts.keys().copied().collect();
+    let ids: Vec<&str> = accounts.keys().map(String::as_str).collect();
     let now = Utc::now();
+    let a: Vec<&Account> = accounts.values().collect();
     // The stored spendable balance counts grants not yet expired by an entry.
-    let spendable: Vec<Decimal> = accounts
-        .values()
+    let spendable: Vec<Decimal> = a
+        .iter()
         .map(|a| a.grants.iter().map(|g| g.remaining).sum())
         .collect();
-    let overage: Vec<Decimal> = accounts.values().map(|a| a.overage).collect();
-    let policy: Vec<&str> = accounts
-        .values()
+    let overage: Vec<Decimal> = a.iter().map(|a| a.overage).collect();
+    let policy: Vec<&str> = a
+        .iter()
         .map(|a| match a.policy {
             OveragePolicy::BillOverage => "bill_overage",
             OveragePolicy::SettleFromNextGrant => "settle_from_next_grant",
         })
         .collect();
-    let validity: Vec<i32> = accounts
-        .values()
-        .map(|a| a.top_up_validity_months as i32)
+    let validity: Vec<i32> = a.iter().map(|a| a.top_up_validity_months as i32).collect();
+    let seq: Vec<i64> = a.iter().map(|a| a.last_seq).collect();
+    fn plan(a: &Account) -> Option<&Plan> {
+        a.plan.as_ref()
+    }
+    let plan_id: Vec<Option<&str>> = a
+        .iter()
+        .map(|a| plan(a).map(|p| p.plan_id.as_str()))
         .collect();
-    let seq: Vec<i64> = accounts.values().map(|a| a.last_seq).collect();
+    let allowance: Vec<Option<Decimal>> = a
+        .iter()
+        .map(|a| plan(a).map(|p| p.monthly_allowance))
+        .collect();
+    let billing_day: Vec<Option<i32>> = a
+        .iter()
+        .map(|a| plan(a).map(|p| i32::from(p.billing_day)))
+        .collect();
+    let low_credits: Vec<Option<Decimal>> = a
+        .iter()
+        .map(|a| plan(a).and_then(|p| p.low_balance_credits))
+        .collect();
+    let low_percent: Vec<Option<Decimal>> = a
+        .iter()
+        .map(|a| plan(a).and_then(|p| p.low_balance_percent))
+        .collect();
+    // Arrays of arrays cannot be unnested into rows; percents travel as text ("{50,80,100}").
+    let percents: Vec<Option<String>> = a
+        .iter()
+        .map(|a| {
+            plan(a).map(|p| {
+                let v: Vec<String> = p
+                    .allowance_alert_percents
+                    .iter()
+                    .map(u32::to_string)
+                    .collect();
+                format!("{{{}}}", v.join(","))
+            })
+        })
+        .collect();
+    let cycle_start: Vec<Option<DateTime<Utc>>> = a
+        .iter()
+        .map(|a| a.cycle.as_ref().map(|c| c.start))
+        .collect();
+    let cycle_end: Vec<Option<DateTime<Utc>>> =
+        a.iter().map(|a| a.cycle.as_ref().map(|c| c.end)).collect();
+    let cycle_used: Vec<Decimal> = a
+        .iter()
+        .map(|a| a.cycle.as_ref().map_or(Decimal::ZERO, |c| c.used))
+        .collect();
+    let cycle_overage: Vec<Decimal> = a
+        .iter()
+        .map(|a| a.cycle.as_ref().map_or(Decimal::ZERO, |c| c.overage))
+        .collect();
     tx.execute(
         "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,
                 overage_policy = u.policy, top_up_validity_months = u.validity,
-                last_grant_seq = u.seq, updated_at = $7
-         FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::text[], $5::int[], $6::bigint[])
-              AS u(account_id, spendable, overage, policy, validity, seq)
+                last_grant_seq = u.seq, plan_id = u.plan_id, monthly_allowance = u.allowance,
+                billing_day = u.billing_day, low_balance_credits = u.low_credits,
+                low_balance_percent = u.low_percent, allowance_alert_percents = u.percents::int[],
+                cycle_start = u.cycle_start, cycle_end = u.cycle_end, cycle_used = u.cycle_used,
+                cycle_overage = u.cycle_overage, updated_at = $17
+         FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::text[], $5::int[], $6::bigint[],
+                     $7::text[], $8::numeric[], $9::int[], $10::numeric[], $11::numeric[], $12::text[],
+                     $13::timestamptz[], $14::timestamptz[], $15::numeric[], $16::numeric[])
+              AS u(account_id, spendable, overage, policy, validity, seq, plan_id, allowance,
+                   billing_day, low_credits, low_percent, percents, cycle_start, cycle_end,
+                   cycle_used, cycle_overage)
          WHERE a.account_id = u.account_id",
-        &[&ids, &spendable, &overage, &policy, &validity, &seq, &now],
+        &[
+            &ids, &spendable, &overage, &policy, &validity, &seq, &plan_id, &allowance, &billing_day,
+            &low_credits, &low_percent, &percents, &cycle_start, &cycle_end, &cycle_used,
+            &cycle_overage, &now,
+        ],
     )
     .await?;
     Ok(())

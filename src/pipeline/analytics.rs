@@ -1,5 +1,8 @@
-//! The analytics loop: a batch from Kafka -> decode and rate -> one ClickHouse INSERT of
-//! rated rows -> the batch's positions stored in ClickHouse -> Kafka offset commit.
+//! The analytics loop: a batch from Kafka -> decode and rate -> one ClickHouse INSERT of the
+//! rated rows whose identity is not stored yet -> the batch's positions stored in ClickHouse
+//! -> Kafka offset commit. Writing each identity once keeps the roll-ups' materialized views
+//! exact (they see every inserted block): a producer retry read at a new offset, or a batch
+//! read again, writes nothing.
 //!
 //! Rejected events are counted, not dead-lettered: the ledger loop owns dead letters, and
 //! both loops reject the same events (same decoder, price table and dedupe window), so the
@@ -30,8 +33,11 @@ const MAX_PERMANENT_ATTEMPTS: u32 = 5;
 pub struct AnalyticsStats {
     pub batches: u64,
     pub records: u64,
-    /// Rows written to `rated_events` (replays included).
+    /// Rows written to `rated_events`: identities not stored before.
     pub rows: u64,
+    /// Rated rows not written: the identity was already stored (a producer retry, a batch
+    /// read again) or came earlier in the same batch.
+    pub duplicates: u64,
     /// Grants and plans: nothing to write.
     pub not_usage: u64,
     /// Malformed, unknown, unpriced, too-late or unstorable events (the ledger dead-letters them).
@@ -109,31 +115,37 @@ pub async fn run(
 
         // Rows first, then the positions that skip them: a crash in between re-reads nothing
         // already stored (the positions also derive from the highest stored offset).
-        let written = persist("insert rated_events", &mut backoff, &mut shutdown, || {
+        let inserted = persist("insert rated_events", &mut backoff, &mut shutdown, || {
             sink.insert(&rows)
         })
-        .await?
-            && persist("store positions", &mut backoff, &mut shutdown, || {
+        .await?;
+        let stored = match inserted {
+            Some(_) => persist("store positions", &mut backoff, &mut shutdown, || {
                 sink.store_positions(&group, &batch.next_offsets)
             })
-            .await?;
-        if !written {
+            .await?
+            .is_some(),
+            None => false,
+        };
+        let Some(outcome) = inserted.filter(|_| stored) else {
             tracing::warn!(
                 records = batch.records.len(),
                 "shutdown while ClickHouse is failing: batch left uncommitted (read again at the next start)"
             );
             break;
-        }
+        };
         consumer.committed(&batch.next_offsets);
 
         stats.batches += 1;
         stats.records += batch.records.len() as u64;
-        stats.rows += rows.len() as u64;
+        stats.rows += outcome.written as u64;
+        stats.duplicates += (outcome.already_stored + outcome.repeated) as u64;
         stats.not_usage += not_usage;
         stats.rejected += rejected;
         tracing::debug!(
             records = batch.records.len(),
-            rows = rows.len(),
+            rows = outcome.written,
+            duplicates = outcome.already_stored + outcome.repeated,
             not_usage,
             rejected,
             skipped = batch.skipped,
@@ -146,29 +158,29 @@ pub async fn run(
     Ok(stats)
 }
 
-/// Runs `op` until it succeeds, waiting with back-off between attempts. Transient failures
-/// (ClickHouse down or overloaded) are retried for as long as it takes; others
-/// [`MAX_PERMANENT_ATTEMPTS`] times, then returned. Returns `Ok(false)` when shutdown is
-/// signalled while failing.
-async fn persist<F, Fut>(
+/// Runs `op` until it succeeds, waiting with back-off between attempts, and returns its
+/// value. Transient failures (ClickHouse down or overloaded) are retried for as long as it
+/// takes; others [`MAX_PERMANENT_ATTEMPTS`] times, then returned. Returns `Ok(None)` when
+/// shutdown is signalled while failing.
+async fn persist<T, F, Fut>(
     what: &'static str,
     backoff: &mut Backoff,
     shutdown: &mut watch::Receiver<bool>,
     mut op: F,
-) -> Result<bool, AnalyticsError>
+) -> Result<Option<T>, AnalyticsError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), AnalyticsError>>,
+    Fut: Future<Output = Result<T, AnalyticsError>>,
 {
     let (mut attempt, mut permanent) = (0u32, 0u32);
     loop {
         let error = match op().await {
-            Ok(()) => {
+            Ok(value) => {
                 if attempt > 0 {
                     tracing::info!(what, attempt, "ClickHouse recovered");
                 }
                 backoff.reset();
-                return Ok(true);
+                return Ok(Some(value));
             }
             Err(e) => e,
         };
@@ -183,11 +195,11 @@ where
         }
         tracing::warn!(what, attempt, transient, error = %error, "ClickHouse failed; retrying");
         if *shutdown.borrow() {
-            return Ok(false);
+            return Ok(None);
         }
         tokio::select! {
             _ = backoff.wait() => {}
-            _ = shutdown.changed() => return Ok(false),
+            _ = shutdown.changed() => return Ok(None),
         }
     }
 }
@@ -233,13 +245,13 @@ mod tests {
                 if n < 20 {
                     Err(down())
                 } else {
-                    Ok(())
+                    Ok(n)
                 }
             }
         })
         .await
         .unwrap();
-        assert!(ok);
+        assert_eq!(ok, Some(20));
         assert_eq!(calls.load(Ordering::SeqCst), 21);
     }
 
@@ -249,7 +261,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let err = persist("t", &mut backoff(), &mut rx, || {
             calls.fetch_add(1, Ordering::SeqCst);
-            async { Err(broken()) }
+            async { Err::<(), _>(broken()) }
         })
         .await
         .unwrap_err();
@@ -265,11 +277,11 @@ mod tests {
             if calls.fetch_add(1, Ordering::SeqCst) == 3 {
                 tx.send(true).unwrap();
             }
-            async { Err(down()) }
+            async { Err::<(), _>(down()) }
         })
         .await
         .unwrap();
-        assert!(!stopped);
+        assert!(stopped.is_none());
         assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 }

@@ -4,14 +4,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::Utc;
 use tokio::sync::watch;
 
 use super::{limits, prepare, retry, Backoff};
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::event::{Payload, Rejection};
 use crate::kafka::{self, BatchConsumer, DeadLetter, DeadLetterProducer, Record};
 
+use crate::ledger::buckets::Plan;
 use crate::ledger::{Action, BatchOutcome, DebitInfo, Item, NewGrant, PgOffsetStore, Store};
 use crate::rating::PriceTable;
 
@@ -30,6 +31,16 @@ pub struct LedgerStats {
 pub async fn run(
     cfg: Arc<Config>,
     prices: Arc<PriceTable>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<LedgerStats> {
+    run_with_clock(cfg, prices, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`run`] with the clock that decides "now" (future-time and dedupe-window checks).
+pub async fn run_with_clock(
+    cfg: Arc<Config>,
+    prices: Arc<PriceTable>,
+    clock: Arc<dyn Clock>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<LedgerStats> {
     let group = cfg.kafka.ledger_group.clone();
@@ -46,6 +57,7 @@ pub async fn run(
         Store::connect(&cfg.postgres)
     })
     .await;
+    store.alert_defaults = cfg.alerts.defaults();
     let mut stats = LedgerStats::default();
     let mut last_purge = Instant::now();
     tracing::info!(group, ?topics, "ledger pipeline started");
@@ -59,7 +71,7 @@ pub async fn run(
             continue;
         }
         let started = Instant::now();
-        let now = Utc::now();
+        let now = clock.now();
         let mut prepared = Vec::with_capacity(batch.records.len());
         let mut letters = Vec::new();
         for record in &batch.records {
@@ -142,7 +154,8 @@ async fn apply(
                 tracing::warn!(error = %e, transient = e.is_transient(), "ledger transaction failed; retrying");
                 backoff.wait().await;
                 if store.is_closed() || e.is_closed() {
-                    if let Ok(s) = Store::connect(&cfg.postgres).await {
+                    if let Ok(mut s) = Store::connect(&cfg.postgres).await {
+                        s.alert_defaults = cfg.alerts.defaults();
                         *store = s;
                     }
                 }
@@ -163,6 +176,14 @@ fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
             priority: g.priority,
         }),
         (Payload::Plan(plan), _) => Action::Plan {
+            plan: Plan {
+                plan_id: plan.plan_id.to_string(),
+                monthly_allowance: plan.monthly_allowance,
+                billing_day: plan.billing_day,
+                low_balance_credits: plan.low_balance_credits,
+                low_balance_percent: plan.low_balance_percent,
+                allowance_alert_percents: plan.allowance_alert_percents.clone().unwrap_or_default(),
+            },
             overage_policy: plan.overage_policy,
             top_up_validity_months: plan
                 .top_up_validity_months

@@ -2,8 +2,10 @@
 //! [`prepare`] is the shared front half (pure); [`ledger`] and [`analytics`] are the loops.
 //! Owns retry/back-off and shutdown; owns no SQL and no wire format.
 
+pub mod alerts;
 pub mod analytics;
 pub mod ledger;
+pub mod scheduler;
 
 use std::future::Future;
 use std::time::Duration;

@@ -82,13 +82,9 @@ impl TestEnv {
     }
 
     pub async fn with_config(cfg: Config) -> TestEnv {
-        tally::kafka::ensure_topics(
-            &cfg.kafka,
-            &cfg.kafka.topics.all(),
-            cfg.kafka.topic_partitions,
-        )
-        .await
-        .expect("Kafka is up (run scripts/services up)");
+        tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
+            .await
+            .expect("Kafka is up (run scripts/services up)");
         let mut store = Store::connect(&cfg.postgres)
             .await
             .expect("PostgreSQL is up (run scripts/services up)");

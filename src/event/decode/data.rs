@@ -115,26 +115,26 @@ fn is_identifier(s: &str) -> bool {
             .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CallData<'a> {
     #[serde(borrow)]
-    call_id: Option<Text<'a>>,
+    pub(super) call_id: Option<Text<'a>>,
     #[serde(borrow)]
-    direction: Option<Text<'a>>,
+    pub(super) direction: Option<Text<'a>>,
     #[serde(borrow)]
-    channel: Option<Text<'a>>,
+    pub(super) channel: Option<Text<'a>>,
     #[serde(borrow)]
-    model: Option<Text<'a>>,
+    pub(super) model: Option<Text<'a>>,
     #[serde(borrow)]
-    voice_tier: Option<Text<'a>>,
+    pub(super) voice_tier: Option<Text<'a>>,
     #[serde(borrow)]
-    started_at: Option<Text<'a>>,
+    pub(super) started_at: Option<Text<'a>>,
     #[serde(borrow)]
-    answered_at: Option<Text<'a>>,
+    pub(super) answered_at: Option<Text<'a>>,
     #[serde(borrow)]
-    ended_at: Option<Text<'a>>,
-    hold_seconds: Option<i64>,
+    pub(super) ended_at: Option<Text<'a>>,
+    pub(super) hold_seconds: Option<i64>,
 }
 
 impl<'a> CallData<'a> {
@@ -217,18 +217,18 @@ impl<'a> CallData<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ChatData<'a> {
     #[serde(borrow)]
-    conversation_id: Option<Text<'a>>,
+    pub(super) conversation_id: Option<Text<'a>>,
     #[serde(borrow)]
-    model: Option<Text<'a>>,
+    pub(super) model: Option<Text<'a>>,
     #[serde(borrow)]
-    voice_tier: Option<Text<'a>>,
+    pub(super) voice_tier: Option<Text<'a>>,
     #[serde(borrow)]
-    channel: Option<Text<'a>>,
-    responses: Option<i64>,
+    pub(super) channel: Option<Text<'a>>,
+    pub(super) responses: Option<i64>,
 }
 
 impl<'a> ChatData<'a> {
@@ -253,17 +253,17 @@ impl<'a> ChatData<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct InstanceData<'a> {
     #[serde(borrow)]
-    instance_id: Option<Text<'a>>,
+    pub(super) instance_id: Option<Text<'a>>,
     #[serde(borrow)]
-    instance_type: Option<Text<'a>>,
+    pub(super) instance_type: Option<Text<'a>>,
     #[serde(borrow)]
-    started_at: Option<Text<'a>>,
+    pub(super) started_at: Option<Text<'a>>,
     #[serde(borrow)]
-    ended_at: Option<Text<'a>>,
+    pub(super) ended_at: Option<Text<'a>>,
 }
 
 impl<'a> InstanceData<'a> {
@@ -294,15 +294,15 @@ impl<'a> InstanceData<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MeteredData<'a> {
     #[serde(borrow)]
-    kind: Option<Text<'a>>,
+    pub(super) kind: Option<Text<'a>>,
     #[serde(borrow)]
-    quantity: Option<Text<'a>>,
+    pub(super) quantity: Option<Text<'a>>,
     #[serde(borrow)]
-    attributes: Option<StringMap<'a>>,
+    pub(super) attributes: Option<StringMap<'a>>,
 }
 
 impl<'a> MeteredData<'a> {
@@ -366,18 +366,18 @@ impl<'a> MeteredData<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GrantData<'a> {
     #[serde(borrow)]
-    grant_id: Option<Text<'a>>,
+    pub(super) grant_id: Option<Text<'a>>,
     #[serde(borrow)]
-    kind: Option<Text<'a>>,
+    pub(super) kind: Option<Text<'a>>,
     #[serde(borrow)]
-    credits: Option<Text<'a>>,
+    pub(super) credits: Option<Text<'a>>,
     #[serde(borrow)]
-    expires_at: Option<Text<'a>>,
-    priority: Option<i64>,
+    pub(super) expires_at: Option<Text<'a>>,
+    pub(super) priority: Option<i64>,
 }
 
 impl<'a> GrantData<'a> {
@@ -415,22 +415,22 @@ impl<'a> GrantData<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PlanData<'a> {
     #[serde(borrow)]
-    plan_id: Option<Text<'a>>,
+    pub(super) plan_id: Option<Text<'a>>,
     #[serde(borrow)]
-    monthly_allowance: Option<Text<'a>>,
-    billing_day: Option<i64>,
+    pub(super) monthly_allowance: Option<Text<'a>>,
+    pub(super) billing_day: Option<i64>,
     #[serde(borrow)]
-    overage_policy: Option<Text<'a>>,
-    top_up_validity_months: Option<i64>,
+    pub(super) overage_policy: Option<Text<'a>>,
+    pub(super) top_up_validity_months: Option<i64>,
     #[serde(borrow)]
-    low_balance_credits: Option<Text<'a>>,
+    pub(super) low_balance_credits: Option<Text<'a>>,
     #[serde(borrow)]
-    low_balance_percent: Option<Text<'a>>,
-    allowance_alert_percents: Option<Vec<i64>>,
+    pub(super) low_balance_percent: Option<Text<'a>>,
+    pub(super) allowance_alert_percents: Option<Vec<i64>>,
 }
 
 impl<'a> PlanData<'a> {
