@@ -84,12 +84,85 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage accounts: plans and grants (published as events, so the ledger applies them
+    /// exactly once, in order with usage), and the billing view.
+    Accounts {
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
     /// Re-submit dead letters to their source topics (after the cause is fixed), or re-read
     /// events from a JSON-lines file (backfills).
     Replay {
         #[command(subcommand)]
         command: ReplayCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    /// Give an account a plan (monthly allowance on a billing day) or change it; a change takes
+    /// effect from the next reset.
+    SetPlan {
+        account: String,
+        #[arg(long, default_value = "default")]
+        plan_id: String,
+        /// Credits granted each cycle (unused allowance expires at the reset).
+        #[arg(long)]
+        allowance: rust_decimal::Decimal,
+        /// 1..=31; 29–31 fall on the last day of shorter months.
+        #[arg(long)]
+        billing_day: u8,
+        #[arg(long, value_enum, default_value_t = Policy::BillOverage)]
+        overage_policy: Policy,
+        #[arg(long)]
+        top_up_validity_months: Option<u32>,
+        /// Low-balance alert below this many credits.
+        #[arg(long)]
+        low_balance_credits: Option<rust_decimal::Decimal>,
+        /// Low-balance alert below this percent of the allowance.
+        #[arg(long)]
+        low_balance_percent: Option<rust_decimal::Decimal>,
+        /// Allowance-used alert thresholds, e.g. 50,80,100.
+        #[arg(long, value_delimiter = ',')]
+        allowance_alert_percents: Option<Vec<u32>>,
+    },
+    /// Add credits: a top-up, package, promo or manual grant (idempotent by grant id).
+    Grant {
+        account: String,
+        #[arg(long)]
+        grant_id: String,
+        #[arg(long, value_enum)]
+        kind: Kind,
+        #[arg(long)]
+        credits: rust_decimal::Decimal,
+        /// RFC 3339; default: top-ups valid for the account's validity, others never expire.
+        #[arg(long)]
+        expires_at: Option<DateTime<Utc>>,
+        #[arg(long)]
+        priority: Option<i32>,
+    },
+    /// The billing view: balance by grant, cycle, allowance used, days until reset, closed
+    /// cycles and last entries.
+    Show {
+        account: String,
+        #[arg(long, default_value_t = 10)]
+        entries: i64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Policy {
+    SettleFromNextGrant,
+    BillOverage,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    TopUp,
+    Package,
+    Promo,
+    Manual,
+    Allowance,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -195,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             json,
         } => tally::cli::report(&cfg, &account, from, to, json).await,
+        Command::Accounts { command } => accounts(&cfg, command).await,
         Command::Replay { command } => match command {
             ReplayCommand::DeadLetters { reason, dry_run } => {
                 let reason = match reason {
@@ -225,6 +299,98 @@ impl From<ProduceArgs> for tally::cli::ProduceOptions {
             end,
         }
     }
+}
+
+async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> {
+    use tally::event::{encode, GrantKind, OveragePolicy};
+    let now = Utc::now();
+    let (account, payload, topic) = match command {
+        AccountsCommand::Show { account, entries } => {
+            return tally::cli::show_account(cfg, &account, entries, now).await;
+        }
+        AccountsCommand::SetPlan {
+            account,
+            plan_id,
+            allowance,
+            billing_day,
+            overage_policy,
+            top_up_validity_months,
+            low_balance_credits,
+            low_balance_percent,
+            allowance_alert_percents,
+        } => {
+            let policy = match overage_policy {
+                Policy::SettleFromNextGrant => OveragePolicy::SettleFromNextGrant,
+                Policy::BillOverage => OveragePolicy::BillOverage,
+            };
+            let event_id = format!(
+                "plan:{account}:{}",
+                now.timestamp_nanos_opt().unwrap_or_default()
+            );
+            let payload = encode::plan(
+                "//tally/cli",
+                &event_id,
+                &account,
+                &plan_id,
+                allowance,
+                billing_day,
+                policy,
+                top_up_validity_months,
+                low_balance_credits,
+                low_balance_percent,
+                allowance_alert_percents.as_deref(),
+                now,
+            );
+            (account, payload, cfg.kafka.topics.plans.clone())
+        }
+        AccountsCommand::Grant {
+            account,
+            grant_id,
+            kind,
+            credits,
+            expires_at,
+            priority,
+        } => {
+            let kind = match kind {
+                Kind::TopUp => GrantKind::TopUp,
+                Kind::Package => GrantKind::Package,
+                Kind::Promo => GrantKind::Promo,
+                Kind::Manual => GrantKind::Manual,
+                Kind::Allowance => GrantKind::Allowance,
+            };
+            let payload = encode::grant(
+                "//tally/cli",
+                &account,
+                &grant_id,
+                kind,
+                credits,
+                expires_at,
+                priority,
+                now,
+            );
+            (account, payload, cfg.kafka.topics.grants.clone())
+        }
+    };
+    // Validate exactly as the pipeline will, so a mistake is reported here, not dead-lettered.
+    tally::event::decode(&payload, now, &tally::event::DecodeLimits::default())
+        .map_err(|r| anyhow::anyhow!("refused: {r}"))?;
+    let producer: rdkafka::producer::FutureProducer =
+        tally::kafka::producer_config(&cfg.kafka).create()?;
+    tally::cli::send_all(
+        &producer,
+        [(
+            topic.as_str(),
+            Some(account.as_bytes()),
+            payload.as_slice(),
+            None,
+        )],
+        1,
+        0,
+        false,
+    )
+    .await?;
+    println!("sent to {topic}: {}", String::from_utf8_lossy(&payload));
+    Ok(())
 }
 
 fn prices_check(file: &std::path::Path) -> anyhow::Result<()> {

@@ -183,12 +183,12 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
     records
         .iter()
         .filter_map(|r| {
-            let p = prepare(
-                r,
-                prices,
-                Utc::now(),
-                &tally::pipeline::Admission::default(),
-            )
+            // Rated as of the day after the events (fixed dates): inside the dedupe window
+            // whatever today is.
+            let now = DateTime::parse_from_rfc3339("2025-06-16T00:00:00Z")
+                .unwrap()
+                .to_utc();
+            let p = prepare(r, prices, now, &tally::pipeline::Admission::default())
             .unwrap_or_else(|e| panic!("offset {}: {e}", r.offset));
             rated_row(&p, inserted_at).unwrap()
         })

@@ -457,9 +457,40 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
         ]
     );
 
-    // Every alert, once per crossing, on its topic, keyed by account.
+    // The billing view at the last tick.
+    let view = store
+        .balance_view("acct-p", day(4, 25, 0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((view.spendable, view.overage), (dec!(120), z));
+    assert_eq!(view.allowance, Some((dec!(100), z)));
+    assert_eq!(view.days_until_reset, Some(5));
+    assert_eq!(
+        view.next_expiry,
+        Some((day(4, 30, 0), dec!(100), a4.to_owned()))
+    );
+    let order: Vec<&str> = view.grants.iter().map(|g| g.grant_id.as_str()).collect();
+    assert_eq!(order, vec![a4, "pkg-1"], "consumption order");
+
+    // Every alert, once per crossing, on its topic, keyed by account, valid by its schema.
     let alerts = read_alerts(&env);
     assert_eq!(alerts.len(), published);
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_path("schemas/alerts/alert.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap();
+    for (_, alert) in &alerts {
+        let errors: Vec<String> = validator
+            .iter_errors(alert)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{alert}: {errors:?}");
+    }
     let topics = &env.cfg.alerts.topics;
     let by_id: BTreeMap<String, (String, Value)> = alerts
         .into_iter()

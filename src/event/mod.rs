@@ -4,6 +4,7 @@
 //! Must not know about prices, balances or storage.
 
 mod decode;
+pub mod encode;
 // The file is types.rs; `types` itself names the CloudEvents type constants.
 #[path = "types.rs"]
 mod model;

@@ -105,6 +105,25 @@ pub struct LedgerLine {
     pub rule_id: Option<String>,
 }
 
+/// What an account's billing page shows: spendable credits by grant, overage, next expiry,
+/// cycle, allowance used and days until reset — at a given time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceView {
+    pub account_id: String,
+    pub spendable: Decimal,
+    pub overage: Decimal,
+    /// Grants with credits left, in consumption order.
+    pub grants: Vec<Grant>,
+    /// The soonest expiry among grants with credits left: (when, credits, grant id).
+    pub next_expiry: Option<(DateTime<Utc>, Decimal, String)>,
+    pub plan: Option<Plan>,
+    pub cycle: Option<Cycle>,
+    /// The current cycle's allowance: (granted, used).
+    pub allowance: Option<(Decimal, Decimal)>,
+    /// Whole days until the next reset (rounded up).
+    pub days_until_reset: Option<i64>,
+}
+
 /// An account's balance by grant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccountBalance {
@@ -424,6 +443,66 @@ impl Store {
             spendable: acct.get(0),
             overage: acct.get(1),
             grants,
+        }))
+    }
+
+    /// The billing-page view of an account at `now` (None: unknown account).
+    pub async fn balance_view(
+        &self,
+        account_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<BalanceView>, StoreError> {
+        let Some(row) = self
+            .client
+            .query_opt(
+                &format!("SELECT {ACCOUNT_COLUMNS}, spendable FROM accounts WHERE account_id = $1"),
+                &[&account_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let account = account_from_row(&row)?;
+        let spendable: Decimal = row.get(15);
+        let all = self
+            .client
+            .query(
+                &format!("{GRANT_COLUMNS} WHERE account_id = $1 ORDER BY seq"),
+                &[&account_id],
+            )
+            .await?
+            .iter()
+            .map(grant_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let allowance = account.cycle.as_ref().and_then(|c| {
+            let id = super::buckets::allowance_grant_id(c.start);
+            all.iter()
+                .find(|g| g.grant_id == id)
+                .map(|g| (g.granted, g.granted - g.remaining))
+        });
+        let mut grants: Vec<Grant> = all
+            .into_iter()
+            .filter(|g| g.remaining > Decimal::ZERO)
+            .collect();
+        grants.sort_by_key(|g| (g.priority, g.expires_at.is_none(), g.expires_at, g.seq));
+        let next_expiry = grants
+            .iter()
+            .filter_map(|g| g.expires_at.map(|e| (e, g.remaining, g.grant_id.clone())))
+            .min_by_key(|(e, _, _)| *e);
+        let days_until_reset = account.cycle.as_ref().map(|c| {
+            let secs = (c.end - now).num_seconds().max(0);
+            (secs + 86_399) / 86_400
+        });
+        Ok(Some(BalanceView {
+            account_id: account.account_id,
+            spendable,
+            overage: account.overage,
+            grants,
+            next_expiry,
+            plan: account.plan,
+            cycle: account.cycle,
+            allowance,
+            days_until_reset,
         }))
     }
 

@@ -59,6 +59,16 @@ pub fn test_config(name: &str) -> Config {
     ] {
         *topic = format!("{id}.{topic}");
     }
+    let a = &mut cfg.alerts.topics;
+    for topic in [
+        &mut a.low_balance,
+        &mut a.allowance_used,
+        &mut a.credits_exhausted,
+        &mut a.projected_exhaustion,
+        &mut a.credits_expiring,
+    ] {
+        *topic = format!("{id}.{topic}");
+    }
     cfg.postgres.url = Secret::new(
         std::env::var("TALLY_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=tally".into()),
