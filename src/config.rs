@@ -49,6 +49,56 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub prices: PricesConfig,
     pub alerts: AlertsConfig,
+    pub api: ApiConfig,
+}
+
+/// The HTTP API and dashboard served by `tally run` (see `src/api`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve the API from `tally run` (false: pipelines only).
+    pub enabled: bool,
+    /// Address to listen on, e.g. "127.0.0.1:8080" or "0.0.0.0:8080" (port 0: any free port).
+    pub listen: String,
+    /// Larger request bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// Bearer tokens, stored as SHA-256 hashes: `printf %s "$TOKEN" | sha256sum`.
+    pub tokens: Vec<ApiToken>,
+}
+
+/// One API bearer token: its SHA-256 (hex, never the token itself) and what it may do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// A label for logs (the token and its hash are never logged).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Hex SHA-256 of the token (64 hex digits).
+    pub sha256: Secret,
+    pub role: ApiRole,
+    /// The one account an `account` token may read (required for, and only for, that role).
+    #[serde(default)]
+    pub account_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiRole {
+    /// Reads every account, writes grants and plans.
+    Admin,
+    /// Reads its own account only.
+    Account,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 16 * 1024,
+            tokens: Vec::new(),
+        }
+    }
 }
 
 /// Threshold alerts: where they are published and the defaults for accounts whose plan does
@@ -485,6 +535,60 @@ impl Config {
         if !(1..=60_000).contains(&a.relay_interval_ms) {
             return Err(invalid("alerts.relay_interval_ms", "must be 1..=60000"));
         }
+        self.validate_api()
+    }
+
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        let api = &self.api;
+        if api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "api.listen",
+                format!("`{}` is not an IP:port address", api.listen),
+            ));
+        }
+        if !(256..=16 * 1024 * 1024).contains(&api.max_body_bytes) {
+            return Err(invalid("api.max_body_bytes", "must be 256..=16777216"));
+        }
+        for (i, t) in api.tokens.iter().enumerate() {
+            // Never echo the hash: name the token by position and label.
+            let which = format!("token #{} ({})", i + 1, t.name.as_deref().unwrap_or("unnamed"));
+            let hash = t.sha256.expose();
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    "api.tokens.sha256",
+                    format!("{which}: must be 64 hex digits (the SHA-256 of the token)"),
+                ));
+            }
+            let same = |o: &ApiToken| o.sha256.expose().eq_ignore_ascii_case(hash);
+            if api.tokens[..i].iter().any(same) {
+                return Err(invalid(
+                    "api.tokens.sha256",
+                    format!("{which}: the same token is configured twice"),
+                ));
+            }
+            match (t.role, t.account_id.as_deref()) {
+                (ApiRole::Account, Some(id)) if valid_account_id(id) => {}
+                (ApiRole::Account, _) => {
+                    return Err(invalid(
+                        "api.tokens.account_id",
+                        format!("{which}: an account token needs an account_id matching ^[A-Za-z0-9._:-]{{1,128}}$"),
+                    ))
+                }
+                (ApiRole::Admin, Some(_)) => {
+                    return Err(invalid(
+                        "api.tokens.account_id",
+                        format!("{which}: an admin token reads every account; remove account_id"),
+                    ))
+                }
+                (ApiRole::Admin, None) => {}
+            }
+        }
         Ok(())
     }
 
@@ -532,6 +636,14 @@ fn valid_topic(t: &str) -> bool {
         && t.len() <= 249
         && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// An account id as events carry it (`subject`): `^[A-Za-z0-9._:-]{1,128}$`.
+pub fn valid_account_id(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// A lower-case identifier safe to splice into SQL (schema and database names).
@@ -645,5 +757,45 @@ mod tests {
             redact_url("host=db user=t password=x"),
             "host=db user=t password=***"
         );
+    }
+
+    #[test]
+    fn api_settings_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tally.toml");
+        let hash = "ab".repeat(32);
+        std::fs::write(
+            &path,
+            format!(
+                "[api]\nlisten = \"127.0.0.1:0\"\n[[api.tokens]]\nsha256 = \"{hash}\"\nrole = \"admin\"\n\
+                 [[api.tokens]]\nname = \"acme\"\nsha256 = \"{}\"\nrole = \"account\"\naccount_id = \"acct-1\"\n",
+                "CD".repeat(32)
+            ),
+        )
+        .unwrap();
+        let cfg = Config::load_from(Some(&path), Env::prefixed("TALLY_NOTHING_")).unwrap();
+        assert_eq!(cfg.api.tokens.len(), 2);
+        assert_eq!(cfg.api.tokens[1].role, ApiRole::Account);
+        assert!(!format!("{cfg:?}").contains(&hash), "hashes are not shown");
+
+        let check = |edit: &dyn Fn(&mut Config)| {
+            let mut c = cfg.clone();
+            edit(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        let err = check(&|c| c.api.listen = "localhost".into());
+        assert!(err.contains("api.listen"), "{err}");
+        let err = check(&|c| c.api.tokens[0].sha256 = Secret::new("secret-token"));
+        assert!(err.contains("api.tokens.sha256") && !err.contains("secret-token"), "{err}");
+        let err = check(&|c| c.api.tokens[1].sha256 = Secret::new(hash.to_uppercase()));
+        assert!(err.contains("twice"), "{err}");
+        let err = check(&|c| c.api.tokens[1].account_id = None);
+        assert!(err.contains("api.tokens.account_id"), "{err}");
+        let err = check(&|c| c.api.tokens[0].account_id = Some("acct-1".into()));
+        assert!(err.contains("api.tokens.account_id"), "{err}");
+        let err = check(&|c| c.api.tokens[1].account_id = Some("a/b".into()));
+        assert!(err.contains("api.tokens.account_id"), "{err}");
+        let err = check(&|c| c.api.max_body_bytes = 10);
+        assert!(err.contains("api.max_body_bytes"), "{err}");
     }
 }

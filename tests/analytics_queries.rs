@@ -380,6 +380,20 @@ async fn reports_match_the_stream() {
     late.reverse();
     events.extend(late.iter().cloned());
     assert!(n > 150, "{n} events");
+    for e in &events {
+        let record = tally::kafka::Record {
+            topic: std::sync::Arc::from(e.topic(&topics).as_str()),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: e.payload(),
+            headers: Vec::new(),
+        };
+        let admission = tally::pipeline::limits(&env.cfg.pipeline).1;
+        if let Err(r) = tally::pipeline::prepare(&record, &env.prices, now, &admission) {
+            panic!("{e:?} is rejected: {r}");
+        }
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let ledger = tokio::spawn(tally::pipeline::ledger::run(
@@ -637,8 +651,8 @@ async fn reports_match_the_stream() {
     assert_eq!(p.days_left as i64, days_left);
     assert_eq!(p.projected_total, used + pace * Decimal::from(days_left));
     let runs_out = (pace > Decimal::ZERO).then(|| {
-        let days = (spendable / pace).ceil();
-        today + chrono::Days::new(u64::try_from(days.mantissa() / 10i128.pow(days.scale())).unwrap())
+        use rust_decimal::prelude::ToPrimitive;
+        today + chrono::Days::new((spendable / pace).ceil().to_u64().unwrap())
     });
     assert_eq!(p.runs_out_on, runs_out);
     assert_eq!(p.runs_out_before_reset, runs_out.is_some_and(|d| d < next_month));

@@ -718,4 +718,109 @@ mod tests {
             prop_assert_eq!(a, snapshot);
         }
     }
+
+    #[derive(Debug, Clone)]
+    enum LifeOp {
+        /// Hours to move forward, then an event.
+        Grant(u32, u8, i64),
+        Debit(u32, i64),
+        Plan(u32, u8, i64),
+        Tick(u32),
+    }
+
+    fn life_op() -> impl Strategy<Value = LifeOp> {
+        prop_oneof![
+            (0u32..400, 0u8..5, 1i64..50_000_000).prop_map(|(h, k, c)| LifeOp::Grant(h, k, c)),
+            (0u32..200, 0i64..30_000_000).prop_map(|(h, c)| LifeOp::Debit(h, c)),
+            (0u32..400, 1u8..=31, 0i64..100_000_000).prop_map(|(h, d, a)| LifeOp::Plan(h, d, a)),
+            (0u32..2_000).prop_map(LifeOp::Tick),
+        ]
+    }
+
+    proptest! {
+        /// With plans, cycle resets and ticks: credits are conserved (granted = spent +
+        /// expired + remaining + overage settled), no grant goes below zero, every reset grants
+        /// exactly one allowance per cycle, balances chain line by line, and alerts fire once
+        /// per crossing (a key fires again only after an evaluation where it did not hold).
+        #[test]
+        fn lifecycle_conserves_credits_and_alerts_fire_once_per_crossing(
+            ops in proptest::collection::vec(life_op(), 1..50),
+            bill_overage in any::<bool>(),
+        ) {
+            use crate::alerts::{evaluate, AlertDefaults, AlertState};
+            let kinds = [GrantKind::Allowance, GrantKind::Package, GrantKind::TopUp, GrantKind::Promo, GrantKind::Manual];
+            let mut a = Account::new("p");
+            let mut out = vec![];
+            let mut state = AlertState::new();
+            let defaults = AlertDefaults { low_balance_credits: Some(Decimal::from(5)), ..Default::default() };
+            let mut at = t(1);
+            let mut debited = Decimal::ZERO;
+            let mut held_before: std::collections::BTreeSet<String> = Default::default();
+            for (i, op) in ops.iter().enumerate() {
+                match *op {
+                    LifeOp::Grant(h, k, c) => {
+                        at += chrono::Duration::hours(h.into());
+                        let kind = kinds[k as usize % kinds.len()];
+                        let kind = if kind == GrantKind::Allowance { GrantKind::Package } else { kind };
+                        a.grant(&new_grant(&format!("g{i}"), kind, Decimal::new(c, 6), None), at, false, &mut out);
+                    }
+                    LifeOp::Debit(h, c) => {
+                        at += chrono::Duration::hours(h.into());
+                        a.debit(Decimal::new(c, 6), at, &mut out);
+                        debited += Decimal::new(c, 6);
+                    }
+                    LifeOp::Plan(h, d, amount) => {
+                        at += chrono::Duration::hours(h.into());
+                        let plan = Plan {
+                            plan_id: format!("plan{i}"),
+                            monthly_allowance: Decimal::new(amount, 6),
+                            billing_day: d,
+                            low_balance_credits: None,
+                            low_balance_percent: Some(Decimal::from(25)),
+                            allowance_alert_percents: vec![50, 100],
+                        };
+                        let policy = if bill_overage { OveragePolicy::BillOverage } else { OveragePolicy::SettleFromNextGrant };
+                        a.set_plan(plan, policy, 3, at, &mut out);
+                    }
+                    LifeOp::Tick(h) => {
+                        at += chrono::Duration::hours(h.into());
+                        a.advance(at, &mut out);
+                    }
+                }
+                prop_assert!(a.grants.iter().all(|g| g.remaining >= Decimal::ZERO && g.remaining <= g.granted));
+                // Alerts: a key fires only if it did not hold at the previous evaluation.
+                let fired = evaluate(&a, at, &defaults, &mut state);
+                for alert in &fired {
+                    let key = alert.alert_id.rsplit_once('/').unwrap().0.split_once('/').unwrap().1.to_owned();
+                    prop_assert!(!held_before.contains(&key), "{} fired twice in a row", alert.alert_id);
+                }
+                held_before = state.iter().filter(|(_, s)| s.active).map(|(k, _)| k.clone()).collect();
+            }
+            let sum = |k: EntryKind| -> Decimal { out.iter().filter(|e| e.kind == k).map(|e| e.amount.abs()).sum() };
+            let remaining: Decimal = a.grants.iter().map(|g| g.remaining).sum();
+            prop_assert_eq!(sum(EntryKind::Grant), sum(EntryKind::Debit) + sum(EntryKind::Expiry) + remaining + sum(EntryKind::Settle));
+            prop_assert_eq!(debited, sum(EntryKind::Debit) + sum(EntryKind::Overage));
+            let mut balance = Decimal::ZERO;
+            for e in &out {
+                if e.kind != EntryKind::Overage {
+                    balance += e.amount;
+                }
+                prop_assert_eq!(e.balance_after, balance, "{:?}", e);
+            }
+            // One allowance grant per cycle start, never two.
+            let mut allowance_ids: Vec<&str> = out
+                .iter()
+                .filter(|e| e.kind == EntryKind::Grant)
+                .filter_map(|e| e.grant_id.as_deref())
+                .filter(|g| g.starts_with("allowance:"))
+                .collect();
+            let n = allowance_ids.len();
+            allowance_ids.dedup();
+            prop_assert_eq!(n, allowance_ids.len());
+            // Closed cycles tile time: each starts where the previous ended.
+            for w in a.closed.windows(2) {
+                prop_assert_eq!(w[0].end, w[1].start);
+            }
+        }
+    }
 }

@@ -539,6 +539,53 @@ impl Store {
             .collect())
     }
 
+    /// A page of an account's ledger, newest first: up to `limit` lines with `entry_id`
+    /// below `before` (all when None). The last line's id is the cursor of the next page.
+    pub async fn entries_before(
+        &self,
+        account_id: &str,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<LedgerLine>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT entry_id, kind, grant_id, amount, balance_after, overage_after,
+                        effective_at, event_id, rule_id
+                 FROM ledger_entries WHERE account_id = $1 AND entry_id < $2
+                 ORDER BY entry_id DESC LIMIT $3",
+                &[&account_id, &before.unwrap_or(i64::MAX), &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| LedgerLine {
+                entry_id: r.get(0),
+                kind: r.get(1),
+                grant_id: r.get(2),
+                amount: r.get(3),
+                balance_after: r.get(4),
+                overage_after: r.get(5),
+                effective_at: r.get(6),
+                event_id: r.get(7),
+                rule_id: r.get(8),
+            })
+            .collect())
+    }
+
+    /// One grant of an account, whatever its remaining credits (None: never granted).
+    pub async fn grant(&self, account_id: &str, grant_id: &str) -> Result<Option<Grant>, StoreError> {
+        self.client
+            .query_opt(
+                &format!("{GRANT_COLUMNS} WHERE account_id = $1 AND grant_id = $2"),
+                &[&account_id, &grant_id],
+            )
+            .await?
+            .as_ref()
+            .map(grant_from_row)
+            .transpose()
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }
