@@ -16,20 +16,26 @@
 //!   rating::PriceTable::rate   Usage -> Charge{credits, version, rule} or Unpriced (pure)
 //!      │
 //!      ├──► pipeline::ledger     one PostgreSQL transaction per batch: dedupe claim,
-//!      │                         ledger::buckets (pure debit logic), entries, offsets
+//!      │                         ledger::buckets (pure debit/cycle logic), entries,
+//!      │                         alerts::evaluate -> alert_outbox, offsets
+//!      │      pipeline::scheduler  resets cycles, expires grants on time (no traffic needed)
+//!      │      pipeline::alerts     alert_outbox -> Kafka tally.alerts.* (relay)
 //!      └──► pipeline::analytics  analytics::sink -> ClickHouse rated_events (idempotent)
 //! ```
 //!
-//! ## Modules (a module has one job; dependencies point down this list)
+//! ## Modules (a module has one job)
 //!
 //! - [`config`] — typed settings from a TOML file + `TALLY_*` environment, validated once.
 //! - [`event`] — wire format, decoder, rejection reasons. Pure.
 //! - [`rating`] — price table (effective-dated versions, rules) and rating. Pure.
-//! - [`ledger`] — credit-bucket logic (pure) and the PostgreSQL store.
-//! - [`analytics`] — the ClickHouse sink and DDL.
+//! - [`ledger`] — credit-bucket and billing-cycle logic (pure) and the PostgreSQL store.
+//! - [`alerts`] — threshold detection (pure) and alert messages.
+//! - [`analytics`] — the ClickHouse sink, DDL and usage queries.
+//! - [`clock`] — time as a dependency (tests move it by hand).
 //! - [`kafka`] — client configuration, topic administration, dead letters.
 //! - [`pipeline`] — the batch loops joining the pieces above.
 //! - [`demo`] — the realistic demo stream behind `tally produce`.
+//! - [`cli`] — glue behind the operator commands (`src/main.rs` only parses arguments).
 
 pub mod alerts;
 pub mod analytics;

@@ -388,6 +388,7 @@ async fn reports_match_the_stream() {
             key: None,
             payload: e.payload(),
             headers: Vec::new(),
+            timestamp_ms: None,
         };
         let admission = tally::pipeline::limits(&env.cfg.pipeline).1;
         if let Err(r) = tally::pipeline::prepare(&record, &env.prices, now, &admission) {
