@@ -116,7 +116,26 @@ async fn known_stream_gives_exact_ledger_analytics_and_dead_letters() {
             "acct-b".into(),
             ev::chat("chat-b1", "acct-b", &at(700), "gpt-4o-mini", "standard", 2),
         ), // 2, no grants: overage
-        // bad input
+        // bad input: oversized, invalid UTF-8, empty (a tombstone), hostile nesting
+        (topics.metered.clone(), "acct-a".into(), {
+            let mut big = ev::analysis("an-big", "acct-a", &at(601), "gemini-3-flash", "1");
+            big.splice(
+                1..1,
+                format!("\"pad\":\"{}\",", "x".repeat(100_000)).into_bytes(),
+            );
+            big
+        }),
+        (
+            topics.calls.clone(),
+            "acct-a".into(),
+            b"{\"specversion\":\"1.0\",\"id\":\"\xff\xfe\"}".to_vec(),
+        ),
+        (topics.calls.clone(), "acct-a".into(), Vec::new()),
+        (
+            topics.grants.clone(),
+            "acct-a".into(),
+            format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+        ),
         (
             topics.calls.clone(),
             "acct-a".into(),
@@ -240,8 +259,16 @@ async fn known_stream_gives_exact_ledger_analytics_and_dead_letters() {
     );
 
     // Dead letters: each rejected message once, with its reason and origin.
-    let mut dead: Vec<(String, Option<String>, String)> = env
-        .dead_letters()
+    let letters = env.dead_letters();
+    // The original bytes travel unchanged, whatever they are.
+    assert!(letters
+        .iter()
+        .any(|d| d.payload == b"{\"specversion\":\"1.0\",\"id\":\"\xff\xfe\"}"));
+    assert!(letters
+        .iter()
+        .any(|d| d.reason == "too_large" && d.payload.len() > 100_000));
+    assert!(letters.iter().any(|d| d.payload.is_empty()));
+    let mut dead: Vec<(String, Option<String>, String)> = letters
         .into_iter()
         .map(|d| (d.reason, d.field, d.source_topic))
         .collect();
@@ -254,14 +281,18 @@ async fn known_stream_gives_exact_ledger_analytics_and_dead_letters() {
                 Some("data.ended_at".into()),
                 topics.calls.clone()
             ),
+            ("malformed_json".into(), None, topics.grants.clone()),
             ("malformed_json".into(), None, topics.calls.clone()),
+            ("malformed_json".into(), None, topics.calls.clone()),
+            ("malformed_json".into(), None, topics.calls.clone()),
+            ("too_large".into(), None, topics.metered.clone()),
             ("unpriced".into(), None, topics.chat_responses.clone()),
         ]
     );
 
     stop_tx.send(true).unwrap();
     let ledger_stats = ledger.await.unwrap().unwrap();
-    assert_eq!(ledger_stats.dead_letters, 3);
+    assert_eq!(ledger_stats.dead_letters, 7);
     // The resent call is a dedupe duplicate; the grant delivered under another event id is
     // claimed but changes nothing (no entry above).
     assert_eq!(ledger_stats.duplicates, 1);
