@@ -35,10 +35,14 @@
 //! - [`kafka`] — client configuration, topic administration, dead letters.
 //! - [`pipeline`] — the batch loops joining the pieces above.
 //! - [`demo`] — the realistic demo stream behind `tally produce`.
+//! - [`metrics`] — the Prometheus registry the pipelines record into (a leaf).
+//! - [`api`] — HTTP (axum): balances, usage, grants, plans, prices, health, metrics and the
+//!   usage dashboard; reads `ledger` and `analytics`, publishes grants and plans to Kafka.
 //! - [`cli`] — glue behind the operator commands (`src/main.rs` only parses arguments).
 
 pub mod alerts;
 pub mod analytics;
+pub mod api;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -46,5 +50,6 @@ pub mod demo;
 pub mod event;
 pub mod kafka;
 pub mod ledger;
+pub mod metrics;
 pub mod pipeline;
 pub mod rating;

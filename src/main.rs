@@ -483,6 +483,10 @@ async fn run_pipelines(
                 .map(|s| format!("analytics: {s:?}"))
         });
     }
+    if cfg.api.enabled {
+        let (c, p, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
+        tasks.spawn(async move { tally::api::run(c, p, stop).await });
+    }
     if let Some(secs) = idle_exit_secs {
         let stop = stop_tx.clone();
         let cfg = cfg.clone();

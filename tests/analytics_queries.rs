@@ -116,10 +116,10 @@ impl Ev {
                     hours * 3600,
                 )
             }
-            // analysis: 0.25 per unit.
+            // analysis: 0.25 per started unit (the default increment is one unit).
             What::Analysis { quantity } => {
                 let q: Decimal = quantity.parse().unwrap();
-                (q * dec!(0.25), q, 0)
+                (q.ceil() * dec!(0.25), q, 0)
             }
         }
     }
@@ -163,7 +163,8 @@ impl Ev {
                            "channel": "phone", "model": model,
                            "started_at": ts(started),
                            "answered_at": answered.then(|| ts(answered_at)),
-                           "ended_at": ts(t), "hold_seconds": hold_seconds}),
+                           "ended_at": ts(t),
+                           "hold_seconds": if *answered { *hold_seconds } else { 0 }}),
                 )
             }
             What::Chat {
@@ -380,6 +381,7 @@ async fn reports_match_the_stream() {
     late.reverse();
     events.extend(late.iter().cloned());
     assert!(n > 150, "{n} events");
+    // Every generated event is admitted and priced (the stream has no bad input).
     for e in &events {
         let record = tally::kafka::Record {
             topic: std::sync::Arc::from(e.topic(&topics).as_str()),

@@ -184,6 +184,12 @@ impl BatchConsumer {
             positions: positions.clone(),
         };
         let mut cc = super::client_config(kafka);
+        // Latency defaults, unless the configuration passes its own values through.
+        for (key, value) in [("fetch.wait.max.ms", "20")] {
+            if !kafka.properties.contains_key(key) {
+                cc.set(key, value);
+            }
+        }
         cc.set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
