@@ -529,10 +529,7 @@ pub async fn wait_until_idle(
             }
         }
         let keys: Vec<_> = ends.keys().cloned().collect();
-        let reached = |stored: &kafka::Positions| {
-            ends.iter()
-                .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
-        };
+        let reached = |stored: &kafka::Positions| kafka::reached(&ends, stored);
         let mut caught_up = true;
         if ledger {
             caught_up &= reached(&store.load_offsets(&cfg.kafka.ledger_group, &keys).await?);

@@ -23,6 +23,13 @@ pub use dead_letter::{
     HEADER_PIPELINE, HEADER_REASON, HEADER_TOPIC,
 };
 
+/// Whether stored positions reach every partition's end (high watermark); empty partitions
+/// count as reached.
+pub fn reached(ends: &Positions, stored: &Positions) -> bool {
+    ends.iter()
+        .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
+}
+
 /// Base client configuration: brokers plus every pass-through librdkafka property.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut cc = ClientConfig::new();

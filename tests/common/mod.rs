@@ -149,49 +149,41 @@ impl TestEnv {
 
     /// Waits until the ledger group's stored offsets reach every input partition's end.
     pub async fn wait_ledger_caught_up(&self, timeout: Duration) {
-        let ends = self.ends();
-        let keys: Vec<_> = ends.keys().cloned().collect();
         let store = self.store().await;
-        let started = Instant::now();
-        loop {
-            let stored = store
-                .load_offsets(&self.cfg.kafka.ledger_group, &keys)
-                .await
-                .unwrap();
-            if ends
-                .iter()
-                .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
-            {
-                return;
-            }
-            assert!(
-                started.elapsed() < timeout,
-                "ledger did not catch up within {timeout:?}: ends {ends:?}, stored {stored:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let group = &self.cfg.kafka.ledger_group;
+        let store = &store;
+        self.wait_caught_up("ledger", timeout, |keys| async move {
+            store.load_offsets(group, &keys).await.unwrap()
+        })
+        .await
     }
 
     /// Waits until the analytics group's stored positions reach every input partition's end.
     pub async fn wait_analytics_caught_up(&self, timeout: Duration) {
-        let ends = self.ends();
-        let keys: Vec<_> = ends.keys().cloned().collect();
         let sink = tally::analytics::AnalyticsSink::new(&self.cfg.clickhouse);
+        let group = &self.cfg.kafka.analytics_group;
+        let sink = &sink;
+        self.wait_caught_up("analytics", timeout, |keys| async move {
+            sink.load_positions(group, &keys).await.unwrap_or_default()
+        })
+        .await
+    }
+
+    async fn wait_caught_up<F, Fut>(&self, what: &str, timeout: Duration, load: F)
+    where
+        F: Fn(Vec<(String, i32)>) -> Fut,
+        Fut: std::future::Future<Output = tally::kafka::Positions>,
+    {
+        let ends = self.ends();
         let started = Instant::now();
         loop {
-            let stored = sink
-                .load_positions(&self.cfg.kafka.analytics_group, &keys)
-                .await
-                .unwrap_or_default();
-            if ends
-                .iter()
-                .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
-            {
+            let stored = load(ends.keys().cloned().collect()).await;
+            if tally::kafka::reached(&ends, &stored) {
                 return;
             }
             assert!(
                 started.elapsed() < timeout,
-                "analytics did not catch up within {timeout:?}: ends {ends:?}, stored {stored:?}"
+                "{what} did not catch up within {timeout:?}: ends {ends:?}, stored {stored:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
