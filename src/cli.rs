@@ -387,6 +387,7 @@ pub async fn replay_dead_letters(
     let producer: FutureProducer = kafka::producer_config(&cfg.kafka).create()?;
     let bar = progress_bar(total, true, "dead letters");
     let (mut resubmitted, mut seen) = (0u64, 0u64);
+    let mut pending = Vec::new();
     while !ends.is_empty() {
         let Some(msg) = consumer.poll(Duration::from_secs(5)) else {
             continue;
@@ -429,27 +430,45 @@ pub async fn replay_dead_letters(
                 });
             }
         }
-        send_all(
-            &producer,
-            [(
-                topic.as_str(),
-                msg.key(),
-                msg.payload().unwrap_or_default(),
-                Some(headers),
-            )],
-            1,
-            0,
-            false,
-        )
-        .await?;
+        pending.push((
+            topic,
+            msg.key().map(<[u8]>::to_vec),
+            msg.payload().unwrap_or_default().to_vec(),
+            headers,
+        ));
         resubmitted += 1;
+        if pending.len() >= 1_000 {
+            resubmit(&producer, &mut pending).await?;
+        }
     }
+    resubmit(&producer, &mut pending).await?;
     producer.flush(Duration::from_secs(30))?;
     bar.finish_and_clear();
     println!(
         "read {seen} dead letters, re-submitted {resubmitted}{}",
         if dry_run { " (dry run)" } else { "" }
     );
+    Ok(())
+}
+
+type Resubmission = (String, Option<Vec<u8>>, Vec<u8>, OwnedHeaders);
+
+/// Sends the dead letters gathered so far back to their source topics.
+async fn resubmit(
+    producer: &FutureProducer,
+    pending: &mut Vec<Resubmission>,
+) -> anyhow::Result<()> {
+    let batch = std::mem::take(pending);
+    send_all(
+        producer,
+        batch
+            .iter()
+            .map(|(t, k, p, h)| (t.as_str(), k.as_deref(), p.as_slice(), Some(h.clone()))),
+        batch.len() as u64,
+        0,
+        false,
+    )
+    .await?;
     Ok(())
 }
 
