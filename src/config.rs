@@ -557,7 +557,11 @@ impl Config {
         }
         for (i, t) in api.tokens.iter().enumerate() {
             // Never echo the hash: name the token by position and label.
-            let which = format!("token #{} ({})", i + 1, t.name.as_deref().unwrap_or("unnamed"));
+            let which = format!(
+                "token #{} ({})",
+                i + 1,
+                t.name.as_deref().unwrap_or("unnamed")
+            );
             let hash = t.sha256.expose();
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(invalid(
@@ -641,8 +645,7 @@ fn valid_topic(t: &str) -> bool {
 /// An account id as events carry it (`subject`): `^[A-Za-z0-9._:-]{1,128}$`.
 pub fn valid_account_id(s: &str) -> bool {
     (1..=128).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
@@ -786,7 +789,10 @@ mod tests {
         let err = check(&|c| c.api.listen = "localhost".into());
         assert!(err.contains("api.listen"), "{err}");
         let err = check(&|c| c.api.tokens[0].sha256 = Secret::new("secret-token"));
-        assert!(err.contains("api.tokens.sha256") && !err.contains("secret-token"), "{err}");
+        assert!(
+            err.contains("api.tokens.sha256") && !err.contains("secret-token"),
+            "{err}"
+        );
         let err = check(&|c| c.api.tokens[1].sha256 = Secret::new(hash.to_uppercase()));
         assert!(err.contains("twice"), "{err}");
         let err = check(&|c| c.api.tokens[1].account_id = None);

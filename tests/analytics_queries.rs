@@ -87,7 +87,9 @@ impl Ev {
     fn priced(&self) -> (Decimal, Decimal, u64) {
         let minutes_up = |s: u32| u64::from(s).div_ceil(60);
         match &self.what {
-            What::Call { answered: false, .. } => (Decimal::ZERO, Decimal::ZERO, 0),
+            What::Call {
+                answered: false, ..
+            } => (Decimal::ZERO, Decimal::ZERO, 0),
             // Outbound: the built-in free rule (talk time measured, nothing billed).
             What::Call {
                 inbound: false,
@@ -105,7 +107,11 @@ impl Ev {
                 premium, responses, ..
             } => {
                 let each = if *premium { dec!(1.5) } else { dec!(1) };
-                (each * Decimal::from(*responses), Decimal::from(*responses), 0)
+                (
+                    each * Decimal::from(*responses),
+                    Decimal::from(*responses),
+                    0,
+                )
             }
             // gpu.a10: 10 credits per started hour.
             What::Instance { seconds } => {
@@ -152,8 +158,8 @@ impl Ev {
                 hold_seconds,
                 model,
             } => {
-                let answered_at = t
-                    - chrono::Duration::seconds(i64::from(talk_seconds + hold_seconds));
+                let answered_at =
+                    t - chrono::Duration::seconds(i64::from(talk_seconds + hold_seconds));
                 let started = answered_at - chrono::Duration::seconds(7);
                 (
                     "tally.usage.call.v1",
@@ -306,7 +312,9 @@ fn monday_of(d: NaiveDate) -> NaiveDate {
     d
 }
 
-async fn run_analytics_until_caught_up(env: &TestEnv) -> tally::pipeline::analytics::AnalyticsStats {
+async fn run_analytics_until_caught_up(
+    env: &TestEnv,
+) -> tally::pipeline::analytics::AnalyticsStats {
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(tally::pipeline::analytics::run(
         env.cfg.clone(),
@@ -338,7 +346,7 @@ async fn reports_match_the_stream() {
             .unwrap()
             .and_utc()
     };
-    let mut late = vec![
+    let mut late = [
         // Late: days that were already reported.
         Ev {
             id: format!("e-{n}"),
@@ -360,7 +368,9 @@ async fn reports_match_the_stream() {
             id: format!("e-{}", n + 2),
             account: ACCOUNT,
             time: late_at(2, 14),
-            what: What::Analysis { quantity: "0.000004" },
+            what: What::Analysis {
+                quantity: "0.000004",
+            },
         },
         // Today's, a minute ago (lands on yesterday right after midnight: the model agrees).
         Ev {
@@ -454,6 +464,20 @@ async fn reports_match_the_stream() {
             retried.payload(),
         ),
     );
+    // A plan for the other account: `tally report` then uses its billing cycle.
+    phase2.push((
+        topics.plans.clone(),
+        OTHER.into(),
+        ev::envelope(
+            "tally.account.plan.v1",
+            "//billing.test",
+            "plan-z",
+            OTHER,
+            &ts(now - chrono::Duration::days(2)),
+            json!({"plan_id": "pro", "monthly_allowance": "500", "billing_day": 15,
+                   "overage_policy": "bill_overage"}),
+        ),
+    ));
     env.send(&phase2).await;
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     env.wait_analytics_caught_up(Duration::from_secs(60)).await;
@@ -487,7 +511,10 @@ async fn reports_match_the_stream() {
     for (account, m) in [(ACCOUNT, &model), (OTHER, &Model::new(&events, OTHER))] {
         let expected = (m.events.len() as u64, m.used(first_day, today));
         assert_eq!(sink.totals_by_account(account).await.unwrap(), expected);
-        assert_eq!(q.total(account, &range).await.unwrap(), (expected.1, expected.0));
+        assert_eq!(
+            q.total(account, &range).await.unwrap(),
+            (expected.1, expected.0)
+        );
     }
 
     // Daily series: every day, zero when empty, split by kind and model.
@@ -552,13 +579,7 @@ async fn reports_match_the_stream() {
     // Peak days: most credits first, ties by the earlier day.
     let mut by_day: Vec<(NaiveDate, Decimal, u64)> = range
         .days()
-        .map(|d| {
-            (
-                d,
-                model.used(d, d),
-                model.in_range(d, d).count() as u64,
-            )
-        })
+        .map(|d| (d, model.used(d, d), model.in_range(d, d).count() as u64))
         .filter(|t| t.2 > 0)
         .collect();
     by_day.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -583,7 +604,8 @@ async fn reports_match_the_stream() {
         h.0 += 1;
         h.1 += e.credits();
     }
-    let mut hours: Vec<(u8, u64, Decimal)> = hours.into_iter().map(|(h, (n, c))| (h, n, c)).collect();
+    let mut hours: Vec<(u8, u64, Decimal)> =
+        hours.into_iter().map(|(h, (n, c))| (h, n, c)).collect();
     hours.sort_by(|a, b| b.1.cmp(&a.1).then(b.2.cmp(&a.2)).then(a.0.cmp(&b.0)));
     let expected_hours: Vec<HourTotal> = hours
         .iter()
@@ -658,7 +680,10 @@ async fn reports_match_the_stream() {
         today + chrono::Days::new((spendable / pace).ceil().to_u64().unwrap())
     });
     assert_eq!(p.runs_out_on, runs_out);
-    assert_eq!(p.runs_out_before_reset, runs_out.is_some_and(|d| d < next_month));
+    assert_eq!(
+        p.runs_out_before_reset,
+        runs_out.is_some_and(|d| d < next_month)
+    );
     // A small balance runs out within the month.
     let p = q
         .projection(ACCOUNT, &month, today, Some(pace * dec!(2.5)))
@@ -711,7 +736,14 @@ async fn reports_match_the_stream() {
     assert_eq!(counts.call_minutes, cut(call_seconds / dec!(60), 6));
     assert_eq!(counts.billable_call_seconds, billable_call_seconds);
     assert_eq!(counts.chats, conversations.len() as u64);
-    assert!(counts.chats < model.events.iter().filter(|e| e.kind() == "chat_response").count() as u64);
+    assert!(
+        counts.chats
+            < model
+                .events
+                .iter()
+                .filter(|e| e.kind() == "chat_response")
+                .count() as u64
+    );
     assert_eq!(counts.ai_responses, responses);
     assert_eq!(counts.instance_seconds, instance_seconds);
     assert_eq!(counts.instance_hours, cut(instance_seconds / dec!(3600), 6));
@@ -720,14 +752,20 @@ async fn reports_match_the_stream() {
         cut(Decimal::from(billable_instance_seconds) / dec!(3600), 6)
     );
     let kinds: Vec<&str> = counts.by_kind.iter().map(|k| k.kind.as_str()).collect();
-    assert_eq!(kinds, ["ai_analysis", "call", "chat_response", "instance_hours"]);
+    assert_eq!(
+        kinds,
+        ["ai_analysis", "call", "chat_response", "instance_hours"]
+    );
 
     // The whole report is the pieces above; `tally report --json` prints it.
     let request = ReportRequest::for_cycle(month, today, Some(spendable)).unwrap();
     let report = q.report(ACCOUNT, &request).await.unwrap();
     assert_eq!(report.range, DateRange::new(month.start, today).unwrap());
     assert_eq!(report.cycle, q.cycle(ACCOUNT, &month, today).await.unwrap());
-    assert_eq!(report.counts, q.counts(ACCOUNT, &request.range).await.unwrap());
+    assert_eq!(
+        report.counts,
+        q.counts(ACCOUNT, &request.range).await.unwrap()
+    );
     assert_eq!(report.trend, trend);
     let cli = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["report", ACCOUNT, "--json"])
@@ -759,7 +797,53 @@ async fn reports_match_the_stream() {
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.contains(&format!("usage of {ACCOUNT}")), "{text}");
-    assert!(text.contains(&format!("credits {}", counts.credits)), "{text}");
+    assert!(
+        text.contains(&format!("credits {}", counts.credits)),
+        "{text}"
+    );
+
+    // With a plan: its billing cycle (from the 15th) and allowance.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["report", OTHER, "--json"])
+        .env("TALLY_CLICKHOUSE__URL", &env.cfg.clickhouse.url)
+        .env("TALLY_CLICKHOUSE__DATABASE", &env.cfg.clickhouse.database)
+        .env("TALLY_POSTGRES__URL", env.cfg.postgres.url.expose())
+        .env("TALLY_POSTGRES__SCHEMA", &env.cfg.postgres.schema)
+        .env("TALLY_PRICES__PATH", &env.cfg.prices.path)
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&cli.stdout).unwrap();
+    let fifteenth = today.with_day(15).unwrap();
+    let (start, reset) = if today >= fifteenth {
+        (
+            fifteenth,
+            fifteenth.checked_add_months(Months::new(1)).unwrap(),
+        )
+    } else {
+        (
+            fifteenth.checked_sub_months(Months::new(1)).unwrap(),
+            fifteenth,
+        )
+    };
+    if Utc::now().date_naive() == today {
+        let c = &printed["cycle"];
+        assert_eq!(c["start"], start.to_string(), "{c}");
+        assert_eq!(c["reset"], reset.to_string(), "{c}");
+        assert_eq!(
+            c["allowance"].as_str().unwrap().parse::<Decimal>().unwrap(),
+            dec!(500)
+        );
+        let other = Model::new(&events, OTHER);
+        assert_eq!(
+            c["used"].as_str().unwrap().parse::<Decimal>().unwrap(),
+            other.used(start, today)
+        );
+    }
 
     // The other account is untouched by all of this.
     let other = Model::new(&events, OTHER);
@@ -776,7 +860,10 @@ async fn reports_match_the_stream() {
 
     clickhouse::Client::default()
         .with_url(&env.cfg.clickhouse.url)
-        .query(&format!("DROP DATABASE IF EXISTS {}", env.cfg.clickhouse.database))
+        .query(&format!(
+            "DROP DATABASE IF EXISTS {}",
+            env.cfg.clickhouse.database
+        ))
         .execute()
         .await
         .unwrap();

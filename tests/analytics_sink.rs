@@ -189,7 +189,7 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
                 .unwrap()
                 .to_utc();
             let p = prepare(r, prices, now, &tally::pipeline::Admission::default())
-            .unwrap_or_else(|e| panic!("offset {}: {e}", r.offset));
+                .unwrap_or_else(|e| panic!("offset {}: {e}", r.offset));
             rated_row(&p, inserted_at).unwrap()
         })
         .collect()

@@ -138,10 +138,7 @@ mod tests {
         for s in &st {
             assert!(!s.contains("{database}") && !s.contains("--"), "{s}");
             // DDL is IF NOT EXISTS; a backfill only fills an empty roll-up.
-            assert!(
-                s.contains("IF NOT EXISTS") || s.contains(") = 0"),
-                "{s}"
-            );
+            assert!(s.contains("IF NOT EXISTS") || s.contains(") = 0"), "{s}");
         }
     }
 

@@ -632,7 +632,12 @@ impl UsageQueries {
     where
         T: RowOwned + RowRead,
     {
-        run_timed(op, QUERY_TIMEOUT, self.client.query_raw(sql).fetch_all::<T>()).await
+        run_timed(
+            op,
+            QUERY_TIMEOUT,
+            self.client.query_raw(sql).fetch_all::<T>(),
+        )
+        .await
     }
 
     /// Every day of `range` (zero when nothing happened), with its split by kind and model.
@@ -834,36 +839,39 @@ impl UsageQueries {
         }
         counts.call_minutes = cut(counts.call_seconds / Decimal::from(60), 6);
         counts.instance_hours = cut(counts.instance_seconds / Decimal::from(3600), 6);
-        counts.billable_instance_hours =
-            cut(Decimal::from(billable_instance_seconds) / Decimal::from(3600), 6);
+        counts.billable_instance_hours = cut(
+            Decimal::from(billable_instance_seconds) / Decimal::from(3600),
+            6,
+        );
         Ok(counts)
     }
 
-    /// Every figure at once (the queries run one after another: each is a few milliseconds).
+    /// Every figure at once (the queries run concurrently: 7 small reads).
     pub async fn report(
         &self,
         account_id: &str,
         request: &ReportRequest,
     ) -> Result<UsageReport, AnalyticsError> {
         let range = &request.range;
-        let (used, events) = self
-            .total(account_id, &request.cycle.elapsed(request.today)?)
-            .await?;
+        let elapsed = request.cycle.elapsed(request.today)?;
+        let ((used, events), counts, daily, peak_days, busiest_hours, trend) = tokio::try_join!(
+            self.total(account_id, &elapsed),
+            self.counts(account_id, range),
+            self.daily(account_id, range),
+            self.peak_days(account_id, range, request.top),
+            self.busiest_hours(account_id, range, request.top),
+            self.trend(account_id, request.today),
+        )?;
         Ok(UsageReport {
             account_id: account_id.to_owned(),
             range: *range,
             cycle: CycleUsage::compute(&request.cycle, request.today, used, events),
-            projection: Projection::compute(
-                &request.cycle,
-                request.today,
-                used,
-                request.spendable,
-            ),
-            counts: self.counts(account_id, range).await?,
-            daily: self.daily(account_id, range).await?,
-            peak_days: self.peak_days(account_id, range, request.top).await?,
-            busiest_hours: self.busiest_hours(account_id, range, request.top).await?,
-            trend: self.trend(account_id, request.today).await?,
+            projection: Projection::compute(&request.cycle, request.today, used, request.spendable),
+            counts,
+            daily,
+            peak_days,
+            busiest_hours,
+            trend,
         })
     }
 }
@@ -977,10 +985,17 @@ mod tests {
     #[test]
     fn sql_reads_one_account_by_key_prefix() {
         let r = DateRange::new(d("2025-06-01"), d("2025-06-30")).unwrap();
-        let req = ReportRequest::for_cycle(Cycle::calendar_month(d("2025-06-15")), d("2025-06-15"), None)
-            .unwrap();
+        let req = ReportRequest::for_cycle(
+            Cycle::calendar_month(d("2025-06-15")),
+            d("2025-06-15"),
+            None,
+        )
+        .unwrap();
         for (_, s) in report_sql("o'brien", &req).unwrap() {
-            assert!(s.contains(r"account_id = 'o\'brien' AND day >= toDate("), "{s}");
+            assert!(
+                s.contains(r"account_id = 'o\'brien' AND day >= toDate("),
+                "{s}"
+            );
             assert!(!s.contains('?'), "{s}");
         }
         assert!(daily_sql("a", &r).contains("toDate('2025-06-30')"));

@@ -10,9 +10,10 @@ use crate::analytics::queries::{Cycle, DateRange, ReportRequest, UsageQueries, U
 use crate::config::Config;
 use crate::ledger::Store;
 
-/// Prints the report of `account` as of today (UTC). The days of the daily series, peak days,
-/// busiest hours and counts default to this cycle so far; the cycle is the calendar month
-/// (plans and their billing days are not read here yet, so there is no allowance).
+/// Prints the report of `account` as of today (UTC). The cycle is the plan's billing cycle
+/// holding today, with the plan's allowance, or the calendar month for an account without a
+/// plan. The days of the daily series, peak days, busiest hours and counts default to this
+/// cycle so far.
 pub async fn report(
     cfg: &Config,
     account: &str,
@@ -20,15 +21,27 @@ pub async fn report(
     to: Option<NaiveDate>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let today = Utc::now().date_naive();
-    let cycle = Cycle::calendar_month(today);
+    let now = Utc::now();
+    let today = now.date_naive();
     let store = Store::connect(&cfg.postgres)
         .await
-        .context("connecting to PostgreSQL (the ledger's balance)")?;
+        .context("connecting to PostgreSQL (the ledger's balance and plan)")?;
     let balance = store
         .balance(account)
         .await
         .context("reading the balance")?;
+    let plan = store.plan(account).await.context("reading the plan")?;
+    let cycle = match plan {
+        Some((plan, _)) => {
+            let (start, reset) = crate::ledger::cycle::containing(now, plan.billing_day);
+            Cycle {
+                start: start.date_naive(),
+                reset: reset.date_naive(),
+                allowance: Some(plan.monthly_allowance),
+            }
+        }
+        None => Cycle::calendar_month(today),
+    };
     let mut request = ReportRequest::for_cycle(cycle, today, balance.map(|b| b.spendable))?;
     if from.is_some() || to.is_some() {
         request.range = DateRange::new(

@@ -567,4 +567,6 @@ impl<'de> Visitor<'de> for TypedSeed<'_, 'de> {
 }
 
 #[cfg(test)]
+mod agreement;
+#[cfg(test)]
 mod tests;

@@ -31,8 +31,8 @@ fn envelope(
     .expect("JSON values serialize")
 }
 
-/// A grant. The event id is derived from the grant id, so re-sending the same purchase is a
-/// duplicate the ledger ignores (and the grant id itself is idempotent too).
+/// A grant. The event id is derived from the account and grant id, so re-sending the same
+/// purchase is a duplicate the ledger ignores (and the grant id itself is idempotent too).
 #[allow(clippy::too_many_arguments)]
 pub fn grant(
     source: &str,
@@ -121,7 +121,7 @@ mod tests {
             now,
         );
         let e = decode(&g, now, &DecodeLimits::default()).unwrap();
-        assert_eq!(e.envelope.id, "grant:g-1");
+        assert_eq!(e.envelope.id, "grant:acct-1:g-1");
         let Payload::Grant(gr) = e.payload else {
             panic!("{e:?}")
         };

@@ -512,31 +512,9 @@ impl Store {
         account_id: &str,
         limit: i64,
     ) -> Result<Vec<LedgerLine>, StoreError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT * FROM (
-                   SELECT entry_id, kind, grant_id, amount, balance_after, overage_after,
-                          effective_at, event_id, rule_id
-                   FROM ledger_entries WHERE account_id = $1
-                   ORDER BY entry_id DESC LIMIT $2) e ORDER BY entry_id",
-                &[&account_id, &limit],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| LedgerLine {
-                entry_id: r.get(0),
-                kind: r.get(1),
-                grant_id: r.get(2),
-                amount: r.get(3),
-                balance_after: r.get(4),
-                overage_after: r.get(5),
-                effective_at: r.get(6),
-                event_id: r.get(7),
-                rule_id: r.get(8),
-            })
-            .collect())
+        let mut lines = self.entries_before(account_id, None, limit).await?;
+        lines.reverse();
+        Ok(lines)
     }
 
     /// A page of an account's ledger, newest first: up to `limit` lines with `entry_id`
@@ -574,7 +552,11 @@ impl Store {
     }
 
     /// One grant of an account, whatever its remaining credits (None: never granted).
-    pub async fn grant(&self, account_id: &str, grant_id: &str) -> Result<Option<Grant>, StoreError> {
+    pub async fn grant(
+        &self,
+        account_id: &str,
+        grant_id: &str,
+    ) -> Result<Option<Grant>, StoreError> {
         self.client
             .query_opt(
                 &format!("{GRANT_COLUMNS} WHERE account_id = $1 AND grant_id = $2"),

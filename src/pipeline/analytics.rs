@@ -113,8 +113,10 @@ pub async fn run(
             }
         }
 
+        crate::metrics::events("analytics", rows.iter().map(|r| r.kind.as_str()));
         // Rows first, then the positions that skip them: a crash in between re-reads nothing
         // already stored (the positions also derive from the highest stored offset).
+        let write = Instant::now();
         let inserted = persist("insert rated_events", &mut backoff, &mut shutdown, || {
             sink.insert(&rows)
         })
@@ -134,7 +136,9 @@ pub async fn run(
             );
             break;
         };
+        crate::metrics::transaction_seconds("analytics", write.elapsed().as_secs_f64());
         consumer.committed(&batch.next_offsets);
+        crate::metrics::batch_seconds("analytics", started.elapsed().as_secs_f64());
 
         stats.batches += 1;
         stats.records += batch.records.len() as u64;

@@ -82,6 +82,14 @@ pub async fn run_with_clock(
             }
         }
         let items: Vec<Item<'_>> = prepared.iter().map(to_item).collect();
+        crate::metrics::events(
+            "ledger",
+            items.iter().map(|i| match &i.action {
+                Action::Debit(d) => d.usage_kind,
+                Action::Grant(_) => "grant",
+                Action::Plan { .. } => "plan",
+            }),
+        );
         // Dead letters are acknowledged before the offsets that skip them are stored.
         if !letters.is_empty() {
             retry(&mut backoff, "send dead letters", || {
@@ -89,6 +97,7 @@ pub async fn run_with_clock(
             })
             .await;
             for l in &letters {
+                crate::metrics::dead_letter(l.reason.as_str());
                 tracing::warn!(
                     reason = %l.reason, field = l.field.as_deref(), topic = %l.record.topic,
                     partition = l.record.partition, offset = l.record.offset, detail = %l.detail,
@@ -96,6 +105,7 @@ pub async fn run_with_clock(
                 );
             }
         }
+        let transaction = Instant::now();
         let outcome = apply(
             &mut store,
             &cfg,
@@ -105,7 +115,9 @@ pub async fn run_with_clock(
             &mut backoff,
         )
         .await;
+        crate::metrics::transaction_seconds("ledger", transaction.elapsed().as_secs_f64());
         consumer.committed(&batch.next_offsets);
+        crate::metrics::batch_seconds("ledger", started.elapsed().as_secs_f64());
 
         stats.batches += 1;
         stats.records += batch.records.len() as u64;

@@ -81,6 +81,7 @@ pub fn test_config(name: &str) -> Config {
     cfg.pipeline.retry_initial_ms = 50;
     cfg.pipeline.retry_max_ms = 1000;
     cfg.prices.path = repo_path("tests/fixtures/prices.toml");
+    cfg.api.listen = "127.0.0.1:0".into();
     cfg.validate().expect("test config is valid");
     cfg
 }

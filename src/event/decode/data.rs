@@ -32,11 +32,13 @@ pub(crate) fn invalid(field: &str, detail: impl Into<String>) -> Rejection {
     Rejection::new(Reason::InvalidValue, Some(field), detail)
 }
 
+#[inline]
 pub(crate) fn required<T>(value: Option<T>, field: &str) -> Check<T> {
     value.ok_or_else(|| Rejection::new(Reason::MissingField, Some(field), "required"))
 }
 
 /// An identifier: 1..=256 bytes.
+#[inline]
 pub(crate) fn id<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
     let len = value.0.len();
     if len == 0 {
@@ -52,6 +54,7 @@ pub(crate) fn id<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
 }
 
 /// An attribute value rules may match on: 1..=128 bytes.
+#[inline]
 fn name<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
     let len = value.0.len();
     if len == 0 || len > MAX_NAME_BYTES {
@@ -63,6 +66,7 @@ fn name<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
     Ok(value.0)
 }
 
+#[inline]
 fn opt_name<'a>(value: Option<Text<'a>>, field: &str) -> Check<Option<Cow<'a, str>>> {
     value.map(|v| name(v, field)).transpose()
 }

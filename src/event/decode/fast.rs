@@ -17,7 +17,7 @@ use super::scalar::{StringMap, Text};
 use super::{DataValue, Kind, RawEnvelope, TypedData};
 
 /// Deepest nesting read (the envelope object is level 1); serde_json allows 128.
-pub(super) const MAX_DEPTH: u32 = 32;
+const MAX_DEPTH: u32 = 32;
 /// Most digits read in an integer: larger ones might not fit an `i64`.
 const MAX_DIGITS: usize = 18;
 
@@ -31,56 +31,47 @@ pub(super) fn read_envelope<'a>(text: &'a str, env: &mut RawEnvelope<'a>) -> Opt
     };
     s.ws();
     let mut seen = 0u32;
-    s.object(|s, key| {
-        let slot = match key {
-            "specversion" => {
-                once(&mut seen, 0)?;
-                &mut env.specversion
-            }
-            "id" => {
-                once(&mut seen, 1)?;
-                &mut env.id
-            }
-            "source" => {
-                once(&mut seen, 2)?;
-                &mut env.source
-            }
-            "type" => {
-                once(&mut seen, 3)?;
-                &mut env.event_type
-            }
-            "subject" => {
-                once(&mut seen, 4)?;
-                &mut env.subject
-            }
-            "time" => {
-                once(&mut seen, 5)?;
-                &mut env.time
-            }
-            "datacontenttype" => {
-                once(&mut seen, 6)?;
-                &mut env.datacontenttype
-            }
-            "data" => {
-                once(&mut seen, 7)?;
-                let kind = Kind::of(env.event_type.as_ref()?.as_str())?;
-                env.data = s.data(kind)?;
-                return Some(());
-            }
-            // Extension attributes: walked, not kept.
-            _ => return s.skip(2),
+    s.object(&ENVELOPE_KEYS, |s, key| {
+        let Ok(index) = key else {
+            // An extension attribute: walked, not kept.
+            return s.skip(2);
         };
-        *slot = s.opt_text()?;
-        Some(())
+        once(&mut seen, index)?;
+        let slot = match index {
+            0 => &mut env.specversion,
+            1 => &mut env.id,
+            2 => &mut env.source,
+            3 => &mut env.event_type,
+            4 => &mut env.subject,
+            5 => &mut env.time,
+            6 => &mut env.datacontenttype,
+            _ => {
+                let kind = Kind::of(env.event_type.as_ref()?.as_str())?;
+                return s.data(kind, &mut env.data);
+            }
+        };
+        s.opt_text(slot)
     })?;
     s.ws();
     (s.i == s.b.len()).then_some(())
 }
 
-/// Marks `bit` as seen; `None` if it already was.
+/// The envelope attributes read, in their usual order (`data` last).
+const ENVELOPE_KEYS: [&str; 8] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+    "data",
+];
+
+/// Marks key `index` as seen; `None` if it already was.
 #[inline]
-fn once(seen: &mut u32, bit: u32) -> Option<()> {
-    let mask = 1 << bit;
+fn once(seen: &mut u32, index: usize) -> Option<()> {
+    let mask = 1 << index;
     if *seen & mask != 0 {
         return None;
     }
@@ -88,23 +79,26 @@ fn once(seen: &mut u32, bit: u32) -> Option<()> {
     Some(())
 }
 
-/// Reads the members of a `data` object into the struct of its type: each key a field of
-/// the struct, read with the named [`Scanner`] method; any other key gives up.
+/// Reads the members of a `data` object into `$d`, a `&mut` to the struct of its type: the
+/// key at `$index` in the list goes to `$field`, read into it by the [`Scanner`] method
+/// `$read`; any other key gives up.
 macro_rules! read_data {
-    ($s:expr, $ty:ident { $($bit:literal $key:literal => $field:ident: $read:ident),* $(,)? }) => {{
-        let mut d = $ty::default();
+    ($s:expr, $d:expr, { $($index:literal $key:literal => $field:ident: $read:ident),* $(,)? }) => {{
+        const KEYS: [&str; [$($index),*].len()] = {
+            let mut keys = [""; [$($index),*].len()];
+            $(keys[$index] = $key;)*
+            keys
+        };
+        let d = $d;
         let mut seen = 0u32;
-        $s.object(|s, key| {
-            match key {
-                $($key => {
-                    once(&mut seen, $bit)?;
-                    d.$field = s.$read()?;
-                })*
-                _ => return None,
+        $s.object(&KEYS, |s, key| {
+            let index = key.ok()?;
+            once(&mut seen, index)?;
+            match index {
+                $($index => s.$read(&mut d.$field),)*
+                _ => None,
             }
-            Some(())
-        })?;
-        d
+        })
     }};
 }
 
@@ -121,7 +115,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// Skips JSON whitespace.
-    #[inline]
+    #[inline(always)]
     fn ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
             self.i += 1;
@@ -138,9 +132,15 @@ impl<'a> Scanner<'a> {
         Some(())
     }
 
-    /// Reads an object at its `{`, calling `member` at each value with its key.
+    /// Reads an object at its `{`, calling `member` at each value with the index of its key
+    /// in `keys` (`Err(key)` if it is not there). Keys are usually in the order of `keys`: the
+    /// next one is tried first, by a plain comparison.
     #[inline]
-    fn object(&mut self, mut member: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
+    fn object(
+        &mut self,
+        keys: &[&'static str],
+        mut member: impl FnMut(&mut Self, Result<usize, &'a str>) -> Option<()>,
+    ) -> Option<()> {
         if self.peek()? != b'{' {
             return None;
         }
@@ -150,28 +150,54 @@ impl<'a> Scanner<'a> {
             self.i += 1;
             return Some(());
         }
+        let mut next = 0;
         loop {
-            let key = self.string()?;
-            self.ws();
-            if self.peek()? != b':' {
+            let key = match keys.get(next) {
+                Some(expected) if self.quoted(expected) => Ok(next),
+                _ => {
+                    let key = self.string()?;
+                    keys.iter().position(|k| *k == key).ok_or(key)
+                }
+            };
+            if let Ok(index) = key {
+                next = index + 1;
+            }
+            if self.punctuation()? != b':' {
                 return None;
             }
-            self.i += 1;
             self.ws();
             member(self, key)?;
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
+            match self.punctuation()? {
+                b',' => self.ws(),
+                b'}' => return Some(()),
                 _ => return None,
             }
         }
+    }
+
+    /// Consumes the next byte that is not whitespace (in compact JSON, the next byte).
+    #[inline(always)]
+    fn punctuation(&mut self) -> Option<u8> {
+        let mut c = self.peek()?;
+        if c <= b' ' {
+            self.ws();
+            c = self.peek()?;
+        }
+        self.i += 1;
+        Some(c)
+    }
+
+    /// Consumes the string `"word"` if it comes next (`word` holds no quote or backslash).
+    #[inline(always)]
+    fn quoted(&mut self, word: &str) -> bool {
+        let end = self.i + 1 + word.len();
+        let found = self.b.get(end) == Some(&b'"')
+            && self.b[self.i] == b'"'
+            && same_bytes(&self.b[self.i + 1..end], word.as_bytes());
+        if found {
+            self.i = end + 1;
+        }
+        found
     }
 
     /// Reads an array at its `[`, calling `element` at each element.
@@ -188,16 +214,9 @@ impl<'a> Scanner<'a> {
         }
         loop {
             element(self)?;
-            self.ws();
-            match self.peek()? {
-                b',' => {
-                    self.i += 1;
-                    self.ws();
-                }
-                b']' => {
-                    self.i += 1;
-                    return Some(());
-                }
+            match self.punctuation()? {
+                b',' => self.ws(),
+                b']' => return Some(()),
                 _ => return None,
             }
         }
@@ -205,28 +224,28 @@ impl<'a> Scanner<'a> {
 
     /// Reads a string at its `"`. Gives up on an escape or a control character. The text is
     /// valid UTF-8 and the quotes are ASCII, so the slice between them is a `str`.
-    #[inline]
+    #[inline(always)]
     fn string(&mut self) -> Option<&'a str> {
         if self.peek()? != b'"' {
             return None;
         }
         let start = self.i + 1;
-        let mut i = start;
+        let rest = self.b.get(start..)?;
         // Eight bytes at a time (the first special byte found this way is exact), then one.
-        while let Some(chunk) = self.b.get(i..i + 8) {
-            let word = u64::from_le_bytes(chunk.try_into().ok()?);
-            let found = special_bytes(word);
+        let mut chunks = rest.chunks_exact(8);
+        let mut end = start;
+        for chunk in &mut chunks {
+            let found = special_bytes(u64::from_le_bytes(chunk.try_into().ok()?));
             if found != 0 {
-                i += (found.trailing_zeros() / 8) as usize;
-                return self.string_end(start, i);
+                return self.string_end(start, end + (found.trailing_zeros() / 8) as usize);
             }
-            i += 8;
+            end += 8;
         }
-        while let Some(&c) = self.b.get(i) {
+        for &c in chunks.remainder() {
             if c == b'"' || c == b'\\' || c < 0x20 {
-                return self.string_end(start, i);
+                return self.string_end(start, end);
             }
-            i += 1;
+            end += 1;
         }
         None
     }
@@ -240,22 +259,30 @@ impl<'a> Scanner<'a> {
         self.text.get(start..end)
     }
 
-    /// A string or null.
-    #[inline]
-    fn opt_text(&mut self) -> Option<Option<Text<'a>>> {
-        match self.peek()? {
-            b'n' => self.literal(b"null").map(|()| None),
-            _ => self.string().map(|s| Some(Text(Cow::Borrowed(s)))),
+    // The `opt_*` readers write into the slot rather than return a value: a value returned
+    // through the stack and moved at once was read back before its stores had landed, which
+    // stalled the CPU (store-to-load forwarding) and cost a third of the scanner's time.
+
+    /// A string or null, into `slot`.
+    #[inline(always)]
+    fn opt_text(&mut self, slot: &mut Option<Text<'a>>) -> Option<()> {
+        if self.peek()? == b'n' {
+            *slot = None;
+            return self.literal(b"null");
         }
+        *slot = Some(Text(Cow::Borrowed(self.string()?)));
+        Some(())
     }
 
-    /// An integer or null.
+    /// An integer or null, into `slot`.
     #[inline]
-    fn opt_int(&mut self) -> Option<Option<i64>> {
-        match self.peek()? {
-            b'n' => self.literal(b"null").map(|()| None),
-            _ => self.int().map(Some),
+    fn opt_int(&mut self, slot: &mut Option<i64>) -> Option<()> {
+        if self.peek()? == b'n' {
+            *slot = None;
+            return self.literal(b"null");
         }
+        *slot = Some(self.int()?);
+        Some(())
     }
 
     /// `0` or `-?[1-9][0-9]{0,17}`, not followed by a fraction or an exponent. (serde_json
@@ -286,31 +313,36 @@ impl<'a> Scanner<'a> {
         Some(if negative { -value } else { value })
     }
 
-    /// An object of strings, or null.
-    fn opt_string_map(&mut self) -> Option<Option<StringMap<'a>>> {
+    /// An object of strings, or null, into `slot`.
+    fn opt_string_map(&mut self, slot: &mut Option<StringMap<'a>>) -> Option<()> {
         if self.peek()? == b'n' {
-            return self.literal(b"null").map(|()| None);
+            *slot = None;
+            return self.literal(b"null");
         }
         let mut out = Vec::new();
-        self.object(|s, key| {
+        self.object(&[], |s, key| {
+            let key = key.err()?;
             let value = s.string()?;
             out.push((Cow::Borrowed(key), Cow::Borrowed(value)));
             Some(())
         })?;
-        Some(Some(StringMap(out)))
+        *slot = Some(StringMap(out));
+        Some(())
     }
 
-    /// An array of integers, or null.
-    fn opt_int_list(&mut self) -> Option<Option<Vec<i64>>> {
+    /// An array of integers, or null, into `slot`.
+    fn opt_int_list(&mut self, slot: &mut Option<Vec<i64>>) -> Option<()> {
         if self.peek()? == b'n' {
-            return self.literal(b"null").map(|()| None);
+            *slot = None;
+            return self.literal(b"null");
         }
         let mut out = Vec::new();
         self.array(|s| {
             out.push(s.int()?);
             Some(())
         })?;
-        Some(Some(out))
+        *slot = Some(out);
+        Some(())
     }
 
     /// Skips any value at nesting level `depth` (numbers: no exponent, at most 18 digits on
@@ -318,7 +350,7 @@ impl<'a> Scanner<'a> {
     fn skip(&mut self, depth: u32) -> Option<()> {
         match self.peek()? {
             b'"' => self.string().map(drop),
-            b'{' if depth <= MAX_DEPTH => self.object(|s, _| s.skip(depth + 1)),
+            b'{' if depth <= MAX_DEPTH => self.object(&[], |s, _| s.skip(depth + 1)),
             b'[' if depth <= MAX_DEPTH => self.array(|s| s.skip(depth + 1)),
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
@@ -356,13 +388,24 @@ impl<'a> Scanner<'a> {
         (1..=MAX_DIGITS).contains(&(self.i - start)).then_some(())
     }
 
-    /// `data` (its type known): an object read into the struct of `kind`, or null.
-    fn data(&mut self, kind: Kind) -> Option<Option<DataValue<'a>>> {
+    /// `data` (its type known) into `slot`: an object read into the struct of `kind`, in
+    /// place, or null.
+    fn data(&mut self, kind: Kind, slot: &mut Option<DataValue<'a>>) -> Option<()> {
         if self.peek()? == b'n' {
-            return self.literal(b"null").map(|()| None);
+            *slot = None;
+            return self.literal(b"null");
         }
-        let typed = match kind {
-            Kind::Call => TypedData::Call(read_data!(self, CallData {
+        /// Puts a default `$ty` in `slot` as `TypedData::$variant`; a `&mut` to it.
+        macro_rules! place {
+            ($variant:ident, $ty:ident) => {
+                match slot.insert(DataValue::Typed(TypedData::$variant($ty::default()))) {
+                    DataValue::Typed(TypedData::$variant(d)) => d,
+                    _ => unreachable!("just put there"),
+                }
+            };
+        }
+        match kind {
+            Kind::Call => read_data!(self, place!(Call, CallData), {
                 0 "call_id" => call_id: opt_text,
                 1 "direction" => direction: opt_text,
                 2 "channel" => channel: opt_text,
@@ -372,33 +415,33 @@ impl<'a> Scanner<'a> {
                 6 "answered_at" => answered_at: opt_text,
                 7 "ended_at" => ended_at: opt_text,
                 8 "hold_seconds" => hold_seconds: opt_int,
-            })),
-            Kind::Chat => TypedData::Chat(read_data!(self, ChatData {
+            }),
+            Kind::Chat => read_data!(self, place!(Chat, ChatData), {
                 0 "conversation_id" => conversation_id: opt_text,
                 1 "model" => model: opt_text,
                 2 "voice_tier" => voice_tier: opt_text,
                 3 "channel" => channel: opt_text,
                 4 "responses" => responses: opt_int,
-            })),
-            Kind::Instance => TypedData::Instance(read_data!(self, InstanceData {
+            }),
+            Kind::Instance => read_data!(self, place!(Instance, InstanceData), {
                 0 "instance_id" => instance_id: opt_text,
                 1 "instance_type" => instance_type: opt_text,
                 2 "started_at" => started_at: opt_text,
                 3 "ended_at" => ended_at: opt_text,
-            })),
-            Kind::Metered => TypedData::Metered(read_data!(self, MeteredData {
+            }),
+            Kind::Metered => read_data!(self, place!(Metered, MeteredData), {
                 0 "kind" => kind: opt_text,
                 1 "quantity" => quantity: opt_text,
                 2 "attributes" => attributes: opt_string_map,
-            })),
-            Kind::Grant => TypedData::Grant(read_data!(self, GrantData {
+            }),
+            Kind::Grant => read_data!(self, place!(Grant, GrantData), {
                 0 "grant_id" => grant_id: opt_text,
                 1 "kind" => kind: opt_text,
                 2 "credits" => credits: opt_text,
                 3 "expires_at" => expires_at: opt_text,
                 4 "priority" => priority: opt_int,
-            })),
-            Kind::Plan => TypedData::Plan(read_data!(self, PlanData {
+            }),
+            Kind::Plan => read_data!(self, place!(Plan, PlanData), {
                 0 "plan_id" => plan_id: opt_text,
                 1 "monthly_allowance" => monthly_allowance: opt_text,
                 2 "billing_day" => billing_day: opt_int,
@@ -407,9 +450,8 @@ impl<'a> Scanner<'a> {
                 5 "low_balance_credits" => low_balance_credits: opt_text,
                 6 "low_balance_percent" => low_balance_percent: opt_text,
                 7 "allowance_alert_percents" => allowance_alert_percents: opt_int_list,
-            })),
-        };
-        Some(Some(DataValue::Typed(typed)))
+            }),
+        }
     }
 }
 
@@ -424,4 +466,30 @@ fn special_bytes(word: u64) -> u64 {
     let backslash = zero_byte(word ^ (ONES * u64::from(b'\\')));
     let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
     quote | backslash | control
+}
+
+/// `a == b` for slices of the same length, without a call to `memcmp` (keys are short).
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().unwrap());
+    let half = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().unwrap());
+    if n >= 8 {
+        // Whole words, the last one overlapping the one before.
+        let mut at = 0;
+        while at + 8 < n {
+            if word(a, at) != word(b, at) {
+                return false;
+            }
+            at += 8;
+        }
+        word(a, n - 8) == word(b, n - 8)
+    } else if n >= 4 {
+        half(a, 0) == half(b, 0) && half(a, n - 4) == half(b, n - 4)
+    } else {
+        a.iter().zip(b).all(|(x, y)| x == y)
+    }
 }

@@ -1,0 +1,326 @@
+//! The HTTP API and the usage dashboard (axum), served by `tally run`. Owns the routes
+//! ([`routes`] is the one list the router is built from and `schemas/openapi.yaml` is
+//! checked against), authentication ([`auth`]), request parsing ([`input`]) and error
+//! answers ([`error`]). Reads balances from the ledger store (PostgreSQL) and usage from the
+//! analytics queries (ClickHouse); writes nothing itself: grants and plans are published to
+//! their Kafka topics as CloudEvents, so the ledger applies them exactly once and in order
+//! with usage. Must not hold domain logic: figures come from `ledger` and `analytics`.
+//!
+//! ```text
+//! /healthz /readyz /metrics            open (no account data)
+//! /dashboard/{account}, its assets     open: a static page; its data calls /v1 with a token
+//! /v1/...                              bearer token (auth::require_token), then per route:
+//!                                      Principal::read (own account or admin) / ::write (admin)
+//! ```
+
+pub mod auth;
+mod dashboard;
+pub mod error;
+pub mod input;
+mod read;
+mod system;
+mod write;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{header, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post, put, MethodRouter};
+use axum::Router;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::producer::FutureProducer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::analytics::{AnalyticsSink, UsageQueries};
+use crate::config::{Config, PostgresConfig};
+use crate::ledger::Store;
+use crate::rating::PriceTable;
+use auth::Tokens;
+use error::ApiError;
+
+/// How long a PostgreSQL call (connection included) may take before the API answers 503.
+const PG_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight requests may run on after shutdown is signalled.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a request handler needs, shared.
+pub struct Api {
+    cfg: Arc<Config>,
+    prices: Arc<PriceTable>,
+    tokens: Tokens,
+    pg: Pg,
+    usage: UsageQueries,
+    sink: AnalyticsSink,
+    producer: FutureProducer,
+    /// Metadata and watermarks (readiness, lag); its calls block, so they run on the
+    /// blocking pool.
+    probe: Arc<BaseConsumer>,
+}
+
+pub type AppState = Arc<Api>;
+
+impl Api {
+    /// Creates the clients; nothing connects until a request needs it.
+    pub fn new(cfg: Arc<Config>, prices: Arc<PriceTable>) -> anyhow::Result<AppState> {
+        let producer: FutureProducer = crate::kafka::producer_config(&cfg.kafka)
+            .create()
+            .context("creating the API's Kafka producer")?;
+        let probe: BaseConsumer = crate::kafka::client_config(&cfg.kafka)
+            .create()
+            .context("creating the API's Kafka client")?;
+        Ok(Arc::new(Api {
+            tokens: Tokens::from_config(&cfg.api.tokens),
+            pg: Pg::new(cfg.postgres.clone()),
+            usage: UsageQueries::new(&cfg.clickhouse),
+            sink: AnalyticsSink::new(&cfg.clickhouse),
+            producer,
+            probe: Arc::new(probe),
+            prices,
+            cfg,
+        }))
+    }
+
+    /// The ledger store (one shared connection, re-opened when it dies).
+    async fn store(&self) -> Result<Arc<Store>, ApiError> {
+        self.pg.store().await
+    }
+}
+
+/// One PostgreSQL connection shared by the handlers (tokio-postgres pipelines concurrent
+/// queries on it), replaced when it closes.
+struct Pg {
+    cfg: PostgresConfig,
+    current: tokio::sync::Mutex<Option<Arc<Store>>>,
+}
+
+impl Pg {
+    fn new(cfg: PostgresConfig) -> Self {
+        Pg {
+            cfg,
+            current: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn store(&self) -> Result<Arc<Store>, ApiError> {
+        let mut current = self.current.lock().await;
+        if let Some(store) = current.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(store.clone());
+        }
+        let store = Arc::new(pg(Store::connect(&self.cfg)).await?);
+        *current = Some(store.clone());
+        Ok(store)
+    }
+}
+
+/// A PostgreSQL call with the API's time limit and error mapping.
+async fn pg<T>(
+    call: impl std::future::Future<Output = Result<T, crate::ledger::StoreError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(PG_TIMEOUT, call).await {
+        Ok(result) => result.map_err(ApiError::from_store),
+        Err(_) => Err(ApiError::Unavailable {
+            dependency: "PostgreSQL",
+            detail: format!("no answer within {} s", PG_TIMEOUT.as_secs()),
+        }),
+    }
+}
+
+/// A route as `schemas/openapi.yaml` must describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    /// axum's template, which is also OpenAPI's: `/v1/accounts/{id}/balance`.
+    pub path: &'static str,
+    /// Every status the route answers with.
+    pub statuses: &'static [u16],
+    /// Needs a bearer token.
+    pub bearer: bool,
+}
+
+struct Route {
+    spec: RouteSpec,
+    handler: MethodRouter<AppState>,
+}
+
+fn route(
+    method: &'static str,
+    path: &'static str,
+    bearer: bool,
+    statuses: &'static [u16],
+    handler: MethodRouter<AppState>,
+) -> Route {
+    Route {
+        spec: RouteSpec {
+            method,
+            path,
+            statuses,
+            bearer,
+        },
+        handler,
+    }
+}
+
+/// Every route: the router is built from this list, and the OpenAPI test reads it.
+fn routes() -> Vec<Route> {
+    const READ: &[u16] = &[200, 400, 401, 404, 500, 503];
+    vec![
+        route("GET", "/healthz", false, &[200], get(system::healthz)),
+        route("GET", "/readyz", false, &[200, 503], get(system::readyz)),
+        route("GET", "/metrics", false, &[200], get(system::metrics)),
+        route("GET", "/v1/prices", true, &[200, 401], get(system::prices)),
+        route(
+            "GET",
+            "/v1/accounts/{id}/balance",
+            true,
+            READ,
+            get(read::balance),
+        ),
+        route(
+            "GET",
+            "/v1/accounts/{id}/usage",
+            true,
+            READ,
+            get(read::usage),
+        ),
+        route(
+            "GET",
+            "/v1/accounts/{id}/summary",
+            true,
+            READ,
+            get(read::summary),
+        ),
+        route(
+            "GET",
+            "/v1/accounts/{id}/ledger",
+            true,
+            READ,
+            get(read::ledger),
+        ),
+        route(
+            "POST",
+            "/v1/accounts/{id}/grants",
+            true,
+            &[200, 202, 400, 401, 403, 404, 409, 413, 415, 500, 503],
+            post(write::grant),
+        ),
+        route(
+            "PUT",
+            "/v1/accounts/{id}/plan",
+            true,
+            &[202, 400, 401, 403, 404, 413, 415, 500, 503],
+            put(write::plan),
+        ),
+        route(
+            "GET",
+            "/dashboard/{id}",
+            false,
+            &[200],
+            get(dashboard::page),
+        ),
+        route(
+            "GET",
+            "/dashboard/assets/{file}",
+            false,
+            &[200, 404],
+            get(dashboard::asset),
+        ),
+    ]
+}
+
+/// The routes as the OpenAPI document must list them.
+pub fn route_specs() -> Vec<RouteSpec> {
+    routes().into_iter().map(|r| r.spec).collect()
+}
+
+/// The whole application: routes, token check on /v1, body limit, request metrics.
+pub fn router(api: AppState) -> Router {
+    let (mut open, mut v1) = (Router::new(), Router::new());
+    for r in routes() {
+        if r.spec.bearer {
+            v1 = v1.route(r.spec.path, r.handler);
+        } else {
+            open = open.route(r.spec.path, r.handler);
+        }
+    }
+    let v1 = v1.route_layer(middleware::from_fn_with_state(
+        api.clone(),
+        auth::require_token,
+    ));
+    open.merge(v1)
+        .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn(observe))
+        .layer(DefaultBodyLimit::max(api.cfg.api.max_body_bytes))
+        .with_state(api)
+}
+
+/// Records each request's metrics and sets headers every answer carries.
+async fn observe(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let mut response = next.run(req).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    crate::metrics::http_request(&route, method.as_str(), status, elapsed.as_secs_f64());
+    tracing::debug!(%route, %method, status, elapsed_ms = elapsed.as_millis() as u64, "api request");
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if route.starts_with("/v1/") {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// Serves on `listener` until `shutdown` turns true, then lets in-flight requests finish
+/// (at most [`DRAIN_TIMEOUT`]).
+pub async fn serve(
+    listener: TcpListener,
+    api: AppState,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    if api.tokens.is_empty() {
+        tracing::warn!(%addr, "no [[api.tokens]] configured: every /v1 request answers 401");
+    }
+    tracing::info!(%addr, "API listening");
+    let (mut graceful, mut deadline) = (shutdown.clone(), shutdown);
+    let server = axum::serve(listener, router(api)).with_graceful_shutdown(async move {
+        let _ = graceful.wait_for(|stop| *stop).await;
+    });
+    tokio::select! {
+        result = server => result,
+        _ = async {
+            let _ = deadline.wait_for(|stop| *stop).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!("API requests still running after the drain timeout; stopped");
+            Ok(())
+        }
+    }
+}
+
+/// `tally run`'s API task: binds `api.listen`, serves until shutdown.
+pub async fn run(
+    cfg: Arc<Config>,
+    prices: Arc<PriceTable>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<String> {
+    let listener = TcpListener::bind(&cfg.api.listen)
+        .await
+        .with_context(|| format!("api.listen {}: cannot listen", cfg.api.listen))?;
+    let api = Api::new(cfg, prices)?;
+    serve(listener, api, shutdown).await.context("API server")?;
+    Ok("api: stopped".to_owned())
+}

@@ -1,0 +1,288 @@
+//! The write routes (admin tokens only): grants and plans. Neither touches the ledger: each
+//! becomes a CloudEvent on its Kafka topic (`tally.credit.grant.v1` on the grants topic,
+//! `tally.account.plan.v1` on the plans topic), keyed by account, so the ledger pipeline
+//! applies it exactly once and in order with the account's usage — the same path as grants
+//! from a billing system. The request is first checked by the very decoder the pipeline
+//! uses, so what the API accepts is never dead-lettered; the event is written by the shared
+//! encoder (`event::encode`).
+//!
+//! Idempotency: a grant's event id derives from its grant id (`grant:{grant_id}`), and its
+//! source names the account (`//tally/api/accounts/{account}`), so a retried POST is the same
+//! event identity, which the ledger claims once (and the ledger ignores a grant id it already
+//! has, whatever its source). Before publishing, a grant id the ledger already holds answers
+//! at once: 200 when the terms match (a retry of an applied grant), 409 when they differ.
+//! A plan is not idempotent by content (A, B, A again must end at A): each PUT is a new
+//! event; repeating one re-applies the same plan, which changes nothing.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::producer::FutureRecord;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::Principal;
+use super::error::ApiError;
+use super::input::json_body;
+use super::{pg, AppState};
+use crate::event::{self, encode, types, DecodeLimits, Event, GrantKind, Payload, Rejection};
+
+/// How long the API waits for Kafka to acknowledge an event before answering 503.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest grant id: `grant:` + it must fit the 256-byte event id.
+const MAX_GRANT_ID_BYTES: usize = 250;
+
+/// POST /v1/accounts/{id}/grants body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// The idempotency key: the same grant id is granted once.
+    grant_id: String,
+    kind: WritableGrantKind,
+    /// Decimal string > 0, at most 6 decimal places.
+    credits: String,
+    /// RFC 3339, in the future; absent: the kind's default (top-up validity, or never).
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    priority: Option<i64>,
+}
+
+/// The grants the API may write (allowances come from plans; manual grants from operators).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WritableGrantKind {
+    TopUp,
+    Package,
+    Promo,
+}
+
+impl WritableGrantKind {
+    fn kind(self) -> GrantKind {
+        match self {
+            WritableGrantKind::TopUp => GrantKind::TopUp,
+            WritableGrantKind::Package => GrantKind::Package,
+            WritableGrantKind::Promo => GrantKind::Promo,
+        }
+    }
+}
+
+/// PUT /v1/accounts/{id}/plan body: the fields of `tally.account.plan.v1`'s data.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
+    plan_id: String,
+    monthly_allowance: String,
+    billing_day: i64,
+    overage_policy: String,
+    #[serde(default)]
+    top_up_validity_months: Option<i64>,
+    #[serde(default)]
+    low_balance_credits: Option<String>,
+    #[serde(default)]
+    low_balance_percent: Option<String>,
+    #[serde(default)]
+    allowance_alert_percents: Option<Vec<i64>>,
+}
+
+/// The source of the events the API publishes for `account_id`.
+pub fn source_for(account_id: &str) -> String {
+    format!("//tally/api/accounts/{account_id}")
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Checks a request's fields exactly as the pipeline will: the event built from them as
+/// given goes through the decoder; a rejection names the request field.
+fn check<'a>(
+    raw: &'a [u8],
+    now: DateTime<Utc>,
+    limits: &DecodeLimits,
+) -> Result<Event<'a>, ApiError> {
+    event::decode(raw, now, limits).map_err(|r: Rejection| {
+        let field = match r.field.as_deref() {
+            Some(f) => f.strip_prefix("data.").unwrap_or(f).to_owned(),
+            None => "body".to_owned(),
+        };
+        ApiError::invalid(field, r.detail)
+    })
+}
+
+fn raw_event(
+    event_type: &str,
+    source: &str,
+    id: &str,
+    account: &str,
+    now: DateTime<Utc>,
+    data: Value,
+) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "specversion": "1.0", "type": event_type, "source": source, "id": id,
+        "subject": account, "time": ts(now), "datacontenttype": "application/json",
+        "data": data,
+    }))
+    .expect("JSON values serialize")
+}
+
+async fn publish(api: &AppState, topic: &str, key: &str, payload: &[u8]) -> Result<(), ApiError> {
+    let unavailable = |detail: String| ApiError::Unavailable {
+        dependency: "Kafka",
+        detail,
+    };
+    let send = api.producer.send(
+        FutureRecord::to(topic).key(key).payload(payload),
+        PUBLISH_TIMEOUT,
+    );
+    match tokio::time::timeout(PUBLISH_TIMEOUT, send).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(unavailable(format!("publishing to {topic}: {e}"))),
+        Err(_) => Err(unavailable(format!(
+            "publishing to {topic}: no acknowledgement within {} s",
+            PUBLISH_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+fn limits(api: &AppState) -> DecodeLimits {
+    crate::pipeline::limits(&api.cfg.pipeline).1.decode
+}
+
+/// POST /v1/accounts/{id}/grants
+pub async fn grant(
+    State(api): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = who.write(&id, "write grants")?;
+    let req: GrantRequest = json_body(&headers, body, api.cfg.api.max_body_bytes)?;
+    if req.grant_id.len() > MAX_GRANT_ID_BYTES {
+        return Err(ApiError::invalid(
+            "grant_id",
+            format!("at most {MAX_GRANT_ID_BYTES} bytes"),
+        ));
+    }
+    let now = Utc::now();
+    let source = source_for(id);
+    let event_id = format!("grant:{}", req.grant_id);
+    let mut data = json!({
+        "grant_id": req.grant_id, "kind": GrantKind::as_str(req.kind.kind()), "credits": req.credits,
+    });
+    if let Some(e) = &req.expires_at {
+        data["expires_at"] = json!(e);
+    }
+    if let Some(p) = req.priority {
+        data["priority"] = json!(p);
+    }
+    let raw = raw_event(types::GRANT, &source, &event_id, id, now, data);
+    let Payload::Grant(g) = check(&raw, now, &limits(&api))?.payload else {
+        return Err(ApiError::Internal("a grant decoded as another type".into()));
+    };
+    if g.expires_at.is_some_and(|e| e <= now) {
+        return Err(ApiError::invalid("expires_at", "must be in the future"));
+    }
+    let store = api.store().await?;
+    let answer = |status: &str| {
+        json!({
+            "account_id": id, "grant_id": g.grant_id, "status": status,
+            "event": {"type": types::GRANT, "source": source, "id": event_id},
+        })
+    };
+    if let Some(existing) = pg(store.grant(id, &g.grant_id)).await? {
+        if existing.kind == g.kind && existing.granted == g.credits {
+            return Ok((StatusCode::OK, Json(answer("applied"))));
+        }
+        return Err(ApiError::Conflict {
+            field: "grant_id",
+            message: format!(
+                "grant `{}` was already applied with kind {} and {} credits",
+                g.grant_id,
+                existing.kind.as_str(),
+                existing.granted
+            ),
+        });
+    }
+    let payload = encode::grant(
+        &source,
+        id,
+        &g.grant_id,
+        g.kind,
+        g.credits,
+        g.expires_at,
+        g.priority,
+        now,
+    );
+    publish(&api, &api.cfg.kafka.topics.grants, id, &payload).await?;
+    tracing::info!(account_id = id, grant_id = %g.grant_id, kind = g.kind.as_str(), credits = %g.credits, by = who.name(), "grant published");
+    Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
+}
+
+/// PUT /v1/accounts/{id}/plan
+pub async fn plan(
+    State(api): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = who.write(&id, "change plans")?;
+    let req: PlanRequest = json_body(&headers, body, api.cfg.api.max_body_bytes)?;
+    let now = Utc::now();
+    let source = source_for(id);
+    let event_id = format!(
+        "plan:{}-{:08x}",
+        now.timestamp_nanos_opt().unwrap_or_default(),
+        rand::random::<u32>()
+    );
+    let mut data = json!({
+        "plan_id": req.plan_id, "monthly_allowance": req.monthly_allowance,
+        "billing_day": req.billing_day, "overage_policy": req.overage_policy,
+    });
+    if let Some(v) = req.top_up_validity_months {
+        data["top_up_validity_months"] = json!(v);
+    }
+    if let Some(v) = &req.low_balance_credits {
+        data["low_balance_credits"] = json!(v);
+    }
+    if let Some(v) = &req.low_balance_percent {
+        data["low_balance_percent"] = json!(v);
+    }
+    if let Some(v) = &req.allowance_alert_percents {
+        data["allowance_alert_percents"] = json!(v);
+    }
+    let raw = raw_event(types::PLAN, &source, &event_id, id, now, data);
+    let Payload::Plan(p) = check(&raw, now, &limits(&api))?.payload else {
+        return Err(ApiError::Internal("a plan decoded as another type".into()));
+    };
+    let payload = encode::plan(
+        &source,
+        &event_id,
+        id,
+        &p.plan_id,
+        p.monthly_allowance,
+        p.billing_day,
+        p.overage_policy,
+        p.top_up_validity_months,
+        p.low_balance_credits,
+        p.low_balance_percent,
+        p.allowance_alert_percents.as_deref(),
+        now,
+    );
+    publish(&api, &api.cfg.kafka.topics.plans, id, &payload).await?;
+    tracing::info!(account_id = id, plan_id = %p.plan_id, by = who.name(), "plan published");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "account_id": id, "plan_id": p.plan_id, "status": "accepted",
+            "event": {"type": types::PLAN, "source": source, "id": event_id},
+        })),
+    ))
+}

@@ -1,0 +1,192 @@
+//! Process-wide Prometheus metrics: the registry, the metrics the pipelines record (events by
+//! kind, dead letters by reason, batch and transaction latency), the consumer-lag gauges the
+//! API refreshes at each scrape, and the HTTP request metrics. A leaf module: it knows metric
+//! names and labels, nothing of Kafka, stores or events; the API serves [`render`] at
+//! `/metrics`.
+//!
+//! Every metric is created once, lazily, on first use; recording is a few atomic operations.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: 1 ms to 30 s.
+const LATENCY_BUCKETS_SECONDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+struct Metrics {
+    registry: Registry,
+    events: IntCounterVec,
+    dead_letters: IntCounterVec,
+    batch_seconds: HistogramVec,
+    transaction_seconds: HistogramVec,
+    consumer_lag: IntGaugeVec,
+    http_requests: IntCounterVec,
+    http_seconds: HistogramVec,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new();
+    let counter = |name: &str, help: &str, labels: &[&str]| {
+        let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        registry
+            .register(Box::new(c.clone()))
+            .expect("registered once");
+        c
+    };
+    let histogram = |name: &str, help: &str, labels: &[&str]| {
+        let h = HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS_SECONDS.to_vec()),
+            labels,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(h.clone()))
+            .expect("registered once");
+        h
+    };
+    let consumer_lag = IntGaugeVec::new(
+        Opts::new(
+            "tally_consumer_lag",
+            "Records not yet consumed: the partition's high watermark minus the pipeline's stored position (refreshed at each scrape).",
+        ),
+        &["pipeline", "topic", "partition"],
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(consumer_lag.clone()))
+        .expect("registered once");
+    Metrics {
+        events: counter(
+            "tally_events_total",
+            "Events decoded and admitted, by pipeline and kind (usage kind, grant, plan); rate() gives events/s.",
+            &["pipeline", "kind"],
+        ),
+        dead_letters: counter(
+            "tally_dead_letters_total",
+            "Records sent to the dead-letter topic, by reason.",
+            &["reason"],
+        ),
+        batch_seconds: histogram(
+            "tally_batch_duration_seconds",
+            "A batch from its first record in hand to its commit, by pipeline.",
+            &["pipeline"],
+        ),
+        transaction_seconds: histogram(
+            "tally_transaction_duration_seconds",
+            "The store-of-record write of a batch, retries included: the PostgreSQL transaction (ledger) or the ClickHouse insert and positions (analytics).",
+            &["pipeline"],
+        ),
+        http_requests: counter(
+            "tally_http_requests_total",
+            "HTTP requests answered, by route template, method and status.",
+            &["route", "method", "status"],
+        ),
+        http_seconds: histogram(
+            "tally_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            &["route"],
+        ),
+        consumer_lag,
+        registry,
+    }
+});
+
+/// Counts a batch's events by kind (aggregated first: one counter update per kind).
+pub fn events<'a>(pipeline: &str, kinds: impl IntoIterator<Item = &'a str>) {
+    let mut counts: Vec<(&str, u64)> = Vec::new();
+    for kind in kinds {
+        match counts.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((kind, 1)),
+        }
+    }
+    for (kind, n) in counts {
+        METRICS
+            .events
+            .with_label_values(&[pipeline, kind])
+            .inc_by(n);
+    }
+}
+
+/// Counts one dead letter.
+pub fn dead_letter(reason: &str) {
+    METRICS.dead_letters.with_label_values(&[reason]).inc();
+}
+
+/// Records how long a batch took, from first record to commit.
+pub fn batch_seconds(pipeline: &str, seconds: f64) {
+    METRICS
+        .batch_seconds
+        .with_label_values(&[pipeline])
+        .observe(seconds);
+}
+
+/// Records how long a batch's store-of-record write took.
+pub fn transaction_seconds(pipeline: &str, seconds: f64) {
+    METRICS
+        .transaction_seconds
+        .with_label_values(&[pipeline])
+        .observe(seconds);
+}
+
+/// Sets the lag of one partition for one pipeline.
+pub fn set_consumer_lag(pipeline: &str, topic: &str, partition: i32, lag: i64) {
+    METRICS
+        .consumer_lag
+        .with_label_values(&[pipeline, topic, &partition.to_string()])
+        .set(lag);
+}
+
+/// Records one answered HTTP request.
+pub fn http_request(route: &str, method: &str, status: u16, seconds: f64) {
+    METRICS
+        .http_requests
+        .with_label_values(&[route, method, &status.to_string()])
+        .inc();
+    METRICS
+        .http_seconds
+        .with_label_values(&[route])
+        .observe(seconds);
+}
+
+/// Every metric in the Prometheus text format (version 0.0.4).
+pub fn render() -> String {
+    let families = METRICS.registry.gather();
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&families, &mut out)
+        .expect("the text encoder writes to memory");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_and_renders() {
+        events("unit-test", ["call", "call", "grant"]);
+        dead_letter("unit_test_reason");
+        batch_seconds("unit-test", 0.02);
+        transaction_seconds("unit-test", 0.01);
+        set_consumer_lag("unit-test", "t.calls", 2, 7);
+        let text = render();
+        assert!(
+            text.contains(r#"tally_events_total{kind="call",pipeline="unit-test"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"tally_dead_letters_total{reason="unit_test_reason"} 1"#));
+        assert!(text.contains(
+            r#"tally_consumer_lag{partition="2",pipeline="unit-test",topic="t.calls"} 7"#
+        ));
+        assert!(text.contains("tally_batch_duration_seconds_bucket"));
+        assert!(text.contains("tally_transaction_duration_seconds_count"));
+    }
+}
