@@ -3,7 +3,7 @@
 //! reading a query's result as TabSeparated text.
 #![allow(dead_code)]
 
-use chrono::{NaiveDate, Timelike};
+use chrono::NaiveDate;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -178,11 +178,6 @@ pub fn docs_dataset() -> Vec<RatedRow> {
     odd.event_id = "id ? with 'quotes'\t and a tab\t".into();
     rows.push(odd);
     rows
-}
-
-/// The hour of a row's event time.
-pub fn hour_of(row: &RatedRow) -> u8 {
-    row.event_time().hour() as u8
 }
 
 /// A query's result as TabSeparated text (how 18.16 prints it: decimals with all their
