@@ -33,12 +33,15 @@ async fn replayed_dead_letters_apply_once_after_the_fix() {
         env.prices.clone(),
         stop_rx,
     ));
+    env.send(&[(
+        t.grants.clone(),
+        "acct-r".into(),
+        ev::grant("rg-1", "acct-r", &at(0), "pkg", "package", "10"),
+    )])
+    .await;
+    // The grant first: usage on another topic could otherwise be read before it.
+    env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     env.send(&[
-        (
-            t.grants.clone(),
-            "acct-r".into(),
-            ev::grant("rg-1", "acct-r", &at(0), "pkg", "package", "10"),
-        ),
         (
             t.chat_responses.clone(),
             "acct-r".into(),
