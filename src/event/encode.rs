@@ -55,7 +55,7 @@ pub fn grant(
     envelope(
         types::GRANT,
         source,
-        &format!("grant:{grant_id}"),
+        &format!("grant:{account_id}:{grant_id}"),
         account_id,
         time,
         data,
