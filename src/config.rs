@@ -196,6 +196,11 @@ pub struct KafkaConfig {
     /// Partitions for topics Tally creates (existing topics are left as they are).
     pub topic_partitions: i32,
     pub replication_factor: i32,
+    /// A stable name for this process (e.g. the host name): when set, the consumers use static
+    /// group membership (`group.instance.id` = `<instance_id>-ledger` / `-analytics`), so a
+    /// restarted process takes its partitions back at once instead of waiting for the broker
+    /// to expire the old member. Every running process needs its own.
+    pub instance_id: Option<String>,
     pub topics: Topics,
     /// librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.*...).
     /// Values of keys containing "password", "secret" or "key" are never logged.
@@ -210,6 +215,7 @@ impl fmt::Debug for KafkaConfig {
             .field("analytics_group", &self.analytics_group)
             .field("topic_partitions", &self.topic_partitions)
             .field("replication_factor", &self.replication_factor)
+            .field("instance_id", &self.instance_id)
             .field("topics", &self.topics)
             .field("properties", &redact_properties(&self.properties))
             .finish()
@@ -310,6 +316,7 @@ impl Default for KafkaConfig {
             analytics_group: "tally-analytics".into(),
             topic_partitions: 3,
             replication_factor: 1,
+            instance_id: None,
             topics: Topics::default(),
             properties: BTreeMap::new(),
         }
@@ -440,6 +447,14 @@ impl Config {
         }
         if !(1..=1024).contains(&self.kafka.topic_partitions) {
             return Err(invalid("kafka.topic_partitions", "must be 1..=1024"));
+        }
+        if let Some(id) = &self.kafka.instance_id {
+            if id.is_empty() || !valid_topic(id) {
+                return Err(invalid(
+                    "kafka.instance_id",
+                    "must be 1..249 characters of [A-Za-z0-9._-]",
+                ));
+            }
         }
         if self.kafka.replication_factor < 1 {
             return Err(invalid("kafka.replication_factor", "must be >= 1"));

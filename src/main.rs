@@ -443,6 +443,7 @@ async fn run_pipelines(
     role: Role,
     idle_exit_secs: Option<u64>,
 ) -> anyhow::Result<()> {
+    let signal = shutdown_signal()?;
     let prices = Arc::new(
         PriceTable::load(&cfg.prices.path)
             .map_err(|r| anyhow::anyhow!("{r}"))
@@ -502,7 +503,6 @@ async fn run_pipelines(
             Ok("idle exit".to_owned())
         });
     }
-    let signal = shutdown_signal();
     tokio::pin!(signal);
     let started = Instant::now();
     loop {
@@ -529,19 +529,16 @@ async fn run_pipelines(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
+/// Installs the SIGTERM/SIGINT handlers now (a signal that arrives during start-up is not
+/// lost and does not kill the process) and returns the future that resolves on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
 }

@@ -74,20 +74,45 @@ async fn ledger_progress(env: &TestEnv) -> i64 {
         .sum()
 }
 
-fn spawn_tally(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
+/// A `tally run` child process, killed when dropped (a failing test leaves none behind).
+struct Tally(Child);
+
+impl std::ops::Deref for Tally {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Tally {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_tally(config: &std::path::Path) -> Tally {
+    Tally(Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["--config", config.to_str().unwrap(), "run", "--role", "all"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start tally")
+        .expect("start tally"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_restarts_change_nothing() {
     let mut cfg = test_config("crash");
     cfg.prices.path = common::repo_path("prices/default.toml");
+    // Static membership: each restarted process takes its partitions back at once.
+    cfg.kafka.instance_id = Some(common::unique("crash-instance"));
     let env = TestEnv::with_config(cfg).await;
     let records = demo_stream(20, 100_000, 7);
     let (grants, usage) = split(&records);
@@ -137,7 +162,7 @@ async fn sigkill_restarts_change_nothing() {
     assert_eq!(got, expected);
 }
 
-fn sigterm(child: &Child) {
+fn sigterm(child: &Tally) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

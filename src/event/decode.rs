@@ -180,7 +180,9 @@ impl<'a> TypedData<'a> {
         })
     }
 
-    fn check(self) -> Check<Payload<'a>> {
+    /// Checks the value rules and builds the payload, taking the fields out (checked in place
+    /// rather than moved first: see [`check`]).
+    fn check(&mut self) -> Check<Payload<'a>> {
         match self {
             TypedData::Call(d) => d.check(),
             TypedData::Chat(d) => d.check(),
@@ -203,8 +205,9 @@ fn check<'a>(
     let event_type = required(env.event_type.take(), "type")?;
     let subject = required(env.subject.take(), "subject")?;
     let time = required(env.time.take(), "time")?;
-    let data = required(env.data.take(), "data")?;
-    if let DataValue::Raw(raw) = &data {
+    // `data` is checked where it lies: moving it out first stalled on the copy.
+    let data = required(env.data.as_mut(), "data")?;
+    if let DataValue::Raw(raw) = data {
         if !raw.get().starts_with('{') {
             return Err(Rejection::new(
                 Reason::WrongType,
@@ -270,10 +273,9 @@ fn check<'a>(
     }
 
     let payload = match data {
-        DataValue::Typed(typed) => typed,
-        DataValue::Raw(raw) => TypedData::parse(kind, raw)?,
-    }
-    .check()?;
+        DataValue::Typed(typed) => typed.check()?,
+        DataValue::Raw(raw) => TypedData::parse(kind, raw)?.check()?,
+    };
 
     Ok(Event {
         envelope: Envelope {

@@ -172,9 +172,11 @@ pub struct BatchConsumer {
 }
 
 impl BatchConsumer {
+    /// `pipeline` names the member ("ledger", "analytics") for static membership.
     pub fn new(
         kafka: &KafkaConfig,
         group_id: &str,
+        pipeline: &str,
         topics: &[&str],
         store: Arc<dyn OffsetStore>,
     ) -> Result<Self, KafkaError> {
@@ -185,10 +187,16 @@ impl BatchConsumer {
         };
         let mut cc = super::client_config(kafka);
         // Latency defaults, unless the configuration passes its own values through.
-        for (key, value) in [("fetch.wait.max.ms", "20")] {
+        // max.poll.interval.ms is also the rebalance timeout a joining member announces: a
+        // broker waits that long for members that died without leaving (SIGKILL) before it
+        // completes the rebalance. The loop polls at least every batch, so 30 s is ample.
+        for (key, value) in [("fetch.wait.max.ms", "20"), ("max.poll.interval.ms", "30000")] {
             if !kafka.properties.contains_key(key) {
                 cc.set(key, value);
             }
+        }
+        if let Some(instance) = &kafka.instance_id {
+            cc.set("group.instance.id", format!("{instance}-{pipeline}"));
         }
         cc.set("group.id", group_id)
             .set("enable.auto.commit", "false")

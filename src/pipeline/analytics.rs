@@ -62,7 +62,7 @@ pub async fn run(
         config: cfg.clickhouse.clone(),
         group_id: group.clone(),
     });
-    let consumer = BatchConsumer::new(&cfg.kafka, &group, &topics, offsets)?;
+    let consumer = BatchConsumer::new(&cfg.kafka, &group, "analytics", &topics, offsets)?;
     let (batch_limits, admission) = limits(&cfg.pipeline);
     let mut backoff = Backoff::new(&cfg.pipeline);
     let mut stats = AnalyticsStats::default();

@@ -49,7 +49,7 @@ pub async fn run_with_clock(
         config: cfg.postgres.clone(),
         group_id: group.clone(),
     });
-    let consumer = BatchConsumer::new(&cfg.kafka, &group, &topics, offsets)?;
+    let consumer = BatchConsumer::new(&cfg.kafka, &group, "ledger", &topics, offsets)?;
     let dead = DeadLetterProducer::new(&cfg.kafka, "ledger")?;
     let (batch_limits, admission) = limits(&cfg.pipeline);
     let mut backoff = Backoff::new(&cfg.pipeline);
