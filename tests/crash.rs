@@ -98,13 +98,15 @@ impl Drop for Tally {
 }
 
 fn spawn_tally(config: &std::path::Path) -> Tally {
-    Tally(Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["--config", config.to_str().unwrap(), "run", "--role", "all"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tally"))
+    Tally(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["--config", config.to_str().unwrap(), "run", "--role", "all"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tally"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

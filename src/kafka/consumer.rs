@@ -190,7 +190,10 @@ impl BatchConsumer {
         // max.poll.interval.ms is also the rebalance timeout a joining member announces: a
         // broker waits that long for members that died without leaving (SIGKILL) before it
         // completes the rebalance. The loop polls at least every batch, so 30 s is ample.
-        for (key, value) in [("fetch.wait.max.ms", "20"), ("max.poll.interval.ms", "30000")] {
+        for (key, value) in [
+            ("fetch.wait.max.ms", "20"),
+            ("max.poll.interval.ms", "30000"),
+        ] {
             if !kafka.properties.contains_key(key) {
                 cc.set(key, value);
             }
