@@ -44,7 +44,7 @@ const SCALE: u32 = 6;
 
 /// One `rated_events` row, in the column order of the table. Decimals, times and dates are
 /// held in their wire form; the accessors give the typed values.
-#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Row, Serialize, Deserialize)]
 pub struct RatedRow {
     pub event_source: String,
     pub event_id: String,
@@ -642,27 +642,7 @@ mod tests {
             kind: "call".into(),
             event_time_unix_seconds: u32::from(days) * 86_400,
             event_date_unix_days: days,
-            model: String::new(),
-            voice_tier: String::new(),
-            channel: String::new(),
-            direction: String::new(),
-            instance_type: String::new(),
-            call_id: String::new(),
-            conversation_id: String::new(),
-            instance_id: String::new(),
-            answered: 0,
-            responses: 0,
-            quantity_e6: 0,
-            billable_seconds: 0,
-            billable_quantity_e6: 0,
-            unit: String::new(),
-            credits_e6: 0,
-            price_version: String::new(),
-            rule_id: String::new(),
-            topic: String::new(),
-            partition: 0,
-            offset: 0,
-            inserted_at_unix_seconds: 0,
+            ..Default::default()
         };
         let rows = [
             row("a", 20_240, "e-1"),
