@@ -87,7 +87,7 @@ async fn every_route_with_real_data_and_token_rules() {
         .post("/v1/accounts/acme/grants", Some(ADMIN), &promo)
         .await;
     assert!([200, 202].contains(&r.status), "{}", r.text());
-    assert_eq!(r.json()["event"]["id"], "grant:promo-1");
+    assert_eq!(r.json()["event"]["id"], "grant:acme:promo-1");
     // Another account may use the same grant id.
     let r = c
         .post(

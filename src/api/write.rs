@@ -6,7 +6,8 @@
 //! uses, so what the API accepts is never dead-lettered; the event is written by the shared
 //! encoder (`event::encode`).
 //!
-//! Idempotency: a grant's event id derives from its grant id (`grant:{grant_id}`), and its
+//! Idempotency: a grant's event id derives from the account and grant id
+//! (`grant:{account}:{grant_id}`, `event::encode::grant_event_id`), and its
 //! source names the account (`//tally/api/accounts/{account}`), so a retried POST is the same
 //! event identity, which the ledger claims once (and the ledger ignores a grant id it already
 //! has, whatever its source). Before publishing, a grant id the ledger already holds answers
@@ -21,7 +22,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -95,10 +96,6 @@ pub fn source_for(account_id: &str) -> String {
     format!("//tally/api/accounts/{account_id}")
 }
 
-fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
 /// Checks a request's fields exactly as the pipeline will: the event built from them as
 /// given goes through the decoder; a rejection names the request field.
 fn check<'a>(
@@ -113,22 +110,6 @@ fn check<'a>(
         };
         ApiError::invalid(field, r.detail)
     })
-}
-
-fn raw_event(
-    event_type: &str,
-    source: &str,
-    id: &str,
-    account: &str,
-    now: DateTime<Utc>,
-    data: Value,
-) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "specversion": "1.0", "type": event_type, "source": source, "id": id,
-        "subject": account, "time": ts(now), "datacontenttype": "application/json",
-        "data": data,
-    }))
-    .expect("JSON values serialize")
 }
 
 async fn publish(api: &AppState, topic: &str, key: &str, payload: &[u8]) -> Result<(), ApiError> {
@@ -172,7 +153,7 @@ pub async fn grant(
     }
     let now = Utc::now();
     let source = source_for(id);
-    let event_id = format!("grant:{}", req.grant_id);
+    let event_id = encode::grant_event_id(id, &req.grant_id);
     let mut data = json!({
         "grant_id": req.grant_id, "kind": GrantKind::as_str(req.kind.kind()), "credits": req.credits,
     });
@@ -182,7 +163,7 @@ pub async fn grant(
     if let Some(p) = req.priority {
         data["priority"] = json!(p);
     }
-    let raw = raw_event(types::GRANT, &source, &event_id, id, now, data);
+    let raw = encode::envelope(types::GRANT, &source, &event_id, id, now, data);
     let Payload::Grant(g) = check(&raw, now, &limits(&api))?.payload else {
         return Err(ApiError::Internal("a grant decoded as another type".into()));
     };
@@ -258,7 +239,7 @@ pub async fn plan(
     if let Some(v) = &req.allowance_alert_percents {
         data["allowance_alert_percents"] = json!(v);
     }
-    let raw = raw_event(types::PLAN, &source, &event_id, id, now, data);
+    let raw = encode::envelope(types::PLAN, &source, &event_id, id, now, data);
     let Payload::Plan(p) = check(&raw, now, &limits(&api))?.payload else {
         return Err(ApiError::Internal("a plan decoded as another type".into()));
     };

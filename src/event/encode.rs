@@ -15,7 +15,8 @@ fn decimal(d: Decimal) -> String {
     d.normalize().to_string()
 }
 
-fn envelope(
+/// A CloudEvents 1.0 structured-mode message with `data`.
+pub fn envelope(
     event_type: &str,
     source: &str,
     id: &str,
@@ -29,6 +30,12 @@ fn envelope(
         "data": data,
     }))
     .expect("JSON values serialize")
+}
+
+/// The event id of a grant: a purchase sent twice is the same event, and two accounts may
+/// use the same grant id.
+pub fn grant_event_id(account_id: &str, grant_id: &str) -> String {
+    format!("grant:{account_id}:{grant_id}")
 }
 
 /// A grant. The event id is derived from the account and grant id, so re-sending the same
@@ -55,7 +62,7 @@ pub fn grant(
     envelope(
         types::GRANT,
         source,
-        &format!("grant:{account_id}:{grant_id}"),
+        &grant_event_id(account_id, grant_id),
         account_id,
         time,
         data,
