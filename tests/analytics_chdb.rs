@@ -19,12 +19,11 @@ use std::process::Command;
 use rust_decimal_macros::dec;
 use serde_json::Value;
 
-use analytics_common::{day, doc_examples, docs_dataset, tsv, DOC_ACCOUNT};
+use analytics_common::{clickhouse_config, day, doc_examples, docs_dataset, tsv, DOC_ACCOUNT};
 use tally::analytics::migrate::{bootstrap, statements, MIGRATIONS};
 use tally::analytics::queries::{report_sql, Cycle, DateRange, ReportRequest};
 use tally::analytics::sink::stored_keys_queries;
 use tally::analytics::{migrate, AnalyticsSink, RatedRow};
-use tally::config::ClickHouseConfig;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -96,23 +95,6 @@ fn chdb_python() -> Result<PathBuf, String> {
             "{} cannot import chdb after installing",
             python.display()
         ))
-    }
-}
-
-fn config() -> ClickHouseConfig {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    ClickHouseConfig {
-        url: std::env::var("TALLY_TEST_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        database: format!(
-            "t_chdb_{}_{}",
-            std::process::id(),
-            nanos % 1_000_000_000_000
-        ),
-        ..ClickHouseConfig::default()
     }
 }
 
@@ -188,7 +170,7 @@ async fn ddl_and_queries_run_on_current_clickhouse() {
     };
 
     // 18.16: the real path (migrate, then the sink).
-    let cfg = config();
+    let cfg = clickhouse_config("chdb");
     migrate(&cfg)
         .await
         .expect("ClickHouse is up (run scripts/services up)");

@@ -10,27 +10,11 @@ use chrono::NaiveDate;
 use rust_decimal::{Decimal, RoundingStrategy};
 use rust_decimal_macros::dec;
 
-use analytics_common::{day, doc_examples, docs_dataset, rows_of, tsv, DOC_ACCOUNT};
+use analytics_common::{
+    clickhouse_config, day, doc_examples, docs_dataset, rows_of, tsv, DOC_ACCOUNT,
+};
 use tally::analytics::queries::{Cycle, DateRange, Projection, UsageQueries};
 use tally::analytics::{migrate, AnalyticsSink};
-use tally::config::ClickHouseConfig;
-
-fn config() -> ClickHouseConfig {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    ClickHouseConfig {
-        url: std::env::var("TALLY_TEST_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        database: format!(
-            "t_docs_{}_{}",
-            std::process::id(),
-            nanos % 1_000_000_000_000
-        ),
-        ..ClickHouseConfig::default()
-    }
-}
 
 fn dec(s: &str) -> Decimal {
     s.parse().unwrap_or_else(|_| panic!("not a decimal: {s:?}"))
@@ -42,7 +26,7 @@ fn cut(v: Decimal, places: u32) -> Decimal {
 
 #[tokio::test]
 async fn every_documented_query_runs_and_agrees_with_the_api() {
-    let cfg = config();
+    let cfg = clickhouse_config("docs");
     migrate(&cfg)
         .await
         .expect("ClickHouse is up (run scripts/services up)");

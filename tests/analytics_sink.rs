@@ -12,37 +12,23 @@
 //!   Decimal(38, 6) come back unchanged, as does every other column.
 //! - `errors_are_classified`: server down is transient, a missing table is not.
 
+mod analytics_common;
+
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
 
+use analytics_common::clickhouse_config;
 use tally::analytics::{migrate, rated_row, AnalyticsSink, ChOffsetStore, RatedRow};
 use tally::config::ClickHouseConfig;
 use tally::kafka::{OffsetStore, Positions, Record};
 use tally::pipeline::prepare;
 use tally::rating::PriceTable;
 
-fn config(name: &str) -> ClickHouseConfig {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    ClickHouseConfig {
-        url: std::env::var("TALLY_TEST_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        database: format!(
-            "t_{name}_{}_{}",
-            std::process::id(),
-            nanos % 1_000_000_000_000
-        ),
-        ..ClickHouseConfig::default()
-    }
-}
-
 async fn fresh(name: &str) -> (ClickHouseConfig, AnalyticsSink) {
-    let cfg = config(name);
+    let cfg = clickhouse_config(name);
     migrate(&cfg)
         .await
         .expect("ClickHouse is up (run scripts/services up)");
@@ -197,7 +183,7 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
 
 #[tokio::test]
 async fn migrate_is_idempotent() {
-    let cfg = config("migrate");
+    let cfg = clickhouse_config("migrate");
     assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2]);
     assert_eq!(migrate(&cfg).await.unwrap(), Vec::<u32>::new());
     // Each run again after a half-applied migration: the statements are IF NOT EXISTS.
@@ -561,7 +547,7 @@ async fn errors_are_classified() {
     // Nothing listens on port 1: ClickHouse is "down".
     let down = AnalyticsSink::new(&ClickHouseConfig {
         url: "http://127.0.0.1:1".into(),
-        ..config("down")
+        ..clickhouse_config("down")
     });
     let e = down.ping().await.unwrap_err();
     assert!(e.is_transient(), "{e}");
@@ -569,7 +555,7 @@ async fn errors_are_classified() {
     assert!(e.is_transient(), "{e}");
 
     // A database that was never migrated: retrying will not help.
-    let cfg = config("unmigrated");
+    let cfg = clickhouse_config("unmigrated");
     let sink = AnalyticsSink::new(&cfg);
     let e = sink.totals_by_account("a").await.unwrap_err();
     assert!(!e.is_transient(), "{e}");

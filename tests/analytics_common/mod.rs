@@ -198,3 +198,21 @@ pub fn rows_of(tsv: &str) -> Vec<Vec<String>> {
         .map(|l| l.split('\t').map(str::to_owned).collect())
         .collect()
 }
+
+/// A ClickHouse configuration with a database of its own (tests run in parallel).
+pub fn clickhouse_config(name: &str) -> tally::config::ClickHouseConfig {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    tally::config::ClickHouseConfig {
+        url: std::env::var("TALLY_TEST_CLICKHOUSE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
+        database: format!(
+            "t_{name}_{}_{}",
+            std::process::id(),
+            nanos % 1_000_000_000_000
+        ),
+        ..tally::config::ClickHouseConfig::default()
+    }
+}
