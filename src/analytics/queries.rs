@@ -87,6 +87,26 @@ pub struct Cycle {
 }
 
 impl Cycle {
+    /// The cycle holding `now` for an account: its plan's billing cycle (computed from the
+    /// billing day, so it is right even before the scheduler's reset), or the calendar month
+    /// for a prepaid account.
+    pub fn for_plan(
+        plan: Option<&crate::ledger::buckets::Plan>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Cycle {
+        match plan {
+            Some(plan) => {
+                let (start, reset) = crate::ledger::cycle::containing(now, plan.billing_day);
+                Cycle {
+                    start: start.date_naive(),
+                    reset: reset.date_naive(),
+                    allowance: Some(plan.monthly_allowance),
+                }
+            }
+            None => Cycle::calendar_month(now.date_naive()),
+        }
+    }
+
     /// The calendar month holding `day`, without an allowance (accounts without a plan).
     pub fn calendar_month(day: NaiveDate) -> Cycle {
         let start = day.with_day(1).unwrap_or(day);

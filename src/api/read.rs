@@ -311,14 +311,7 @@ pub async fn summary(
     let today = now.date_naive();
     let view = view(&api, id, now).await?;
     let spendable: Decimal = live(&view, now).iter().map(|g| g.remaining).sum();
-    let cycle = match (&view.plan, &view.cycle) {
-        (Some(plan), Some(c)) => Cycle {
-            start: c.start.date_naive(),
-            reset: c.end.date_naive(),
-            allowance: Some(plan.monthly_allowance),
-        },
-        _ => Cycle::calendar_month(today),
-    };
+    let cycle = Cycle::for_plan(view.plan.as_ref(), now);
     let analytics = ApiError::from_analytics;
     let this_cycle = api
         .usage

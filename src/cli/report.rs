@@ -31,17 +31,7 @@ pub async fn report(
         .await
         .context("reading the balance")?;
     let plan = store.plan(account).await.context("reading the plan")?;
-    let cycle = match plan {
-        Some((plan, _)) => {
-            let (start, reset) = crate::ledger::cycle::containing(now, plan.billing_day);
-            Cycle {
-                start: start.date_naive(),
-                reset: reset.date_naive(),
-                allowance: Some(plan.monthly_allowance),
-            }
-        }
-        None => Cycle::calendar_month(today),
-    };
+    let cycle = Cycle::for_plan(plan.as_ref().map(|(plan, _)| plan), now);
     let mut request = ReportRequest::for_cycle(cycle, today, balance.map(|b| b.spendable))?;
     if from.is_some() || to.is_some() {
         request.range = DateRange::new(
