@@ -556,7 +556,7 @@ pub async fn wait_until_idle(
         if analytics && caught_up {
             caught_up &= reached(
                 &sink
-                    .load_positions(&cfg.kafka.analytics_group, &keys)
+                    .committed_positions(&cfg.kafka.analytics_group, &keys)
                     .await?,
             );
         }

@@ -503,7 +503,31 @@ impl AnalyticsSink {
         group: &str,
         partitions: &[TopicPartition],
     ) -> Result<Positions, AnalyticsError> {
-        // Both tables hold a handful of rows per partition: read them whole, filter here.
+        let mut positions = self.committed_positions(group, partitions).await?;
+        let rated = run_timed(
+            "load positions",
+            QUERY_TIMEOUT,
+            self.client
+                .query(
+                    "SELECT topic, `partition`, max(max_offset) + 1 AS next_offset \
+                     FROM rated_offsets GROUP BY topic, `partition`",
+                )
+                .fetch_all::<PositionRow>(),
+        )
+        .await?;
+        fold_positions(rated, partitions, &mut positions);
+        Ok(positions)
+    }
+
+    /// The positions the group stored after its batches were fully written (roll-up views
+    /// included): what "caught up" means for idle detection. `rated_offsets` alone can run
+    /// ahead of the roll-ups while an insert is still feeding its views.
+    pub async fn committed_positions(
+        &self,
+        group: &str,
+        partitions: &[TopicPartition],
+    ) -> Result<Positions, AnalyticsError> {
+        // A handful of rows per partition: read them whole, filter here.
         let stored = run_timed(
             "load positions",
             QUERY_TIMEOUT,
@@ -516,27 +540,8 @@ impl AnalyticsSink {
                 .fetch_all::<PositionRow>(),
         )
         .await?;
-        let rated = run_timed(
-            "load positions",
-            QUERY_TIMEOUT,
-            self.client
-                .query(
-                    "SELECT topic, `partition`, max(max_offset) + 1 AS next_offset \
-                     FROM rated_offsets GROUP BY topic, `partition`",
-                )
-                .fetch_all::<PositionRow>(),
-        )
-        .await?;
         let mut positions = Positions::new();
-        for row in stored.into_iter().chain(rated) {
-            let key = (row.topic, i32::try_from(row.partition).unwrap_or(i32::MAX));
-            if !partitions.contains(&key) {
-                continue;
-            }
-            let next = i64::try_from(row.next_offset).unwrap_or(i64::MAX);
-            let entry = positions.entry(key).or_insert(next);
-            *entry = (*entry).max(next);
-        }
+        fold_positions(stored, partitions, &mut positions);
         Ok(positions)
     }
 
@@ -608,6 +613,23 @@ impl OffsetStore for ChOffsetStore {
             let sink = AnalyticsSink::new(&config);
             Ok(sink.load_positions(&group, &partitions).await?)
         })
+    }
+}
+
+/// Keeps, per asked-for partition, the highest next offset among `rows`.
+fn fold_positions(
+    rows: Vec<PositionRow>,
+    partitions: &[TopicPartition],
+    positions: &mut Positions,
+) {
+    for row in rows {
+        let key = (row.topic, i32::try_from(row.partition).unwrap_or(i32::MAX));
+        if !partitions.contains(&key) {
+            continue;
+        }
+        let next = i64::try_from(row.next_offset).unwrap_or(i64::MAX);
+        let entry = positions.entry(key).or_insert(next);
+        *entry = (*entry).max(next);
     }
 }
 

@@ -165,7 +165,9 @@ impl TestEnv {
         let group = &self.cfg.kafka.analytics_group;
         let sink = &sink;
         self.wait_caught_up("analytics", timeout, |keys| async move {
-            sink.load_positions(group, &keys).await.unwrap_or_default()
+            sink.committed_positions(group, &keys)
+                .await
+                .unwrap_or_default()
         })
         .await
     }
