@@ -198,61 +198,13 @@ pub async fn balance(cfg: &Config, account: &str, entries: i64, json: bool) -> a
             anyhow::bail!("account `{account}` not found");
         };
         let lines = store.entries(account, entries).await?;
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&balance_json(&b, &lines))?
-        );
+        // The same document as GET /v1/accounts/{id}/balance, plus the last entries.
+        let mut doc = crate::api::balance_document(&b, Utc::now());
+        doc["entries"] = lines.iter().map(crate::api::ledger_line_document).collect();
+        println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
     show_account(cfg, account, entries, Utc::now()).await
-}
-
-/// The billing view as JSON (money as decimal strings).
-pub fn balance_json(
-    b: &crate::ledger::BalanceView,
-    lines: &[crate::ledger::LedgerLine],
-) -> serde_json::Value {
-    let grants: Vec<_> = b
-        .grants
-        .iter()
-        .map(|g| {
-            serde_json::json!({
-                "grant_id": g.grant_id, "kind": g.kind.as_str(), "priority": g.priority,
-                "granted": g.granted.to_string(), "remaining": g.remaining.to_string(),
-                "expires_at": g.expires_at.map(|e| e.to_rfc3339()),
-            })
-        })
-        .collect();
-    let entries: Vec<_> = lines
-        .iter()
-        .map(|l| {
-            serde_json::json!({
-                "entry_id": l.entry_id, "kind": l.kind, "grant_id": l.grant_id,
-                "amount": l.amount.to_string(), "balance_after": l.balance_after.to_string(),
-                "overage_after": l.overage_after.to_string(),
-                "effective_at": l.effective_at.to_rfc3339(), "event_id": l.event_id,
-                "rule_id": l.rule_id,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "account_id": b.account_id,
-        "spendable": b.spendable.to_string(),
-        "overage": b.overage.to_string(),
-        "grants": grants,
-        "next_expiry": b.next_expiry.as_ref().map(|(at, credits, grant)| serde_json::json!({
-            "at": at.to_rfc3339(), "credits": credits.to_string(), "grant_id": grant})),
-        "plan": b.plan.as_ref().map(|p| serde_json::json!({
-            "plan_id": p.plan_id, "monthly_allowance": p.monthly_allowance.to_string(),
-            "billing_day": p.billing_day})),
-        "cycle": b.cycle.as_ref().map(|c| serde_json::json!({
-            "start": c.start.to_rfc3339(), "end": c.end.to_rfc3339(),
-            "used": c.used.to_string(), "overage": c.overage.to_string()})),
-        "allowance": b.allowance.map(|(granted, used)| serde_json::json!({
-            "granted": granted.to_string(), "used": used.to_string()})),
-        "days_until_reset": b.days_until_reset,
-        "entries": entries,
-    })
 }
 
 /// Prints the billing view: balance by grant, overage, next expiry, cycle, allowance used,

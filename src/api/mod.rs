@@ -18,6 +18,8 @@ mod dashboard;
 pub mod error;
 pub mod input;
 mod read;
+
+pub use read::{balance_document, ledger_line_document};
 mod system;
 mod write;
 

@@ -16,8 +16,8 @@ use super::error::ApiError;
 use super::input::{Params, RawQuery};
 use super::{pg, AppState};
 use crate::analytics::queries::{self, Cycle, DailyUsage, DateRange, Projection};
-use crate::ledger::buckets::Grant;
 use crate::ledger::BalanceView;
+use crate::ledger::LedgerLine;
 
 /// Longest range `/usage` serves (three years and a day).
 pub const MAX_USAGE_DAYS: i64 = 1_096;
@@ -36,13 +36,6 @@ fn cut(value: Decimal, places: u32) -> Decimal {
 
 /// Grants that can still be spent at `now` (an expiry the scheduler has not written yet
 /// already counts), in consumption order.
-fn live(view: &BalanceView, now: DateTime<Utc>) -> Vec<&Grant> {
-    view.grants
-        .iter()
-        .filter(|g| g.remaining > Decimal::ZERO && g.expires_at.is_none_or(|e| e > now))
-        .collect()
-}
-
 async fn view(api: &AppState, id: &str, now: DateTime<Utc>) -> Result<BalanceView, ApiError> {
     let store = api.store().await?;
     pg(store.balance_view(id, now))
@@ -68,13 +61,15 @@ pub async fn balance(
     let id = who.read(&id)?;
     let now = Utc::now();
     let view = view(&api, id, now).await?;
-    let grants = live(&view, now);
-    let spendable: Decimal = grants.iter().map(|g| g.remaining).sum();
-    let next_expiry = grants
-        .iter()
-        .filter_map(|g| g.expires_at.map(|at| (at, g)))
-        .min_by_key(|(at, g)| (*at, g.seq))
-        .map(|(at, g)| json!({"at": at, "credits": g.remaining, "grant_id": g.grant_id}));
+    Ok(Json(balance_document(&view, now)))
+}
+
+/// The billing view as JSON: the body of GET /balance, and `tally balance --json`.
+pub fn balance_document(view: &BalanceView, now: DateTime<Utc>) -> Value {
+    let next_expiry = view
+        .next_expiry
+        .as_ref()
+        .map(|(at, credits, grant_id)| json!({"at": at, "credits": credits, "grant_id": grant_id}));
     let allowance = view.allowance.map(|(granted, used)| {
         json!({
             "granted": granted,
@@ -83,12 +78,12 @@ pub async fn balance(
             "used_percent": (!granted.is_zero()).then(|| cut(used * Decimal::ONE_HUNDRED / granted, 2)),
         })
     });
-    Ok(Json(json!({
+    json!({
         "account_id": view.account_id,
         "as_of": now,
-        "spendable": spendable,
+        "spendable": view.spendable,
         "overage": view.overage,
-        "grants": grants.iter().map(|g| json!({
+        "grants": view.grants.iter().map(|g| json!({
             "grant_id": g.grant_id,
             "kind": g.kind.as_str(),
             "priority": g.priority,
@@ -111,7 +106,7 @@ pub async fn balance(
         })),
         "allowance": allowance,
         "days_until_reset": view.days_until_reset,
-    })))
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,7 +305,7 @@ pub async fn summary(
     let now = Utc::now();
     let today = now.date_naive();
     let view = view(&api, id, now).await?;
-    let spendable: Decimal = live(&view, now).iter().map(|g| g.remaining).sum();
+    let spendable = view.spendable;
     let cycle = Cycle::for_plan(view.plan.as_ref(), now);
     let analytics = ApiError::from_analytics;
     let this_cycle = api
@@ -367,19 +362,24 @@ pub async fn ledger(
     };
     Ok(Json(json!({
         "account_id": id,
-        "entries": lines.iter().map(|l| json!({
-            "entry_id": l.entry_id,
-            "kind": l.kind,
-            "grant_id": l.grant_id,
-            "amount": l.amount,
-            "balance_after": l.balance_after,
-            "overage_after": l.overage_after,
-            "effective_at": l.effective_at,
-            "event_id": l.event_id,
-            "rule_id": l.rule_id,
-        })).collect::<Vec<_>>(),
+        "entries": lines.iter().map(ledger_line_document).collect::<Vec<_>>(),
         "next_cursor": next_cursor,
     })))
+}
+
+/// A ledger line as JSON: GET /ledger, and `tally balance --json`.
+pub fn ledger_line_document(l: &LedgerLine) -> Value {
+    json!({
+        "entry_id": l.entry_id,
+        "kind": l.kind,
+        "grant_id": l.grant_id,
+        "amount": l.amount,
+        "balance_after": l.balance_after,
+        "overage_after": l.overage_after,
+        "effective_at": l.effective_at,
+        "event_id": l.event_id,
+        "rule_id": l.rule_id,
+    })
 }
 
 #[cfg(test)]

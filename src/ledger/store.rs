@@ -110,9 +110,10 @@ pub struct LedgerLine {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalanceView {
     pub account_id: String,
+    /// Credits spendable at the view's time (live grants only).
     pub spendable: Decimal,
     pub overage: Decimal,
-    /// Grants with credits left, in consumption order.
+    /// Grants with credits left and not expired at the view's time, in consumption order.
     pub grants: Vec<Grant>,
     /// The soonest expiry among grants with credits left: (when, credits, grant id).
     pub next_expiry: Option<(DateTime<Utc>, Decimal, String)>,
@@ -455,7 +456,7 @@ impl Store {
         let Some(row) = self
             .client
             .query_opt(
-                &format!("SELECT {ACCOUNT_COLUMNS}, spendable FROM accounts WHERE account_id = $1"),
+                &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1"),
                 &[&account_id],
             )
             .await?
@@ -463,7 +464,6 @@ impl Store {
             return Ok(None);
         };
         let account = account_from_row(&row)?;
-        let spendable: Decimal = row.get(15);
         let all = self
             .client
             .query(
@@ -480,15 +480,22 @@ impl Store {
                 .find(|g| g.grant_id == id)
                 .map(|g| (g.granted, g.granted - g.remaining))
         });
+        // Spendable at `now`: a grant past its expiry no longer counts, even before the
+        // scheduler has written its expiry entry.
         let mut grants: Vec<Grant> = all
             .into_iter()
-            .filter(|g| g.remaining > Decimal::ZERO)
+            .filter(|g| g.remaining > Decimal::ZERO && g.expires_at.is_none_or(|e| e > now))
             .collect();
         grants.sort_by_key(|g| (g.priority, g.expires_at.is_none(), g.expires_at, g.seq));
+        let spendable = grants.iter().map(|g| g.remaining).sum();
         let next_expiry = grants
             .iter()
-            .filter_map(|g| g.expires_at.map(|e| (e, g.remaining, g.grant_id.clone())))
-            .min_by_key(|(e, _, _)| *e);
+            .filter_map(|g| {
+                g.expires_at
+                    .map(|e| (e, g.seq, g.remaining, g.grant_id.clone()))
+            })
+            .min_by_key(|(e, seq, _, _)| (*e, *seq))
+            .map(|(e, _, credits, grant_id)| (e, credits, grant_id));
         let days_until_reset = account.cycle.as_ref().map(|c| {
             let secs = (c.end - now).num_seconds().max(0);
             (secs + 86_399) / 86_400
