@@ -487,7 +487,8 @@ impl Store {
             .filter(|g| g.remaining > Decimal::ZERO && g.expires_at.is_none_or(|e| e > now))
             .collect();
         grants.sort_by_key(|g| (g.priority, g.expires_at.is_none(), g.expires_at, g.seq));
-        let spendable = grants.iter().map(|g| g.remaining).sum();
+        let mut spendable: Decimal = grants.iter().map(|g| g.remaining).sum();
+        spendable.rescale(6); // as stored, also when no grant is left
         let next_expiry = grants
             .iter()
             .filter_map(|g| {
