@@ -508,7 +508,7 @@ pub async fn wait_until_idle(
         if analytics && caught_up {
             caught_up &= reached(
                 &sink
-                    .committed_positions(&cfg.kafka.analytics_group, &keys)
+                    .load_positions(&cfg.kafka.analytics_group, &keys)
                     .await?,
             );
         }

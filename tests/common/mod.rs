@@ -159,15 +159,31 @@ impl TestEnv {
         .await
     }
 
-    /// Waits until the analytics group's stored positions reach every input partition's end.
+    /// Waits until the analytics group's positions reach every input partition's end: the
+    /// committed positions (stored once a batch's rows and roll-ups are written), or — after a
+    /// crash between an insert and its position, where nothing is left to read that would
+    /// store it — the resume positions, once they have held for a second.
     pub async fn wait_analytics_caught_up(&self, timeout: Duration) {
         let sink = tally::analytics::AnalyticsSink::new(&self.cfg.clickhouse);
         let group = &self.cfg.kafka.analytics_group;
         let sink = &sink;
+        let ends = &self.ends();
+        let resumed_since: &std::sync::Mutex<Option<Instant>> = &Default::default();
         self.wait_caught_up("analytics", timeout, |keys| async move {
-            sink.committed_positions(group, &keys)
+            let committed = sink
+                .committed_positions(group, &keys)
                 .await
-                .unwrap_or_default()
+                .unwrap_or_default();
+            let resume = sink.load_positions(group, &keys).await.unwrap_or_default();
+            let mut since = resumed_since.lock().unwrap();
+            if !tally::kafka::reached(ends, &resume) {
+                *since = None;
+                return committed;
+            }
+            match *since.get_or_insert_with(Instant::now) {
+                t if t.elapsed() >= Duration::from_secs(1) => resume,
+                _ => committed,
+            }
         })
         .await
     }
