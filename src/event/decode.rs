@@ -28,8 +28,8 @@ use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Vis
 use serde_json::value::RawValue;
 
 use self::data::{
-    clip, id, invalid, required, timestamp, CallData, ChatData, Check, GrantData, InstanceData,
-    MeteredData, PlanData,
+    clip, id, invalid, printable, required, timestamp, CallData, ChatData, Check, GrantData,
+    InstanceData, MeteredData, PlanData,
 };
 use self::scalar::{is_well_formed, Text, WellFormed};
 use super::*;
@@ -244,6 +244,7 @@ fn check<'a>(
                 ),
             ));
         }
+        printable(content_type.as_str(), "datacontenttype")?;
     }
     let event_id = id(event_id, "id")?;
     let source = id(source, "source")?;

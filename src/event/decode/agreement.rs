@@ -97,6 +97,9 @@ fn value_pool() -> Vec<String> {
         "2147483648",
         "-2147483649",
         "123456789012345678",
+        "999999999999999999",
+        "9999999999999999999",
+        "-9999999999999999999",
         "-123456789012345678",
         "1234567890123456789",
         "12345678901234567890",
@@ -151,6 +154,15 @@ fn value_pool() -> Vec<String> {
         "\"\\n\"",
         "\"\\ud800\"",
         "\"\u{1F600}\"",
+        // Refused in ids and attribute values: escaped, and raw where JSON allows it.
+        "\"p\\u0000oison\"",
+        "\"a\\u001fb\"",
+        "\"a\u{7f}b\"",
+        "\"a\\u007fb\"",
+        "\"\u{202e}gpt\"",
+        "\"x\\u2066\"",
+        "\"x\u{2069}\"",
+        "\"application/json;\u{202a}\"",
         "[]",
         "[1]",
         "[50,80,100]",
@@ -581,4 +593,191 @@ fn fast_and_serde_paths_agree_on_special_bytes_in_strings() {
             }
         }
     }
+}
+
+/// A 19-digit integer: the scanner gives up (it counted the digit before multiplying, so no
+/// overflow panic in debug builds) and serde_json names the field.
+#[test]
+fn nineteen_digits_leave_the_scanner_without_overflow() {
+    // serde_json reads a positive integer beyond i64 as a u64 (not an i64: invalid value), a
+    // negative one as a float (wrong type); 10^18 fits but is outside 1..=10000.
+    for (digits, reason) in [
+        ("9999999999999999999", Reason::InvalidValue),
+        ("-9999999999999999999", Reason::WrongType),
+        ("1000000000000000000", Reason::InvalidValue),
+    ] {
+        let message = format!(
+            r#"{{"specversion":"1.0","id":"e","source":"s","type":"tally.usage.chat_response.v1","subject":"a","time":"2025-06-15T11:00:00Z","data":{{"conversation_id":"c","model":"m","responses":{digits}}}}}"#
+        );
+        assert!(fast::read_envelope(&message, &mut RawEnvelope::default()).is_none());
+        let (fast, slow, scanned) = both(message.as_bytes());
+        assert!(!scanned);
+        assert_eq!(fast, slow);
+        let r = fast.unwrap_err();
+        assert_eq!(
+            (r.reason, r.field.as_deref()),
+            (reason, Some("data.responses")),
+            "{digits}: {}",
+            r.detail
+        );
+    }
+    // 18 digits are still read by the scanner.
+    let message = r#"{"specversion":"1.0","id":"e","source":"s","type":"tally.usage.chat_response.v1","subject":"a","time":"2025-06-15T11:00:00Z","data":{"conversation_id":"c","model":"m","responses":999999999999999999}}"#;
+    assert!(fast::read_envelope(message, &mut RawEnvelope::default()).is_some());
+}
+
+/// Every refused character (each control character, DEL, each bidirectional override or
+/// isolate), raw where JSON allows it and escaped, in every id and attribute value of every
+/// type: both paths answer `invalid_value` naming that field.
+#[test]
+fn forbidden_characters_are_refused_by_both_paths_in_every_field() {
+    let forbidden: Vec<char> = (0u32..0x20)
+        .chain([0x7f])
+        .chain(0x202a..=0x202e)
+        .chain(0x2066..=0x2069)
+        .map(|c| char::from_u32(c).unwrap())
+        .collect();
+    // (type, data object with FIELD where the value goes, field path)
+    let data_fields: &[(&str, &str, &str)] = &[
+        (
+            types::CALL,
+            r#"{"call_id":FIELD,"direction":"inbound","started_at":"2025-06-15T10:00:00Z","ended_at":"2025-06-15T10:01:00Z"}"#,
+            "data.call_id",
+        ),
+        (
+            types::CALL,
+            r#"{"call_id":"c","direction":"inbound","channel":FIELD,"started_at":"2025-06-15T10:00:00Z","ended_at":"2025-06-15T10:01:00Z"}"#,
+            "data.channel",
+        ),
+        (
+            types::CALL,
+            r#"{"call_id":"c","direction":"inbound","model":FIELD,"started_at":"2025-06-15T10:00:00Z","ended_at":"2025-06-15T10:01:00Z"}"#,
+            "data.model",
+        ),
+        (
+            types::CALL,
+            r#"{"call_id":"c","direction":"inbound","voice_tier":FIELD,"started_at":"2025-06-15T10:00:00Z","ended_at":"2025-06-15T10:01:00Z"}"#,
+            "data.voice_tier",
+        ),
+        (
+            types::CHAT_RESPONSE,
+            r#"{"conversation_id":FIELD,"model":"m"}"#,
+            "data.conversation_id",
+        ),
+        (
+            types::CHAT_RESPONSE,
+            r#"{"conversation_id":"c","model":FIELD}"#,
+            "data.model",
+        ),
+        (
+            types::CHAT_RESPONSE,
+            r#"{"conversation_id":"c","model":"m","voice_tier":FIELD}"#,
+            "data.voice_tier",
+        ),
+        (
+            types::CHAT_RESPONSE,
+            r#"{"conversation_id":"c","model":"m","channel":FIELD}"#,
+            "data.channel",
+        ),
+        (
+            types::INSTANCE_HOURS,
+            r#"{"instance_id":FIELD,"instance_type":"t","started_at":"2025-06-15T10:00:00Z","ended_at":"2025-06-15T10:01:00Z"}"#,
+            "data.instance_id",
+        ),
+        (
+            types::INSTANCE_HOURS,
+            r#"{"instance_id":"i","instance_type":FIELD,"started_at":"2025-06-15T10:00:00Z","ended_at":"2025-06-15T10:01:00Z"}"#,
+            "data.instance_type",
+        ),
+        (
+            types::METERED,
+            r#"{"kind":"ai_analysis","quantity":"1","attributes":{"model":FIELD}}"#,
+            "data.attributes.model",
+        ),
+        (
+            types::GRANT,
+            r#"{"grant_id":FIELD,"kind":"promo","credits":"1"}"#,
+            "data.grant_id",
+        ),
+        (
+            types::PLAN,
+            r#"{"plan_id":FIELD,"monthly_allowance":"1","billing_day":1,"overage_policy":"bill_overage"}"#,
+            "data.plan_id",
+        ),
+    ];
+    let message = |id: &str, source: &str, content_type: &str, event_type: &str, data: &str| {
+        format!(
+            r#"{{"specversion":"1.0","id":{id},"source":{source},"type":"{event_type}","subject":"acct-1","time":"2025-06-15T11:00:00Z","datacontenttype":{content_type},"data":{data}}}"#
+        )
+    };
+    let chat = r#"{"conversation_id":"c","model":"m"}"#;
+    let mut checked = 0;
+    for &c in &forbidden {
+        // Escaped (JSON forbids raw control characters), and raw where JSON allows it.
+        let mut spellings = vec![format!("\\u{:04x}", c as u32)];
+        if c as u32 >= 0x20 {
+            spellings.push(c.to_string());
+        }
+        for spelling in &spellings {
+            let value = format!("\"x{spelling}y\"");
+            // (message, field, byte offset of the character in the value)
+            let mut cases: Vec<(String, &str, usize)> = vec![
+                (
+                    message(&value, "\"s\"", "null", types::CHAT_RESPONSE, chat),
+                    "id",
+                    1,
+                ),
+                (
+                    message("\"e\"", &value, "null", types::CHAT_RESPONSE, chat),
+                    "source",
+                    1,
+                ),
+                (
+                    message(
+                        "\"e\"",
+                        "\"s\"",
+                        &format!("\"application/json;{spelling}\""),
+                        types::CHAT_RESPONSE,
+                        chat,
+                    ),
+                    "datacontenttype",
+                    "application/json;".len(),
+                ),
+            ];
+            for (event_type, data, field) in data_fields {
+                cases.push((
+                    message(
+                        "\"e\"",
+                        "\"s\"",
+                        "null",
+                        event_type,
+                        &data.replace("FIELD", &value),
+                    ),
+                    field,
+                    1,
+                ));
+            }
+            for (text, field, at) in cases {
+                let (fast, slow, _) = both(text.as_bytes());
+                assert_eq!(fast, slow, "{text:?}");
+                let r = fast.expect_err(&text);
+                assert_eq!(
+                    (r.reason, r.field.as_deref()),
+                    (Reason::InvalidValue, Some(field)),
+                    "{text:?}: {}",
+                    r.detail
+                );
+                assert!(
+                    r.detail
+                        .starts_with(&format!("U+{:04X} at byte {at}:", c as u32)),
+                    "{text:?}: {}",
+                    r.detail
+                );
+                checked += 1;
+            }
+        }
+    }
+    // 32 + 1 + 5 + 4 = 42 characters, each escaped, and the 10 of them JSON allows raw
+    // (DEL and the nine bidirectional ones): 52 spellings, in 3 envelope + 13 data fields.
+    assert_eq!(checked, 52 * 16);
 }

@@ -40,7 +40,7 @@ pub(crate) fn required<T>(value: Option<T>, field: &str) -> Check<T> {
     value.ok_or_else(|| Rejection::new(Reason::MissingField, Some(field), "required"))
 }
 
-/// An identifier: 1..=256 bytes.
+/// An identifier: 1..=256 bytes, no control character or bidirectional override.
 #[inline(always)]
 pub(crate) fn id<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
     let len = value.0.len();
@@ -53,10 +53,12 @@ pub(crate) fn id<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
             format!("{len} bytes, at most {MAX_ID_BYTES}"),
         ));
     }
+    printable(&value.0, field)?;
     Ok(value.0)
 }
 
-/// An attribute value rules may match on: 1..=128 bytes.
+/// An attribute value rules may match on: 1..=128 bytes, no control character or
+/// bidirectional override.
 #[inline(always)]
 fn name<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
     let len = value.0.len();
@@ -66,7 +68,47 @@ fn name<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
             format!("{len} bytes, expected 1..={MAX_NAME_BYTES}"),
         ));
     }
+    printable(&value.0, field)?;
     Ok(value.0)
+}
+
+/// The first character of `s` that no id or attribute value may hold, with its byte offset:
+/// a control character (U+0000..=U+001F, U+007F) or a bidirectional override or isolate
+/// (U+202A..=U+202E, U+2066..=U+2069). Databases refuse some of them (PostgreSQL: NUL) and
+/// terminals and logs obey the others.
+pub(crate) fn forbidden_char(s: &str) -> Option<(usize, char)> {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            // The bidirectional ones are E2 80 AA..=AE and E2 81 A6..=A9 in UTF-8.
+            0x00..=0x1f | 0x7f => return Some((i, b[i] as char)),
+            0xe2 if matches!(
+                (b.get(i + 1), b.get(i + 2)),
+                (Some(0x80), Some(0xaa..=0xae)) | (Some(0x81), Some(0xa6..=0xa9))
+            ) =>
+            {
+                return s[i..].chars().next().map(|c| (i, c));
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Refuses a value holding a [`forbidden_char`].
+#[inline]
+pub(crate) fn printable(s: &str, field: &str) -> Check<()> {
+    match forbidden_char(s) {
+        None => Ok(()),
+        Some((at, c)) => Err(invalid(
+            field,
+            format!(
+                "U+{:04X} at byte {at}: control characters and bidirectional overrides are not allowed",
+                c as u32
+            ),
+        )),
+    }
 }
 
 #[inline(always)]
@@ -365,6 +407,7 @@ impl<'a> MeteredData<'a> {
                     format!("{} bytes, expected 1..={MAX_NAME_BYTES}", value.len()),
                 ));
             }
+            printable(value, &format!("data.attributes.{key}"))?;
         }
         Ok(Payload::Metered(MeteredUsage {
             kind: kind.0,

@@ -296,11 +296,12 @@ impl<'a> Scanner<'a> {
         let start = self.i;
         let mut value: i64 = 0;
         while let Some(c @ b'0'..=b'9') = self.peek() {
-            value = value * 10 + i64::from(c - b'0');
-            self.i += 1;
-            if self.i - start > MAX_DIGITS {
+            // Counted before multiplying: a 19th digit could overflow an `i64`.
+            if self.i - start == MAX_DIGITS {
                 return None;
             }
+            value = value * 10 + i64::from(c - b'0');
+            self.i += 1;
         }
         let digits = self.i - start;
         if digits == 0
