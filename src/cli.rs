@@ -20,7 +20,9 @@ use crate::event::{types, Reason};
 use crate::kafka::{self, HEADER_REASON};
 use crate::ledger::Store;
 
+pub mod escape;
 mod report;
+pub use escape::shown;
 pub use report::report;
 
 /// Options of `tally produce`.
@@ -195,13 +197,13 @@ pub async fn balance(cfg: &Config, account: &str, entries: i64, json: bool) -> a
     if json {
         let store = Store::connect(&cfg.postgres).await?;
         let Some(b) = store.balance_view(account, Utc::now()).await? else {
-            anyhow::bail!("account `{account}` not found");
+            anyhow::bail!("account `{}` not found", shown(account));
         };
         let lines = store.entries(account, entries).await?;
         // The same document as GET /v1/accounts/{id}/balance, plus the last entries.
         let mut doc = crate::api::balance_document(&b, Utc::now());
         doc["entries"] = lines.iter().map(crate::api::ledger_line_document).collect();
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        println!("{}", escape::json(&serde_json::to_string_pretty(&doc)?));
         return Ok(());
     }
     show_account(cfg, account, entries, Utc::now()).await
@@ -217,17 +219,19 @@ pub async fn show_account(
 ) -> anyhow::Result<()> {
     let store = Store::connect(&cfg.postgres).await?;
     let Some(b) = store.balance_view(account, now).await? else {
-        anyhow::bail!("account `{account}` not found");
+        anyhow::bail!("account `{}` not found", shown(account));
     };
     let lines = store.entries(account, entries).await?;
-    println!("account {}", b.account_id);
+    // Every string from the data goes through `shown`: ids may hold anything a producer sent.
+    println!("account {}", shown(&b.account_id));
     println!(
         "  spendable {:>16}   overage {:>14}",
         b.spendable, b.overage
     );
     if let Some((at, credits, grant)) = &b.next_expiry {
         println!(
-            "  next expiry: {credits} credits of {grant} on {}",
+            "  next expiry: {credits} credits of {} on {}",
+            shown(grant),
             at.format("%Y-%m-%d %H:%M")
         );
     }
@@ -235,7 +239,7 @@ pub async fn show_account(
         (Some(p), Some(c)) => {
             println!(
                 "  plan {} ({} credits/month, billing day {}); cycle {} .. {}; {} day(s) until reset",
-                p.plan_id,
+                shown(&p.plan_id),
                 p.monthly_allowance,
                 p.billing_day,
                 c.start.format("%Y-%m-%d"),
@@ -259,7 +263,7 @@ pub async fn show_account(
     for g in &b.grants {
         println!(
             "    {:<28} {:<10} {:>4} {:>16} {:>16}  {}",
-            g.grant_id,
+            shown(&g.grant_id),
             g.kind.as_str(),
             g.priority,
             g.granted,
@@ -289,13 +293,13 @@ pub async fn show_account(
         println!(
             "    #{:<8} {:<8} {:>14} -> {:>14} (overage {:>10})  {}  {} {}",
             l.entry_id,
-            l.kind,
+            shown(&l.kind),
             l.amount,
             l.balance_after,
             l.overage_after,
             l.effective_at.format("%Y-%m-%d %H:%M:%S"),
-            l.grant_id.as_deref().unwrap_or("-"),
-            l.rule_id.as_deref().unwrap_or("")
+            escape::shown_or(l.grant_id.as_deref(), "-"),
+            escape::shown_or(l.rule_id.as_deref(), "")
         );
     }
     Ok(())
@@ -369,7 +373,12 @@ pub async fn replay_dead_letters(
             continue;
         };
         if dry_run {
-            println!("{topic}: {:?} offset {}", this_reason, msg.offset());
+            println!(
+                "{}: {:?} offset {}",
+                shown(&topic),
+                this_reason,
+                msg.offset()
+            );
             resubmitted += 1;
             continue;
         }
@@ -451,7 +460,7 @@ pub async fn replay_file(cfg: &Config, path: &Path) -> anyhow::Result<()> {
                 "{}:{}: unknown event type `{}`",
                 path.display(),
                 n + 1,
-                head.event_type
+                shown(&head.event_type)
             )
         })?;
         let key = head.subject.map(|s| s.into_owned());

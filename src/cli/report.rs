@@ -6,6 +6,7 @@ use anyhow::Context;
 use chrono::{NaiveDate, Utc};
 use rust_decimal::Decimal;
 
+use super::escape::{self, shown};
 use crate::analytics::queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
 use crate::config::Config;
 use crate::ledger::Store;
@@ -44,7 +45,7 @@ pub async fn report(
         .await
         .context("reading usage from ClickHouse")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", escape::json(&serde_json::to_string_pretty(&report)?));
     } else {
         print!("{}", text(&report));
     }
@@ -65,7 +66,10 @@ pub fn text(r: &UsageReport) -> String {
     let _ = writeln!(
         out,
         "usage of {}   days {} .. {} (UTC)   as of {}",
-        r.account_id, r.range.from, r.range.to, c.as_of
+        shown(&r.account_id),
+        r.range.from,
+        r.range.to,
+        c.as_of
     );
     let _ = writeln!(
         out,
@@ -116,7 +120,10 @@ pub fn text(r: &UsageReport) -> String {
         let _ = writeln!(
             out,
             "    {:<20} {:>8} events {:>18} credits   quantity {}",
-            k.kind, k.events, k.credits, k.quantity
+            shown(&k.kind),
+            k.events,
+            k.credits,
+            k.quantity
         );
     }
     let _ = writeln!(out, "daily");
@@ -126,9 +133,9 @@ pub fn text(r: &UsageReport) -> String {
             .iter()
             .map(|u| {
                 if u.model.is_empty() {
-                    format!("{} {}", u.kind, u.credits)
+                    format!("{} {}", shown(&u.kind), u.credits)
                 } else {
-                    format!("{}/{} {}", u.kind, u.model, u.credits)
+                    format!("{}/{} {}", shown(&u.kind), shown(&u.model), u.credits)
                 }
             })
             .collect();
