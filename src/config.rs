@@ -64,6 +64,16 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Bearer tokens, stored as SHA-256 hashes: `printf %s "$TOKEN" | sha256sum`.
     pub tokens: Vec<ApiToken>,
+    /// A connection must send a request's whole header within this time, else it is closed
+    /// (slow-header clients; also bounds how long an idle keep-alive connection is kept).
+    pub header_read_timeout_ms: u64,
+    /// A request (body read and handler) must be answered within this time, else 503.
+    pub request_timeout_ms: u64,
+    /// Connections served at once; further ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// `/readyz` and `/metrics` reuse their dependency probes (PostgreSQL, ClickHouse, Kafka)
+    /// for this long, and concurrent requests share one probe: a flood cannot reach them.
+    pub probe_cache_ms: u64,
 }
 
 /// One API bearer token: its SHA-256 (hex, never the token itself) and what it may do.
@@ -97,6 +107,10 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 16 * 1024,
             tokens: Vec::new(),
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_connections: 1024,
+            probe_cache_ms: 1_000,
         }
     }
 }
@@ -381,6 +395,9 @@ impl Default for PricesConfig {
     }
 }
 
+/// Largest `pipeline.max_message_bytes` accepted (16 MiB).
+pub const MAX_MESSAGE_BYTES_LIMIT: usize = 16 * 1024 * 1024;
+
 /// A configuration error, naming the key at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -508,11 +525,29 @@ impl Config {
         if !(1..=60_000).contains(&p.batch_max_wait_ms) {
             return Err(invalid("pipeline.batch_max_wait_ms", "must be 1..=60000"));
         }
-        if !(256..=16 * 1024 * 1024).contains(&p.max_message_bytes) {
+        if !(256..=MAX_MESSAGE_BYTES_LIMIT).contains(&p.max_message_bytes) {
             return Err(invalid(
                 "pipeline.max_message_bytes",
                 "must be 256..=16777216",
             ));
+        }
+        // Dead letters carry up to max_message_bytes of payload plus bounded headers: the
+        // dead-letter producer's message.max.bytes must be allowed to be that large.
+        let dead_letter_bytes = crate::kafka::DeadLetterProducer::max_bytes(p.max_message_bytes);
+        if let Some(set) = self.kafka.properties.get("message.max.bytes") {
+            match set.trim().parse::<usize>() {
+                Ok(limit) if limit >= dead_letter_bytes => {}
+                _ => {
+                    return Err(invalid(
+                        "pipeline.max_message_bytes",
+                        format!(
+                            "dead letters need message.max.bytes >= {dead_letter_bytes} ({} + {} of headers), but kafka.properties sets it to `{set}`: lower pipeline.max_message_bytes or raise the property",
+                            p.max_message_bytes,
+                            crate::kafka::DeadLetterProducer::OVERHEAD_BYTES
+                        ),
+                    ))
+                }
+            }
         }
         if p.max_future_seconds < 0 {
             return Err(invalid("pipeline.max_future_seconds", "must be >= 0"));
@@ -569,6 +604,18 @@ impl Config {
         }
         if !(256..=16 * 1024 * 1024).contains(&api.max_body_bytes) {
             return Err(invalid("api.max_body_bytes", "must be 256..=16777216"));
+        }
+        if !(1..=600_000).contains(&api.header_read_timeout_ms) {
+            return Err(invalid("api.header_read_timeout_ms", "must be 1..=600000"));
+        }
+        if !(1..=3_600_000).contains(&api.request_timeout_ms) {
+            return Err(invalid("api.request_timeout_ms", "must be 1..=3600000"));
+        }
+        if !(1..=100_000).contains(&api.max_connections) {
+            return Err(invalid("api.max_connections", "must be 1..=100000"));
+        }
+        if api.probe_cache_ms > 60_000 {
+            return Err(invalid("api.probe_cache_ms", "must be 0..=60000"));
         }
         for (i, t) in api.tokens.iter().enumerate() {
             // Never echo the hash: name the token by position and label.
@@ -702,6 +749,60 @@ mod tests {
             std::env::set_var(format!("{prefix}{k}"), v);
         }
         Env::prefixed(&prefix).split("__")
+    }
+
+    #[test]
+    fn dead_letters_must_fit_a_configured_message_max_bytes() {
+        let mut cfg = Config::default();
+        // 65536 + 13824 = 79360 by hand: exactly that is enough, one byte less is not.
+        cfg.kafka
+            .properties
+            .insert("message.max.bytes".into(), "79360".into());
+        cfg.validate().unwrap();
+        cfg.kafka
+            .properties
+            .insert("message.max.bytes".into(), "79359".into());
+        match cfg.validate() {
+            Err(ConfigError::Invalid { key, message }) => {
+                assert_eq!(key, "pipeline.max_message_bytes");
+                assert!(message.contains("79360"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        cfg.kafka
+            .properties
+            .insert("message.max.bytes".into(), "lots".into());
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::Invalid {
+                key: "pipeline.max_message_bytes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn api_limits_are_validated() {
+        let base = Config::default();
+        assert_eq!(base.api.header_read_timeout_ms, 10_000);
+        assert_eq!(base.api.request_timeout_ms, 30_000);
+        assert_eq!(base.api.max_connections, 1024);
+        assert_eq!(base.api.probe_cache_ms, 1_000);
+        let key = |f: fn(&mut ApiConfig)| {
+            let mut cfg = base.clone();
+            f(&mut cfg.api);
+            match cfg.validate() {
+                Err(ConfigError::Invalid { key, .. }) => key,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            key(|a| a.header_read_timeout_ms = 0),
+            "api.header_read_timeout_ms"
+        );
+        assert_eq!(key(|a| a.request_timeout_ms = 0), "api.request_timeout_ms");
+        assert_eq!(key(|a| a.max_connections = 0), "api.max_connections");
+        assert_eq!(key(|a| a.probe_cache_ms = 60_001), "api.probe_cache_ms");
     }
 
     #[test]
