@@ -9,7 +9,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Latency buckets in seconds: 1 ms to 30 s.
@@ -26,6 +27,8 @@ struct Metrics {
     consumer_lag: IntGaugeVec,
     http_requests: IntCounterVec,
     http_seconds: HistogramVec,
+    http_connections: IntGauge,
+    probe_rounds: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -90,6 +93,22 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "HTTP request latency by route template.",
             &["route"],
         ),
+        http_connections: {
+            let g = IntGauge::with_opts(Opts::new(
+                "tally_http_connections_open",
+                "HTTP connections being served (at most api.max_connections).",
+            ))
+            .expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
+            g
+        },
+        probe_rounds: counter(
+            "tally_dependency_probe_rounds_total",
+            "Dependency probe rounds run for /readyz (PostgreSQL, ClickHouse, Kafka) and /metrics (consumer lag); shared for api.probe_cache_ms, so a flood of requests does not multiply them.",
+            &["probe"],
+        ),
         consumer_lag,
         registry,
     }
@@ -151,6 +170,16 @@ pub fn http_request(route: &str, method: &str, status: u16, seconds: f64) {
         .http_seconds
         .with_label_values(&[route])
         .observe(seconds);
+}
+
+/// Adds `delta` (+1 or -1) to the open HTTP connections.
+pub fn http_connections_open(delta: i64) {
+    METRICS.http_connections.add(delta);
+}
+
+/// Counts one dependency probe round (`readyz` or `lag`).
+pub fn dependency_probe_round(probe: &str) {
+    METRICS.probe_rounds.with_label_values(&[probe]).inc();
 }
 
 /// Every metric in the Prometheus text format (version 0.0.4).

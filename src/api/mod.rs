@@ -6,6 +6,13 @@
 //! their Kafka topics as CloudEvents, so the ledger applies them exactly once and in order
 //! with usage. Must not hold domain logic: figures come from `ledger` and `analytics`.
 //!
+//! Hardening (see [`serve`]): hyper's HTTP/1 builder closes a connection that has not sent
+//! a whole request header within `api.header_read_timeout_ms`; tower-http's timeout layer
+//! answers 503 to a request not answered within `api.request_timeout_ms`; at most
+//! `api.max_connections` connections are served at once (the next ones wait in the listen
+//! backlog); `/readyz` and `/metrics` share one dependency probe per `api.probe_cache_ms`;
+//! metric labels are bounded (route templates, `unmatched`, known methods or `other`).
+//!
 //! ```text
 //! /healthz /readyz /metrics            open (no account data)
 //! /dashboard/{account}, its assets     open: a static page; its data calls /v1 with a token
@@ -24,12 +31,13 @@ mod system;
 mod write;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post, put, MethodRouter};
@@ -37,7 +45,8 @@ use axum::Router;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::FutureProducer;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+use tower_http::timeout::TimeoutLayer;
 
 use crate::analytics::{AnalyticsSink, UsageQueries};
 use crate::config::{Config, PostgresConfig};
@@ -63,6 +72,13 @@ pub struct Api {
     /// Metadata and watermarks (readiness, lag); its calls block, so they run on the
     /// blocking pool.
     probe: Arc<BaseConsumer>,
+    /// The last `/readyz` answer and when it was probed (shared for `api.probe_cache_ms`;
+    /// the lock also makes concurrent requests wait for one probe rather than start many).
+    ready_cache: tokio::sync::Mutex<Option<(Instant, StatusCode, serde_json::Value)>>,
+    /// When `/metrics` last refreshed the consumer lag (same sharing).
+    lag_refreshed: tokio::sync::Mutex<Option<Instant>>,
+    /// Probe rounds run (readiness and lag), for tests and the probes metric.
+    probe_rounds: AtomicU64,
 }
 
 pub type AppState = Arc<Api>;
@@ -85,7 +101,27 @@ impl Api {
             probe: Arc::new(probe),
             prices,
             cfg,
+            ready_cache: tokio::sync::Mutex::new(None),
+            lag_refreshed: tokio::sync::Mutex::new(None),
+            probe_rounds: AtomicU64::new(0),
         }))
+    }
+
+    /// How many dependency probe rounds (`/readyz` probes, `/metrics` lag refreshes) this API
+    /// has run: a flood of those routes must not multiply them.
+    pub fn probe_rounds(&self) -> u64 {
+        self.probe_rounds.load(Ordering::Relaxed)
+    }
+
+    /// Counts one probe round of `what` ("readyz" or "lag").
+    fn count_probe_round(&self, what: &'static str) {
+        self.probe_rounds.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::dependency_probe_round(what);
+    }
+
+    /// How long a probe's answer is reused.
+    fn probe_cache(&self) -> Duration {
+        Duration::from_millis(self.cfg.api.probe_cache_ms)
     }
 
     /// The ledger store (one shared connection, re-opened when it dies).
@@ -254,11 +290,34 @@ pub fn router(api: AppState) -> Router {
         api.clone(),
         auth::require_token,
     ));
+    let request_timeout = Duration::from_millis(api.cfg.api.request_timeout_ms);
     open.merge(v1)
         .fallback(|| async { ApiError::NotFound })
+        // Inside `observe`, so a timed-out request is counted with its 503.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
         .layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(api.cfg.api.max_body_bytes))
         .with_state(api)
+}
+
+/// The method as a metric label: the standard methods by name, any other as `other`, so a
+/// client cannot create label values at will.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 /// Records each request's metrics and sets headers every answer carries.
@@ -267,12 +326,12 @@ async fn observe(req: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let started = Instant::now();
     let mut response = next.run(req).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    crate::metrics::http_request(&route, method.as_str(), status, elapsed.as_secs_f64());
+    crate::metrics::http_request(&route, method, status, elapsed.as_secs_f64());
     tracing::debug!(%route, %method, status, elapsed_ms = elapsed.as_millis() as u64, "api request");
     let headers = response.headers_mut();
     headers.insert(
@@ -287,30 +346,73 @@ async fn observe(req: Request, next: Next) -> Response {
 
 /// Serves on `listener` until `shutdown` turns true, then lets in-flight requests finish
 /// (at most [`DRAIN_TIMEOUT`]).
+///
+/// The accept loop is hyper's own (axum::serve has no header-read timeout nor connection
+/// cap): each connection is served by hyper's HTTP/1 builder with a header-read timeout, and
+/// holds a permit of a semaphore of `api.max_connections`: while none is free, nothing is
+/// accepted and new connections wait in the kernel's listen backlog.
 pub async fn serve(
     listener: TcpListener,
     api: AppState,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     if api.tokens.is_empty() {
         tracing::warn!(%addr, "no [[api.tokens]] configured: every /v1 request answers 401");
     }
-    tracing::info!(%addr, "API listening");
-    let (mut graceful, mut deadline) = (shutdown.clone(), shutdown);
-    let server = axum::serve(listener, router(api)).with_graceful_shutdown(async move {
-        let _ = graceful.wait_for(|stop| *stop).await;
-    });
-    tokio::select! {
-        result = server => result,
-        _ = async {
-            let _ = deadline.wait_for(|stop| *stop).await;
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
-        } => {
-            tracing::warn!("API requests still running after the drain timeout; stopped");
-            Ok(())
-        }
+    let max_connections = api.cfg.api.max_connections;
+    let header_read_timeout = Duration::from_millis(api.cfg.api.header_read_timeout_ms);
+    tracing::info!(%addr, max_connections, "API listening");
+    let app = router(api);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            _ = stopped(&mut shutdown) => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        crate::metrics::http_connections_open(1);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                // Header-read timeouts and clients that go away end up here.
+                tracing::debug!(error = %e, "API connection closed");
+            }
+            crate::metrics::http_connections_open(-1);
+            drop(permit);
+        });
     }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("API requests still running after the drain timeout; stopped");
+    }
+    Ok(())
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// `tally run`'s API task: binds `api.listen`, serves until shutdown.

@@ -53,7 +53,23 @@ where
 }
 
 /// GET /readyz — PostgreSQL, ClickHouse and Kafka each answer: 200 when all do, else 503.
+/// The answer is reused for `api.probe_cache_ms`; requests arriving while a probe runs wait
+/// for it and share its answer, so a flood of them probes each dependency once.
 pub async fn readyz(State(api): State<AppState>) -> impl IntoResponse {
+    let mut cache = api.ready_cache.lock().await;
+    if let Some((at, status, body)) = cache.as_ref() {
+        if at.elapsed() < api.probe_cache() {
+            return (*status, Json(body.clone()));
+        }
+    }
+    let (status, body) = probe_readiness(&api).await;
+    *cache = Some((Instant::now(), status, body.clone()));
+    (status, Json(body))
+}
+
+/// One round of readiness probes.
+async fn probe_readiness(api: &AppState) -> (StatusCode, Value) {
+    api.count_probe_round("readyz");
     let postgres = probe("postgresql", async {
         let store = api.store().await.map_err(|e| e.to_string())?;
         store
@@ -89,10 +105,10 @@ pub async fn readyz(State(api): State<AppState>) -> impl IntoResponse {
     };
     (
         status,
-        Json(json!({
+        json!({
             "status": if ready { "ready" } else { "not_ready" },
             "dependencies": {"postgresql": postgres, "clickhouse": clickhouse, "kafka": kafka},
-        })),
+        }),
     )
 }
 
@@ -149,12 +165,21 @@ async fn refresh_lag(api: &AppState) -> Result<(), String> {
 }
 
 /// GET /metrics — Prometheus text format. A lag refresh that fails leaves the last values
-/// (and is logged); the other metrics are served regardless.
+/// (and is logged); the other metrics are served regardless. The lag is refreshed at most
+/// once per `api.probe_cache_ms` (scrapes in between, or waiting for a refresh in progress,
+/// serve the values it left).
 pub async fn metrics(State(api): State<AppState>) -> impl IntoResponse {
-    match tokio::time::timeout(LAG_TIMEOUT, refresh_lag(&api)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "consumer lag not refreshed"),
-        Err(_) => tracing::warn!("consumer lag not refreshed: timed out"),
+    {
+        let mut refreshed = api.lag_refreshed.lock().await;
+        if refreshed.is_none_or(|at| at.elapsed() >= api.probe_cache()) {
+            api.count_probe_round("lag");
+            match tokio::time::timeout(LAG_TIMEOUT, refresh_lag(&api)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "consumer lag not refreshed"),
+                Err(_) => tracing::warn!("consumer lag not refreshed: timed out"),
+            }
+            *refreshed = Some(Instant::now());
+        }
     }
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
