@@ -66,6 +66,17 @@ pub fn decode<'a>(
     decode_with(bytes, now, limits, true)
 }
 
+/// [`decode`] by the serde path alone, never the fast path: for the fuzz target that checks
+/// both paths agree (`fuzz/fuzz_targets/decode.rs`). Not for production use.
+#[doc(hidden)]
+pub fn decode_serde_path<'a>(
+    bytes: &'a [u8],
+    now: DateTime<Utc>,
+    limits: &DecodeLimits,
+) -> Result<Event<'a>, Rejection> {
+    decode_with(bytes, now, limits, false)
+}
+
 /// [`decode`], with or without the fast path (`fast`: whichever reads the envelope, the
 /// outcome is the same; tests compare the two).
 fn decode_with<'a>(

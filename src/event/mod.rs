@@ -9,5 +9,5 @@ pub mod encode;
 #[path = "types.rs"]
 mod model;
 
-pub use decode::{decode, DecodeLimits};
+pub use decode::{decode, decode_serde_path, DecodeLimits};
 pub use model::*;
