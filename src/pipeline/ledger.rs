@@ -50,7 +50,7 @@ pub async fn run_with_clock(
         group_id: group.clone(),
     });
     let consumer = BatchConsumer::new(&cfg.kafka, &group, "ledger", &topics, offsets)?;
-    let dead = DeadLetterProducer::new(&cfg.kafka, "ledger")?;
+    let dead = DeadLetterProducer::for_config(&cfg, "ledger")?;
     let (batch_limits, admission) = limits(&cfg.pipeline);
     let mut backoff = Backoff::new(&cfg.pipeline);
     let mut store = retry(&mut backoff, "connect to PostgreSQL", || {
