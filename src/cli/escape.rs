@@ -49,12 +49,15 @@ pub fn shown_or<'a>(s: Option<&'a str>, none: &'a str) -> Cow<'a, str> {
 /// and bidirectional characters raw. Outside strings JSON holds none of them, so each is
 /// replaced by its `\uXXXX` escape, which a JSON reader decodes to the same string.
 pub fn json(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(must_escape) {
+    // serde_json already escapes control characters inside strings; the layout's newlines,
+    // tabs and carriage returns between tokens stay as they are (escaped they break the JSON).
+    let must = |c: char| must_escape(c) && !matches!(c, '\n' | '\r' | '\t');
+    if !text.chars().any(must) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
-        if must_escape(c) {
+        if must(c) {
             let _ = write!(out, "\\u{:04x}", c as u32);
         } else {
             out.push(c);
