@@ -59,6 +59,22 @@ fn header<'a>(seen: &'a Seen, name: &str) -> Option<&'a [u8]> {
         .map(|(_, v)| v.as_slice())
 }
 
+/// A configuration with `max_message_bytes` and its one-partition dead-letter topic created.
+async fn dead_letter_config(
+    name: &str,
+    max_message_bytes: usize,
+) -> (tally::config::Config, String) {
+    let mut cfg = common::test_config(name);
+    cfg.kafka.topic_partitions = 1;
+    cfg.pipeline.max_message_bytes = max_message_bytes;
+    cfg.validate().unwrap();
+    let topic = cfg.kafka.topics.dead_letter.clone();
+    tally::kafka::ensure_topics(&cfg.kafka, &[topic.as_str()], 1)
+        .await
+        .expect("Kafka is up (run scripts/services up)");
+    (cfg, topic)
+}
+
 /// A payload of `n` bytes that is not all the same byte (a cut would show).
 fn payload(n: usize) -> Vec<u8> {
     (0..n).map(|i| b'a' + (i % 26) as u8).collect()
@@ -66,14 +82,7 @@ fn payload(n: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_record_of_max_message_bytes_plus_headers_is_dead_lettered_whole() {
-    let mut cfg = common::test_config("dlq_size");
-    cfg.kafka.topic_partitions = 1;
-    cfg.pipeline.max_message_bytes = 1_000_000;
-    cfg.validate().unwrap();
-    let topic = cfg.kafka.topics.dead_letter.clone();
-    tally::kafka::ensure_topics(&cfg.kafka, &[topic.as_str()], 1)
-        .await
-        .expect("Kafka is up (run scripts/services up)");
+    let (cfg, topic) = dead_letter_config("dlq_size", 1_000_000).await;
 
     // Source headers: 7 of 1,160 bytes with framing (8,120 of the 8,192 allowed).
     let headers: Vec<(String, Vec<u8>)> = (0..7)
@@ -143,14 +152,7 @@ async fn a_record_of_max_message_bytes_plus_headers_is_dead_lettered_whole() {
 
 #[tokio::test]
 async fn a_larger_record_is_dead_lettered_cut_and_says_so() {
-    let mut cfg = common::test_config("dlq_cut");
-    cfg.kafka.topic_partitions = 1;
-    cfg.pipeline.max_message_bytes = 65_536;
-    cfg.validate().unwrap();
-    let topic = cfg.kafka.topics.dead_letter.clone();
-    tally::kafka::ensure_topics(&cfg.kafka, &[topic.as_str()], 1)
-        .await
-        .expect("Kafka is up (run scripts/services up)");
+    let (cfg, topic) = dead_letter_config("dlq_cut", 65_536).await;
     // 900 KB: accepted by the input topic, far over max_message_bytes (too_large).
     let record = Record {
         topic: Arc::from(cfg.kafka.topics.chat_responses.as_str()),

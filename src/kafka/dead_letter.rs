@@ -84,13 +84,6 @@ impl DeadLetterProducer {
         max_message_bytes + Self::OVERHEAD_BYTES
     }
 
-    /// A producer sized for the largest `pipeline.max_message_bytes` the configuration
-    /// allows (16 MiB). Prefer [`DeadLetterProducer::for_config`], which sizes it for the
-    /// configured one.
-    pub fn new(kafka: &KafkaConfig, pipeline: &'static str) -> Result<Self, KafkaError> {
-        Self::with_limit(kafka, crate::config::MAX_MESSAGE_BYTES_LIMIT, pipeline)
-    }
-
     /// A producer for the configured pipeline (`cfg.pipeline.max_message_bytes`).
     pub fn for_config(
         cfg: &crate::config::Config,
@@ -100,7 +93,7 @@ impl DeadLetterProducer {
     }
 
     /// A producer whose dead letters carry payloads of up to `max_message_bytes` whole.
-    pub fn with_limit(
+    fn with_limit(
         kafka: &KafkaConfig,
         max_message_bytes: usize,
         pipeline: &'static str,
