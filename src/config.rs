@@ -541,8 +541,8 @@ impl Config {
                     return Err(invalid(
                         "pipeline.max_message_bytes",
                         format!(
-                            "dead letters need message.max.bytes >= {dead_letter_bytes} ({} + {} of headers), but kafka.properties sets it to `{set}`: lower pipeline.max_message_bytes or raise the property",
-                            p.max_message_bytes,
+                            "dead letters need message.max.bytes >= {dead_letter_bytes} ({} of payload + {} of headers), but kafka.properties sets it to `{set}`: lower pipeline.max_message_bytes or raise the property",
+                            crate::kafka::DeadLetterProducer::payload_capacity(p.max_message_bytes),
                             crate::kafka::DeadLetterProducer::OVERHEAD_BYTES
                         ),
                     ))
@@ -754,18 +754,19 @@ mod tests {
     #[test]
     fn dead_letters_must_fit_a_configured_message_max_bytes() {
         let mut cfg = Config::default();
-        // 65536 + 13824 = 79360 by hand: exactly that is enough, one byte less is not.
+        // 1 MiB (1048576) + 13824 = 1062400 by hand: exactly that is enough, one byte less
+        // is not.
         cfg.kafka
             .properties
-            .insert("message.max.bytes".into(), "79360".into());
+            .insert("message.max.bytes".into(), "1062400".into());
         cfg.validate().unwrap();
         cfg.kafka
             .properties
-            .insert("message.max.bytes".into(), "79359".into());
+            .insert("message.max.bytes".into(), "1062399".into());
         match cfg.validate() {
             Err(ConfigError::Invalid { key, message }) => {
                 assert_eq!(key, "pipeline.max_message_bytes");
-                assert!(message.contains("79360"), "{message}");
+                assert!(message.contains("1062400"), "{message}");
             }
             other => panic!("{other:?}"),
         }

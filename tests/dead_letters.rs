@@ -1,6 +1,7 @@
 //! Dead letters are always deliverable, against the real broker: a record whose payload is
 //! exactly `max_message_bytes`, with a full key and full source headers, reaches the
-//! dead-letter topic whole; a larger one reaches it cut, saying so. With `max_message_bytes`
+//! dead-letter topic whole; so does a `too_large` one of 900 KB (its topic held it, so it can
+//! be replayed); one beyond the payload capacity (1 MiB) reaches it cut, saying so. With `max_message_bytes`
 //! at 1,000,000 the first is beyond librdkafka's default `message.max.bytes` (1,000,000), which
 //! a plain producer shows by refusing it. Needs Kafka only.
 
@@ -150,16 +151,18 @@ async fn a_record_of_max_message_bytes_plus_headers_is_dead_lettered_whole() {
     assert_eq!(header(dl, "tally.source.bytes"), None);
 }
 
-#[tokio::test]
-async fn a_larger_record_is_dead_lettered_cut_and_says_so() {
-    let (cfg, topic) = dead_letter_config("dlq_cut", 65_536).await;
-    // 900 KB: accepted by the input topic, far over max_message_bytes (too_large).
+/// A `too_large` record and its dead letter as read back.
+async fn dead_letter_of(
+    name: &str,
+    bytes: usize,
+) -> (Record, (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>)) {
+    let (cfg, topic) = dead_letter_config(name, 65_536).await;
     let record = Record {
         topic: Arc::from(cfg.kafka.topics.chat_responses.as_str()),
         partition: 0,
         offset: 7,
         key: Some(b"acct-1".to_vec()),
-        payload: payload(900_000),
+        payload: payload(bytes),
         headers: vec![("traceparent".into(), b"00-abc-def-01".to_vec())],
         timestamp_ms: None,
     };
@@ -167,23 +170,41 @@ async fn a_larger_record_is_dead_lettered_cut_and_says_so() {
         record: &record,
         reason: Reason::TooLarge,
         field: None,
-        detail: "900000 bytes, at most 65536".into(),
+        detail: format!("{bytes} bytes, at most 65536"),
     };
     let producer = DeadLetterProducer::for_config(&cfg, "ledger").unwrap();
     producer.send_all(&[letter]).await.expect("delivered");
-
-    let seen = read_all(&cfg, &topic, 1);
+    let mut seen = read_all(&cfg, &topic, 1);
     assert_eq!(seen.len(), 1);
-    let dl = &seen[0];
+    (record, seen.remove(0))
+}
+
+#[tokio::test]
+async fn a_too_large_record_its_topic_held_is_dead_lettered_whole() {
+    // 900 KB: accepted by the input topic, far over max_message_bytes (too_large).
+    let (record, dl) = dead_letter_of("dlq_whole", 900_000).await;
+    let dl = &dl;
     assert_eq!(dl.0.as_deref(), Some(&b"acct-1"[..]));
-    assert_eq!(dl.1.len(), 65_536);
-    assert!(dl.1[..] == record.payload[..65_536]);
+    assert!(dl.1 == record.payload, "the original bytes, whole");
+    assert_eq!(header(dl, "tally.reason"), Some(&b"too_large"[..]));
+    assert_eq!(header(dl, "tally.truncated"), None);
+    assert_eq!(header(dl, "tally.source.bytes"), None);
+}
+
+#[tokio::test]
+async fn a_record_beyond_the_capacity_is_dead_lettered_cut_and_says_so() {
+    // 1,100,000 bytes: beyond the 1 MiB (1,048,576) carried whole.
+    let (record, dl) = dead_letter_of("dlq_cut", 1_100_000).await;
+    let dl = &dl;
+    assert_eq!(dl.0.as_deref(), Some(&b"acct-1"[..]));
+    assert_eq!(dl.1.len(), 1_048_576);
+    assert!(dl.1[..] == record.payload[..1_048_576]);
     assert_eq!(
         dl.2[0],
         ("traceparent".to_owned(), b"00-abc-def-01".to_vec())
     );
     assert_eq!(header(dl, "tally.reason"), Some(&b"too_large"[..]));
     assert_eq!(header(dl, "tally.truncated"), Some(&b"payload"[..]));
-    assert_eq!(header(dl, "tally.source.bytes"), Some(&b"900000"[..]));
+    assert_eq!(header(dl, "tally.source.bytes"), Some(&b"1100000"[..]));
     assert_eq!(header(dl, "tally.source.offset"), Some(&b"7"[..]));
 }

@@ -2,8 +2,10 @@
 //! bytes, key and headers, plus headers saying why and where they came from.
 //!
 //! Always deliverable: every dead letter fits the producer's `message.max.bytes`, which is
-//! set to [`DeadLetterProducer::max_bytes`] = `pipeline.max_message_bytes` +
-//! [`DeadLetterProducer::OVERHEAD_BYTES`] (13,824 bytes). The overhead is the sum of
+//! set to [`DeadLetterProducer::max_bytes`] = the payload capacity
+//! ([`DeadLetterProducer::payload_capacity`]: the larger of `pipeline.max_message_bytes` and
+//! [`SOURCE_RECORD_BYTES`], the largest record a topic with Kafka's default
+//! `max.message.bytes` holds) + [`DeadLetterProducer::OVERHEAD_BYTES`] (13,824 bytes). The overhead is the sum of
 //! ceilings, each enforced when the dead letter is built:
 //! - the source key, at most [`MAX_KEY_BYTES`] (1 KiB);
 //! - the source headers, names, values and framing, at most [`MAX_SOURCE_HEADER_BYTES`]
@@ -12,12 +14,13 @@
 //!   field to 256 bytes);
 //! - librdkafka's per-record framing, [`FRAMING_BYTES`] (512).
 //!
-//! A source record whose payload is larger than `max_message_bytes` (reason `too_large`) is
-//! carried cut to `max_message_bytes`; then `tally.truncated` lists what was cut and
+//! So a `too_large` record (over `max_message_bytes`) that its topic held is carried whole and
+//! can be replayed once the limit is raised. Only a payload beyond the capacity (a source
+//! topic configured for larger records) is cut: then `tally.truncated` lists what was cut and
 //! `tally.source.bytes` gives the payload's full length; the whole record stays in the source
 //! topic at `tally.source.partition` / `tally.source.offset`. Whatever is cut is said, never
-//! silent. The dead-letter topic must accept messages of that size (Apache Kafka's default
-//! `max.message.bytes` is 1 MiB: enough up to `max_message_bytes` = 1,034,752).
+//! silent. The dead-letter topic must accept messages of `max_bytes` (set its
+//! `max.message.bytes` to at least 1,062,400 for the default capacity).
 
 use std::time::Duration;
 
@@ -42,6 +45,9 @@ pub const HEADER_TRUNCATED: &str = "tally.truncated";
 /// The source payload's full length in bytes, when it was cut.
 pub const HEADER_SOURCE_BYTES: &str = "tally.source.bytes";
 
+/// The largest record a topic with Apache Kafka's default `max.message.bytes` holds (1 MiB):
+/// a dead letter carries at least this much of its source payload.
+pub const SOURCE_RECORD_BYTES: usize = 1024 * 1024;
 /// Longest source key carried; a longer one is cut.
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Room for the source headers (names, values and 10 bytes of framing each).
@@ -70,7 +76,7 @@ pub struct DeadLetterProducer {
     producer: FutureProducer,
     topic: String,
     pipeline: &'static str,
-    /// Payloads up to this size are carried whole.
+    /// Payloads up to this size are carried whole ([`DeadLetterProducer::payload_capacity`]).
     max_message_bytes: usize,
 }
 
@@ -79,9 +85,19 @@ impl DeadLetterProducer {
     pub const OVERHEAD_BYTES: usize =
         MAX_KEY_BYTES + MAX_SOURCE_HEADER_BYTES + MAX_TALLY_HEADER_BYTES + FRAMING_BYTES;
 
+    /// Source payloads up to this size are carried whole: the larger of the pipeline's
+    /// `max_message_bytes` and [`SOURCE_RECORD_BYTES`].
+    pub const fn payload_capacity(max_message_bytes: usize) -> usize {
+        if max_message_bytes > SOURCE_RECORD_BYTES {
+            max_message_bytes
+        } else {
+            SOURCE_RECORD_BYTES
+        }
+    }
+
     /// The producer's `message.max.bytes` for a pipeline whose `max_message_bytes` is given.
     pub const fn max_bytes(max_message_bytes: usize) -> usize {
-        max_message_bytes + Self::OVERHEAD_BYTES
+        Self::payload_capacity(max_message_bytes) + Self::OVERHEAD_BYTES
     }
 
     /// A producer for the configured pipeline (`cfg.pipeline.max_message_bytes`).
@@ -92,7 +108,8 @@ impl DeadLetterProducer {
         Self::with_limit(&cfg.kafka, cfg.pipeline.max_message_bytes, pipeline)
     }
 
-    /// A producer whose dead letters carry payloads of up to `max_message_bytes` whole.
+    /// A producer whose dead letters carry payloads of up to the capacity for
+    /// `max_message_bytes` whole.
     fn with_limit(
         kafka: &KafkaConfig,
         max_message_bytes: usize,
@@ -107,7 +124,7 @@ impl DeadLetterProducer {
             producer: cc.create()?,
             topic: kafka.topics.dead_letter.clone(),
             pipeline,
-            max_message_bytes,
+            max_message_bytes: Self::payload_capacity(max_message_bytes),
         })
     }
 
@@ -129,7 +146,9 @@ impl DeadLetterProducer {
             if let Some(key) = fitted.key {
                 record = record.key(key);
             }
-            debug_assert!(fitted.size() + FRAMING_BYTES <= Self::max_bytes(self.max_message_bytes));
+            debug_assert!(
+                fitted.size() + FRAMING_BYTES <= self.max_message_bytes + Self::OVERHEAD_BYTES
+            );
             let send = self.producer.send(record, Duration::from_secs(30));
             async move { send.await.map(|_| ()).map_err(|(e, _)| e) }
         });
@@ -248,11 +267,13 @@ mod tests {
     }
 
     #[test]
-    fn the_bound_is_max_message_bytes_plus_13824() {
+    fn the_bound_is_the_payload_capacity_plus_13824() {
         // 1024 (key) + 8192 (source headers) + 4096 (Tally's) + 512 (framing), by hand.
         assert_eq!(DeadLetterProducer::OVERHEAD_BYTES, 13_824);
-        assert_eq!(DeadLetterProducer::max_bytes(65_536), 79_360);
-        assert_eq!(DeadLetterProducer::max_bytes(1_000_000), 1_013_824);
+        // A 1 MiB record (1,048,576) is carried whole whatever max_message_bytes is below it.
+        assert_eq!(DeadLetterProducer::max_bytes(65_536), 1_062_400);
+        assert_eq!(DeadLetterProducer::max_bytes(1_000_000), 1_062_400);
+        assert_eq!(DeadLetterProducer::max_bytes(2_000_000), 2_013_824);
     }
 
     #[test]
