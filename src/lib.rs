@@ -32,6 +32,7 @@
 //! - [`alerts`] — threshold detection (pure) and alert messages.
 //! - [`analytics`] — the ClickHouse sink, DDL and usage queries.
 //! - [`clock`] — time as a dependency (tests move it by hand).
+//! - [`fault`] — whose fault an error is (transient, input, bug): the retry policy's input.
 //! - [`kafka`] — client configuration, topic administration, dead letters.
 //! - [`pipeline`] — the batch loops joining the pieces above.
 //! - [`demo`] — the realistic demo stream behind `tally produce`.
@@ -48,6 +49,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod fault;
 pub mod kafka;
 pub mod ledger;
 pub mod metrics;

@@ -208,7 +208,7 @@ enum ReplayCommand {
     /// Re-submit dead letters from the dead-letter topic (all, or one reason).
     DeadLetters {
         /// Only this reason (malformed_json, missing_field, wrong_type, unknown_type,
-        /// invalid_value, too_large, unpriced, too_late).
+        /// invalid_value, too_large, unpriced, too_late, refused_by_store).
         #[arg(long)]
         reason: Option<String>,
         /// Print what would be re-submitted without sending.

@@ -29,6 +29,7 @@ struct Metrics {
     http_seconds: HistogramVec,
     http_connections: IntGauge,
     probe_rounds: IntCounterVec,
+    retries: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -67,6 +68,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "tally_events_total",
             "Events decoded and admitted, by pipeline and kind (usage kind, grant, plan); rate() gives events/s.",
             &["pipeline", "kind"],
+        ),
+        retries: counter(
+            "tally_retries_total",
+            "Transient failures retried with back-off, by operation (e.g. \"ledger transaction\"); a steady rate means an outage.",
+            &["operation"],
         ),
         dead_letters: counter(
             "tally_dead_letters_total",
@@ -132,6 +138,10 @@ pub fn events<'a>(pipeline: &str, kinds: impl IntoIterator<Item = &'a str>) {
 }
 
 /// Counts one dead letter.
+pub fn retry(operation: &str) {
+    METRICS.retries.with_label_values(&[operation]).inc();
+}
+
 pub fn dead_letter(reason: &str) {
     METRICS.dead_letters.with_label_values(&[reason]).inc();
 }

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::fault::{Classify, Fault};
+
 /// What went wrong talking to ClickHouse or building a row.
 #[derive(Debug, thiserror::Error)]
 pub enum AnalyticsError {
@@ -71,9 +73,48 @@ const TRANSIENT_CODES: &[u32] = &[
     999, // KEEPER_EXCEPTION
 ];
 
+/// ClickHouse error codes that say "this data cannot be stored" (the input's fault).
+const INPUT_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    407, // DECIMAL_OVERFLOW
+    469, // VIOLATED_CONSTRAINT
+];
+
+impl Classify for AnalyticsError {
+    fn fault(&self) -> Fault {
+        AnalyticsError::fault(self)
+    }
+}
+
 impl AnalyticsError {
     pub(crate) fn clickhouse(op: &'static str) -> impl FnOnce(clickhouse::error::Error) -> Self {
         move |source| AnalyticsError::ClickHouse { op, source }
+    }
+
+    /// Whose fault the error is: [`AnalyticsError::is_transient`] ones are transient; data
+    /// ClickHouse refuses (a value it cannot parse or hold, a violated constraint) or that
+    /// cannot be stored exactly is the input's; the rest (bad database name, unknown table,
+    /// credentials, a report's bad range) is a bug or a broken deployment.
+    pub fn fault(&self) -> Fault {
+        if self.is_transient() {
+            return Fault::Transient;
+        }
+        match self {
+            AnalyticsError::OutOfRange { .. } => Fault::Input,
+            AnalyticsError::ClickHouse {
+                source: clickhouse::error::Error::BadResponse(text),
+                ..
+            } if exception_code(text).is_some_and(|c| INPUT_CODES.contains(&c)) => Fault::Input,
+            _ => Fault::Bug,
+        }
     }
 
     /// True when retrying later may succeed: the network, a timeout, an HTTP 5xx without a
@@ -162,5 +203,21 @@ mod tests {
             source: clickhouse::error::Error::NotEnoughData,
         };
         assert!(!format.is_transient());
+        assert_eq!(format.fault(), Fault::Bug);
+        assert_eq!(net.fault(), Fault::Transient);
+        let refused = AnalyticsError::ClickHouse {
+            op: "insert",
+            source: clickhouse::error::Error::BadResponse(
+                "Code: 407. DB::Exception: Decimal math overflow".into(),
+            ),
+        };
+        assert_eq!(refused.fault(), Fault::Input);
+        let missing = AnalyticsError::ClickHouse {
+            op: "insert",
+            source: clickhouse::error::Error::BadResponse(
+                "Code: 60, e.displayText() = DB::Exception: Table x.y doesn't exist.".into(),
+            ),
+        };
+        assert_eq!(missing.fault(), Fault::Bug);
     }
 }

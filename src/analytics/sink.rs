@@ -107,9 +107,58 @@ impl RatedRow {
     }
 }
 
+/// The numeric columns of a usage event's `rated_events` row, checked to fit.
+#[derive(Debug, Clone, Copy)]
+pub struct NumericColumns {
+    quantity_e6: i128,
+    billable_quantity_e6: i64,
+    credits_e6: i64,
+    event_time_unix_seconds: u32,
+    event_date_unix_days: u16,
+}
+
+/// The numeric columns of a usage event, or the error naming the value that cannot be stored
+/// exactly (a time before 1970 or after 2106, a charge beyond Decimal(18, 6)). Cheap (no
+/// allocation on success): both pipelines call it, so they refuse the same events.
+pub fn numeric_columns(
+    usage: &crate::event::Usage<'_>,
+    charge: &crate::rating::Charge<'_>,
+    time: DateTime<Utc>,
+    identity: (&str, &str),
+) -> Result<NumericColumns, AnalyticsError> {
+    let out_of_range = |field: &'static str, value: String| AnalyticsError::OutOfRange {
+        source_id: identity.0.to_owned(),
+        event_id: identity.1.to_owned(),
+        field,
+        value,
+    };
+    let quantity = match usage.quantity {
+        Quantity::Seconds(s) => Decimal::from(s),
+        Quantity::Units(u) => u,
+    };
+    let quantity_e6 =
+        mantissa6(quantity).ok_or_else(|| out_of_range("quantity", quantity.to_string()))?;
+    let billable_quantity_e6 = mantissa6(charge.billable_quantity)
+        .and_then(|m| i64::try_from(m).ok())
+        .ok_or_else(|| out_of_range("billable_quantity", charge.billable_quantity.to_string()))?;
+    let credits_e6 = mantissa6(charge.credits)
+        .and_then(|m| i64::try_from(m).ok())
+        .ok_or_else(|| out_of_range("credits", charge.credits.to_string()))?;
+    let event_time_unix_seconds =
+        unix_seconds(time).ok_or_else(|| out_of_range("event_time", time.to_rfc3339()))?;
+    let event_date_unix_days = unix_days(time.date_naive())
+        .ok_or_else(|| out_of_range("event_date", time.date_naive().to_string()))?;
+    Ok(NumericColumns {
+        quantity_e6,
+        billable_quantity_e6,
+        credits_e6,
+        event_time_unix_seconds,
+        event_date_unix_days,
+    })
+}
+
 /// The `rated_events` row of a prepared event: None for grants and plans (they carry no
-/// usage), an error when a value cannot be stored exactly (a time before 1970 or after 2106,
-/// a charge beyond Decimal(18, 6)).
+/// usage), an error when a value cannot be stored exactly ([`numeric_columns`]).
 pub fn rated_row(
     p: &Prepared<'_, '_>,
     inserted_at: DateTime<Utc>,
@@ -118,12 +167,13 @@ pub fn rated_row(
         return Ok(None);
     };
     let env = &p.event.envelope;
-    let out_of_range = |field: &'static str, value: String| AnalyticsError::OutOfRange {
-        source_id: env.source.to_string(),
-        event_id: env.id.to_string(),
-        field,
-        value,
-    };
+    let NumericColumns {
+        quantity_e6,
+        billable_quantity_e6,
+        credits_e6,
+        event_time_unix_seconds,
+        event_date_unix_days,
+    } = numeric_columns(&usage, charge, env.time, (&env.source, &env.id))?;
     let attribute = |key: &str| -> String {
         usage
             .attributes
@@ -147,24 +197,13 @@ pub fn rated_row(
         Payload::Instance(i) => instance_id = i.instance_id.to_string(),
         Payload::Metered(_) | Payload::Grant(_) | Payload::Plan(_) => {}
     }
-    let quantity = match usage.quantity {
-        Quantity::Seconds(s) => Decimal::from(s),
-        Quantity::Units(u) => u,
-    };
-    let quantity_e6 =
-        mantissa6(quantity).ok_or_else(|| out_of_range("quantity", quantity.to_string()))?;
-    let billable_quantity_e6 = mantissa6(charge.billable_quantity)
-        .and_then(|m| i64::try_from(m).ok())
-        .ok_or_else(|| out_of_range("billable_quantity", charge.billable_quantity.to_string()))?;
-    let credits_e6 = mantissa6(charge.credits)
-        .and_then(|m| i64::try_from(m).ok())
-        .ok_or_else(|| out_of_range("credits", charge.credits.to_string()))?;
-    let event_time_unix_seconds =
-        unix_seconds(env.time).ok_or_else(|| out_of_range("event_time", env.time.to_rfc3339()))?;
-    let event_date_unix_days = unix_days(env.time.date_naive())
-        .ok_or_else(|| out_of_range("event_date", env.time.date_naive().to_string()))?;
-    let inserted_at_unix_seconds = unix_seconds(inserted_at)
-        .ok_or_else(|| out_of_range("inserted_at", inserted_at.to_rfc3339()))?;
+    let inserted_at_unix_seconds =
+        unix_seconds(inserted_at).ok_or_else(|| AnalyticsError::OutOfRange {
+            source_id: env.source.to_string(),
+            event_id: env.id.to_string(),
+            field: "inserted_at",
+            value: inserted_at.to_rfc3339(),
+        })?;
     Ok(Some(RatedRow {
         event_source: env.source.to_string(),
         event_id: env.id.to_string(),

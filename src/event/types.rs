@@ -27,10 +27,14 @@ pub enum Reason {
     Unpriced,
     /// Event time older than the dedupe window: exactly-once cannot be guaranteed (ledger).
     TooLate,
+    /// Valid to the decoder but refused by a store of record for its data (PostgreSQL or
+    /// ClickHouse: a constraint, a value out of a column's range); the detail carries the
+    /// database's message.
+    RefusedByStore,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::MalformedJson,
         Reason::MissingField,
         Reason::WrongType,
@@ -39,6 +43,7 @@ impl Reason {
         Reason::TooLarge,
         Reason::Unpriced,
         Reason::TooLate,
+        Reason::RefusedByStore,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +56,7 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::Unpriced => "unpriced",
             Reason::TooLate => "too_late",
+            Reason::RefusedByStore => "refused_by_store",
         }
     }
 
@@ -287,6 +293,10 @@ pub enum Quantity {
     /// A count or amount (responses, analyses, images...).
     Units(Decimal),
 }
+
+/// Grant ids Tally generates itself (each cycle's allowance, `allowance:2026-12-20`): a
+/// producer's grant may not use them, so a generated grant can never collide with one.
+pub const RESERVED_GRANT_PREFIX: &str = "allowance:";
 
 pub const KIND_CALL: &str = "call";
 pub const KIND_CHAT: &str = "chat_response";

@@ -23,6 +23,39 @@ pub use dead_letter::{
     HEADER_PIPELINE, HEADER_REASON, HEADER_TOPIC,
 };
 
+/// Whose fault a Kafka error is: a message the broker refuses for its size or format is the
+/// input's; authorization, authentication and configuration failures are a broken
+/// deployment; the rest (broker down, timeouts, leader changes, queue full) is transient.
+impl crate::fault::Classify for KafkaError {
+    fn fault(&self) -> crate::fault::Fault {
+        use crate::fault::Fault;
+        use RDKafkaErrorCode as C;
+        match self {
+            KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => Fault::Bug,
+            _ => match self.rdkafka_error_code() {
+                Some(
+                    C::MessageSizeTooLarge
+                    | C::InvalidMessageSize
+                    | C::InvalidMessage
+                    | C::InvalidRecord
+                    | C::MessageBatchTooLarge,
+                ) => Fault::Input,
+                Some(
+                    C::TopicAuthorizationFailed
+                    | C::ClusterAuthorizationFailed
+                    | C::GroupAuthorizationFailed
+                    | C::TransactionalIdAuthorizationFailed
+                    | C::SaslAuthenticationFailed
+                    | C::Authentication
+                    | C::UnsupportedSASLMechanism
+                    | C::InvalidConfig,
+                ) => Fault::Bug,
+                _ => Fault::Transient,
+            },
+        }
+    }
+}
+
 /// Whether stored positions reach every partition's end (high watermark); empty partitions
 /// count as reached.
 pub fn reached(ends: &Positions, stored: &Positions) -> bool {

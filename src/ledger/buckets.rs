@@ -163,7 +163,11 @@ pub struct ClosedCycle {
 
 /// The grant id of a cycle's allowance: deterministic, so a reset is idempotent.
 pub fn allowance_grant_id(cycle_start: DateTime<Utc>) -> String {
-    format!("allowance:{}", cycle_start.format("%Y-%m-%d"))
+    format!(
+        "{}{}",
+        crate::event::RESERVED_GRANT_PREFIX,
+        cycle_start.format("%Y-%m-%d")
+    )
 }
 
 /// An account's credit state as far as the ledger needs it.

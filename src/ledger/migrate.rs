@@ -16,6 +16,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "plans_cycles_alerts",
         include_str!("../../schemas/postgres/0002_plans_cycles_alerts.sql"),
     ),
+    (
+        3,
+        "outbox_lease",
+        include_str!("../../schemas/postgres/0003_outbox_lease.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

@@ -6,13 +6,13 @@ use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Transaction};
 
 use super::buckets::{Account, ClosedCycle, Cycle, Entry, Grant, NewGrant, Plan};
 use crate::alerts::{self, Alert, AlertDefaults, AlertState, KeyState};
 use crate::config::PostgresConfig;
 use crate::event::{GrantKind, OveragePolicy};
+use crate::fault::{Classify, Fault};
 use crate::kafka::{OffsetStore, Positions, TopicPartition};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,27 +24,51 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whose fault the error is, by SQLSTATE class: connection trouble (08), a deadlock or
+    /// serialization failure (40), too many connections, out of memory or disk (53), a
+    /// server shutting down or restarting (57P01-57P03), a cancelled statement (57014) or a
+    /// lock timeout (55P03) are transient; data the database refuses — a data exception (22:
+    /// a value out of range, a NUL in text), an integrity violation (23: a CHECK, a
+    /// duplicate key) or a program limit (54: an index row too large) — is the input's
+    /// fault; anything else (an unknown table or column, bad credentials, a broken invariant
+    /// of Tally's) is a bug or a broken deployment.
+    pub fn fault(&self) -> Fault {
+        match self {
+            StoreError::Db(e) => match e.code() {
+                _ if e.is_closed() => Fault::Transient,
+                // No SQLSTATE: the socket, TLS or the protocol failed, not the statement.
+                None => Fault::Transient,
+                Some(code) => sqlstate_fault(code.code()),
+            },
+            StoreError::Data(_) => Fault::Bug,
+        }
+    }
+
     /// Worth retrying the same batch (connection trouble, deadlock, serialization).
     pub fn is_transient(&self) -> bool {
-        match self {
-            StoreError::Db(e) => {
-                e.is_closed()
-                    || e.code().is_none()
-                    || matches!(
-                        e.code(),
-                        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED
-                            || *c == SqlState::T_R_SERIALIZATION_FAILURE
-                            || *c == SqlState::ADMIN_SHUTDOWN
-                            || *c == SqlState::CANNOT_CONNECT_NOW
-                            || *c == SqlState::TOO_MANY_CONNECTIONS
-                    )
-            }
-            StoreError::Data(_) => false,
-        }
+        self.fault() == Fault::Transient
     }
 
     pub fn is_closed(&self) -> bool {
         matches!(self, StoreError::Db(e) if e.is_closed())
+    }
+}
+
+impl Classify for StoreError {
+    fn fault(&self) -> Fault {
+        StoreError::fault(self)
+    }
+}
+
+/// [`StoreError::fault`] for a SQLSTATE code.
+fn sqlstate_fault(code: &str) -> Fault {
+    match code {
+        "57P01" | "57P02" | "57P03" | "57014" | "55P03" => Fault::Transient,
+        _ => match code.get(..2) {
+            Some("08" | "40" | "53") => Fault::Transient,
+            Some("22" | "23" | "54") => Fault::Input,
+            _ => Fault::Bug,
+        },
     }
 }
 
@@ -296,26 +320,29 @@ impl Store {
         Ok(touched)
     }
 
-    /// Unpublished outbox alerts, oldest first, locked for this relay (others skip them).
-    /// Call within [`Store::publish_outbox`].
-    pub async fn publish_outbox<F, Fut>(
-        &mut self,
+    /// Claims up to `limit` unpublished outbox alerts, oldest first, for `lease`: other relays
+    /// skip them until the lease passes. One statement, no transaction left open: the caller
+    /// publishes, then calls [`Store::mark_published`]. A relay that dies in between leaves
+    /// the lease to expire and the alerts are claimed again (at-least-once, same alert id).
+    pub async fn claim_outbox(
+        &self,
         limit: i64,
-        publish: F,
-    ) -> Result<usize, StoreError>
-    where
-        F: FnOnce(Vec<OutboxAlert>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>>,
-    {
-        let tx = self.client.transaction().await?;
-        let rows = tx
+        lease: std::time::Duration,
+    ) -> Result<Vec<OutboxAlert>, StoreError> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let rows = self
+            .client
             .query(
-                "SELECT seq, alert_id, kind, account_id, payload FROM alert_outbox
-                 WHERE published_at IS NULL ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
-                &[&limit],
+                "UPDATE alert_outbox o SET lease_until = now() + $2 * interval '1 millisecond'
+                 FROM (SELECT seq FROM alert_outbox
+                       WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until < now())
+                       ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) c
+                 WHERE o.seq = c.seq
+                 RETURNING o.seq, o.alert_id, o.kind, o.account_id, o.payload",
+                &[&limit, &(lease_ms as f64)],
             )
             .await?;
-        let alerts: Vec<OutboxAlert> = rows
+        let mut alerts: Vec<OutboxAlert> = rows
             .iter()
             .map(|r| OutboxAlert {
                 seq: r.get(0),
@@ -325,19 +352,23 @@ impl Store {
                 payload: r.get(4),
             })
             .collect();
-        let n = alerts.len();
-        if n == 0 {
-            return Ok(0);
+        alerts.sort_by_key(|a| a.seq);
+        Ok(alerts)
+    }
+
+    /// Marks claimed alerts published (after the broker acknowledged them).
+    pub async fn mark_published(&self, seqs: &[i64]) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
         }
-        let seqs: Vec<i64> = alerts.iter().map(|a| a.seq).collect();
-        publish(alerts).await.map_err(StoreError::Data)?;
-        tx.execute(
-            "UPDATE alert_outbox SET published_at = now() WHERE seq = ANY($1)",
-            &[&seqs],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(n)
+        self.client
+            .execute(
+                "UPDATE alert_outbox SET published_at = now(), lease_until = NULL
+                 WHERE seq = ANY($1) AND published_at IS NULL",
+                &[&seqs],
+            )
+            .await?;
+        Ok(())
     }
 
     /// The account's plan and current cycle, if it has a plan.
@@ -1135,5 +1166,34 @@ impl OffsetStore for PgOffsetStore {
             let store = Store::connect(&config).await?;
             Ok(store.load_offsets(&group, &partitions).await?)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_classified_by_whose_fault_they_are() {
+        for (code, fault) in [
+            ("08006", Fault::Transient), // connection failure
+            ("40001", Fault::Transient), // serialization failure
+            ("40P01", Fault::Transient), // deadlock
+            ("53300", Fault::Transient), // too many connections
+            ("57P01", Fault::Transient), // admin shutdown (a restart)
+            ("57P03", Fault::Transient), // cannot connect now (starting)
+            ("57014", Fault::Transient), // statement timeout
+            ("22021", Fault::Input),     // NUL byte in text
+            ("22003", Fault::Input),     // numeric out of range
+            ("23514", Fault::Input),     // CHECK violation
+            ("23505", Fault::Input),     // unique violation
+            ("54000", Fault::Input),     // index row too large
+            ("42P01", Fault::Bug),       // undefined table
+            ("28P01", Fault::Bug),       // bad password
+            ("XX000", Fault::Bug),       // internal error
+        ] {
+            assert_eq!(sqlstate_fault(code), fault, "{code}");
+        }
+        assert_eq!(StoreError::Data("x".into()).fault(), Fault::Bug);
     }
 }

@@ -4,29 +4,29 @@
 //! exact (they see every inserted block): a producer retry read at a new offset, or a batch
 //! read again, writes nothing.
 //!
-//! Rejected events are counted, not dead-lettered: the ledger loop owns dead letters, and
-//! both loops reject the same events (same decoder, price table and dedupe window), so the
-//! analytics totals match the ledger's. While ClickHouse is down the batch in hand is retried
+//! Rejected events are counted, not dead-lettered: the ledger loop dead-letters them, and
+//! both loops reject the same events (same decoder, price table, dedupe window and column
+//! ranges), so the analytics totals match the ledger's. Rows ClickHouse itself refuses for
+//! their data are found by splitting the batch and dead-lettered here (`refused_by_store`,
+//! header `tally.pipeline: analytics`). While ClickHouse is down the batch in hand is retried
 //! with back-off and no new batch is polled (back-pressure); nothing is skipped.
 
-use std::future::Future;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use tokio::sync::watch;
 
-use super::{limits, prepare, Backoff};
-use crate::analytics::{rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore};
+use super::retry::{isolate, ApplyPart, Fault, Halt, Refused, Retry};
+use super::{limits, prepare};
+use crate::analytics::{
+    rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, RatedRow,
+};
 use crate::config::Config;
-use crate::kafka::BatchConsumer;
+use crate::event::Reason;
+use crate::kafka::{BatchConsumer, DeadLetter, DeadLetterProducer};
 use crate::rating::PriceTable;
-
-/// A failure ClickHouse is not expected to recover from by itself (unknown table, bad
-/// credentials, a row the server cannot parse) is retried this many times — a migration or a
-/// restart may be under way — and then ends the loop with the error: fail loudly, commit
-/// nothing, and the batch is read again at the next start.
-const MAX_PERMANENT_ATTEMPTS: u32 = 5;
 
 /// Running totals of an analytics loop, for logs, metrics and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -42,6 +42,8 @@ pub struct AnalyticsStats {
     pub not_usage: u64,
     /// Malformed, unknown, unpriced, too-late or unstorable events (the ledger dead-letters them).
     pub rejected: u64,
+    /// Rows ClickHouse refused for their data, dead-lettered by this loop.
+    pub refused: u64,
     /// Records below the stored position (redeliveries), dropped by the consumer.
     pub skipped: u64,
 }
@@ -64,7 +66,8 @@ pub async fn run(
     });
     let consumer = BatchConsumer::new(&cfg.kafka, &group, "analytics", &topics, offsets)?;
     let (batch_limits, admission) = limits(&cfg.pipeline);
-    let mut backoff = Backoff::new(&cfg.pipeline);
+    let dead = DeadLetterProducer::for_config(&cfg, "analytics")?;
+    let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
     let mut stats = AnalyticsStats::default();
     tracing::info!(
         group,
@@ -84,6 +87,7 @@ pub async fn run(
         let started = Instant::now();
         let now = Utc::now();
         let mut rows = Vec::with_capacity(batch.records.len());
+        let mut rows_of = Vec::with_capacity(batch.records.len());
         let (mut not_usage, mut rejected) = (0u64, 0u64);
         for record in &batch.records {
             let prepared = match prepare(record, &prices, now, &admission) {
@@ -99,7 +103,10 @@ pub async fn run(
                 }
             };
             match rated_row(&prepared, now) {
-                Ok(Some(row)) => rows.push(row),
+                Ok(Some(row)) => {
+                    rows.push(row);
+                    rows_of.push(record);
+                }
                 Ok(None) => not_usage += 1,
                 Err(e) => {
                     // Not a dead letter the ledger knows about: say it loudly.
@@ -117,25 +124,65 @@ pub async fn run(
         // Rows first, then the positions that skip them: a crash in between re-reads nothing
         // already stored (the positions also derive from the highest stored offset).
         let write = Instant::now();
-        let inserted = persist("insert rated_events", &mut backoff, &mut shutdown, || {
-            sink.insert(&rows)
-        })
-        .await?;
-        let stored = match inserted {
-            Some(_) => persist("store positions", &mut backoff, &mut shutdown, || {
-                sink.store_positions(&group, &batch.next_offsets)
+        let written = match insert(&sink, &rows, &mut retry).await {
+            Ok(written) => written,
+            Err(Halt::Shutdown) => {
+                tracing::warn!(
+                    records = batch.records.len(),
+                    "shutdown while ClickHouse is failing: batch left uncommitted (read again at the next start)"
+                );
+                break;
+            }
+            Err(Halt::Failed(e)) => {
+                return Err(anyhow::anyhow!(
+                    "analytics: ClickHouse failed on a batch of {} rows and cannot be retried: {e}",
+                    rows.len()
+                ))
+            }
+        };
+        let (outcome, refused) = written;
+        let letters: Vec<DeadLetter<'_>> = refused
+            .iter()
+            .map(|r| DeadLetter {
+                record: rows_of[r.index],
+                reason: Reason::RefusedByStore,
+                field: None,
+                detail: r.error.to_string(),
             })
-            .await?
-            .is_some(),
-            None => false,
+            .collect();
+        let stored = async {
+            if !letters.is_empty() {
+                retry
+                    .run("send dead letters", || dead.send_all(&letters))
+                    .await
+                    .map_err(|h| h.map(anyhow::Error::from))?;
+                for l in &letters {
+                    crate::metrics::dead_letter(l.reason.as_str());
+                    tracing::warn!(
+                        reason = %l.reason, topic = %l.record.topic, partition = l.record.partition,
+                        offset = l.record.offset, detail = %crate::cli::escape::shown(&l.detail),
+                        "dead-lettered (ClickHouse refused the row)"
+                    );
+                }
+            }
+            retry
+                .run("store positions", || {
+                    sink.store_positions(&group, &batch.next_offsets)
+                })
+                .await
+                .map_err(|h| h.map(anyhow::Error::from))
         };
-        let Some(outcome) = inserted.filter(|_| stored) else {
-            tracing::warn!(
-                records = batch.records.len(),
-                "shutdown while ClickHouse is failing: batch left uncommitted (read again at the next start)"
-            );
-            break;
-        };
+        match stored.await {
+            Ok(()) => {}
+            Err(Halt::Shutdown) => {
+                tracing::warn!(
+                    records = batch.records.len(),
+                    "shutdown while storing positions: batch left uncommitted (read again at the next start)"
+                );
+                break;
+            }
+            Err(Halt::Failed(e)) => return Err(e.context("analytics: storing positions")),
+        }
         crate::metrics::transaction_seconds("analytics", write.elapsed().as_secs_f64());
         consumer.committed(&batch.next_offsets);
         crate::metrics::batch_seconds("analytics", started.elapsed().as_secs_f64());
@@ -146,6 +193,7 @@ pub async fn run(
         stats.duplicates += (outcome.already_stored + outcome.repeated) as u64;
         stats.not_usage += not_usage;
         stats.rejected += rejected;
+        stats.refused += letters.len() as u64;
         tracing::debug!(
             records = batch.records.len(),
             rows = outcome.written,
@@ -162,130 +210,51 @@ pub async fn run(
     Ok(stats)
 }
 
-/// Runs `op` until it succeeds, waiting with back-off between attempts, and returns its
-/// value. Transient failures (ClickHouse down or overloaded) are retried for as long as it
-/// takes; others [`MAX_PERMANENT_ATTEMPTS`] times, then returned. Returns `Ok(None)` when
-/// shutdown is signalled while failing.
-async fn persist<T, F, Fut>(
-    what: &'static str,
-    backoff: &mut Backoff,
-    shutdown: &mut watch::Receiver<bool>,
-    mut op: F,
-) -> Result<Option<T>, AnalyticsError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, AnalyticsError>>,
-{
-    let (mut attempt, mut permanent) = (0u32, 0u32);
-    loop {
-        let error = match op().await {
-            Ok(value) => {
-                if attempt > 0 {
-                    tracing::info!(what, attempt, "ClickHouse recovered");
-                }
-                backoff.reset();
-                return Ok(Some(value));
-            }
-            Err(e) => e,
-        };
-        attempt += 1;
-        let transient = error.is_transient();
-        if !transient {
-            permanent += 1;
-            if permanent >= MAX_PERMANENT_ATTEMPTS {
-                tracing::error!(what, attempt, error = %error, "ClickHouse failure is not transient; stopping");
-                return Err(error);
-            }
-        }
-        tracing::warn!(what, attempt, transient, error = %error, "ClickHouse failed; retrying");
-        if *shutdown.borrow() {
-            return Ok(None);
-        }
-        tokio::select! {
-            _ = backoff.wait() => {}
-            _ = shutdown.changed() => return Ok(None),
-        }
+/// Parts of a batch inserted each on its own ([`isolate`]).
+struct Parts<'a> {
+    sink: &'a AnalyticsSink,
+    rows: &'a [RatedRow],
+    total: InsertOutcome,
+}
+
+impl ApplyPart for Parts<'_> {
+    type Error = AnalyticsError;
+
+    async fn apply(&mut self, part: Range<usize>) -> Result<(), AnalyticsError> {
+        let o = self.sink.insert(&self.rows[part]).await?;
+        self.total.written += o.written;
+        self.total.already_stored += o.already_stored;
+        self.total.repeated += o.repeated;
+        Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::PipelineConfig;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    fn backoff() -> Backoff {
-        Backoff::new(&PipelineConfig {
-            retry_initial_ms: 1,
-            retry_max_ms: 2,
-            ..PipelineConfig::default()
-        })
-    }
-
-    fn down() -> AnalyticsError {
-        AnalyticsError::ClickHouse {
-            op: "insert rated_events",
-            source: clickhouse::error::Error::Network("connection refused".into()),
-        }
-    }
-
-    fn broken() -> AnalyticsError {
-        AnalyticsError::ClickHouse {
-            op: "insert rated_events",
-            source: clickhouse::error::Error::BadResponse(
-                "Code: 60, e.displayText() = DB::Exception: Table x.rated_events doesn't exist."
-                    .into(),
-            ),
-        }
-    }
-
-    #[tokio::test]
-    async fn retries_transient_failures_until_success() {
-        let (_tx, mut rx) = watch::channel(false);
-        let calls = AtomicU32::new(0);
-        let ok = persist("t", &mut backoff(), &mut rx, || {
-            let n = calls.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n < 20 {
-                    Err(down())
-                } else {
-                    Ok(n)
-                }
-            }
-        })
+/// Inserts the batch's rows: one INSERT when ClickHouse takes them all (the common path),
+/// else, when it refuses some for their data, the batch is split until the refused rows stand
+/// alone ([`isolate`]; the insert skips identities already stored, so re-inserting a part
+/// is harmless). Transient faults are retried; returns what was written and the refused rows.
+async fn insert(
+    sink: &AnalyticsSink,
+    rows: &[RatedRow],
+    retry: &mut Retry,
+) -> Result<(InsertOutcome, Vec<Refused<AnalyticsError>>), Halt<AnalyticsError>> {
+    let refused_whole = match retry.run("insert rated_events", || sink.insert(rows)).await {
+        Ok(outcome) => return Ok((outcome, Vec::new())),
+        Err(Halt::Failed(e)) if e.fault() == Fault::Input => e,
+        Err(halt) => return Err(halt),
+    };
+    tracing::warn!(
+        error = %refused_whole, rows = rows.len(),
+        "ClickHouse refused the batch; splitting it to find the rows at fault"
+    );
+    let mut parts = Parts {
+        sink,
+        rows,
+        total: InsertOutcome::default(),
+    };
+    let refused = isolate(rows.len(), retry, "insert rated_events", &mut parts)
         .await
-        .unwrap();
-        assert_eq!(ok, Some(20));
-        assert_eq!(calls.load(Ordering::SeqCst), 21);
-    }
-
-    #[tokio::test]
-    async fn gives_up_on_permanent_failures() {
-        let (_tx, mut rx) = watch::channel(false);
-        let calls = AtomicU32::new(0);
-        let err = persist("t", &mut backoff(), &mut rx, || {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async { Err::<(), _>(broken()) }
-        })
-        .await
-        .unwrap_err();
-        assert!(!err.is_transient());
-        assert_eq!(calls.load(Ordering::SeqCst), MAX_PERMANENT_ATTEMPTS);
-    }
-
-    #[tokio::test]
-    async fn shutdown_interrupts_an_outage() {
-        let (tx, mut rx) = watch::channel(false);
-        let calls = AtomicU32::new(0);
-        let stopped = persist("t", &mut backoff(), &mut rx, || {
-            if calls.fetch_add(1, Ordering::SeqCst) == 3 {
-                tx.send(true).unwrap();
-            }
-            async { Err::<(), _>(down()) }
-        })
-        .await
-        .unwrap();
-        assert!(stopped.is_none());
-        assert_eq!(calls.load(Ordering::SeqCst), 4);
-    }
+        .map_err(|h| h.map(|bug| bug.error))?;
+    let total = parts.total;
+    Ok((total, refused))
 }

@@ -1,19 +1,25 @@
 //! The ledger loop: a batch from Kafka -> decode and rate -> dead letters (acknowledged) ->
 //! one PostgreSQL transaction (claims, effects, entries, offsets) -> Kafka offset commit.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::watch;
 
-use super::{limits, prepare, retry, Backoff};
+use super::retry::{isolate, ApplyPart, BugAt, Fault, Halt, Refused, Retry};
+use super::{limits, prepare};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::event::{Payload, Rejection};
+use crate::event::{Payload, Reason, Rejection};
+use rdkafka::error::KafkaError;
+
 use crate::kafka::{self, BatchConsumer, DeadLetter, DeadLetterProducer, Record};
 
 use crate::ledger::buckets::Plan;
-use crate::ledger::{Action, BatchOutcome, DebitInfo, Item, NewGrant, PgOffsetStore, Store};
+use crate::ledger::{
+    Action, BatchOutcome, DebitInfo, Item, NewGrant, PgOffsetStore, Store, StoreError,
+};
 use crate::rating::PriceTable;
 
 /// Running totals of a ledger loop, for logs, metrics and tests.
@@ -37,6 +43,12 @@ pub async fn run(
 }
 
 /// [`run`] with the clock that decides "now" (future-time and dedupe-window checks).
+///
+/// Errors are handled by their [`Fault`](crate::fault::Fault): transient ones (PostgreSQL or
+/// the broker unreachable, a deadlock) are retried with back-off until shutdown; a batch
+/// PostgreSQL refuses for its data is split until the refused records are found, which are
+/// dead-lettered `refused_by_store` while the rest is applied; a bug (an unknown table, bad
+/// credentials, a broken invariant) ends the loop with an error naming the record.
 pub async fn run_with_clock(
     cfg: Arc<Config>,
     prices: Arc<PriceTable>,
@@ -52,13 +64,13 @@ pub async fn run_with_clock(
     let consumer = BatchConsumer::new(&cfg.kafka, &group, "ledger", &topics, offsets)?;
     let dead = DeadLetterProducer::for_config(&cfg, "ledger")?;
     let (batch_limits, admission) = limits(&cfg.pipeline);
-    let mut backoff = Backoff::new(&cfg.pipeline);
-    let mut store = retry(&mut backoff, "connect to PostgreSQL", || {
-        Store::connect(&cfg.postgres)
-    })
-    .await;
-    store.alert_defaults = cfg.alerts.defaults();
+    let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
     let mut stats = LedgerStats::default();
+    let mut store = match retry.run("connect to PostgreSQL", || connect(&cfg)).await {
+        Ok(store) => store,
+        Err(Halt::Shutdown) => return Ok(stats),
+        Err(Halt::Failed(e)) => return Err(anyhow::anyhow!("ledger: connect to PostgreSQL: {e}")),
+    };
     let mut last_purge = Instant::now();
     tracing::info!(group, ?topics, "ledger pipeline started");
 
@@ -91,46 +103,75 @@ pub async fn run_with_clock(
             }),
         );
         // Dead letters are acknowledged before the offsets that skip them are stored.
-        if !letters.is_empty() {
-            retry(&mut backoff, "send dead letters", || {
-                dead.send_all(&letters)
-            })
-            .await;
-            for l in &letters {
-                crate::metrics::dead_letter(l.reason.as_str());
-                tracing::warn!(
-                    reason = %l.reason, field = l.field.as_deref(), topic = %l.record.topic,
-                    partition = l.record.partition, offset = l.record.offset, detail = %l.detail,
-                    "dead-lettered"
-                );
-            }
-        }
         let transaction = Instant::now();
-        let outcome = apply(
-            &mut store,
-            &cfg,
-            &group,
-            &items,
-            &batch.next_offsets,
-            &mut backoff,
-        )
-        .await;
+        let applied = match send_letters(&dead, &letters, &mut retry).await {
+            Ok(()) => {
+                apply(
+                    &mut store,
+                    &cfg,
+                    &group,
+                    &items,
+                    &batch.next_offsets,
+                    &mut retry,
+                )
+                .await
+            }
+            Err(halt) => Err(halt.map(Bug::DeadLetters)),
+        };
+        let (mut outcome, refused) = match applied {
+            Ok(applied) => applied,
+            Err(Halt::Shutdown) => {
+                tracing::warn!(
+                    records = batch.records.len(),
+                    "shutdown while retrying: batch left uncommitted (read again at the next start)"
+                );
+                break;
+            }
+            Err(Halt::Failed(bug)) => return Err(bug.named(&prepared)),
+        };
+        // Records PostgreSQL refused: dead letters first, then the offsets that pass them.
+        let refused_letters: Vec<DeadLetter<'_>> = refused
+            .iter()
+            .map(|r| {
+                let record = prepared[r.index].record;
+                dead_letter(
+                    record,
+                    Rejection::new(Reason::RefusedByStore, None, r.error.to_string()),
+                )
+            })
+            .collect();
+        let committed = match send_letters(&dead, &refused_letters, &mut retry).await {
+            Ok(()) if refused.is_empty() && outcome.offsets_stored => Ok(()),
+            Ok(()) => store_offsets(&mut store, &cfg, &group, &batch.next_offsets, &mut retry)
+                .await
+                .map_err(|h| h.map(Bug::Store)),
+            Err(halt) => Err(halt.map(Bug::DeadLetters)),
+        };
+        match committed {
+            Ok(()) => outcome.offsets_stored = true,
+            Err(Halt::Shutdown) => {
+                tracing::warn!("shutdown while storing offsets: the batch's records are claimed and will be read again as duplicates");
+                break;
+            }
+            Err(Halt::Failed(bug)) => return Err(bug.named(&prepared)),
+        }
         crate::metrics::transaction_seconds("ledger", transaction.elapsed().as_secs_f64());
         consumer.committed(&batch.next_offsets);
         crate::metrics::batch_seconds("ledger", started.elapsed().as_secs_f64());
+        letters.extend(refused_letters);
 
         stats.batches += 1;
         stats.records += batch.records.len() as u64;
-        stats.applied += outcome.applied as u64;
-        stats.duplicates += outcome.duplicates as u64;
+        stats.applied += outcome.totals.applied as u64;
+        stats.duplicates += outcome.totals.duplicates as u64;
         stats.dead_letters += letters.len() as u64;
         tracing::debug!(
             records = batch.records.len(),
-            applied = outcome.applied,
-            duplicates = outcome.duplicates,
+            applied = outcome.totals.applied,
+            duplicates = outcome.totals.duplicates,
             dead_letters = letters.len(),
-            entries = outcome.entries,
-            accounts = outcome.accounts,
+            entries = outcome.totals.entries,
+            accounts = outcome.totals.accounts,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "ledger batch committed"
         );
@@ -146,32 +187,193 @@ pub async fn run_with_clock(
     Ok(stats)
 }
 
-/// Applies the batch, retrying transient failures (reconnecting when the connection died).
-/// A non-transient error is a bug or a broken schema: fail loudly rather than skip money.
+/// A fault that stops the ledger loop.
+enum Bug {
+    DeadLetters(KafkaError),
+    Store(StoreError),
+    /// A record that fails alone with a fault that is not the input's.
+    Record(BugAt<StoreError>),
+}
+
+impl Bug {
+    /// The error to end the loop with, naming the record when one is at fault.
+    fn named(self, prepared: &[super::Prepared<'_, '_>]) -> anyhow::Error {
+        match self {
+            Bug::DeadLetters(e) => {
+                anyhow::anyhow!("ledger: sending dead letters failed and cannot be retried: {e}")
+            }
+            Bug::Store(e) => {
+                anyhow::anyhow!("ledger: PostgreSQL failed and cannot be retried: {e}")
+            }
+            Bug::Record(BugAt { index, error }) => {
+                let p = &prepared[index];
+                anyhow::anyhow!(
+                    "ledger: PostgreSQL failed on the record at {}/{}/{} (source {}, id {}) and cannot be retried: {error}",
+                    p.record.topic,
+                    p.record.partition,
+                    p.record.offset,
+                    crate::cli::escape::shown(&p.event.envelope.source),
+                    crate::cli::escape::shown(&p.event.envelope.id),
+                )
+            }
+        }
+    }
+}
+
+/// What applying a batch did.
+#[derive(Debug, Default)]
+struct Applied {
+    totals: BatchOutcome,
+    /// The batch's offsets went in with its effects (no record was refused).
+    offsets_stored: bool,
+}
+
+/// Sends dead letters and waits for the broker's acknowledgement, retrying transient faults.
+async fn send_letters(
+    dead: &DeadLetterProducer,
+    letters: &[DeadLetter<'_>],
+    retry: &mut Retry,
+) -> Result<(), Halt<KafkaError>> {
+    if letters.is_empty() {
+        return Ok(());
+    }
+    retry
+        .run("send dead letters", || dead.send_all(letters))
+        .await?;
+    for l in letters {
+        crate::metrics::dead_letter(l.reason.as_str());
+        tracing::warn!(
+            reason = %l.reason, field = l.field.as_deref(), topic = %l.record.topic,
+            partition = l.record.partition, offset = l.record.offset,
+            detail = %crate::cli::escape::shown(&l.detail),
+            "dead-lettered"
+        );
+    }
+    Ok(())
+}
+
+/// A connected store: reconnects when the connection died.
+async fn connect(cfg: &Config) -> Result<Store, StoreError> {
+    let mut store = Store::connect(&cfg.postgres).await?;
+    store.alert_defaults = cfg.alerts.defaults();
+    Ok(store)
+}
+
+async fn reconnect_if_closed(store: &mut Store, cfg: &Config) -> Result<(), StoreError> {
+    if store.is_closed() {
+        *store = connect(cfg).await?;
+    }
+    Ok(())
+}
+
+/// Applies the batch: one transaction with its offsets when PostgreSQL accepts it (the common
+/// path), else the batch is
+/// split until the refused records stand alone ([`isolate`]); those are returned for the
+/// dead-letter topic and everything else is applied, in order. Transient faults are retried.
 async fn apply(
     store: &mut Store,
     cfg: &Config,
     group: &str,
     items: &[Item<'_>],
     next_offsets: &kafka::Positions,
-    backoff: &mut Backoff,
-) -> BatchOutcome {
+    retry: &mut Retry,
+) -> Result<(Applied, Vec<Refused<StoreError>>), Halt<Bug>> {
+    let refused_whole = loop {
+        let attempt = async {
+            reconnect_if_closed(store, cfg).await?;
+            store.apply_batch(group, items, next_offsets).await
+        };
+        match attempt.await {
+            Ok(totals) => {
+                retry.succeeded("ledger transaction");
+                return Ok((
+                    Applied {
+                        totals,
+                        offsets_stored: true,
+                    },
+                    Vec::new(),
+                ));
+            }
+            Err(e) if e.fault() == Fault::Transient => {
+                retry.pause("ledger transaction", &e).await?
+            }
+            Err(e) => break e,
+        }
+    };
+    tracing::warn!(
+        error = %refused_whole, events = items.len(),
+        "PostgreSQL refused the batch; splitting it to find the records at fault"
+    );
+    let mut parts = Parts {
+        store,
+        cfg,
+        group,
+        items,
+        totals: BatchOutcome::default(),
+    };
+    let refused = isolate(items.len(), retry, "ledger transaction", &mut parts)
+        .await
+        .map_err(|h| h.map(Bug::Record))?;
+    let totals = parts.totals;
+    Ok((
+        Applied {
+            totals,
+            offsets_stored: false,
+        },
+        refused,
+    ))
+}
+
+/// Parts of a batch applied each in its own transaction, without offsets ([`isolate`]).
+struct Parts<'s, 'i, 'a> {
+    store: &'s mut Store,
+    cfg: &'s Config,
+    group: &'s str,
+    items: &'i [Item<'a>],
+    totals: BatchOutcome,
+}
+
+impl ApplyPart for Parts<'_, '_, '_> {
+    type Error = StoreError;
+
+    async fn apply(&mut self, part: Range<usize>) -> Result<(), StoreError> {
+        reconnect_if_closed(self.store, self.cfg).await?;
+        let no_offsets = kafka::Positions::new();
+        let o = self
+            .store
+            .apply_batch(self.group, &self.items[part], &no_offsets)
+            .await?;
+        self.totals.applied += o.applied;
+        self.totals.duplicates += o.duplicates;
+        self.totals.entries += o.entries;
+        self.totals.alerts += o.alerts;
+        self.totals.accounts += o.accounts;
+        Ok(())
+    }
+}
+
+/// Stores the batch's offsets alone (after a split batch's dead letters were acknowledged).
+async fn store_offsets(
+    store: &mut Store,
+    cfg: &Config,
+    group: &str,
+    next_offsets: &kafka::Positions,
+    retry: &mut Retry,
+) -> Result<(), Halt<StoreError>> {
     loop {
-        match store.apply_batch(group, items, next_offsets).await {
-            Ok(outcome) => {
-                backoff.reset();
-                return outcome;
+        let attempt = async {
+            reconnect_if_closed(store, cfg).await?;
+            store.apply_batch(group, &[], next_offsets).await
+        };
+        match attempt.await {
+            Ok(_) => {
+                retry.succeeded("store ledger offsets");
+                return Ok(());
             }
-            Err(e) => {
-                tracing::warn!(error = %e, transient = e.is_transient(), "ledger transaction failed; retrying");
-                backoff.wait().await;
-                if store.is_closed() || e.is_closed() {
-                    if let Ok(mut s) = Store::connect(&cfg.postgres).await {
-                        s.alert_defaults = cfg.alerts.defaults();
-                        *store = s;
-                    }
-                }
+            Err(e) if e.fault() == Fault::Transient => {
+                retry.pause("store ledger offsets", &e).await?
             }
+            Err(e) => return Err(Halt::Failed(e)),
         }
     }
 }

@@ -1,13 +1,13 @@
 //! The batch loops that join the pieces: Kafka batch -> decode -> rate -> store of record.
 //! [`prepare`] is the shared front half (pure); [`ledger`] and [`analytics`] are the loops.
-//! Owns retry/back-off and shutdown; owns no SQL and no wire format.
+//! Owns retry/back-off ([`retry`]) and shutdown; owns no SQL and no wire format.
 
 pub mod alerts;
 pub mod analytics;
 pub mod ledger;
+pub mod retry;
 pub mod scheduler;
 
-use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -61,11 +61,17 @@ pub fn prepare<'r, 'p>(
     }
     let charge = match event.usage() {
         None => None,
-        Some(usage) => Some(
-            prices
+        Some(usage) => {
+            let charge = prices
                 .rate(&usage)
-                .map_err(|e| Rejection::new(Reason::Unpriced, None, e.to_string()))?,
-        ),
+                .map_err(|e| Rejection::new(Reason::Unpriced, None, e.to_string()))?;
+            // Both stores must hold it exactly, or neither gets it (ClickHouse's columns are
+            // the narrower): the ledger dead-letters it and the analytics loop skips it.
+            let env = &event.envelope;
+            crate::analytics::numeric_columns(&usage, &charge, env.time, (&env.source, &env.id))
+                .map_err(|e| Rejection::new(Reason::RefusedByStore, None, e.to_string()))?;
+            Some(charge)
+        }
     };
     Ok(Prepared {
         record,
@@ -90,62 +96,4 @@ pub fn limits(cfg: &crate::config::PipelineConfig) -> (BatchLimits, Admission) {
             dedupe_window: chrono::Duration::days(cfg.dedupe_window_days),
         },
     )
-}
-
-/// Exponential back-off between `initial` and `max`.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: Duration,
-    initial: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(cfg: &crate::config::PipelineConfig) -> Self {
-        let initial = Duration::from_millis(cfg.retry_initial_ms);
-        Backoff {
-            next: initial,
-            initial,
-            max: Duration::from_millis(cfg.retry_max_ms),
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.initial;
-    }
-
-    pub async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(self.max);
-    }
-}
-
-/// Retries `op` with back-off until it succeeds: a sink that is down means back-pressure
-/// (the loop stops consuming), never loss. `what` names the operation in logs.
-pub async fn retry<T, E: std::fmt::Display, F, Fut>(
-    backoff: &mut Backoff,
-    what: &str,
-    mut op: F,
-) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let mut attempt = 0u32;
-    loop {
-        match op().await {
-            Ok(v) => {
-                if attempt > 0 {
-                    tracing::info!(what, attempt, "recovered");
-                }
-                backoff.reset();
-                return v;
-            }
-            Err(e) => {
-                attempt += 1;
-                tracing::warn!(what, attempt, error = %e, "failed; retrying");
-                backoff.wait().await;
-            }
-        }
-    }
 }

@@ -9,48 +9,56 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::Backoff;
+use super::retry::{Fault, Halt, Retry};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ledger::Store;
 
+/// Ticks every `pipeline.scheduler_interval_ms` until shutdown. Transient faults are retried
+/// with back-off; anything else ends the loop with its error (a tick that fails for its data
+/// would fail again at every tick: a bug to fix, not to skip).
 pub async fn run(
     cfg: Arc<Config>,
     clock: Arc<dyn Clock>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<u64> {
     let interval = Duration::from_millis(cfg.pipeline.scheduler_interval_ms);
-    let mut backoff = Backoff::new(&cfg.pipeline);
+    let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
     let mut store: Option<Store> = None;
     let mut ticks = 0u64;
     while !*shutdown.borrow() {
-        let result = match store.as_mut() {
-            Some(s) => s.tick(clock.now()).await.map_err(anyhow::Error::from),
-            None => match Store::connect(&cfg.postgres).await {
-                Ok(mut s) => {
-                    s.alert_defaults = cfg.alerts.defaults();
-                    store = Some(s);
-                    continue;
-                }
-                Err(e) => Err(e.into()),
-            },
+        let attempt = async {
+            if store.as_ref().is_none_or(Store::is_closed) {
+                let mut s = Store::connect(&cfg.postgres).await?;
+                s.alert_defaults = cfg.alerts.defaults();
+                store = Some(s);
+            }
+            let s = store.as_mut().expect("connected above");
+            s.tick(clock.now()).await
         };
-        match result {
+        let tick = match attempt.await {
+            Ok(n) => {
+                retry.succeeded("scheduler tick");
+                Ok(n)
+            }
+            Err(e) if e.fault() == Fault::Transient => {
+                match retry.pause("scheduler tick", &e).await {
+                    Ok(()) => continue,
+                    Err(_) => Err(Halt::Shutdown),
+                }
+            }
+            Err(e) => Err(Halt::Failed(e)),
+        };
+        match tick {
             Ok(_) => {
                 ticks += 1;
-                backoff.reset();
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
                     _ = shutdown.changed() => {}
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "scheduler tick failed; retrying");
-                if store.as_ref().is_some_and(Store::is_closed) {
-                    store = None;
-                }
-                backoff.wait().await;
-            }
+            Err(Halt::Shutdown) => break,
+            Err(Halt::Failed(e)) => return Err(anyhow::anyhow!("scheduler tick: {e}")),
         }
     }
     Ok(ticks)

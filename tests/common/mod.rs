@@ -238,6 +238,8 @@ impl TestEnv {
                 out.push(DeadLetterSeen {
                     reason: header(tally::kafka::HEADER_REASON).unwrap_or_default(),
                     field: header(tally::kafka::HEADER_FIELD),
+                    detail: header(tally::kafka::HEADER_DETAIL).unwrap_or_default(),
+                    pipeline: header(tally::kafka::HEADER_PIPELINE).unwrap_or_default(),
                     source_topic: header(tally::kafka::HEADER_TOPIC).unwrap_or_default(),
                     source_offset: header(tally::kafka::HEADER_OFFSET).unwrap_or_default(),
                     payload: m.payload().unwrap_or_default().to_vec(),
@@ -253,6 +255,8 @@ impl TestEnv {
 pub struct DeadLetterSeen {
     pub reason: String,
     pub field: Option<String>,
+    pub detail: String,
+    pub pipeline: String,
     pub source_topic: String,
     pub source_offset: String,
     pub payload: Vec<u8>,

@@ -437,6 +437,15 @@ impl<'a> GrantData<'a> {
         let kind = required(self.kind.take(), "data.kind")?;
         let credits = required(self.credits.take(), "data.credits")?;
         let grant_id = id(grant_id, "data.grant_id")?;
+        if grant_id.starts_with(crate::event::RESERVED_GRANT_PREFIX) {
+            return Err(invalid(
+                "data.grant_id",
+                format!(
+                    "grant ids beginning with {:?} are reserved for the allowances Tally grants at each cycle reset",
+                    crate::event::RESERVED_GRANT_PREFIX
+                ),
+            ));
+        }
         let kind = GrantKind::parse(kind.as_str()).ok_or_else(|| {
             invalid(
                 "data.kind",

@@ -867,6 +867,11 @@ fn metered_rules() {
 #[test]
 fn grant_rules() {
     for (pointer, value, field) in [
+        (
+            "/data/grant_id",
+            json!("allowance:2026-12-20"),
+            "data.grant_id",
+        ),
         ("/data/grant_id", json!(""), "data.grant_id"),
         ("/data/kind", json!("gift"), "data.kind"),
         ("/data/kind", json!("TopUp"), "data.kind"),

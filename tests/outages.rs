@@ -1,0 +1,527 @@
+//! Outages survived with nothing lost, against real services: each test starts a private
+//! instance of one service (PostgreSQL cluster, Tansu broker or ClickHouse server, on a free
+//! port, in a temporary directory; the other two are the shared ones), runs `tally run` as a
+//! child process, and during the run stops that service for real (PostgreSQL: `pg_ctl stop
+//! -m immediate`, a crash; the broker and ClickHouse: SIGKILL), keeps it down for a few
+//! seconds and starts it again on the same data. Afterwards balances and ClickHouse totals
+//! are exact (computed by hand: every account gets a 1,000-credit package, a standard chat
+//! response costs 1 credit and a premium one 1.5, tests/fixtures/prices.toml), and the process
+//! never exited. Then the service goes down once more and SIGTERM must end the process within
+//! its shutdown bound.
+//!
+//! Private instances keep the shared services (and every other test) untouched.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+
+use common::{ev, test_config, TestEnv};
+
+const ACCOUNTS: usize = 4;
+/// Chats per account and phase (two phases: before and after the outage begins).
+const CHATS: usize = 1_500;
+/// How long each service stays down.
+const DOWN: Duration = Duration::from_secs(6);
+/// The process must exit within this after SIGTERM (tally's shutdown bound plus a margin).
+const EXIT_BOUND: Duration = Duration::from_secs(45);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16, timeout: Duration, what: &str) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < timeout,
+            "{what} does not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A command run as the `postgres` user when we are root (PostgreSQL refuses to run as root).
+fn as_postgres(program: &Path) -> Command {
+    let uid = Command::new("id").arg("-u").output().unwrap().stdout;
+    if String::from_utf8_lossy(&uid).trim() == "0" {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A private PostgreSQL cluster (initdb into a temporary directory).
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn start() -> PrivatePostgres {
+        let bin = std::env::var("TALLY_TEST_PG_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from("/usr/lib/postgresql/15/bin"));
+        let dir = tempfile::tempdir().unwrap();
+        run(Command::new("chmod").arg("777").arg(dir.path()));
+        let data = dir.path().join("data");
+        run(as_postgres(&bin.join("initdb"))
+            .args([
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+            ])
+            .args(["-E", "UTF8", "--no-sync"]));
+        let pg = PrivatePostgres {
+            port: free_port(),
+            dir,
+            bin,
+        };
+        pg.up();
+        pg
+    }
+
+    fn ctl(&self, args: &[&str]) -> Command {
+        let mut c = as_postgres(&self.bin.join("pg_ctl"));
+        c.arg("-D").arg(self.dir.path().join("data")).args(args);
+        c
+    }
+
+    fn up(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("postgres.log");
+        run(self
+            .ctl(&[
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &options,
+                "-l",
+                log.to_str().unwrap(),
+            ])
+            .arg("start")
+            .stdout(Stdio::null()));
+    }
+
+    /// A crash: the server stops at once, clients see their connections cut.
+    fn crash(&self) {
+        run(self
+            .ctl(&["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null()));
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .ctl(&["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A private process-based service (the broker, ClickHouse) that can be killed and restarted
+/// on the same data.
+struct PrivateProcess {
+    name: &'static str,
+    command: Box<dyn Fn() -> Command + Send>,
+    port: u16,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateProcess {
+    fn up(&mut self) {
+        assert!(self.child.is_none(), "{} is already up", self.name);
+        let child = (self.command)()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
+        self.child = Some(child);
+        wait_port(self.port, Duration::from_secs(60), self.name);
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    fn tansu() -> PrivateProcess {
+        let bin = std::env::var("TALLY_TANSU_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo/bin/tansu")
+            });
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cwd = dir.path().to_owned();
+        let mut p = PrivateProcess {
+            name: "tansu",
+            command: Box::new(move || {
+                let mut c = Command::new(&bin);
+                let url = format!("tcp://127.0.0.1:{port}");
+                c.current_dir(&cwd)
+                    .env("RUST_LOG", "warn")
+                    .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                    .env_remove("SCHEMA_REGISTRY")
+                    .args(["broker", "--cluster-id", "tally-outage"])
+                    .args(["--listener-url", &url, "--advertised-listener-url", &url])
+                    .args(["--storage-engine", "sqlite://tansu.db"]);
+                c
+            }),
+            port,
+            child: None,
+            _dir: dir,
+        };
+        p.up();
+        p
+    }
+
+    fn clickhouse() -> PrivateProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, tcp) = (free_port(), free_port());
+        let root = dir.path();
+        for sub in ["data", "tmp", "user_files", "format_schemas", "logs"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let r = root.display();
+        std::fs::write(
+            root.join("config.xml"),
+            format!(
+                r#"<?xml version="1.0"?>
+<yandex>
+    <logger><level>warning</level><log>{r}/logs/server.log</log><errorlog>{r}/logs/err.log</errorlog></logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>{http}</http_port>
+    <tcp_port>{tcp}</tcp_port>
+    <max_connections>256</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <max_concurrent_queries>100</max_concurrent_queries>
+    <mark_cache_size>67108864</mark_cache_size>
+    <path>{r}/data/</path>
+    <tmp_path>{r}/tmp/</tmp_path>
+    <user_files_path>{r}/user_files/</user_files_path>
+    <format_schema_path>{r}/format_schemas/</format_schema_path>
+    <users_config>{r}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+</yandex>
+"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("users.xml"),
+            r#"<?xml version="1.0"?>
+<yandex>
+    <profiles><default><allow_experimental_low_cardinality_type>1</allow_experimental_low_cardinality_type></default></profiles>
+    <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+"#,
+        )
+        .unwrap();
+        let config = root.join("config.xml");
+        let cwd = root.to_owned();
+        let mut p = PrivateProcess {
+            name: "clickhouse-server",
+            command: Box::new(move || {
+                let mut c = Command::new("clickhouse-server");
+                c.current_dir(&cwd)
+                    .arg(format!("--config-file={}", config.display()));
+                c
+            }),
+            port: http,
+            child: None,
+            _dir: dir,
+        };
+        p.up();
+        p
+    }
+}
+
+impl Drop for PrivateProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `tally run` child process, killed when dropped.
+struct Tally(Child);
+
+impl Tally {
+    fn spawn(config: &Path) -> Tally {
+        Tally(
+            Command::new(env!("CARGO_BIN_EXE_tally"))
+                .args(["--config", config.to_str().unwrap(), "run", "--role", "all"])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start tally"),
+        )
+    }
+
+    fn assert_running(&mut self) {
+        assert!(
+            self.0.try_wait().unwrap().is_none(),
+            "tally exited during the outage"
+        );
+    }
+
+    /// SIGTERM, then the time until the process exited, and its status.
+    fn terminate(mut self) -> (Duration, std::process::ExitStatus) {
+        let started = Instant::now();
+        run(Command::new("kill").args(["-TERM", &self.0.id().to_string()]));
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return (started.elapsed(), status);
+            }
+            assert!(
+                started.elapsed() < EXIT_BOUND,
+                "tally did not exit within {EXIT_BOUND:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn account(i: usize) -> String {
+    format!("acct-{i}")
+}
+
+/// Phase `phase`'s chats: per account, CHATS responses, every fifth premium (1.5 credits).
+fn chats(env: &TestEnv, phase: usize) -> Vec<(String, String, Vec<u8>)> {
+    let base = Utc::now() - chrono::Duration::hours(3);
+    let mut out = Vec::new();
+    for n in 0..CHATS {
+        for a in 0..ACCOUNTS {
+            let id = format!("p{phase}-{a}-{n}");
+            let t = (base + chrono::Duration::milliseconds((phase * CHATS + n) as i64 * 100))
+                .to_rfc3339_opts(SecondsFormat::Millis, true);
+            let tier = if n % 5 == 0 { "premium" } else { "standard" };
+            out.push((
+                env.cfg.kafka.topics.chat_responses.clone(),
+                account(a),
+                ev::chat(&id, &account(a), &t, "gpt-4o-mini", tier, 1),
+            ));
+        }
+    }
+    out
+}
+
+/// Credits one phase costs each account: CHATS/5 premium at 1.5, the rest at 1.
+fn phase_credits() -> Decimal {
+    let premium = CHATS.div_ceil(5);
+    Decimal::from(premium) * dec!(1.5) + Decimal::from(CHATS - premium)
+}
+
+fn grants(env: &TestEnv) -> Vec<(String, String, Vec<u8>)> {
+    let t = (Utc::now() - chrono::Duration::hours(4)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    (0..ACCOUNTS)
+        .map(|a| {
+            (
+                env.cfg.kafka.topics.grants.clone(),
+                account(a),
+                ev::grant(&format!("g-{a}"), &account(a), &t, "pkg", "package", "1000"),
+            )
+        })
+        .collect()
+}
+
+async fn ledger_offsets(env: &TestEnv) -> i64 {
+    let keys: Vec<_> = env.ends().into_keys().collect();
+    match tally::ledger::Store::connect(&env.cfg.postgres).await {
+        Ok(store) => store
+            .load_offsets(&env.cfg.kafka.ledger_group, &keys)
+            .await
+            .map(|o| o.values().sum())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Waits until the ledger has applied some of phase 1 (so the outage hits a running pipeline).
+async fn wait_some_progress(env: &TestEnv, tally: &mut Tally) {
+    let started = Instant::now();
+    while ledger_offsets(env).await < (ACCOUNTS + 100) as i64 {
+        tally.assert_running();
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Exact balances and ClickHouse totals after both phases.
+async fn assert_exact(env: &TestEnv) {
+    env.wait_ledger_caught_up(Duration::from_secs(180)).await;
+    env.wait_analytics_caught_up(Duration::from_secs(180)).await;
+    let spent = phase_credits() * dec!(2);
+    let store = env.store().await;
+    let sink = tally::analytics::AnalyticsSink::new(&env.cfg.clickhouse);
+    for a in 0..ACCOUNTS {
+        let b = store.balance(&account(a)).await.unwrap().unwrap();
+        assert_eq!(b.spendable, dec!(1000) - spent, "{} spendable", account(a));
+        assert_eq!(b.overage, dec!(0));
+        let (events, credits) = sink.totals_by_account(&account(a)).await.unwrap();
+        assert_eq!(
+            events,
+            2 * CHATS as u64,
+            "{} events in ClickHouse",
+            account(a)
+        );
+        assert_eq!(credits, spent, "{} credits in ClickHouse", account(a));
+    }
+}
+
+fn write_config(env: &TestEnv, dir: &Path) -> PathBuf {
+    let config = dir.join("tally.toml");
+    std::fs::write(&config, toml::to_string(&*env.cfg).unwrap()).unwrap();
+    config
+}
+
+fn base_config(name: &str) -> tally::config::Config {
+    let mut cfg = test_config(name);
+    cfg.pipeline.retry_initial_ms = 100;
+    cfg.pipeline.retry_max_ms = 1_000;
+    cfg.api.listen = format!("127.0.0.1:{}", free_port());
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_and_restart_loses_nothing() {
+    let pg = PrivatePostgres::start();
+    let mut cfg = base_config("outage_pg");
+    cfg.postgres.url = tally::config::Secret::new(pg.url());
+    let env = TestEnv::with_config(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&env, dir.path());
+    env.send(&grants(&env)).await;
+    env.send(&chats(&env, 1)).await;
+    let mut tally = Tally::spawn(&config);
+    wait_some_progress(&env, &mut tally).await;
+
+    pg.crash();
+    env.send(&chats(&env, 2)).await;
+    tokio::time::sleep(DOWN).await;
+    tally.assert_running();
+    pg.up();
+
+    assert_exact(&env).await;
+    tally.assert_running();
+
+    // SIGTERM while PostgreSQL is down again: the process still ends within its bound.
+    pg.crash();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (took, status) = tally.terminate();
+    eprintln!("SIGTERM during a PostgreSQL outage: exited in {took:?} with {status}");
+    pg.up();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_kill_and_restart_loses_nothing() {
+    let mut broker = PrivateProcess::tansu();
+    let mut cfg = base_config("outage_kafka");
+    cfg.kafka.brokers = format!("127.0.0.1:{}", broker.port);
+    let env = TestEnv::with_config(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&env, dir.path());
+    env.send(&grants(&env)).await;
+    env.send(&chats(&env, 1)).await;
+    let mut tally = Tally::spawn(&config);
+    wait_some_progress(&env, &mut tally).await;
+
+    broker.kill();
+    tokio::time::sleep(DOWN).await;
+    tally.assert_running();
+    broker.up();
+    env.send(&chats(&env, 2)).await;
+
+    assert_exact(&env).await;
+    tally.assert_running();
+
+    broker.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (took, status) = tally.terminate();
+    eprintln!("SIGTERM during a broker outage: exited in {took:?} with {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_kill_and_restart_loses_nothing() {
+    let mut clickhouse = PrivateProcess::clickhouse();
+    let mut cfg = base_config("outage_ch");
+    cfg.clickhouse.url = format!("http://127.0.0.1:{}", clickhouse.port);
+    let env = TestEnv::with_config(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&env, dir.path());
+    env.send(&grants(&env)).await;
+    env.send(&chats(&env, 1)).await;
+    let mut tally = Tally::spawn(&config);
+    wait_some_progress(&env, &mut tally).await;
+
+    clickhouse.kill();
+    env.send(&chats(&env, 2)).await;
+    tokio::time::sleep(DOWN).await;
+    tally.assert_running();
+    clickhouse.up();
+
+    assert_exact(&env).await;
+    tally.assert_running();
+
+    clickhouse.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (took, status) = tally.terminate();
+    eprintln!("SIGTERM during a ClickHouse outage: exited in {took:?} with {status}");
+}
