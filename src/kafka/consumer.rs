@@ -27,6 +27,9 @@ use crate::config::KafkaConfig;
 /// group, final commits) before it abandons it: a close that cannot reach the broker must not
 /// hold up the process's shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a static member's close waits for its partitions to be revoked before it closes
+/// (the LeaveGroup goes out once they are; see [`leave_group`]).
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a consumer waiting for records checks how long its group has had no partitions.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -187,6 +190,8 @@ pub struct BatchConsumer {
     positions: Arc<Mutex<Positions>>,
     store: Arc<dyn OffsetStore>,
     topics: HashMap<String, Arc<str>>,
+    /// `group.instance.id` is set (static membership).
+    is_static: bool,
 }
 
 impl BatchConsumer {
@@ -240,6 +245,7 @@ impl BatchConsumer {
                 .iter()
                 .map(|t| (t.to_string(), Arc::<str>::from(*t)))
                 .collect(),
+            is_static: kafka.instance_id.is_some(),
         })
     }
 
@@ -459,10 +465,14 @@ impl Drop for BatchConsumer {
         let Some(consumer) = self.consumer.take() else {
             return;
         };
+        let is_static = self.is_static;
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("tally-consumer-close".into())
             .spawn(move || {
+                if is_static {
+                    leave_group(&consumer);
+                }
                 drop(consumer);
                 let _ = done_tx.send(());
             });
@@ -476,6 +486,32 @@ impl Drop for BatchConsumer {
                 "Kafka consumer close did not finish in time; abandoned (the broker expires the member)"
             );
         }
+    }
+}
+
+/// Makes a static member leave its group before it closes. librdkafka follows KIP-345: a
+/// static member's close sends no LeaveGroup, so the broker keeps the member, and its
+/// assignment, until its session times out. Apache Kafka hands that member's place to the next
+/// process joining with the same `group.instance.id`; Tansu 0.6.0 can leave the restarted
+/// process without partitions instead (see the README, Operations). An unsubscribe before the
+/// close does send the LeaveGroup (by member id, which both brokers honour): the partitions
+/// are revoked through the rebalance callback, which this serves by polling, and then
+/// librdkafka leaves. A clean restart then joins as a new member on any broker; a crashed
+/// process's member is still replaced by its successor on Apache Kafka.
+fn leave_group(consumer: &StreamConsumer<Ctx>) {
+    use futures::{FutureExt, StreamExt};
+    consumer.unsubscribe();
+    let started = std::time::Instant::now();
+    let mut stream = consumer.stream();
+    while started.elapsed() < LEAVE_TIMEOUT {
+        // Serves queued events (the revoke callback); a record still queued is dropped: it
+        // was not processed, so it is read again by whoever takes the partition.
+        while let Some(Some(_)) = stream.next().now_or_never() {}
+        let revoked = consumer.assignment().map_or(true, |a| a.count() == 0);
+        if revoked && started.elapsed() >= Duration::from_millis(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
