@@ -211,9 +211,10 @@ pub struct KafkaConfig {
     pub topic_partitions: i32,
     pub replication_factor: i32,
     /// A stable name for this process (e.g. the host name): when set, the consumers use static
-    /// group membership (`group.instance.id` = `<instance_id>-ledger` / `-analytics`), so a
-    /// restarted process takes its partitions back at once instead of waiting for the broker
-    /// to expire the old member. Every running process needs its own.
+    /// group membership (`group.instance.id` = `<instance_id>-ledger` / `-analytics`), so on
+    /// Apache Kafka a process restarted after a crash takes the dead member's place at once.
+    /// A clean exit leaves the group either way (see `kafka::consumer`). Every running
+    /// process needs its own. Not advised on Tansu 0.6.0 (README, Operations).
     pub instance_id: Option<String>,
     /// A consumer group of this process (ledger or analytics) that has had no partitions
     /// assigned for longer than this is reported: a warning in the log, 503 from `/readyz`
