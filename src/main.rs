@@ -454,9 +454,18 @@ async fn run_pipelines(
             .map_err(|r| anyhow::anyhow!("{r}"))
             .with_context(|| format!("loading price table {}", cfg.prices.path.display()))?,
     );
-    tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
-        .await
-        .context("creating Kafka topics")?;
+    tokio::pin!(signal);
+    // Nothing is in hand yet: a signal while the broker is slow to answer stops at once.
+    let topics = cfg.all_topics();
+    tokio::select! {
+        created = tally::kafka::ensure_topics(&cfg.kafka, &topics, cfg.kafka.topic_partitions) => {
+            created.context("creating Kafka topics")?;
+        }
+        _ = &mut signal => {
+            tracing::info!("shutdown requested during start-up");
+            return Ok(());
+        }
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Tasks::default();
     if role != Role::Analytics {
@@ -515,7 +524,6 @@ async fn run_pipelines(
             }
         });
     }
-    tokio::pin!(signal);
     let started = Instant::now();
     let shutdown_timeout = Duration::from_millis(cfg.pipeline.shutdown_timeout_ms);
     let mut stopping = stop_tx.subscribe();
