@@ -481,9 +481,11 @@ pub async fn replay_file(cfg: &Config, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Returns once every input partition has been consumed to its end by the pipelines this
-/// process runs (ledger positions from PostgreSQL, analytics positions from ClickHouse) and
-/// nothing new arrived for `quiet`.
+/// Returns once, for `quiet` without a break, every consumer group this process runs has held
+/// partitions and every input partition has been consumed to its end by those pipelines
+/// (ledger positions from PostgreSQL, analytics positions from ClickHouse) with nothing new
+/// arriving. A group without partitions consumes nothing, so it is never idle: a process whose
+/// group gets no partitions does not exit (its `/readyz` and log say why).
 pub async fn wait_until_idle(
     cfg: &Config,
     ledger: bool,
@@ -511,7 +513,25 @@ pub async fn wait_until_idle(
         let keys: Vec<_> = ends.keys().cloned().collect();
         let reached = |stored: &kafka::Positions| kafka::reached(&ends, stored);
         let mut caught_up = true;
+        let mut running = Vec::new();
         if ledger {
+            running.push(("ledger", cfg.kafka.ledger_group.as_str()));
+        }
+        if analytics {
+            running.push(("analytics", cfg.kafka.analytics_group.as_str()));
+        }
+        for (pipeline, group) in running {
+            let held = kafka::groups::statuses(&[group])
+                .iter()
+                .filter(|s| s.pipeline == pipeline)
+                .map(|s| s.assigned_partitions)
+                .min();
+            if held.is_none_or(|n| n == 0) {
+                tracing::debug!(pipeline, group, "idle check: no partitions assigned yet");
+                caught_up = false;
+            }
+        }
+        if ledger && caught_up {
             caught_up &= reached(&store.load_offsets(&cfg.kafka.ledger_group, &keys).await?);
         }
         if analytics && caught_up {

@@ -211,10 +211,16 @@ pub struct KafkaConfig {
     pub topic_partitions: i32,
     pub replication_factor: i32,
     /// A stable name for this process (e.g. the host name): when set, the consumers use static
-    /// group membership (`group.instance.id` = `<instance_id>-ledger` / `-analytics`), so a
-    /// restarted process takes its partitions back at once instead of waiting for the broker
-    /// to expire the old member. Every running process needs its own.
+    /// group membership (`group.instance.id` = `<instance_id>-ledger` / `-analytics`), so on
+    /// Apache Kafka a process restarted after a crash takes the dead member's place at once.
+    /// A clean exit leaves the group either way (see `kafka::consumer`). Every running
+    /// process needs its own. Not advised on Tansu 0.6.0 (README, Operations).
     pub instance_id: Option<String>,
+    /// A consumer group of this process (ledger or analytics) that has had no partitions
+    /// assigned for longer than this is reported: a warning in the log, 503 from `/readyz`
+    /// naming the group. Rebalances leave a group without partitions for a moment; this is
+    /// how long that may last before it counts as a fault.
+    pub unassigned_alert_ms: u64,
     pub topics: Topics,
     /// librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.*...).
     /// Values of keys containing "password", "secret" or "key" are never logged.
@@ -230,6 +236,7 @@ impl fmt::Debug for KafkaConfig {
             .field("topic_partitions", &self.topic_partitions)
             .field("replication_factor", &self.replication_factor)
             .field("instance_id", &self.instance_id)
+            .field("unassigned_alert_ms", &self.unassigned_alert_ms)
             .field("topics", &self.topics)
             .field("properties", &redact_properties(&self.properties))
             .finish()
@@ -314,6 +321,11 @@ pub struct PipelineConfig {
     pub retry_max_ms: u64,
     /// How often the scheduler inside `tally run` resets cycles and expires grants.
     pub scheduler_interval_ms: u64,
+    /// On SIGTERM/SIGINT `tally run` gives its pipelines this long to finish the batch in
+    /// hand; whatever is still running then is named in the log and the process exits
+    /// non-zero (the store of record has everything committed before; the rest is read again
+    /// at the next start).
+    pub shutdown_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -331,6 +343,7 @@ impl Default for KafkaConfig {
             topic_partitions: 3,
             replication_factor: 1,
             instance_id: None,
+            unassigned_alert_ms: 30_000,
             topics: Topics::default(),
             properties: BTreeMap::new(),
         }
@@ -383,6 +396,7 @@ impl Default for PipelineConfig {
             retry_initial_ms: 200,
             retry_max_ms: 10_000,
             scheduler_interval_ms: 10_000,
+            shutdown_timeout_ms: 30_000,
         }
     }
 }
@@ -473,6 +487,12 @@ impl Config {
                 ));
             }
         }
+        if !(100..=86_400_000).contains(&self.kafka.unassigned_alert_ms) {
+            return Err(invalid(
+                "kafka.unassigned_alert_ms",
+                "must be 100..=86400000 (0.1 s to a day)",
+            ));
+        }
         if self.kafka.replication_factor < 1 {
             return Err(invalid("kafka.replication_factor", "must be >= 1"));
         }
@@ -559,6 +579,12 @@ impl Config {
             return Err(invalid(
                 "pipeline.retry_max_ms",
                 "retry_initial_ms must be > 0 and <= retry_max_ms",
+            ));
+        }
+        if !(100..=3_600_000).contains(&p.shutdown_timeout_ms) {
+            return Err(invalid(
+                "pipeline.shutdown_timeout_ms",
+                "must be 100..=3600000 (0.1 s to an hour)",
             ));
         }
         if !(1..=3_600_000).contains(&p.scheduler_interval_ms) {
@@ -804,6 +830,41 @@ mod tests {
         assert_eq!(key(|a| a.request_timeout_ms = 0), "api.request_timeout_ms");
         assert_eq!(key(|a| a.max_connections = 0), "api.max_connections");
         assert_eq!(key(|a| a.probe_cache_ms = 60_001), "api.probe_cache_ms");
+    }
+
+    #[test]
+    fn liveness_settings_are_validated() {
+        let base = Config::default();
+        assert_eq!(base.kafka.unassigned_alert_ms, 30_000);
+        assert_eq!(base.pipeline.shutdown_timeout_ms, 30_000);
+        let key = |f: fn(&mut Config)| {
+            let mut cfg = base.clone();
+            f(&mut cfg);
+            match cfg.validate() {
+                Err(ConfigError::Invalid { key, .. }) => key,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(
+            key(|c| c.kafka.unassigned_alert_ms = 99),
+            "kafka.unassigned_alert_ms"
+        );
+        assert_eq!(
+            key(|c| c.kafka.unassigned_alert_ms = 86_400_001),
+            "kafka.unassigned_alert_ms"
+        );
+        assert_eq!(
+            key(|c| c.pipeline.shutdown_timeout_ms = 0),
+            "pipeline.shutdown_timeout_ms"
+        );
+        assert_eq!(
+            key(|c| c.pipeline.shutdown_timeout_ms = 3_600_001),
+            "pipeline.shutdown_timeout_ms"
+        );
+        let mut ok = base.clone();
+        ok.kafka.unassigned_alert_ms = 100;
+        ok.pipeline.shutdown_timeout_ms = 100;
+        ok.validate().unwrap();
     }
 
     #[test]

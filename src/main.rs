@@ -40,12 +40,14 @@ enum LogFormat {
 enum Command {
     /// Run the pipelines until SIGTERM/Ctrl-C: consume usage and grants, rate, debit the
     /// ledger (PostgreSQL), write rated usage (ClickHouse). On a signal: stop polling, finish
-    /// the batch in hand, commit, exit.
+    /// the batch in hand, commit, exit 0; tasks still running after
+    /// `pipeline.shutdown_timeout_ms` are named in the log and the process exits 1.
     Run {
         /// Which pipelines this process runs.
         #[arg(long, value_enum, default_value_t = Role::All)]
         role: Role,
-        /// Exit after this many seconds without a new record (demo and tests; default: never).
+        /// Exit once every consumer group of this process has held partitions and been caught
+        /// up with the topics' ends for this many seconds (demo and tests; default: never).
         #[arg(long)]
         idle_exit_secs: Option<u64>,
     },
@@ -226,7 +228,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(cli))
+    let result = runtime.block_on(run(cli));
+    // Tasks that did not stop (run has already logged them) must not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 fn init_tracing(format: LogFormat) {
@@ -449,14 +454,23 @@ async fn run_pipelines(
             .map_err(|r| anyhow::anyhow!("{r}"))
             .with_context(|| format!("loading price table {}", cfg.prices.path.display()))?,
     );
-    tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
-        .await
-        .context("creating Kafka topics")?;
+    tokio::pin!(signal);
+    // Nothing is in hand yet: a signal while the broker is slow to answer stops at once.
+    let topics = cfg.all_topics();
+    tokio::select! {
+        created = tally::kafka::ensure_topics(&cfg.kafka, &topics, cfg.kafka.topic_partitions) => {
+            created.context("creating Kafka topics")?;
+        }
+        _ = &mut signal => {
+            tracing::info!("shutdown requested during start-up");
+            return Ok(());
+        }
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Tasks::default();
     if role != Role::Analytics {
         let (cfg, prices, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
-        tasks.spawn(async move {
+        tasks.spawn("ledger pipeline", async move {
             tally::pipeline::ledger::run(cfg, prices, stop)
                 .await
                 .map(|s| format!("ledger: {s:?}"))
@@ -464,13 +478,13 @@ async fn run_pipelines(
     }
     if role != Role::Analytics {
         let (c, stop) = (cfg.clone(), stop_rx.clone());
-        tasks.spawn(async move {
+        tasks.spawn("scheduler", async move {
             tally::pipeline::scheduler::run(c, Arc::new(tally::clock::SystemClock), stop)
                 .await
                 .map(|ticks| format!("scheduler: {ticks} ticks"))
         });
         let (c, stop) = (cfg.clone(), stop_rx.clone());
-        tasks.spawn(async move {
+        tasks.spawn("alert relay", async move {
             tally::pipeline::alerts::run(c, stop)
                 .await
                 .map(|n| format!("alert relay: {n} alerts published"))
@@ -478,7 +492,7 @@ async fn run_pipelines(
     }
     if role != Role::Ledger {
         let (cfg, prices, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
-        tasks.spawn(async move {
+        tasks.spawn("analytics pipeline", async move {
             tally::pipeline::analytics::run(cfg, prices, stop)
                 .await
                 .map(|s| format!("analytics: {s:?}"))
@@ -486,47 +500,126 @@ async fn run_pipelines(
     }
     if cfg.api.enabled {
         let (c, p, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
-        tasks.spawn(async move { tally::api::run(c, p, stop).await });
+        tasks.spawn("HTTP API", async move { tally::api::run(c, p, stop).await });
     }
     if let Some(secs) = idle_exit_secs {
         let stop = stop_tx.clone();
+        let mut stopped = stop_rx.clone();
         let cfg = cfg.clone();
-        tasks.spawn(async move {
-            tally::cli::wait_until_idle(
+        tasks.spawn("idle watch", async move {
+            let idle = tally::cli::wait_until_idle(
                 &cfg,
                 role != Role::Analytics,
                 role != Role::Ledger,
                 Duration::from_secs(secs),
-            )
-            .await?;
-            let _ = stop.send(true);
-            Ok("idle exit".to_owned())
+            );
+            tokio::select! {
+                idle = idle => {
+                    idle?;
+                    tracing::info!(quiet_s = secs, "idle: every group holds partitions and is caught up");
+                    let _ = stop.send(true);
+                    Ok("idle exit".to_owned())
+                }
+                _ = stopped.wait_for(|&s| s) => Ok("idle watch stopped".to_owned()),
+            }
         });
     }
-    tokio::pin!(signal);
     let started = Instant::now();
+    let shutdown_timeout = Duration::from_millis(cfg.pipeline.shutdown_timeout_ms);
+    let mut stopping = stop_tx.subscribe();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut failure: Option<anyhow::Error> = None;
     loop {
         tokio::select! {
             _ = &mut signal, if !*stop_tx.borrow() => {
-                tracing::info!("shutdown requested: finishing the batch in hand");
+                tracing::info!(
+                    shutdown_timeout_ms = cfg.pipeline.shutdown_timeout_ms,
+                    "shutdown requested: finishing the batch in hand"
+                );
                 let _ = stop_tx.send(true);
+            }
+            // Whatever asked for the stop (a signal, idle exit, a failed task), the tasks get
+            // shutdown_timeout to finish from now.
+            _ = stopping.wait_for(|&s| s), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + shutdown_timeout);
+            }
+            _ = sleep_until_some(deadline) => {
+                let stuck = tasks.running();
+                tracing::error!(
+                    shutdown_timeout_ms = cfg.pipeline.shutdown_timeout_ms,
+                    stuck = %stuck.join(", "),
+                    "shutdown timed out: these tasks did not finish in time (see the warnings above for what they wait on); exiting without them, what they had not committed is read again at the next start"
+                );
+                if let Some(e) = &failure {
+                    tracing::error!(error = format!("{e:#}"), "a task had failed");
+                }
+                std::process::exit(1);
             }
             done = tasks.join_next() => match done {
                 None => break,
-                Some(Ok(Ok(summary))) => tracing::info!(summary, "task finished"),
-                Some(Ok(Err(e))) => {
+                Some((_, Ok(Ok(summary)))) => tracing::info!(summary, "task finished"),
+                Some((name, Ok(Err(e)))) => {
+                    tracing::error!(task = name, error = format!("{e:#}"), "task failed: stopping the others");
                     let _ = stop_tx.send(true);
-                    return Err(e);
+                    failure.get_or_insert(e.context(format!("{name} failed")));
                 }
-                Some(Err(e)) => {
+                Some((name, Err(e))) => {
+                    tracing::error!(task = name, error = %e, "task panicked: stopping the others");
                     let _ = stop_tx.send(true);
-                    bail!("task panicked: {e}");
+                    failure.get_or_insert(anyhow::anyhow!("{name} panicked: {e}"));
                 }
             },
         }
     }
     tracing::info!(elapsed_s = started.elapsed().as_secs(), "stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The tasks of `tally run`, each with a name for the log when it fails or does not stop.
+#[derive(Default)]
+struct Tasks {
+    set: tokio::task::JoinSet<anyhow::Result<String>>,
+    names: std::collections::BTreeMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn<F>(&mut self, name: &'static str, task: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<String>> + Send + 'static,
+    {
+        let id = self.set.spawn(task).id();
+        self.names.insert(id, name);
+    }
+
+    /// The next task to end, with its name; None when none is left.
+    async fn join_next(
+        &mut self,
+    ) -> Option<(
+        &'static str,
+        Result<anyhow::Result<String>, tokio::task::JoinError>,
+    )> {
+        let (id, result) = match self.set.join_next_with_id().await? {
+            Ok((id, r)) => (id, Ok(r)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        Some((self.names.remove(&id).unwrap_or("task"), result))
+    }
+
+    /// Names of the tasks still running.
+    fn running(&self) -> Vec<&'static str> {
+        self.names.values().copied().collect()
+    }
+}
+
+/// Sleeps until the deadline, or forever when there is none.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Installs the SIGTERM/SIGINT handlers now (a signal that arrives during start-up is not

@@ -1,6 +1,7 @@
 //! Process-wide Prometheus metrics: the registry, the metrics the pipelines record (events by
 //! kind, dead letters by reason, batch and transaction latency), the consumer-lag gauges the
-//! API refreshes at each scrape, and the HTTP request metrics. A leaf module: it knows metric
+//! API refreshes at each scrape, the partitions each consumer holds, and the HTTP request
+//! metrics. A leaf module: it knows metric
 //! names and labels, nothing of Kafka, stores or events; the API serves [`render`] at
 //! `/metrics`.
 //!
@@ -25,6 +26,7 @@ struct Metrics {
     batch_seconds: HistogramVec,
     transaction_seconds: HistogramVec,
     consumer_lag: IntGaugeVec,
+    assigned_partitions: IntGaugeVec,
     http_requests: IntCounterVec,
     http_seconds: HistogramVec,
     http_connections: IntGauge,
@@ -62,6 +64,17 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     registry
         .register(Box::new(consumer_lag.clone()))
+        .expect("registered once");
+    let assigned_partitions = IntGaugeVec::new(
+        Opts::new(
+            "tally_consumer_assigned_partitions",
+            "Partitions assigned to this process's consumer, by pipeline and group; 0 for longer than kafka.unassigned_alert_ms makes /readyz answer 503.",
+        ),
+        &["pipeline", "group"],
+    )
+    .expect("valid metric");
+    registry
+        .register(Box::new(assigned_partitions.clone()))
         .expect("registered once");
     Metrics {
         events: counter(
@@ -116,6 +129,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["probe"],
         ),
         consumer_lag,
+        assigned_partitions,
         registry,
     }
 });
@@ -168,6 +182,21 @@ pub fn set_consumer_lag(pipeline: &str, topic: &str, partition: i32, lag: i64) {
         .consumer_lag
         .with_label_values(&[pipeline, topic, &partition.to_string()])
         .set(lag);
+}
+
+/// Sets the number of partitions a pipeline's consumer holds in its group.
+pub fn set_assigned_partitions(pipeline: &str, group: &str, partitions: i64) {
+    METRICS
+        .assigned_partitions
+        .with_label_values(&[pipeline, group])
+        .set(partitions);
+}
+
+/// Drops a consumer's assigned-partitions gauge (the consumer is gone).
+pub fn remove_assigned_partitions(pipeline: &str, group: &str) {
+    let _ = METRICS
+        .assigned_partitions
+        .remove_label_values(&[pipeline, group]);
 }
 
 /// Records one answered HTTP request.

@@ -1,7 +1,8 @@
 //! Operational routes: liveness (`/healthz`), readiness with the state of each dependency
-//! (`/readyz`), Prometheus metrics with consumer lag refreshed at each scrape (`/metrics`),
-//! and the price table (`/v1/prices`). Neither health route says more than up/down and a
-//! latency: error details go to the log.
+//! and of this process's consumer groups (`/readyz`), Prometheus metrics with consumer lag
+//! refreshed at each scrape (`/metrics`), and the price table (`/v1/prices`). Neither health
+//! route says more than up/down and a latency per dependency (error details go to the log),
+//! and which consumer group has had no partitions since when.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -52,9 +53,11 @@ where
     json!({"status": if up { "up" } else { "down" }, "latency_ms": started.elapsed().as_millis() as u64})
 }
 
-/// GET /readyz — PostgreSQL, ClickHouse and Kafka each answer: 200 when all do, else 503.
-/// The answer is reused for `api.probe_cache_ms`; requests arriving while a probe runs wait
-/// for it and share its answer, so a flood of them probes each dependency once.
+/// GET /readyz — PostgreSQL, ClickHouse and Kafka each answer, and no consumer group of this
+/// process has been without partitions for longer than `kafka.unassigned_alert_ms`: 200 when
+/// all holds, else 503 (`reasons` says what does not). The answer is reused for
+/// `api.probe_cache_ms`; requests arriving while a probe runs wait for it and share its
+/// answer, so a flood of them probes each dependency once.
 pub async fn readyz(State(api): State<AppState>) -> impl IntoResponse {
     let mut cache = api.ready_cache.lock().await;
     if let Some((at, status, body)) = cache.as_ref() {
@@ -95,9 +98,18 @@ async fn probe_readiness(api: &AppState) -> (StatusCode, Value) {
         }
     });
     let (postgres, clickhouse, kafka) = tokio::join!(postgres, clickhouse, kafka);
-    let ready = [&postgres, &clickhouse, &kafka]
-        .iter()
-        .all(|d| d["status"] == "up");
+    let mut reasons: Vec<String> = [
+        ("postgresql", &postgres),
+        ("clickhouse", &clickhouse),
+        ("kafka", &kafka),
+    ]
+    .iter()
+    .filter(|(_, d)| d["status"] != "up")
+    .map(|(name, _)| format!("{name} is down"))
+    .collect();
+    let (groups, group_reasons) = consumer_groups(api);
+    reasons.extend(group_reasons);
+    let ready = reasons.is_empty();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -108,8 +120,50 @@ async fn probe_readiness(api: &AppState) -> (StatusCode, Value) {
         json!({
             "status": if ready { "ready" } else { "not_ready" },
             "dependencies": {"postgresql": postgres, "clickhouse": clickhouse, "kafka": kafka},
+            "consumer_groups": groups,
+            "reasons": reasons,
         }),
     )
+}
+
+/// The consumer groups this process runs (its pipelines register them), and a reason for each
+/// one that has had no partitions for longer than `kafka.unassigned_alert_ms`.
+fn consumer_groups(api: &AppState) -> (Vec<Value>, Vec<String>) {
+    let kafka = &api.cfg.kafka;
+    let groups =
+        crate::kafka::groups::statuses(&[kafka.ledger_group.as_str(), &kafka.analytics_group]);
+    let mut reasons = Vec::new();
+    let values = groups
+        .iter()
+        .map(|g| {
+            let since = g
+                .unassigned_since
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+            if g.alerting {
+                reasons.push(format!(
+                    "consumer group {} ({}) has had no partitions assigned since {} ({} s, more than kafka.unassigned_alert_ms = {})",
+                    g.group_id,
+                    g.pipeline,
+                    since.as_deref().unwrap_or("?"),
+                    g.unassigned_for.as_secs(),
+                    kafka.unassigned_alert_ms,
+                ));
+            }
+            json!({
+                "pipeline": g.pipeline,
+                "group": g.group_id,
+                "status": match (g.assigned_partitions, g.alerting) {
+                    (0, true) => "no_partitions",
+                    (0, false) => "rebalancing",
+                    _ => "assigned",
+                },
+                "assigned_partitions": g.assigned_partitions,
+                "unassigned_since": since,
+                "unassigned_ms": g.unassigned_for.as_millis() as u64,
+            })
+        })
+        .collect();
+    (values, reasons)
 }
 
 /// (low, high) watermarks of every partition of the input topics.

@@ -20,7 +20,18 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use super::groups::GroupHealth;
 use crate::config::KafkaConfig;
+
+/// How long dropping a [`BatchConsumer`] waits for librdkafka's close (revoke, leave the
+/// group, final commits) before it abandons it: a close that cannot reach the broker must not
+/// hold up the process's shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a static member's close waits for its partitions to be revoked before it closes
+/// (the LeaveGroup goes out once they are; see [`leave_group`]).
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a consumer waiting for records checks how long its group has had no partitions.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// (topic, partition)
 pub type TopicPartition = (String, i32);
@@ -70,6 +81,7 @@ pub struct Batch {
 struct Ctx {
     store: Arc<dyn OffsetStore>,
     positions: Arc<Mutex<Positions>>,
+    health: GroupHealth,
 }
 
 impl ClientContext for Ctx {}
@@ -112,7 +124,9 @@ impl ConsumerContext for Ctx {
                     tracing::error!(error = %e, "could not load stored offsets at assignment");
                 }
             }
+            self.health.assigned(tpl.count());
         } else if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+            self.health.revoked();
             let mut positions = self.positions.lock().expect("positions lock");
             for e in tpl.elements() {
                 positions.remove(&(e.topic().to_owned(), e.partition()));
@@ -122,6 +136,9 @@ impl ConsumerContext for Ctx {
                     "partition revoked"
                 );
             }
+        } else {
+            // A rebalance error: the default strategy unassigns everything.
+            self.health.revoked();
         }
         // The default strategy performs the (un)assignment with the offsets set above.
         default_rebalance(base_consumer, err, tpl);
@@ -164,11 +181,17 @@ fn load_blocking(
 }
 
 /// A Kafka consumer in a group whose positions live in an [`OffsetStore`].
+///
+/// Dropping it closes the consumer (partitions revoked, the group left), waiting at most
+/// [`CLOSE_TIMEOUT`] for the broker.
 pub struct BatchConsumer {
-    consumer: StreamConsumer<Ctx>,
+    /// Always `Some` until dropped.
+    consumer: Option<StreamConsumer<Ctx>>,
     positions: Arc<Mutex<Positions>>,
     store: Arc<dyn OffsetStore>,
     topics: HashMap<String, Arc<str>>,
+    /// `group.instance.id` is set (static membership).
+    is_static: bool,
 }
 
 impl BatchConsumer {
@@ -184,6 +207,11 @@ impl BatchConsumer {
         let ctx = Ctx {
             store: store.clone(),
             positions: positions.clone(),
+            health: GroupHealth::register(
+                pipeline,
+                group_id,
+                Duration::from_millis(kafka.unassigned_alert_ms),
+            ),
         };
         let mut cc = super::client_config(kafka);
         // Latency defaults, unless the configuration passes its own values through.
@@ -210,18 +238,26 @@ impl BatchConsumer {
         let consumer: StreamConsumer<Ctx> = cc.create_with_context(ctx)?;
         consumer.subscribe(topics)?;
         Ok(BatchConsumer {
-            consumer,
+            consumer: Some(consumer),
             positions,
             store,
             topics: topics
                 .iter()
                 .map(|t| (t.to_string(), Arc::<str>::from(*t)))
                 .collect(),
+            is_static: kafka.instance_id.is_some(),
         })
     }
 
+    fn consumer(&self) -> &StreamConsumer<Ctx> {
+        self.consumer
+            .as_ref()
+            .expect("the consumer lives until drop")
+    }
+
     /// Waits for the first record (or shutdown), then gathers records until a limit is hit.
-    /// Returns None when shutdown was signalled before any record arrived.
+    /// Returns None when shutdown was signalled before any record arrived. While it waits it
+    /// checks how long the group has had no partitions (see [`GroupHealth::check`]).
     pub async fn next_batch(
         &self,
         limits: &BatchLimits,
@@ -229,6 +265,9 @@ impl BatchConsumer {
     ) -> Result<Option<Batch>, KafkaError> {
         let mut batch = Batch::default();
         let mut deadline: Option<tokio::time::Instant> = None;
+        let health = &self.consumer().context().health;
+        let mut check = tokio::time::interval(HEALTH_CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if batch.records.len() >= limits.max_events || batch.bytes >= limits.max_bytes {
                 break;
@@ -237,15 +276,19 @@ impl BatchConsumer {
                 None => {
                     tokio::select! {
                         biased;
-                        _ = shutdown.changed() => return Ok(None),
-                        m = self.consumer.recv() => m?,
+                        _ = stopped(shutdown) => return Ok(None),
+                        _ = check.tick() => {
+                            health.check();
+                            continue;
+                        }
+                        m = self.consumer().recv() => m?,
                     }
                 }
                 Some(d) => {
                     tokio::select! {
                         biased;
                         _ = tokio::time::sleep_until(d) => break,
-                        m = self.consumer.recv() => m?,
+                        m = self.consumer().recv() => m?,
                     }
                 }
             };
@@ -255,7 +298,12 @@ impl BatchConsumer {
                 .cloned()
                 .unwrap_or_else(|| Arc::from(msg.topic()));
             let (partition, offset) = (msg.partition(), msg.offset());
-            let position = self.position(&topic, partition, offset).await;
+            let Some(position) = self.position(&topic, partition, offset, shutdown).await else {
+                // Shutdown while the store of record is unreachable: this record is read
+                // again at the next start; the records gathered so far are the batch in hand.
+                drop(msg);
+                return Ok((!batch.records.is_empty()).then_some(batch));
+            };
             if offset < position {
                 batch.skipped += 1;
                 continue;
@@ -295,19 +343,35 @@ impl BatchConsumer {
     }
 
     /// The stored position of a partition; loads it (retrying) when the rebalance callback
-    /// could not, and seeks when Kafka's position disagrees with the store.
-    async fn position(&self, topic: &str, partition: i32, offset: i64) -> i64 {
+    /// could not, and seeks when Kafka's position disagrees with the store. None: shutdown
+    /// was signalled before the store answered.
+    async fn position(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<i64> {
         let key = (topic.to_owned(), partition);
         if let Some(&p) = self.positions.lock().expect("positions lock").get(&key) {
-            return p;
+            return Some(p);
         }
         let mut delay = Duration::from_millis(200);
         let stored = loop {
-            match self.store.load(vec![key.clone()]).await {
+            let load = tokio::select! {
+                biased;
+                _ = stopped(shutdown) => return None,
+                load = self.store.load(vec![key.clone()]) => load,
+            };
+            match load {
                 Ok(s) => break s.get(&key).copied(),
                 Err(e) => {
                     tracing::warn!(topic, partition, error = %e, "loading stored offset failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        biased;
+                        _ = stopped(shutdown) => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                     delay = (delay * 2).min(Duration::from_secs(10));
                 }
             }
@@ -322,7 +386,7 @@ impl BatchConsumer {
                 stored = next,
                 "seeking back to stored offset"
             );
-            if let Err(e) = self.consumer.seek(
+            if let Err(e) = self.consumer().seek(
                 topic,
                 partition,
                 Offset::Offset(next),
@@ -335,7 +399,7 @@ impl BatchConsumer {
             .lock()
             .expect("positions lock")
             .insert(key, next);
-        next
+        Some(next)
     }
 
     /// After the store of record committed a batch: advance positions and commit the same
@@ -351,7 +415,7 @@ impl BatchConsumer {
             }
         }
         if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            if let Err(e) = self.consumer().commit(&tpl, CommitMode::Async) {
                 tracing::warn!(error = %e, "kafka offset commit failed (store of record is authoritative)");
             }
         }
@@ -359,7 +423,7 @@ impl BatchConsumer {
 
     /// Partitions currently assigned to this member.
     pub fn assignment(&self) -> Vec<TopicPartition> {
-        self.consumer
+        self.consumer()
             .assignment()
             .map(|tpl| {
                 tpl.elements()
@@ -377,11 +441,81 @@ impl BatchConsumer {
             .into_iter()
             .filter_map(|((t, p), pos)| {
                 let (_, high) = self
-                    .consumer
+                    .consumer()
                     .fetch_watermarks(&t, p, Duration::from_secs(2))
                     .ok()?;
                 Some(((t, p), (high - pos).max(0)))
             })
             .collect()
     }
+}
+
+impl BatchConsumer {
+    /// This consumer's group and how many partitions it holds.
+    pub fn group_status(&self) -> super::groups::GroupStatus {
+        self.consumer().context().health.status()
+    }
+}
+
+impl Drop for BatchConsumer {
+    /// librdkafka's close (revoke, leave, final callbacks) polls until the broker answers,
+    /// without a time limit: run it on a thread of its own and stop waiting after
+    /// [`CLOSE_TIMEOUT`].
+    fn drop(&mut self) {
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        let is_static = self.is_static;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("tally-consumer-close".into())
+            .spawn(move || {
+                if is_static {
+                    leave_group(&consumer);
+                }
+                drop(consumer);
+                let _ = done_tx.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the consumer-close thread");
+            return;
+        }
+        if done_rx.recv_timeout(CLOSE_TIMEOUT).is_err() {
+            tracing::warn!(
+                timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
+                "Kafka consumer close did not finish in time; abandoned (the broker expires the member)"
+            );
+        }
+    }
+}
+
+/// Makes a static member leave its group before it closes. librdkafka follows KIP-345: a
+/// static member's close sends no LeaveGroup, so the broker keeps the member, and its
+/// assignment, until its session times out. Apache Kafka hands that member's place to the next
+/// process joining with the same `group.instance.id`; Tansu 0.6.0 can leave the restarted
+/// process without partitions instead (see the README, Operations). An unsubscribe before the
+/// close does send the LeaveGroup (by member id, which both brokers honour): the partitions
+/// are revoked through the rebalance callback, which this serves by polling, and then
+/// librdkafka leaves. A clean restart then joins as a new member on any broker; a crashed
+/// process's member is still replaced by its successor on Apache Kafka.
+fn leave_group(consumer: &StreamConsumer<Ctx>) {
+    use futures::{FutureExt, StreamExt};
+    consumer.unsubscribe();
+    let started = std::time::Instant::now();
+    let mut stream = consumer.stream();
+    while started.elapsed() < LEAVE_TIMEOUT {
+        // Serves queued events (the revoke callback); a record still queued is dropped: it
+        // was not processed, so it is read again by whoever takes the partition.
+        while let Some(Some(_)) = stream.next().now_or_never() {}
+        let revoked = consumer.assignment().map_or(true, |a| a.count() == 0);
+        if revoked && started.elapsed() >= Duration::from_millis(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Resolves once shutdown is signalled (or its sender is gone, which means the same).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|&stop| stop).await;
 }

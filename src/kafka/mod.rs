@@ -4,6 +4,7 @@
 
 mod consumer;
 mod dead_letter;
+pub mod groups;
 
 use std::time::Duration;
 
