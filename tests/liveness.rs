@@ -442,9 +442,9 @@ fn closed_port() -> u16 {
         .port()
 }
 
-/// SIGTERM while PostgreSQL refuses connections, then while it accepts and never answers:
-/// the process exits within `shutdown_timeout_ms` plus a margin, non-zero, naming what was
-/// stuck and why.
+/// SIGTERM while PostgreSQL refuses connections (the retry loop stops at once, exit 0), then
+/// while it accepts and never answers (the shutdown bound ends the process, non-zero): either
+/// way within `shutdown_timeout_ms` plus a margin, naming what was stuck and why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_postgresql_outage_exits_within_the_timeout() {
     let mut cfg = test_config("live_pg_down");
@@ -463,9 +463,14 @@ async fn sigterm_during_a_postgresql_outage_exits_within_the_timeout() {
     refused.wait_line("retrying", Duration::from_secs(60));
     refused.terminate();
     let (status, waited, log) = refused.wait_exit(bound + Duration::from_secs(30));
+    // The retry loop honours shutdown: the ledger stops at once, saying what it was waiting
+    // for (a graceful stop: exit status 0, nothing was applied, nothing is lost).
     assert!(waited < bound, "exited after {waited:?}:\n{log}");
-    assert!(!status.success(), "non-zero: {status}\n{log}");
-    assert!(log.contains("PostgreSQL"), "says why:\n{log}");
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("shutdown while PostgreSQL is unreachable"),
+        "says why:\n{log}"
+    );
     assert!(log.contains("ledger"), "names the pipeline:\n{log}");
 
     // Stuck: connections are accepted and never answered.

@@ -17,7 +17,7 @@ use crate::kafka::{OffsetStore, Positions, TopicPartition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("PostgreSQL data: {0}")]
     Data(String),
@@ -57,6 +57,27 @@ impl StoreError {
 impl Classify for StoreError {
     fn fault(&self) -> Fault {
         StoreError::fault(self)
+    }
+}
+
+/// The server's own words for a database error (SQLSTATE, message, detail), else the
+/// client's (`db error` alone says nothing; the cause does).
+fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(" (");
+                text.push_str(detail);
+                text.push(')');
+            }
+            text
+        }
+        None => match e.source() {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }
 

@@ -68,7 +68,10 @@ pub async fn run_with_clock(
     let mut stats = LedgerStats::default();
     let mut store = match retry.run("connect to PostgreSQL", || connect(&cfg)).await {
         Ok(store) => store,
-        Err(Halt::Shutdown) => return Ok(stats),
+        Err(Halt::Shutdown) => {
+            tracing::warn!("shutdown while PostgreSQL is unreachable: ledger pipeline stopped before its first batch");
+            return Ok(stats);
+        }
         Err(Halt::Failed(e)) => return Err(anyhow::anyhow!("ledger: connect to PostgreSQL: {e}")),
     };
     let mut last_purge = Instant::now();
