@@ -4,7 +4,7 @@
 //! child process, and during the run stops that service for real (PostgreSQL: `pg_ctl stop
 //! -m immediate`, a crash; the broker and ClickHouse: SIGKILL), keeps it down for a few
 //! seconds and starts it again on the same data. Afterwards balances and ClickHouse totals
-//! are exact (computed by hand: every account gets a 1,000-credit package, a standard chat
+//! are exact (computed by hand: every account gets a 5,000-credit package, a standard chat
 //! response costs 1 credit and a premium one 1.5, tests/fixtures/prices.toml), and the process
 //! never exited. Then the service goes down once more and SIGTERM must end the process within
 //! its shutdown bound.
@@ -300,7 +300,10 @@ impl Tally {
         Tally(
             Command::new(env!("CARGO_BIN_EXE_tally"))
                 .args(["--config", config.to_str().unwrap(), "run", "--role", "all"])
-                .env("RUST_LOG", "warn")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("TALLY_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -376,7 +379,7 @@ fn grants(env: &TestEnv) -> Vec<(String, String, Vec<u8>)> {
             (
                 env.cfg.kafka.topics.grants.clone(),
                 account(a),
-                ev::grant(&format!("g-{a}"), &account(a), &t, "pkg", "package", "1000"),
+                ev::grant(&format!("g-{a}"), &account(a), &t, "pkg", "package", "5000"),
             )
         })
         .collect()
@@ -413,7 +416,7 @@ async fn assert_exact(env: &TestEnv) {
     let sink = tally::analytics::AnalyticsSink::new(&env.cfg.clickhouse);
     for a in 0..ACCOUNTS {
         let b = store.balance(&account(a)).await.unwrap().unwrap();
-        assert_eq!(b.spendable, dec!(1000) - spent, "{} spendable", account(a));
+        assert_eq!(b.spendable, dec!(5000) - spent, "{} spendable", account(a));
         assert_eq!(b.overage, dec!(0));
         let (events, credits) = sink.totals_by_account(&account(a)).await.unwrap();
         assert_eq!(

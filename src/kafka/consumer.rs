@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
+
+use crate::fault::{Classify, Fault};
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -281,15 +283,32 @@ impl BatchConsumer {
                             health.check();
                             continue;
                         }
-                        m = self.consumer().recv() => m?,
+                        m = self.consumer().recv() => m,
                     }
                 }
                 Some(d) => {
                     tokio::select! {
                         biased;
                         _ = tokio::time::sleep_until(d) => break,
-                        m = self.consumer().recv() => m?,
+                        m = self.consumer().recv() => m,
                     }
+                }
+            };
+            // librdkafka reports a broker that is down, a transport failure or a fetch error
+            // as a consumption error and recovers by itself: keep polling (the records
+            // gathered so far stay in hand). Only a broken deployment ends the loop.
+            let msg = match msg {
+                Ok(msg) => msg,
+                Err(e) if e.fault() == Fault::Bug => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka consumption error; the client reconnects by itself");
+                    crate::metrics::retry("consume");
+                    tokio::select! {
+                        biased;
+                        _ = stopped(shutdown) => return Ok((!batch.records.is_empty()).then_some(batch)),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    continue;
                 }
             };
             let topic = self
