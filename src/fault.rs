@@ -1,5 +1,5 @@
 //! Whose fault an error is — decided once, where the error is made, so that every loop
-//! treats the same error the same way (`pipeline::retry` acts on it). A leaf module.
+//! treats the same error the same way (`retry` acts on it). A leaf module.
 
 use std::fmt::Display;
 

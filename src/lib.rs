@@ -33,6 +33,8 @@
 //! - [`analytics`] — the ClickHouse sink, DDL and usage queries.
 //! - [`clock`] — time as a dependency (tests move it by hand).
 //! - [`fault`] — whose fault an error is (transient, input, bug): the retry policy's input.
+//! - [`retry`] — the one retry policy (back-off cut short by shutdown) and the isolation of
+//!   records a store refuses; every loop uses it.
 //! - [`kafka`] — client configuration, topic administration, dead letters.
 //! - [`pipeline`] — the batch loops joining the pieces above.
 //! - [`demo`] — the realistic demo stream behind `tally produce`.
@@ -55,3 +57,4 @@ pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod rating;
+pub mod retry;

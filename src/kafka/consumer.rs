@@ -17,6 +17,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Str
 use rdkafka::error::KafkaError;
 
 use crate::fault::{Classify, Fault};
+use crate::retry::{Retry, RetryPolicy};
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -375,7 +376,7 @@ impl BatchConsumer {
         if let Some(&p) = self.positions.lock().expect("positions lock").get(&key) {
             return Some(p);
         }
-        let mut delay = Duration::from_millis(200);
+        let mut retry = Retry::with_policy(RetryPolicy::default(), shutdown.clone());
         let stored = loop {
             let load = tokio::select! {
                 biased;
@@ -383,16 +384,12 @@ impl BatchConsumer {
                 load = self.store.load(vec![key.clone()]) => load,
             };
             match load {
-                Ok(s) => break s.get(&key).copied(),
-                Err(e) => {
-                    tracing::warn!(topic, partition, error = %e, "loading stored offset failed; retrying");
-                    tokio::select! {
-                        biased;
-                        _ = stopped(shutdown) => return None,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
+                Ok(s) => {
+                    retry.succeeded("load stored offset");
+                    break s.get(&key).copied();
                 }
+                // The store of record is unreachable: the loop waits (back-pressure).
+                Err(e) => retry.pause("load stored offset", &e).await.ok()?,
             }
         };
         let next = stored.unwrap_or(0);

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 
 use rdkafka::error::KafkaError;
 
-use super::retry::{Classify, Fault, Halt, Retry};
 use crate::config::{AlertTopics, Config};
 use crate::ledger::store::OutboxAlert;
 use crate::ledger::{Store, StoreError};
+use crate::retry::{Classify, Fault, Halt, Retry};
 
 /// How long a claimed alert is left to this relay: beyond the send timeout, so that another
 /// relay takes it over only when this one is gone (or hopelessly slow: then it is sent twice,

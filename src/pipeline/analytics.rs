@@ -18,7 +18,6 @@ use std::time::Instant;
 use chrono::Utc;
 use tokio::sync::watch;
 
-use super::retry::{isolate, ApplyPart, Fault, Halt, Refused, Retry};
 use super::{limits, prepare};
 use crate::analytics::{
     rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, RatedRow,
@@ -27,6 +26,7 @@ use crate::config::Config;
 use crate::event::Reason;
 use crate::kafka::{BatchConsumer, DeadLetter, DeadLetterProducer};
 use crate::rating::PriceTable;
+use crate::retry::{isolate, ApplyPart, Fault, Halt, Refused, Retry};
 
 /// Running totals of an analytics loop, for logs, metrics and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

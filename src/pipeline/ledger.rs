@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use super::retry::{isolate, ApplyPart, BugAt, Fault, Halt, Refused, Retry};
 use super::{limits, prepare};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::event::{Payload, Reason, Rejection};
+use crate::retry::{isolate, ApplyPart, BugAt, Fault, Halt, Refused, Retry};
 use rdkafka::error::KafkaError;
 
 use crate::kafka::{self, BatchConsumer, DeadLetter, DeadLetterProducer, Record};

@@ -1,11 +1,10 @@
 //! The batch loops that join the pieces: Kafka batch -> decode -> rate -> store of record.
 //! [`prepare`] is the shared front half (pure); [`ledger`] and [`analytics`] are the loops.
-//! Owns retry/back-off ([`retry`]) and shutdown; owns no SQL and no wire format.
+//! Owns shutdown (the retry policy is [`crate::retry`]); owns no SQL and no wire format.
 
 pub mod alerts;
 pub mod analytics;
 pub mod ledger;
-pub mod retry;
 pub mod scheduler;
 
 use std::time::Duration;

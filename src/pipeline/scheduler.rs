@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::retry::{Fault, Halt, Retry};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ledger::Store;
+use crate::retry::{Fault, Halt, Retry};
 
 /// Ticks every `pipeline.scheduler_interval_ms` until shutdown. Transient faults are retried
 /// with back-off; anything else ends the loop with its error (a tick that fails for its data

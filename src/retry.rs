@@ -3,6 +3,8 @@
 //! with exponential back-off and tries again, an input fault is isolated and dead-lettered
 //! ([`isolate`]), a bug stops the loop loudly. Every wait ends early on shutdown.
 //! Vector's `RetryLogic` is the model: the sink says what is retriable, the policy does the rest.
+//! A leaf below the loops (`pipeline`, the Kafka consumer): it knows configuration and
+//! metrics, nothing of stores or Kafka.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -45,6 +47,29 @@ impl<E> Halt<E> {
     }
 }
 
+/// The back-off bounds: the first wait, doubled after each failure up to the longest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// `pipeline.retry_initial_ms` and `pipeline.retry_max_ms`.
+    pub fn from_config(cfg: &PipelineConfig) -> Self {
+        RetryPolicy {
+            initial: Duration::from_millis(cfg.retry_initial_ms),
+            max: Duration::from_millis(cfg.retry_max_ms.max(cfg.retry_initial_ms)),
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::from_config(&PipelineConfig::default())
+    }
+}
+
 /// Exponential back-off between `retry_initial_ms` and `retry_max_ms`, cut short by shutdown.
 #[derive(Debug, Clone)]
 pub struct Retry {
@@ -57,11 +82,14 @@ pub struct Retry {
 
 impl Retry {
     pub fn new(cfg: &PipelineConfig, shutdown: watch::Receiver<bool>) -> Self {
-        let initial = Duration::from_millis(cfg.retry_initial_ms);
+        Self::with_policy(RetryPolicy::from_config(cfg), shutdown)
+    }
+
+    pub fn with_policy(policy: RetryPolicy, shutdown: watch::Receiver<bool>) -> Self {
         Retry {
-            initial,
-            max: Duration::from_millis(cfg.retry_max_ms.max(cfg.retry_initial_ms)),
-            next: initial,
+            initial: policy.initial,
+            max: policy.max,
+            next: policy.initial,
             attempts: 0,
             shutdown,
         }
