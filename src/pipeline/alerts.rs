@@ -34,7 +34,9 @@ pub async fn relay_once(
                 );
                 async move { send.await.map_err(|(e, _)| e.to_string()) }
             });
-            try_join_all(sends).await.map(|_| ())
+            let sent = try_join_all(sends).await.map(|_| ());
+            fail::fail_point!("alerts-after-send", sent.is_ok(), |_| std::process::abort());
+            sent
         })
         .await
 }

@@ -121,6 +121,7 @@ pub async fn run(
             sink.insert(&rows)
         })
         .await?;
+        fail::fail_point!("analytics-after-insert", |_| std::process::abort());
         let stored = match inserted {
             Some(_) => persist("store positions", &mut backoff, &mut shutdown, || {
                 sink.store_positions(&group, &batch.next_offsets)

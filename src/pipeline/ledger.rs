@@ -96,6 +96,7 @@ pub async fn run_with_clock(
                 dead.send_all(&letters)
             })
             .await;
+            fail::fail_point!("ledger-after-dead-letters", |_| std::process::abort());
             for l in &letters {
                 crate::metrics::dead_letter(l.reason.as_str());
                 tracing::warn!(
@@ -116,6 +117,7 @@ pub async fn run_with_clock(
         )
         .await;
         crate::metrics::transaction_seconds("ledger", transaction.elapsed().as_secs_f64());
+        fail::fail_point!("ledger-after-commit", |_| std::process::abort());
         consumer.committed(&batch.next_offsets);
         crate::metrics::batch_seconds("ledger", started.elapsed().as_secs_f64());
 
