@@ -958,7 +958,7 @@ fn scenario(now: DateTime<Utc>) -> Scenario {
     }
 
     let mut grants2 = Vec::new();
-    for i in 0..ACCOUNTS {
+    for (i, &used) in c1.iter().enumerate() {
         let at = now - hour(1);
         match i % 4 {
             0 => grants2.push(grant_event(
@@ -973,7 +973,7 @@ fn scenario(now: DateTime<Utc>) -> Scenario {
                 grants2.push(grant_event(i, "promo2", promo, at));
             }
             _ => {
-                let credits = (c1[i] / 2 / MICROS).max(5) * MICROS;
+                let credits = (used / 2 / MICROS).max(5) * MICROS;
                 grants2.push(grant_event(
                     i,
                     "pkg2",
