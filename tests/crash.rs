@@ -1092,7 +1092,11 @@ impl Drop for Tally {
 fn spawn_tally(config: &Path, failpoints: Option<&str>) -> Tally {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
     cmd.args(["--config", config.to_str().unwrap(), "run", "--role", "all"])
-        .env("RUST_LOG", "error")
+        // CRASH_TALLY_LOG=info shows what the restarted processes do.
+        .env(
+            "RUST_LOG",
+            std::env::var("CRASH_TALLY_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .env_remove("FAILPOINTS")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -1282,7 +1286,9 @@ async fn drive(env: &TestEnv, sup: &mut Supervisor, what: &str, analytics: bool,
         }
         assert!(
             started.elapsed() < Duration::from_secs(240),
-            "{what}: not caught up within 240 s (kills so far {:?})",
+            "{what}: not caught up within 240 s (ledger done {}, analytics done {}; kills so far {:?})",
+            p.ledger_done,
+            p.analytics_done,
             sup.kills
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
