@@ -224,6 +224,8 @@ impl BatchConsumer {
         for (key, value) in [
             ("fetch.wait.max.ms", "20"),
             ("max.poll.interval.ms", "30000"),
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "1000"),
         ] {
             if !kafka.properties.contains_key(key) {
                 cc.set(key, value);
@@ -235,9 +237,7 @@ impl BatchConsumer {
         cc.set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            .set("auto.offset.reset", "earliest");
         let consumer: StreamConsumer<Ctx> = cc.create_with_context(ctx)?;
         consumer.subscribe(topics)?;
         Ok(BatchConsumer {

@@ -334,6 +334,7 @@ impl Store {
         }
         let touched = locked.accounts.len();
         write_back(&tx, &locked, &rows, &fired).await?;
+        fail::fail_point!("tick-before-commit", |_| std::process::abort());
         tx.commit().await?;
         if touched > 0 {
             tracing::info!(accounts = touched, entries = rows.len(), alerts = fired.len(), %now, "scheduler tick");

@@ -36,6 +36,7 @@ pub async fn relay_once(
         return Ok(0);
     }
     publish(producer, topics, &alerts).await?;
+    fail::fail_point!("alerts-after-send", |_| std::process::abort());
     let seqs: Vec<i64> = alerts.iter().map(|a| a.seq).collect();
     store.mark_published(&seqs).await?;
     Ok(alerts.len())

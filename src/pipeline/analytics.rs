@@ -140,6 +140,7 @@ pub async fn run(
                 ))
             }
         };
+        fail::fail_point!("analytics-after-insert", |_| std::process::abort());
         let (outcome, refused) = written;
         let letters: Vec<DeadLetter<'_>> = refused
             .iter()

@@ -109,6 +109,9 @@ pub async fn run_with_clock(
         let transaction = Instant::now();
         let applied = match send_letters(&dead, &letters, &mut retry).await {
             Ok(()) => {
+                if !letters.is_empty() {
+                    fail::fail_point!("ledger-after-dead-letters", |_| std::process::abort());
+                }
                 apply(
                     &mut store,
                     &cfg,
@@ -159,6 +162,7 @@ pub async fn run_with_clock(
             Err(Halt::Failed(bug)) => return Err(bug.named(&prepared)),
         }
         crate::metrics::transaction_seconds("ledger", transaction.elapsed().as_secs_f64());
+        fail::fail_point!("ledger-after-commit", |_| std::process::abort());
         consumer.committed(&batch.next_offsets);
         crate::metrics::batch_seconds("ledger", started.elapsed().as_secs_f64());
         letters.extend(refused_letters);
