@@ -142,6 +142,28 @@ impl Retry {
         }
     }
 
+    /// Settles one attempt of `what` for a loop that cannot hand [`Retry::run`] a closure
+    /// (it reconnects a `&mut` client between attempts): `Ok(Some(v))` on success,
+    /// `Ok(None)` after a transient fault and its back-off (try again), `Err` on shutdown or
+    /// a fault retrying cannot cure.
+    pub async fn settle<T, E: Classify>(
+        &mut self,
+        what: &str,
+        attempt: Result<T, E>,
+    ) -> Result<Option<T>, Halt<E>> {
+        match attempt {
+            Ok(v) => {
+                self.succeeded(what);
+                Ok(Some(v))
+            }
+            Err(e) if e.fault() == Fault::Transient => {
+                self.pause(what, &e).await?;
+                Ok(None)
+            }
+            Err(e) => Err(Halt::Failed(e)),
+        }
+    }
+
     /// Runs `op` until it succeeds, retrying transient faults; an input fault or a bug is
     /// returned as [`Halt::Failed`] at once.
     pub async fn run<T, E, F, Fut>(&mut self, what: &str, mut op: F) -> Result<T, Halt<E>>

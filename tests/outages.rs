@@ -443,34 +443,88 @@ fn base_config(name: &str) -> tally::config::Config {
     cfg
 }
 
+/// A service a test can take down for real and bring back on the same data.
+trait Outage {
+    /// What the service is called in messages.
+    fn name(&self) -> &'static str;
+    fn down(&mut self);
+    fn up(&mut self);
+    /// Whether records can be produced while it is down (not while the broker is).
+    fn producible_while_down(&self) -> bool {
+        true
+    }
+}
+
+impl Outage for PrivatePostgres {
+    fn name(&self) -> &'static str {
+        "PostgreSQL"
+    }
+    fn down(&mut self) {
+        self.crash();
+    }
+    fn up(&mut self) {
+        PrivatePostgres::up(self);
+    }
+}
+
+impl Outage for PrivateProcess {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn down(&mut self) {
+        self.kill();
+    }
+    fn up(&mut self) {
+        PrivateProcess::up(self);
+    }
+    fn producible_while_down(&self) -> bool {
+        self.name != "tansu"
+    }
+}
+
+/// Phase 1 is being applied when `service` goes down for [`DOWN`]; phase 2 is produced
+/// during the outage (or right after it, for the broker). Afterwards the figures are exact
+/// and the process never exited; then the service goes down again and SIGTERM must end the
+/// process within [`EXIT_BOUND`].
+async fn survive(env: &TestEnv, service: &mut dyn Outage) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(env, dir.path());
+    env.send(&grants(env)).await;
+    env.send(&chats(env, 1)).await;
+    let mut tally = Tally::spawn(&config);
+    wait_some_progress(env, &mut tally).await;
+
+    service.down();
+    if service.producible_while_down() {
+        env.send(&chats(env, 2)).await;
+    }
+    tokio::time::sleep(DOWN).await;
+    tally.assert_running();
+    service.up();
+    if !service.producible_while_down() {
+        env.send(&chats(env, 2)).await;
+    }
+
+    assert_exact(env).await;
+    tally.assert_running();
+
+    service.down();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (took, status) = tally.terminate();
+    eprintln!(
+        "SIGTERM during a {} outage: exited in {took:?} with {status}",
+        service.name()
+    );
+    service.up();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crash_and_restart_loses_nothing() {
-    let pg = PrivatePostgres::start();
+    let mut pg = PrivatePostgres::start();
     let mut cfg = base_config("outage_pg");
     cfg.postgres.url = tally::config::Secret::new(pg.url());
     let env = TestEnv::with_config(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&env, dir.path());
-    env.send(&grants(&env)).await;
-    env.send(&chats(&env, 1)).await;
-    let mut tally = Tally::spawn(&config);
-    wait_some_progress(&env, &mut tally).await;
-
-    pg.crash();
-    env.send(&chats(&env, 2)).await;
-    tokio::time::sleep(DOWN).await;
-    tally.assert_running();
-    pg.up();
-
-    assert_exact(&env).await;
-    tally.assert_running();
-
-    // SIGTERM while PostgreSQL is down again: the process still ends within its bound.
-    pg.crash();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (took, status) = tally.terminate();
-    eprintln!("SIGTERM during a PostgreSQL outage: exited in {took:?} with {status}");
-    pg.up();
+    survive(&env, &mut pg).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,26 +533,7 @@ async fn broker_kill_and_restart_loses_nothing() {
     let mut cfg = base_config("outage_kafka");
     cfg.kafka.brokers = format!("127.0.0.1:{}", broker.port);
     let env = TestEnv::with_config(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&env, dir.path());
-    env.send(&grants(&env)).await;
-    env.send(&chats(&env, 1)).await;
-    let mut tally = Tally::spawn(&config);
-    wait_some_progress(&env, &mut tally).await;
-
-    broker.kill();
-    tokio::time::sleep(DOWN).await;
-    tally.assert_running();
-    broker.up();
-    env.send(&chats(&env, 2)).await;
-
-    assert_exact(&env).await;
-    tally.assert_running();
-
-    broker.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (took, status) = tally.terminate();
-    eprintln!("SIGTERM during a broker outage: exited in {took:?} with {status}");
+    survive(&env, &mut broker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,24 +542,5 @@ async fn clickhouse_kill_and_restart_loses_nothing() {
     let mut cfg = base_config("outage_ch");
     cfg.clickhouse.url = format!("http://127.0.0.1:{}", clickhouse.port);
     let env = TestEnv::with_config(cfg).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&env, dir.path());
-    env.send(&grants(&env)).await;
-    env.send(&chats(&env, 1)).await;
-    let mut tally = Tally::spawn(&config);
-    wait_some_progress(&env, &mut tally).await;
-
-    clickhouse.kill();
-    env.send(&chats(&env, 2)).await;
-    tokio::time::sleep(DOWN).await;
-    tally.assert_running();
-    clickhouse.up();
-
-    assert_exact(&env).await;
-    tally.assert_running();
-
-    clickhouse.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (took, status) = tally.terminate();
-    eprintln!("SIGTERM during a ClickHouse outage: exited in {took:?} with {status}");
+    survive(&env, &mut clickhouse).await;
 }

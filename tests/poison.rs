@@ -30,7 +30,8 @@ async fn spendable(env: &TestEnv, account: &str) -> Decimal {
         .unwrap_or_else(|| panic!("{account} has no balance"))
 }
 
-async fn count(env: &TestEnv, sql: &str) -> i64 {
+/// A plain connection to the test's schema (for what the store does not expose).
+async fn client(env: &TestEnv) -> tokio_postgres::Client {
     let (client, conn) =
         tokio_postgres::connect(env.cfg.postgres.url.expose(), tokio_postgres::NoTls)
             .await
@@ -40,22 +41,15 @@ async fn count(env: &TestEnv, sql: &str) -> i64 {
         .batch_execute(&format!("SET search_path TO {}", env.cfg.postgres.schema))
         .await
         .unwrap();
-    client.query_one(sql, &[]).await.unwrap().get(0)
+    client
+}
+
+async fn count(env: &TestEnv, sql: &str) -> i64 {
+    client(env).await.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 async fn execute(env: &TestEnv, sql: &str) {
-    let (client, conn) =
-        tokio_postgres::connect(env.cfg.postgres.url.expose(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!(
-            "SET search_path TO {}; {sql}",
-            env.cfg.postgres.schema
-        ))
-        .await
-        .unwrap();
+    client(env).await.batch_execute(sql).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,18 +98,10 @@ pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> anyho
             let s = store.as_mut().expect("connected above");
             relay_once(s, &producer, &cfg.alerts.topics, 500).await
         };
-        let round = match attempt.await {
-            Ok(n) => {
-                retry.succeeded("relay alerts");
-                Ok(n)
-            }
-            Err(e) if e.fault() == Fault::Transient => {
-                match retry.pause("relay alerts", &e).await {
-                    Ok(()) => continue,
-                    Err(_) => Err(Halt::Shutdown),
-                }
-            }
-            Err(e) => Err(Halt::Failed(e)),
+        let round = match retry.settle("relay alerts", attempt.await).await {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => continue,
+            Err(halt) => Err(halt),
         };
         match round {
             Ok(n) => {

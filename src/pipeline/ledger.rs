@@ -372,15 +372,12 @@ async fn store_offsets(
             reconnect_if_closed(store, cfg).await?;
             store.apply_batch(group, &[], next_offsets).await
         };
-        match attempt.await {
-            Ok(_) => {
-                retry.succeeded("store ledger offsets");
-                return Ok(());
-            }
-            Err(e) if e.fault() == Fault::Transient => {
-                retry.pause("store ledger offsets", &e).await?
-            }
-            Err(e) => return Err(Halt::Failed(e)),
+        if retry
+            .settle("store ledger offsets", attempt.await)
+            .await?
+            .is_some()
+        {
+            return Ok(());
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::ledger::Store;
-use crate::retry::{Fault, Halt, Retry};
+use crate::retry::{Halt, Retry};
 
 /// Ticks every `pipeline.scheduler_interval_ms` until shutdown. Transient faults are retried
 /// with back-off; anything else ends the loop with its error (a tick that fails for its data
@@ -36,18 +36,10 @@ pub async fn run(
             let s = store.as_mut().expect("connected above");
             s.tick(clock.now()).await
         };
-        let tick = match attempt.await {
-            Ok(n) => {
-                retry.succeeded("scheduler tick");
-                Ok(n)
-            }
-            Err(e) if e.fault() == Fault::Transient => {
-                match retry.pause("scheduler tick", &e).await {
-                    Ok(()) => continue,
-                    Err(_) => Err(Halt::Shutdown),
-                }
-            }
-            Err(e) => Err(Halt::Failed(e)),
+        let tick = match retry.settle("scheduler tick", attempt.await).await {
+            Ok(Some(n)) => Ok(n),
+            Ok(None) => continue,
+            Err(halt) => Err(halt),
         };
         match tick {
             Ok(_) => {
