@@ -1331,10 +1331,10 @@ fn micros(d: Decimal) -> Micros {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "blocked on the local broker: after a member of a group is killed (SIGKILL or a \
-            failpoint's abort), Tansu 0.6.0 leaves the restarted process without partitions \
-            for minutes (issue 10's closing note); needs --features failpoints; run with \
-            --ignored against a broker that expires dead members"]
+#[ignore = "blocked: on Tansu 0.6.0 a process restarted after a killed member often gets no \
+            partitions for minutes (dynamic membership), and with static membership phase 3 \
+            (92,000 events, 12 kills) does not finish within 240 s on a debug build here; see \
+            issue 10's note. Run: cargo test --features failpoints --test crash -- --ignored"]
 async fn kills_at_every_failpoint_change_nothing() {
     let test_started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
@@ -1345,19 +1345,15 @@ async fn kills_at_every_failpoint_change_nothing() {
     // Usage is dated up to B2 + 2 days, about three weeks ahead (see the header).
     cfg.pipeline.max_future_seconds = 40 * 86_400;
     cfg.pipeline.scheduler_interval_ms = 300;
-    // Dynamic membership (the README's advice on Tansu), with a short session so that a killed
-    // member is expired, and its partitions handed to the restarted process, within seconds.
-    cfg.kafka
-        .properties
-        .insert("session.timeout.ms".into(), "6000".into());
-    cfg.kafka
-        .properties
-        .insert("heartbeat.interval.ms".into(), "500".into());
-    // The rebalance timeout a member sends: how long the coordinator waits for a killed
-    // member to rejoin before it hands its partitions to the restarted process.
-    cfg.kafka
-        .properties
-        .insert("max.poll.interval.ms".into(), "8000".into());
+    // Static membership with a long session: a restarted process (restarted at once after a
+    // kill) takes its killed predecessor's place in the group, well inside the session.
+    cfg.kafka.instance_id = Some(common::unique("crash-instance"));
+    for (key, value) in [
+        ("session.timeout.ms", "60000"),
+        ("max.poll.interval.ms", "60000"),
+    ] {
+        cfg.kafka.properties.insert(key.into(), value.into());
+    }
     cfg.api.enabled = false;
     let env = TestEnv::with_config(cfg).await;
     let config = dir.path().join("tally.toml");
