@@ -73,8 +73,7 @@ impl Default for RetryPolicy {
 /// Exponential back-off between `retry_initial_ms` and `retry_max_ms`, cut short by shutdown.
 #[derive(Debug, Clone)]
 pub struct Retry {
-    initial: Duration,
-    max: Duration,
+    policy: RetryPolicy,
     next: Duration,
     attempts: u32,
     shutdown: watch::Receiver<bool>,
@@ -87,8 +86,7 @@ impl Retry {
 
     pub fn with_policy(policy: RetryPolicy, shutdown: watch::Receiver<bool>) -> Self {
         Retry {
-            initial: policy.initial,
-            max: policy.max,
+            policy,
             next: policy.initial,
             attempts: 0,
             shutdown,
@@ -111,7 +109,7 @@ impl Retry {
             tracing::info!(what, attempts = self.attempts, "recovered");
         }
         self.attempts = 0;
-        self.next = self.initial;
+        self.next = self.policy.initial;
     }
 
     /// After a transient failure of `what`: logs it and waits the back-off. Returns
@@ -126,7 +124,7 @@ impl Retry {
         tracing::warn!(what, attempt = self.attempts, error = %error, retry_in_ms = self.next.as_millis() as u64, "failed; retrying");
         crate::metrics::retry(what);
         let wait = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = (self.next * 2).min(self.policy.max);
         async move {
             if self.stopping() {
                 return Err(Shutdown);
@@ -173,13 +171,8 @@ impl Retry {
         Fut: Future<Output = Result<T, E>>,
     {
         loop {
-            match op().await {
-                Ok(v) => {
-                    self.succeeded(what);
-                    return Ok(v);
-                }
-                Err(e) if e.fault() == Fault::Transient => self.pause(what, &e).await?,
-                Err(e) => return Err(Halt::Failed(e)),
+            if let Some(v) = self.settle(what, op().await).await? {
+                return Ok(v);
             }
         }
     }

@@ -89,21 +89,11 @@ const INPUT_CODES: &[u32] = &[
 ];
 
 impl Classify for AnalyticsError {
-    fn fault(&self) -> Fault {
-        AnalyticsError::fault(self)
-    }
-}
-
-impl AnalyticsError {
-    pub(crate) fn clickhouse(op: &'static str) -> impl FnOnce(clickhouse::error::Error) -> Self {
-        move |source| AnalyticsError::ClickHouse { op, source }
-    }
-
     /// Whose fault the error is: [`AnalyticsError::is_transient`] ones are transient; data
     /// ClickHouse refuses (a value it cannot parse or hold, a violated constraint) or that
     /// cannot be stored exactly is the input's; the rest (bad database name, unknown table,
     /// credentials, a report's bad range) is a bug or a broken deployment.
-    pub fn fault(&self) -> Fault {
+    fn fault(&self) -> Fault {
         if self.is_transient() {
             return Fault::Transient;
         }
@@ -115,6 +105,12 @@ impl AnalyticsError {
             } if exception_code(text).is_some_and(|c| INPUT_CODES.contains(&c)) => Fault::Input,
             _ => Fault::Bug,
         }
+    }
+}
+
+impl AnalyticsError {
+    pub(crate) fn clickhouse(op: &'static str) -> impl FnOnce(clickhouse::error::Error) -> Self {
+        move |source| AnalyticsError::ClickHouse { op, source }
     }
 
     /// True when retrying later may succeed: the network, a timeout, an HTTP 5xx without a

@@ -21,4 +21,7 @@ pub mod sql;
 pub use error::AnalyticsError;
 pub use migrate::{migrate, MIGRATIONS};
 pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
-pub use sink::{numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome, RatedRow};
+pub use sink::{
+    numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome, NumericColumns,
+    RatedRow,
+};

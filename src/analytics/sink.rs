@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::{sql, AnalyticsError};
 use crate::config::ClickHouseConfig;
 use crate::event::{Payload, Quantity};
-use crate::kafka::{OffsetStore, Positions, TopicPartition};
+use crate::kafka::{LoadError, OffsetStore, Positions, TopicPartition};
 use crate::pipeline::Prepared;
 
 /// Rated usage, one row per event (see schemas/clickhouse/0001_rated_events.sql).
@@ -158,12 +158,12 @@ pub fn numeric_columns(
 }
 
 /// The `rated_events` row of a prepared event: None for grants and plans (they carry no
-/// usage), an error when a value cannot be stored exactly ([`numeric_columns`]).
+/// usage). Its numeric columns were checked by `prepare` ([`numeric_columns`]).
 pub fn rated_row(
     p: &Prepared<'_, '_>,
     inserted_at: DateTime<Utc>,
 ) -> Result<Option<RatedRow>, AnalyticsError> {
-    let (Some(charge), Some(usage)) = (&p.charge, p.event.usage()) else {
+    let (Some(charge), Some(columns), Some(usage)) = (&p.charge, p.columns, p.event.usage()) else {
         return Ok(None);
     };
     let env = &p.event.envelope;
@@ -173,7 +173,7 @@ pub fn rated_row(
         credits_e6,
         event_time_unix_seconds,
         event_date_unix_days,
-    } = numeric_columns(&usage, charge, env.time, (&env.source, &env.id))?;
+    } = columns;
     let attribute = |key: &str| -> String {
         usage
             .attributes
@@ -645,12 +645,14 @@ impl OffsetStore for ChOffsetStore {
     fn load(
         &self,
         partitions: Vec<TopicPartition>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<Positions>> + Send>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Positions, LoadError>> + Send>> {
         let config = self.config.clone();
         let group = self.group_id.clone();
         Box::pin(async move {
             let sink = AnalyticsSink::new(&config);
-            Ok(sink.load_positions(&group, &partitions).await?)
+            sink.load_positions(&group, &partitions)
+                .await
+                .map_err(LoadError::new)
         })
     }
 }

@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Str
 use rdkafka::error::KafkaError;
 
 use crate::fault::{Classify, Fault};
-use crate::retry::{Retry, RetryPolicy};
+use crate::retry::{Halt, Retry, RetryPolicy};
 use rdkafka::message::{Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -49,7 +49,40 @@ pub trait OffsetStore: Send + Sync + 'static {
     /// Next offsets for the given partitions (absent: nothing consumed yet). The future must
     /// be self-contained (own connection): it also runs on a thread of its own inside the
     /// rebalance callback.
-    fn load(&self, partitions: Vec<TopicPartition>) -> BoxFuture<anyhow::Result<Positions>>;
+    fn load(&self, partitions: Vec<TopicPartition>) -> BoxFuture<Result<Positions, LoadError>>;
+}
+
+/// Why [`BatchConsumer::next_batch`] stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("loading stored positions: {0}")]
+    Positions(#[from] LoadError),
+}
+
+/// Why stored positions could not be loaded, and whose fault that is: the consumer waits out
+/// a transient fault and stops on any other (an unknown table would never go away).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct LoadError {
+    fault: Fault,
+    message: String,
+}
+
+impl LoadError {
+    pub fn new(error: impl Classify) -> Self {
+        LoadError {
+            fault: error.fault(),
+            message: error.to_string(),
+        }
+    }
+}
+
+impl Classify for LoadError {
+    fn fault(&self) -> Fault {
+        self.fault
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -176,7 +209,7 @@ fn load_blocking(
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), fut).await? })
+            rt.block_on(async { Ok(tokio::time::timeout(Duration::from_secs(15), fut).await??) })
         })
         .join()
         .map_err(|_| anyhow::anyhow!("offset loader panicked"))?
@@ -265,7 +298,7 @@ impl BatchConsumer {
         &self,
         limits: &BatchLimits,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Option<Batch>, KafkaError> {
+    ) -> Result<Option<Batch>, ConsumeError> {
         let mut batch = Batch::default();
         let mut deadline: Option<tokio::time::Instant> = None;
         let health = &self.consumer().context().health;
@@ -300,7 +333,7 @@ impl BatchConsumer {
             // gathered so far stay in hand). Only a broken deployment ends the loop.
             let msg = match msg {
                 Ok(msg) => msg,
-                Err(e) if e.fault() == Fault::Bug => return Err(e),
+                Err(e) if e.fault() == Fault::Bug => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!(error = %e, "Kafka consumption error; the client reconnects by itself");
                     crate::metrics::retry("consume");
@@ -318,7 +351,7 @@ impl BatchConsumer {
                 .cloned()
                 .unwrap_or_else(|| Arc::from(msg.topic()));
             let (partition, offset) = (msg.partition(), msg.offset());
-            let Some(position) = self.position(&topic, partition, offset, shutdown).await else {
+            let Some(position) = self.position(&topic, partition, offset, shutdown).await? else {
                 // Shutdown while the store of record is unreachable: this record is read
                 // again at the next start; the records gathered so far are the batch in hand.
                 drop(msg);
@@ -364,32 +397,31 @@ impl BatchConsumer {
 
     /// The stored position of a partition; loads it (retrying) when the rebalance callback
     /// could not, and seeks when Kafka's position disagrees with the store. None: shutdown
-    /// was signalled before the store answered.
+    /// was signalled before the store answered; an error: the store failed for good.
     async fn position(
         &self,
         topic: &str,
         partition: i32,
         offset: i64,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Option<i64> {
+    ) -> Result<Option<i64>, LoadError> {
         let key = (topic.to_owned(), partition);
         if let Some(&p) = self.positions.lock().expect("positions lock").get(&key) {
-            return Some(p);
+            return Ok(Some(p));
         }
         let mut retry = Retry::with_policy(RetryPolicy::default(), shutdown.clone());
         let stored = loop {
             let load = tokio::select! {
                 biased;
-                _ = stopped(shutdown) => return None,
+                _ = stopped(shutdown) => return Ok(None),
                 load = self.store.load(vec![key.clone()]) => load,
             };
-            match load {
-                Ok(s) => {
-                    retry.succeeded("load stored offset");
-                    break s.get(&key).copied();
-                }
-                // The store of record is unreachable: the loop waits (back-pressure).
-                Err(e) => retry.pause("load stored offset", &e).await.ok()?,
+            // The store of record is unreachable: the loop waits (back-pressure).
+            match retry.settle("load stored offset", load).await {
+                Ok(Some(s)) => break s.get(&key).copied(),
+                Ok(None) => continue,
+                Err(Halt::Shutdown) => return Ok(None),
+                Err(Halt::Failed(e)) => return Err(e),
             }
         };
         let next = stored.unwrap_or(0);
@@ -415,7 +447,7 @@ impl BatchConsumer {
             .lock()
             .expect("positions lock")
             .insert(key, next);
-        Some(next)
+        Ok(Some(next))
     }
 
     /// After the store of record committed a batch: advance positions and commit the same

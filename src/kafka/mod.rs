@@ -17,7 +17,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::config::KafkaConfig;
 
 pub use consumer::{
-    Batch, BatchConsumer, BatchLimits, OffsetStore, Positions, Record, TopicPartition,
+    Batch, BatchConsumer, BatchLimits, ConsumeError, LoadError, OffsetStore, Positions, Record,
+    TopicPartition,
 };
 pub use dead_letter::{
     DeadLetter, DeadLetterProducer, HEADER_DETAIL, HEADER_FIELD, HEADER_OFFSET, HEADER_PARTITION,

@@ -13,7 +13,7 @@ use crate::alerts::{self, Alert, AlertDefaults, AlertState, KeyState};
 use crate::config::PostgresConfig;
 use crate::event::{GrantKind, OveragePolicy};
 use crate::fault::{Classify, Fault};
-use crate::kafka::{OffsetStore, Positions, TopicPartition};
+use crate::kafka::{LoadError, OffsetStore, Positions, TopicPartition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -24,6 +24,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Worth retrying the same batch (connection trouble, deadlock, serialization).
+    pub fn is_transient(&self) -> bool {
+        Classify::fault(self) == Fault::Transient
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self, StoreError::Db(e) if e.is_closed())
+    }
+}
+
+impl Classify for StoreError {
     /// Whose fault the error is, by SQLSTATE class: connection trouble (08), a deadlock or
     /// serialization failure (40), too many connections, out of memory or disk (53), a
     /// server shutting down or restarting (57P01-57P03), a cancelled statement (57014) or a
@@ -32,7 +43,7 @@ impl StoreError {
     /// duplicate key) or a program limit (54: an index row too large) — is the input's
     /// fault; anything else (an unknown table or column, bad credentials, a broken invariant
     /// of Tally's) is a bug or a broken deployment.
-    pub fn fault(&self) -> Fault {
+    fn fault(&self) -> Fault {
         match self {
             StoreError::Db(e) => match e.code() {
                 _ if e.is_closed() => Fault::Transient,
@@ -42,21 +53,6 @@ impl StoreError {
             },
             StoreError::Data(_) => Fault::Bug,
         }
-    }
-
-    /// Worth retrying the same batch (connection trouble, deadlock, serialization).
-    pub fn is_transient(&self) -> bool {
-        self.fault() == Fault::Transient
-    }
-
-    pub fn is_closed(&self) -> bool {
-        matches!(self, StoreError::Db(e) if e.is_closed())
-    }
-}
-
-impl Classify for StoreError {
-    fn fault(&self) -> Fault {
-        StoreError::fault(self)
     }
 }
 
@@ -1180,13 +1176,16 @@ impl OffsetStore for PgOffsetStore {
     fn load(
         &self,
         partitions: Vec<TopicPartition>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Positions>> + Send>>
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Positions, LoadError>> + Send>>
     {
         let config = self.config.clone();
         let group = self.group_id.clone();
         Box::pin(async move {
-            let store = Store::connect(&config).await?;
-            Ok(store.load_offsets(&group, &partitions).await?)
+            let store = Store::connect(&config).await.map_err(LoadError::new)?;
+            store
+                .load_offsets(&group, &partitions)
+                .await
+                .map_err(LoadError::new)
         })
     }
 }

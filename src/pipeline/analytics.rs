@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::event::Reason;
 use crate::kafka::{BatchConsumer, DeadLetter, DeadLetterProducer};
 use crate::rating::PriceTable;
-use crate::retry::{isolate, ApplyPart, Fault, Halt, Refused, Retry};
+use crate::retry::{isolate, ApplyPart, Classify, Fault, Halt, Refused, Retry};
 
 /// Running totals of an analytics loop, for logs, metrics and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -256,6 +256,5 @@ async fn insert(
     let refused = isolate(rows.len(), retry, "insert rated_events", &mut parts)
         .await
         .map_err(|h| h.map(|bug| bug.error))?;
-    let total = parts.total;
-    Ok((total, refused))
+    Ok((parts.total, refused))
 }

@@ -11,7 +11,7 @@ use super::{limits, prepare};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::event::{Payload, Reason, Rejection};
-use crate::retry::{isolate, ApplyPart, BugAt, Fault, Halt, Refused, Retry};
+use crate::retry::{isolate, ApplyPart, BugAt, Halt, Refused, Retry};
 use rdkafka::error::KafkaError;
 
 use crate::kafka::{self, BatchConsumer, DeadLetter, DeadLetterProducer, Record};
@@ -124,7 +124,7 @@ pub async fn run_with_clock(
             }
             Err(halt) => Err(halt.map(Bug::DeadLetters)),
         };
-        let (mut outcome, refused) = match applied {
+        let (totals, split) = match applied {
             Ok(applied) => applied,
             Err(Halt::Shutdown) => {
                 tracing::warn!(
@@ -135,9 +135,11 @@ pub async fn run_with_clock(
             }
             Err(Halt::Failed(bug)) => return Err(bug.named(&prepared)),
         };
-        // Records PostgreSQL refused: dead letters first, then the offsets that pass them.
-        let refused_letters: Vec<DeadLetter<'_>> = refused
+        // A split batch: the records PostgreSQL refused are dead-lettered first, then the
+        // offsets that pass them are stored.
+        let refused_letters: Vec<DeadLetter<'_>> = split
             .iter()
+            .flatten()
             .map(|r| {
                 let record = prepared[r.index].record;
                 dead_letter(
@@ -146,20 +148,21 @@ pub async fn run_with_clock(
                 )
             })
             .collect();
-        let committed = match send_letters(&dead, &refused_letters, &mut retry).await {
-            Ok(()) if refused.is_empty() && outcome.offsets_stored => Ok(()),
-            Ok(()) => store_offsets(&mut store, &cfg, &group, &batch.next_offsets, &mut retry)
-                .await
-                .map_err(|h| h.map(Bug::Store)),
-            Err(halt) => Err(halt.map(Bug::DeadLetters)),
-        };
-        match committed {
-            Ok(()) => outcome.offsets_stored = true,
-            Err(Halt::Shutdown) => {
-                tracing::warn!("shutdown while storing offsets: the batch's records are claimed and will be read again as duplicates");
-                break;
+        if split.is_some() {
+            let committed = match send_letters(&dead, &refused_letters, &mut retry).await {
+                Ok(()) => store_offsets(&mut store, &cfg, &group, &batch.next_offsets, &mut retry)
+                    .await
+                    .map_err(|h| h.map(Bug::Store)),
+                Err(halt) => Err(halt.map(Bug::DeadLetters)),
+            };
+            match committed {
+                Ok(()) => {}
+                Err(Halt::Shutdown) => {
+                    tracing::warn!("shutdown while storing offsets: the batch's records are claimed and will be read again as duplicates");
+                    break;
+                }
+                Err(Halt::Failed(bug)) => return Err(bug.named(&prepared)),
             }
-            Err(Halt::Failed(bug)) => return Err(bug.named(&prepared)),
         }
         crate::metrics::transaction_seconds("ledger", transaction.elapsed().as_secs_f64());
         fail::fail_point!("ledger-after-commit", |_| std::process::abort());
@@ -169,16 +172,16 @@ pub async fn run_with_clock(
 
         stats.batches += 1;
         stats.records += batch.records.len() as u64;
-        stats.applied += outcome.totals.applied as u64;
-        stats.duplicates += outcome.totals.duplicates as u64;
+        stats.applied += totals.applied as u64;
+        stats.duplicates += totals.duplicates as u64;
         stats.dead_letters += letters.len() as u64;
         tracing::debug!(
             records = batch.records.len(),
-            applied = outcome.totals.applied,
-            duplicates = outcome.totals.duplicates,
+            applied = totals.applied,
+            duplicates = totals.duplicates,
             dead_letters = letters.len(),
-            entries = outcome.totals.entries,
-            accounts = outcome.totals.accounts,
+            entries = totals.entries,
+            accounts = totals.accounts,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "ledger batch committed"
         );
@@ -227,14 +230,6 @@ impl Bug {
     }
 }
 
-/// What applying a batch did.
-#[derive(Debug, Default)]
-struct Applied {
-    totals: BatchOutcome,
-    /// The batch's offsets went in with its effects (no record was refused).
-    offsets_stored: bool,
-}
-
 /// Sends dead letters and waits for the broker's acknowledgement, retrying transient faults.
 async fn send_letters(
     dead: &DeadLetterProducer,
@@ -274,9 +269,9 @@ async fn reconnect_if_closed(store: &mut Store, cfg: &Config) -> Result<(), Stor
 }
 
 /// Applies the batch: one transaction with its offsets when PostgreSQL accepts it (the common
-/// path), else the batch is
-/// split until the refused records stand alone ([`isolate`]); those are returned for the
-/// dead-letter topic and everything else is applied, in order. Transient faults are retried.
+/// path: `None`), else the batch is split until the refused records stand alone
+/// ([`isolate`]); everything else is applied, in order, without the offsets, and the refused
+/// records are returned (`Some`) for the dead-letter topic. Transient faults are retried.
 async fn apply(
     store: &mut Store,
     cfg: &Config,
@@ -284,27 +279,17 @@ async fn apply(
     items: &[Item<'_>],
     next_offsets: &kafka::Positions,
     retry: &mut Retry,
-) -> Result<(Applied, Vec<Refused<StoreError>>), Halt<Bug>> {
+) -> Result<(BatchOutcome, Option<Vec<Refused<StoreError>>>), Halt<Bug>> {
     let refused_whole = loop {
         let attempt = async {
             reconnect_if_closed(store, cfg).await?;
             store.apply_batch(group, items, next_offsets).await
         };
-        match attempt.await {
-            Ok(totals) => {
-                retry.succeeded("ledger transaction");
-                return Ok((
-                    Applied {
-                        totals,
-                        offsets_stored: true,
-                    },
-                    Vec::new(),
-                ));
-            }
-            Err(e) if e.fault() == Fault::Transient => {
-                retry.pause("ledger transaction", &e).await?
-            }
-            Err(e) => break e,
+        match retry.settle("ledger transaction", attempt.await).await {
+            Ok(Some(totals)) => return Ok((totals, None)),
+            Ok(None) => continue,
+            Err(Halt::Shutdown) => return Err(Halt::Shutdown),
+            Err(Halt::Failed(e)) => break e,
         }
     };
     tracing::warn!(
@@ -321,14 +306,7 @@ async fn apply(
     let refused = isolate(items.len(), retry, "ledger transaction", &mut parts)
         .await
         .map_err(|h| h.map(Bug::Record))?;
-    let totals = parts.totals;
-    Ok((
-        Applied {
-            totals,
-            offsets_stored: false,
-        },
-        refused,
-    ))
+    Ok((parts.totals, Some(refused)))
 }
 
 /// Parts of a batch applied each in its own transaction, without offsets ([`isolate`]).

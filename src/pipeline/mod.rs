@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::analytics::NumericColumns;
 use crate::event::{self, DecodeLimits, Event, Reason, Rejection};
 use crate::kafka::{BatchLimits, Record};
 use crate::rating::{Charge, PriceTable};
@@ -22,6 +23,8 @@ pub struct Prepared<'r, 'p> {
     pub event: Event<'r>,
     /// None for grants and plans.
     pub charge: Option<Charge<'p>>,
+    /// The usage's numeric ClickHouse columns, checked to fit (with `charge`).
+    pub columns: Option<NumericColumns>,
 }
 
 /// What an event must satisfy to enter either pipeline (both reject the same events, so the
@@ -58,8 +61,8 @@ pub fn prepare<'r, 'p>(
             ),
         ));
     }
-    let charge = match event.usage() {
-        None => None,
+    let (charge, columns) = match event.usage() {
+        None => (None, None),
         Some(usage) => {
             let charge = prices
                 .rate(&usage)
@@ -67,15 +70,21 @@ pub fn prepare<'r, 'p>(
             // Both stores must hold it exactly, or neither gets it (ClickHouse's columns are
             // the narrower): the ledger dead-letters it and the analytics loop skips it.
             let env = &event.envelope;
-            crate::analytics::numeric_columns(&usage, &charge, env.time, (&env.source, &env.id))
-                .map_err(|e| Rejection::new(Reason::RefusedByStore, None, e.to_string()))?;
-            Some(charge)
+            let columns = crate::analytics::numeric_columns(
+                &usage,
+                &charge,
+                env.time,
+                (&env.source, &env.id),
+            )
+            .map_err(|e| Rejection::new(Reason::RefusedByStore, None, e.to_string()))?;
+            (Some(charge), Some(columns))
         }
     };
     Ok(Prepared {
         record,
         event,
         charge,
+        columns,
     })
 }
 
