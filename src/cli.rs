@@ -278,22 +278,29 @@ pub async fn show_account(
         println!("  closed cycles:");
         for c in cycles.iter().rev().take(3) {
             println!(
-                "    {} .. {}  allowance {}  used {}  overage {}  expired unused {}",
+                "    {} .. {}  allowance {}  used {} (late {})  overage {} (billed {})  expired unused {}",
                 c.start.format("%Y-%m-%d"),
                 c.end.format("%Y-%m-%d"),
                 c.allowance,
                 c.used,
+                c.late_used,
                 c.overage,
+                c.overage_billed,
                 c.allowance_expired
             );
         }
     }
     println!("  last {} entries:", lines.len());
     for l in &lines {
+        let kind = match &l.corrects {
+            Some(k) => format!("{}:{}", l.kind, k),
+            None if l.late => format!("{} (late)", l.kind),
+            None => l.kind.clone(),
+        };
         println!(
             "    #{:<8} {:<8} {:>14} -> {:>14} (overage {:>10})  {}  {} {}",
             l.entry_id,
-            shown(&l.kind),
+            shown(&kind),
             l.amount,
             l.balance_after,
             l.overage_after,

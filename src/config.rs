@@ -50,6 +50,33 @@ pub struct Config {
     pub prices: PricesConfig,
     pub alerts: AlertsConfig,
     pub api: ApiConfig,
+    pub billing: BillingConfig,
+}
+
+/// Billing semantics (docs/billing.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// How long after its event time an event may arrive and still be billed in event-time
+    /// order ("24h", "90m", "2d"): a reset or an expiry is final only this long after it, and
+    /// usage arriving later is charged at the account's current time and marked late.
+    #[serde(with = "humantime_serde")]
+    pub grace: std::time::Duration,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            grace: std::time::Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl BillingConfig {
+    /// The grace as a signed duration (validated to fit).
+    pub fn grace(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.grace).unwrap_or(chrono::Duration::MAX)
+    }
 }
 
 /// The HTTP API and dashboard served by `tally run` (see `src/api`).
@@ -574,6 +601,19 @@ impl Config {
         }
         if !(1..=3650).contains(&p.dedupe_window_days) {
             return Err(invalid("pipeline.dedupe_window_days", "must be 1..=3650"));
+        }
+        let grace = self.billing.grace;
+        if grace > std::time::Duration::from_secs(30 * 86_400) {
+            return Err(invalid(
+                "billing.grace",
+                "must be at most 30 days (the open window is replayed on every out-of-order event)",
+            ));
+        }
+        if grace.as_secs() >= p.dedupe_window_days as u64 * 86_400 {
+            return Err(invalid(
+                "billing.grace",
+                "must be shorter than pipeline.dedupe_window_days",
+            ));
         }
         if p.retry_initial_ms == 0 || p.retry_max_ms < p.retry_initial_ms {
             return Err(invalid(

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Days, NaiveDate, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, Days, NaiveDate, SecondsFormat, Utc};
 use hyper::Method;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -45,7 +45,10 @@ fn at_ten(days: u64) -> DateTime<Utc> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_with_real_data_and_token_rules() {
-    let env = TestEnv::with_config(with_tokens(test_config("api"))).await;
+    let mut cfg = with_tokens(test_config("api"));
+    // The plan and grants below take effect two days back (effective_at, within the grace).
+    cfg.billing.grace = Duration::from_secs(3 * 86_400);
+    let env = TestEnv::with_config(cfg).await;
     let topics = env.cfg.kafka.topics.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let ledger = tokio::spawn(tally::pipeline::ledger::run(
@@ -63,20 +66,26 @@ async fn every_route_with_real_data_and_token_rules() {
     let wait = Duration::from_secs(60);
 
     // --- Phase 1: plan and grants through the API -------------------------------------
+    // Effective before the usage below (event time: usage before its plan is overage), on
+    // a billing day that puts all of it in one cycle.
+    let effective = at_ten(2) - chrono::Duration::hours(1);
+    let day = effective.day().min(28);
     let r = c
         .put(
             "/v1/accounts/acme/plan",
             Some(ADMIN),
-            &json!({"plan_id": "pro", "monthly_allowance": "100", "billing_day": 1,
-                    "overage_policy": "bill_overage", "allowance_alert_percents": [50, 100]}),
+            &json!({"plan_id": "pro", "monthly_allowance": "100", "billing_day": day,
+                    "overage_policy": "bill_overage", "allowance_alert_percents": [50, 100],
+                    "effective_at": ts(effective)}),
         )
         .await;
     assert_eq!(r.status, 202, "{}", r.text());
     assert_eq!(r.json()["event"]["type"], "tally.account.plan.v1");
     let promo_expiry = ts(Utc::now() + chrono::Duration::days(40));
     let promo = json!({"grant_id": "promo-1", "kind": "promo", "credits": "10",
-                       "expires_at": promo_expiry});
-    let topup = json!({"grant_id": "topup-1", "kind": "top_up", "credits": "50.000"});
+                       "expires_at": promo_expiry, "effective_at": ts(effective)});
+    let topup = json!({"grant_id": "topup-1", "kind": "top_up", "credits": "50.000",
+                       "effective_at": ts(effective)});
     for body in [&promo, &topup] {
         let r = c.post("/v1/accounts/acme/grants", Some(ADMIN), body).await;
         assert_eq!(r.status, 202, "{}", r.text());

@@ -325,27 +325,27 @@ mod tests {
         let mut a = Account::new("a");
         let mut state = AlertState::new();
         let mut out = vec![];
-        a.grant(&top_up("t1", dec!(20)), t(1, 0), false, &mut out);
+        a.grant(&top_up("t1", dec!(20)), t(1, 0), &mut out);
         assert!(evaluate(&a, t(1, 0), &defaults, &mut state).is_empty());
-        a.debit(dec!(12), t(1, 1), &mut out);
+        a.debit(dec!(12), t(1, 1), false, &mut out);
         assert_eq!(
             kinds(&evaluate(&a, t(1, 1), &defaults, &mut state)),
             vec![(AlertKind::LowBalance, "a/low_balance:credits:10/1".into())]
         );
-        a.debit(dec!(1), t(1, 2), &mut out);
+        a.debit(dec!(1), t(1, 2), false, &mut out);
         assert!(
             evaluate(&a, t(1, 2), &defaults, &mut state).is_empty(),
             "once per crossing"
         );
-        a.debit(dec!(9), t(1, 3), &mut out);
+        a.debit(dec!(9), t(1, 3), false, &mut out);
         assert_eq!(
             kinds(&evaluate(&a, t(1, 3), &defaults, &mut state)),
             vec![(AlertKind::CreditsExhausted, "a/credits_exhausted/1".into())]
         );
-        a.grant(&top_up("t2", dec!(50)), t(1, 4), false, &mut out);
+        a.grant(&top_up("t2", dec!(50)), t(1, 4), &mut out);
         assert!(evaluate(&a, t(1, 4), &defaults, &mut state).is_empty());
         assert!(state.values().all(|s| !s.active), "re-armed: {state:?}");
-        a.debit(dec!(45), t(1, 5), &mut out);
+        a.debit(dec!(45), t(1, 5), false, &mut out);
         assert_eq!(
             kinds(&evaluate(&a, t(1, 5), &defaults, &mut state)),
             vec![(AlertKind::LowBalance, "a/low_balance:credits:10/2".into())]
@@ -366,9 +366,16 @@ mod tests {
             low_balance_percent: Some(dec!(25)),
             allowance_alert_percents: vec![50, 80, 100],
         };
-        a.set_plan(plan, OveragePolicy::BillOverage, 3, t(1, 0), &mut out);
+        a.set_plan(
+            plan,
+            OveragePolicy::BillOverage,
+            3,
+            t(1, 0),
+            t(1, 0),
+            &mut out,
+        );
         // Day 2: 60 used in 1 day -> 50 % crossed; pace 60/day runs out before Feb 1.
-        a.debit(dec!(60), t(2, 0), &mut out);
+        a.debit(dec!(60), t(2, 0), false, &mut out);
         let fired = evaluate(&a, t(2, 0), &defaults, &mut state);
         assert_eq!(
             kinds(&fired),
@@ -387,7 +394,7 @@ mod tests {
             fired[1].data["projected_exhaustion_at"],
             "2027-01-02T16:00:00Z"
         );
-        a.debit(dec!(25), t(3, 0), &mut out);
+        a.debit(dec!(25), t(3, 0), false, &mut out);
         let fired = evaluate(&a, t(3, 0), &defaults, &mut state);
         assert_eq!(
             kinds(&fired),
@@ -409,7 +416,7 @@ mod tests {
         let mut a = Account::new("e");
         let mut state = AlertState::new();
         let mut out = vec![];
-        a.grant(&top_up("t1", dec!(5)), t(1, 0), false, &mut out); // expires 2027-04-01
+        a.grant(&top_up("t1", dec!(5)), t(1, 0), &mut out); // expires 2027-04-01
         let before = Utc.with_ymd_and_hms(2027, 3, 25, 0, 0, 0).unwrap();
         assert!(evaluate(&a, before - Duration::days(1), &defaults, &mut state).is_empty());
         let fired = evaluate(&a, before, &defaults, &mut state);

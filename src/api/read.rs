@@ -372,6 +372,8 @@ pub fn ledger_line_document(l: &LedgerLine) -> Value {
     json!({
         "entry_id": l.entry_id,
         "kind": l.kind,
+        "corrects": l.corrects,
+        "late": l.late,
         "grant_id": l.grant_id,
         "amount": l.amount,
         "balance_after": l.balance_after,

@@ -52,6 +52,10 @@ pub struct GrantRequest {
     expires_at: Option<String>,
     #[serde(default)]
     priority: Option<i64>,
+    /// RFC 3339: when the grant takes effect (its event time); absent: now. At most
+    /// `billing.grace` in the past (older would be charged late).
+    #[serde(default)]
+    effective_at: Option<String>,
 }
 
 /// The grants the API may write (allowances come from plans; manual grants from operators).
@@ -89,6 +93,38 @@ pub struct PlanRequest {
     low_balance_percent: Option<String>,
     #[serde(default)]
     allowance_alert_percents: Option<Vec<i64>>,
+    /// RFC 3339: when the plan takes effect (its event time); absent: now.
+    #[serde(default)]
+    effective_at: Option<String>,
+}
+
+/// The event time of a write: `effective_at` when given (not in the future, at most
+/// `billing.grace` ago: an older event would be billed late, at the account's current time),
+/// else now.
+fn effective_time(
+    effective_at: Option<&str>,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+) -> Result<DateTime<Utc>, ApiError> {
+    let Some(text) = effective_at else {
+        return Ok(now);
+    };
+    let at = DateTime::parse_from_rfc3339(text)
+        .map_err(|e| ApiError::invalid("effective_at", format!("not an RFC 3339 time: {e}")))?
+        .with_timezone(&Utc);
+    if at > now {
+        return Err(ApiError::invalid("effective_at", "must not be in the future"));
+    }
+    if at < now - grace {
+        return Err(ApiError::invalid(
+            "effective_at",
+            format!(
+                "is more than billing.grace ({} h) ago: it would be billed late, at the account's current time",
+                grace.num_hours()
+            ),
+        ));
+    }
+    Ok(at)
 }
 
 /// The source of the events the API publishes for `account_id`.
@@ -152,6 +188,7 @@ pub async fn grant(
         ));
     }
     let now = Utc::now();
+    let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
     let source = source_for(id);
     let event_id = encode::grant_event_id(id, &req.grant_id);
     let mut data = json!({
@@ -163,7 +200,7 @@ pub async fn grant(
     if let Some(p) = req.priority {
         data["priority"] = json!(p);
     }
-    let raw = encode::envelope(types::GRANT, &source, &event_id, id, now, data);
+    let raw = encode::envelope(types::GRANT, &source, &event_id, id, time, data);
     let Payload::Grant(g) = check(&raw, now, &limits(&api))?.payload else {
         return Err(ApiError::Internal("a grant decoded as another type".into()));
     };
@@ -199,7 +236,7 @@ pub async fn grant(
         g.credits,
         g.expires_at,
         g.priority,
-        now,
+        time,
     );
     publish(&api, &api.cfg.kafka.topics.grants, id, &payload).await?;
     tracing::info!(account_id = id, grant_id = %g.grant_id, kind = g.kind.as_str(), credits = %g.credits, by = who.name(), "grant published");
@@ -217,6 +254,7 @@ pub async fn plan(
     let id = who.write(&id, "change plans")?;
     let req: PlanRequest = json_body(&headers, body, api.cfg.api.max_body_bytes)?;
     let now = Utc::now();
+    let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
     let source = source_for(id);
     let event_id = format!(
         "plan:{}-{:08x}",
@@ -239,7 +277,7 @@ pub async fn plan(
     if let Some(v) = &req.allowance_alert_percents {
         data["allowance_alert_percents"] = json!(v);
     }
-    let raw = encode::envelope(types::PLAN, &source, &event_id, id, now, data);
+    let raw = encode::envelope(types::PLAN, &source, &event_id, id, time, data);
     let Payload::Plan(p) = check(&raw, now, &limits(&api))?.payload else {
         return Err(ApiError::Internal("a plan decoded as another type".into()));
     };
@@ -255,7 +293,7 @@ pub async fn plan(
         p.low_balance_credits,
         p.low_balance_percent,
         p.allowance_alert_percents.as_deref(),
-        now,
+        time,
     );
     publish(&api, &api.cfg.kafka.topics.plans, id, &payload).await?;
     tracing::info!(account_id = id, plan_id = %p.plan_id, by = who.name(), "plan published");

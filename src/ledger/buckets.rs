@@ -1,10 +1,12 @@
-//! Pure credit-bucket logic: an account's grants, how a debit consumes them, how grants
-//! expire, and the ledger entries each change produces. No IO, no clock: every operation
-//! takes the time it happens at. The store loads an [`Account`], applies events here, and
-//! writes back the grants marked dirty and the entries returned.
+//! Pure credit-bucket logic at event time: an account's grants, plan and cycles, how a debit
+//! consumes the grants live at its time, how time passing (a billing boundary, a grant's
+//! expiry) changes them, and the ledger entries each change produces. No IO, no clock: every
+//! operation takes the time it happens at, and the account only ever moves forward in event
+//! time ([`Account::clock`]). Ordering, the open window and corrections are [`super::book`]'s.
 
-use chrono::{DateTime, Months, Utc};
+use chrono::{DateTime, Duration, Months, Utc};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 
 use super::cycle;
 use crate::event::{GrantKind, OveragePolicy};
@@ -24,7 +26,9 @@ pub fn default_priority(kind: GrantKind) -> i32 {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// A credit bucket. Its credits are always accounted for:
+/// `granted = debited + settled + expired + remaining`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Grant {
     pub grant_id: String,
     pub kind: GrantKind,
@@ -35,13 +39,20 @@ pub struct Grant {
     pub granted_at: DateTime<Utc>,
     /// Creation order within the account: among equals, the oldest is consumed first.
     pub seq: i64,
-    /// Changed since loaded: the store writes it back.
-    pub dirty: bool,
+    /// Credits taken by usage.
+    #[serde(default)]
+    pub debited: Decimal,
+    /// Credits that paid earlier overage.
+    #[serde(default)]
+    pub settled: Decimal,
+    /// Credits lost at the expiry.
+    #[serde(default)]
+    pub expired: Decimal,
 }
 
 impl Grant {
     /// The consumption order: priority, then soonest expiry (never-expiring last), then oldest.
-    fn order_key(&self) -> (i32, bool, Option<DateTime<Utc>>, i64) {
+    pub fn order_key(&self) -> (i32, bool, Option<DateTime<Utc>>, i64) {
         (
             self.priority,
             self.expires_at.is_none(),
@@ -50,12 +61,19 @@ impl Grant {
         )
     }
 
-    fn live_at(&self, at: DateTime<Utc>) -> bool {
+    /// Has credits that usage at `at` may spend.
+    pub fn live_at(&self, at: DateTime<Utc>) -> bool {
         self.remaining > Decimal::ZERO && self.expires_at.is_none_or(|e| e > at)
+    }
+
+    fn conserved(&self) -> bool {
+        self.granted == self.debited + self.settled + self.expired + self.remaining
+            && self.remaining >= Decimal::ZERO
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum EntryKind {
     /// Credits added by a grant.
     Grant,
@@ -69,9 +87,13 @@ pub enum EntryKind {
     Expiry,
     /// A top-up renewed the validity of a remaining top-up (amount 0).
     Renewal,
-    /// A cycle closed with billable overage (bill_overage plans): the overage is reported for
-    /// that cycle (see the cycles table) and the new cycle starts at zero (amount 0).
+    /// A cycle closed: under `bill_overage` the unsettled overage (the amount) is billed with
+    /// that cycle (see the cycles table) and the account's overage starts again at zero.
     Reset,
+    /// An event arrived out of event-time order: the difference between what the ledger
+    /// wrote and what the events give in event-time order, for one kind (`corrects`) of
+    /// one grant (or of the overage). Nothing is ever edited in place.
+    Correction,
 }
 
 impl EntryKind {
@@ -84,6 +106,7 @@ impl EntryKind {
             EntryKind::Expiry => "expiry",
             EntryKind::Renewal => "renewal",
             EntryKind::Reset => "reset",
+            EntryKind::Correction => "correction",
         }
     }
 
@@ -96,27 +119,42 @@ impl EntryKind {
             EntryKind::Expiry,
             EntryKind::Renewal,
             EntryKind::Reset,
+            EntryKind::Correction,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
     }
 }
 
-/// One line of the ledger. `amount` is signed (credits added to the spendable balance are
-/// positive); `balance_after` is the spendable balance and `overage_after` the unsettled
-/// overage once this line is applied, so a balance can be explained line by line.
+/// One line of the ledger. `amount` is signed. How a line moves the two running figures
+/// (`balance_after`: the spendable balance, `overage_after`: the unsettled overage), by the
+/// kind it has or, for a correction, the kind it corrects:
+/// - grant, debit, expiry, renewal: balance += amount;
+/// - settle: balance += amount and overage += amount (a negative amount pays overage);
+/// - overage, reset: overage -= amount (overage is recorded negative, a reset bills it).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub kind: EntryKind,
+    /// For a correction: the kind of entry it corrects.
+    pub corrects: Option<EntryKind>,
     pub grant_id: Option<String>,
     pub amount: Decimal,
     pub balance_after: Decimal,
     pub overage_after: Decimal,
     pub effective_at: DateTime<Utc>,
+    /// Usage that arrived after the grace and was charged at the account's current time.
+    pub late: bool,
+}
+
+impl Entry {
+    /// The kind whose rule moves the running figures (a correction moves them as its kind).
+    pub fn effect(&self) -> EntryKind {
+        self.corrects.unwrap_or(self.kind)
+    }
 }
 
 /// A grant to add (from a grant event, a plan reset, the API...).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewGrant {
     pub grant_id: String,
     pub kind: GrantKind,
@@ -126,7 +164,7 @@ pub struct NewGrant {
 }
 
 /// An account's plan: a monthly allowance on a billing day, and its alert thresholds.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
     pub plan_id: String,
     pub monthly_allowance: Decimal,
@@ -139,7 +177,7 @@ pub struct Plan {
 }
 
 /// The current billing cycle [start, end).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cycle {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
@@ -147,18 +185,36 @@ pub struct Cycle {
     pub used: Decimal,
     /// Overage incurred in this cycle.
     pub overage: Decimal,
+    /// Of `used`: usage that arrived after the grace and was charged to this cycle.
+    #[serde(default)]
+    pub late_used: Decimal,
+    /// The billing day the cycle was cut with (a change applies from the next boundary).
+    #[serde(default = "default_day")]
+    pub billing_day: u8,
+}
+
+fn default_day() -> u8 {
+    1
 }
 
 /// A cycle that ended: what the account's billing page reports for it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClosedCycle {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
     pub allowance: Decimal,
     pub used: Decimal,
+    /// Overage incurred in the cycle.
     pub overage: Decimal,
     /// Unused allowance that expired at the reset (no carry-over).
     pub allowance_expired: Decimal,
+    /// Unsettled overage billed with this cycle (`bill_overage` plans), including overage
+    /// carried in from before the cycle: no credit of overage disappears.
+    #[serde(default)]
+    pub overage_billed: Decimal,
+    /// Of `used`: usage that arrived after the grace (see [`Cycle::late_used`]).
+    #[serde(default)]
+    pub late_used: Decimal,
 }
 
 /// The grant id of a cycle's allowance: deterministic, so a reset is idempotent.
@@ -170,22 +226,62 @@ pub fn allowance_grant_id(cycle_start: DateTime<Utc>) -> String {
     )
 }
 
-/// An account's credit state as far as the ledger needs it.
-#[derive(Debug, Clone, PartialEq)]
+/// The shortest cycle a billing-day change may cut.
+pub const MIN_IRREGULAR_CYCLE_DAYS: i64 = 14;
+
+/// The end of the cycle that starts at boundary `start`: one month on `new_day` when the
+/// billing day stays, else the first boundary of `new_day` at least
+/// [`MIN_IRREGULAR_CYCLE_DAYS`] after `start` (so 14 to 44 days), with the allowance share of
+/// that irregular cycle (its days over the days of the regular new-day cycle ending with it).
+pub fn cycle_after(
+    start: DateTime<Utc>,
+    old_day: u8,
+    new_day: u8,
+    allowance: Decimal,
+) -> (DateTime<Utc>, Decimal) {
+    if old_day == new_day {
+        return (cycle::next_boundary(start, new_day), allowance);
+    }
+    let mut end = cycle::containing(start, new_day).1;
+    if end - start < Duration::days(MIN_IRREGULAR_CYCLE_DAYS) {
+        end = cycle::next_boundary(end, new_day);
+    }
+    let regular_start = cycle::containing(end - Duration::seconds(1), new_day).0;
+    let days = Decimal::from((end - start).num_days());
+    let regular = Decimal::from((end - regular_start).num_days());
+    (end, (allowance * days / regular).round_dp(6))
+}
+
+/// An account's credit state at event time [`Account::clock`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Account {
     pub account_id: String,
-    /// Grants that may still be spent or expire, plus every grant touched since loading.
+    /// Grants that may still be spent, expire or be corrected.
     pub grants: Vec<Grant>,
     /// Unsettled overage credits.
     pub overage: Decimal,
+    /// All overage ever recorded, and the part billed at cycle closes.
+    #[serde(default)]
+    pub overage_incurred: Decimal,
+    #[serde(default)]
+    pub overage_billed: Decimal,
+    /// All overage ever paid from grants (settle entries).
+    #[serde(default)]
+    pub overage_settled: Decimal,
     pub policy: OveragePolicy,
     pub top_up_validity_months: u32,
     /// Highest grant `seq` so far (0: the account never had a grant).
     pub last_seq: i64,
     pub plan: Option<Plan>,
+    /// Event time of the plan in force (an older plan event does not revert it).
+    #[serde(default)]
+    pub plan_time: Option<DateTime<Utc>>,
     pub cycle: Option<Cycle>,
-    /// Cycles closed since loading (the store records them).
+    /// Cycles closed and not yet final (the store records them; the book prunes final ones).
     pub closed: Vec<ClosedCycle>,
+    /// Event time up to which the account has been brought (None: nothing yet).
+    #[serde(default)]
+    pub clock: Option<DateTime<Utc>>,
 }
 
 impl Account {
@@ -194,29 +290,43 @@ impl Account {
             account_id: account_id.into(),
             grants: Vec::new(),
             overage: Decimal::ZERO,
+            overage_incurred: Decimal::ZERO,
+            overage_billed: Decimal::ZERO,
+            overage_settled: Decimal::ZERO,
             policy: OveragePolicy::SettleFromNextGrant,
             top_up_validity_months: DEFAULT_TOP_UP_VALIDITY_MONTHS,
             last_seq: 0,
             plan: None,
+            plan_time: None,
             cycle: None,
             closed: Vec::new(),
+            clock: None,
         }
     }
 
-    /// Applies a plan. The first plan starts the cycle containing `at` and grants its
-    /// allowance; a later plan change takes effect from the next reset.
+    /// Applies a plan event dated `time`, at event time `at` (`at` > `time` only for an event
+    /// that arrived after the grace). An event older than the plan in force is recorded by
+    /// the caller and changes nothing. The first plan starts the cycle containing `at` with
+    /// its full allowance; a later plan's allowance and billing day apply from the next
+    /// boundary, its policy and thresholds at once.
     pub fn set_plan(
         &mut self,
         plan: Plan,
         policy: OveragePolicy,
         top_up_validity_months: u32,
+        time: DateTime<Utc>,
         at: DateTime<Utc>,
         out: &mut Vec<Entry>,
     ) {
         self.advance(at, out);
+        if self.plan_time.is_some_and(|p| time < p) {
+            return;
+        }
+        self.plan_time = Some(time);
         self.policy = policy;
         self.top_up_validity_months = top_up_validity_months;
         let day = plan.billing_day;
+        let allowance = plan.monthly_allowance;
         self.plan = Some(plan);
         if self.cycle.is_none() {
             let (start, end) = cycle::containing(at, day);
@@ -225,34 +335,39 @@ impl Account {
                 end,
                 used: Decimal::ZERO,
                 overage: Decimal::ZERO,
+                late_used: Decimal::ZERO,
+                billing_day: day,
             });
-            self.grant_allowance(at, out);
+            self.grant_allowance(allowance, at, out);
         }
+        self.check();
     }
 
-    /// Brings the account to time `at`: every billing date passed closes its cycle (the unused
-    /// allowance expires, no carry-over) and grants the new allowance; every grant whose
-    /// expiry passed expires. Each is a ledger entry at the time it happened.
+    /// Brings the account to event time `at`: every boundary passed closes its cycle (the
+    /// unused allowance expires, no carry-over; `bill_overage` bills the unsettled overage)
+    /// and starts the next with its allowance; every grant whose expiry passed expires. Each
+    /// is an entry at the time it happened. Never moves the clock back.
     pub fn advance(&mut self, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+        if self.clock.is_some_and(|c| c >= at) {
+            return;
+        }
         while let Some(c) = self.cycle.clone() {
             if at < c.end {
                 break;
             }
             let allowance_id = allowance_grant_id(c.start);
-            let allowance = self.grants.iter().find(|g| g.grant_id == allowance_id);
-            let (granted, unused) =
-                allowance.map_or((Decimal::ZERO, Decimal::ZERO), |g| (g.granted, g.remaining));
             self.expire_due(c.end, out);
+            let (granted, unused) = self
+                .grants
+                .iter()
+                .find(|g| g.grant_id == allowance_id)
+                .map_or((Decimal::ZERO, Decimal::ZERO), |g| (g.granted, g.expired));
+            let mut billed = Decimal::ZERO;
             if self.policy == OveragePolicy::BillOverage && self.overage > Decimal::ZERO {
+                billed = self.overage;
                 self.overage = Decimal::ZERO;
-                out.push(Entry {
-                    kind: EntryKind::Reset,
-                    grant_id: None,
-                    amount: Decimal::ZERO,
-                    balance_after: self.balance(),
-                    overage_after: Decimal::ZERO,
-                    effective_at: c.end,
-                });
+                self.overage_billed += billed;
+                out.push(self.entry(EntryKind::Reset, None, billed, c.end));
             }
             self.closed.push(ClosedCycle {
                 start: c.start,
@@ -261,38 +376,49 @@ impl Account {
                 used: c.used,
                 overage: c.overage,
                 allowance_expired: unused,
+                overage_billed: billed,
+                late_used: c.late_used,
             });
-            let day = self.plan.as_ref().map_or(1, |p| p.billing_day);
+            let (day, monthly) = self
+                .plan
+                .as_ref()
+                .map_or((c.billing_day, Decimal::ZERO), |p| {
+                    (p.billing_day, p.monthly_allowance)
+                });
+            let (end, allowance) = cycle_after(c.end, c.billing_day, day, monthly);
             self.cycle = Some(Cycle {
                 start: c.end,
-                end: cycle::next_boundary(c.end, day),
+                end,
                 used: Decimal::ZERO,
                 overage: Decimal::ZERO,
+                late_used: Decimal::ZERO,
+                billing_day: day,
             });
-            self.grant_allowance(c.end, out);
+            self.clock = Some(c.end);
+            self.grant_allowance(allowance, c.end, out);
         }
         self.expire_due(at, out);
+        self.clock = Some(at);
+        self.check();
     }
 
     /// Grants the current cycle's allowance (expiring at the cycle end).
-    fn grant_allowance(&mut self, at: DateTime<Utc>, out: &mut Vec<Entry>) {
-        let (Some(plan), Some(c)) = (&self.plan, &self.cycle) else {
-            return;
-        };
-        if plan.monthly_allowance <= Decimal::ZERO {
+    fn grant_allowance(&mut self, credits: Decimal, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+        let Some(c) = &self.cycle else { return };
+        if credits <= Decimal::ZERO {
             return;
         }
         let grant = NewGrant {
             grant_id: allowance_grant_id(c.start),
             kind: GrantKind::Allowance,
-            credits: plan.monthly_allowance,
+            credits,
             expires_at: Some(c.end),
             priority: None,
         };
         self.add_grant(&grant, at, out);
     }
 
-    /// Credits of the current cycle's allowance still unused, and the allowance granted.
+    /// Credits of the current cycle's allowance: (granted, remaining).
     pub fn allowance_status(&self) -> Option<(Decimal, Decimal)> {
         let c = self.cycle.as_ref()?;
         let id = allowance_grant_id(c.start);
@@ -300,7 +426,7 @@ impl Account {
         Some((g.granted, g.remaining))
     }
 
-    /// Credits that can be spent at `at`.
+    /// Credits that usage at `at` can spend.
     pub fn spendable(&self, at: DateTime<Utc>) -> Decimal {
         self.grants
             .iter()
@@ -310,13 +436,39 @@ impl Account {
     }
 
     /// Sum of remaining credits over all grants not yet expired by an entry.
-    fn balance(&self) -> Decimal {
+    pub fn balance(&self) -> Decimal {
         self.grants.iter().map(|g| g.remaining).sum()
+    }
+
+    /// The live grants at `at`, in consumption order.
+    pub fn consumption_order(&self, at: DateTime<Utc>) -> Vec<&Grant> {
+        let mut live: Vec<&Grant> = self.grants.iter().filter(|g| g.live_at(at)).collect();
+        live.sort_by_key(|g| g.order_key());
+        live
+    }
+
+    fn entry(
+        &self,
+        kind: EntryKind,
+        grant_id: Option<String>,
+        amount: Decimal,
+        at: DateTime<Utc>,
+    ) -> Entry {
+        Entry {
+            kind,
+            corrects: None,
+            grant_id,
+            amount,
+            balance_after: self.balance(),
+            overage_after: self.overage,
+            effective_at: at,
+            late: false,
+        }
     }
 
     /// Expires every grant whose expiry is at or before `at`, in expiry order, each as an
     /// entry dated at its expiry time.
-    pub fn expire_due(&mut self, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+    fn expire_due(&mut self, at: DateTime<Utc>, out: &mut Vec<Entry>) {
         loop {
             let due = self
                 .grants
@@ -332,27 +484,18 @@ impl Account {
             let amount = g.remaining;
             let expired_at = g.expires_at.expect("due grants expire");
             g.remaining = Decimal::ZERO;
-            g.dirty = true;
+            g.expired += amount;
             let grant_id = g.grant_id.clone();
-            out.push(Entry {
-                kind: EntryKind::Expiry,
-                grant_id: Some(grant_id),
-                amount: -amount,
-                balance_after: self.balance(),
-                overage_after: self.overage,
-                effective_at: expired_at,
-            });
+            out.push(self.entry(EntryKind::Expiry, Some(grant_id), -amount, expired_at));
         }
     }
 
-    /// Adds a grant. `known` tells whether the store already has this grant id (a purchase
-    /// delivered twice credits once): then nothing changes and no entry is written.
-    pub fn grant(&mut self, new: &NewGrant, at: DateTime<Utc>, known: bool, out: &mut Vec<Entry>) {
-        if known || self.grants.iter().any(|g| g.grant_id == new.grant_id) {
-            return;
-        }
+    /// Adds a grant at event time `at`. A grant id the account already has changes nothing
+    /// (a purchase delivered twice credits once).
+    pub fn grant(&mut self, new: &NewGrant, at: DateTime<Utc>, out: &mut Vec<Entry>) {
         self.advance(at, out);
         self.add_grant(new, at, out);
+        self.check();
     }
 
     /// Adds a grant without bringing the account to `at` first (the caller did).
@@ -377,43 +520,35 @@ impl Account {
             expires_at,
             granted_at: at,
             seq: self.last_seq,
-            dirty: true,
+            debited: Decimal::ZERO,
+            settled: Decimal::ZERO,
+            expired: Decimal::ZERO,
         });
-        out.push(Entry {
-            kind: EntryKind::Grant,
-            grant_id: Some(new.grant_id.clone()),
-            amount: new.credits,
-            balance_after: self.balance(),
-            overage_after: self.overage,
-            effective_at: at,
-        });
-        // Each new top-up renews the validity of every remaining top-up credit.
+        out.push(self.entry(
+            EntryKind::Grant,
+            Some(new.grant_id.clone()),
+            new.credits,
+            at,
+        ));
+        // Each new top-up renews the validity of every remaining live top-up credit.
         if new.kind == GrantKind::TopUp {
             if let Some(new_expiry) = expires_at {
-                for g in self.grants.iter_mut().filter(|g| {
-                    g.kind == GrantKind::TopUp
-                        && g.grant_id != new.grant_id
-                        && g.remaining > Decimal::ZERO
-                        && g.expires_at.is_some_and(|e| e < new_expiry)
-                }) {
-                    g.expires_at = Some(new_expiry);
-                    g.dirty = true;
-                    out.push(Entry {
-                        kind: EntryKind::Renewal,
-                        grant_id: Some(g.grant_id.clone()),
-                        amount: Decimal::ZERO,
-                        balance_after: Decimal::ZERO, // fixed below
-                        overage_after: self.overage,
-                        effective_at: at,
-                    });
-                }
-                let balance = self.balance();
-                for e in out
+                let renewed: Vec<String> = self
+                    .grants
                     .iter_mut()
-                    .rev()
-                    .take_while(|e| e.kind == EntryKind::Renewal)
-                {
-                    e.balance_after = balance;
+                    .filter(|g| {
+                        g.kind == GrantKind::TopUp
+                            && g.grant_id != new.grant_id
+                            && g.live_at(at)
+                            && g.expires_at.is_some_and(|e| e < new_expiry)
+                    })
+                    .map(|g| {
+                        g.expires_at = Some(new_expiry);
+                        g.grant_id.clone()
+                    })
+                    .collect();
+                for id in renewed {
+                    out.push(self.entry(EntryKind::Renewal, Some(id), Decimal::ZERO, at));
                 }
             }
         }
@@ -422,33 +557,35 @@ impl Account {
             let g = &mut self.grants[idx];
             let settled = self.overage.min(g.remaining);
             g.remaining -= settled;
+            g.settled += settled;
             self.overage -= settled;
+            self.overage_settled += settled;
             let grant_id = g.grant_id.clone();
-            out.push(Entry {
-                kind: EntryKind::Settle,
-                grant_id: Some(grant_id),
-                amount: -settled,
-                balance_after: self.balance(),
-                overage_after: self.overage,
-                effective_at: at,
-            });
+            out.push(self.entry(EntryKind::Settle, Some(grant_id), -settled, at));
         }
     }
 
-    /// Takes `credits` from the live grants in consumption order; what they cannot cover is
-    /// recorded as overage. Returns nothing for a zero charge.
-    pub fn debit(&mut self, credits: Decimal, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+    /// Takes `credits` from the grants live at `at` in consumption order; what they cannot
+    /// cover is recorded as overage. `late`: the usage arrived after the grace and is
+    /// charged at `at`, the account's current time (it is counted as late usage).
+    pub fn debit(&mut self, credits: Decimal, at: DateTime<Utc>, late: bool, out: &mut Vec<Entry>) {
         self.advance(at, out);
         if credits <= Decimal::ZERO {
             return;
         }
         if let Some(c) = &mut self.cycle {
             c.used += credits;
+            if late {
+                c.late_used += credits;
+            }
         }
-        let mut order: Vec<usize> = (0..self.grants.len())
-            .filter(|&i| self.grants[i].live_at(at))
-            .collect();
-        order.sort_by_key(|&i| self.grants[i].order_key());
+        let order: Vec<usize> = {
+            let mut order: Vec<usize> = (0..self.grants.len())
+                .filter(|&i| self.grants[i].live_at(at))
+                .collect();
+            order.sort_by_key(|&i| self.grants[i].order_key());
+            order
+        };
         let mut left = credits;
         for i in order {
             if left.is_zero() {
@@ -457,32 +594,40 @@ impl Account {
             let g = &mut self.grants[i];
             let take = left.min(g.remaining);
             g.remaining -= take;
-            g.dirty = true;
+            g.debited += take;
             left -= take;
             let grant_id = g.grant_id.clone();
-            out.push(Entry {
-                kind: EntryKind::Debit,
-                grant_id: Some(grant_id),
-                amount: -take,
-                balance_after: self.balance(),
-                overage_after: self.overage,
-                effective_at: at,
-            });
+            let mut e = self.entry(EntryKind::Debit, Some(grant_id), -take, at);
+            e.late = late;
+            out.push(e);
         }
         if left > Decimal::ZERO {
             self.overage += left;
+            self.overage_incurred += left;
             if let Some(c) = &mut self.cycle {
                 c.overage += left;
             }
-            out.push(Entry {
-                kind: EntryKind::Overage,
-                grant_id: None,
-                amount: -left,
-                balance_after: self.balance(),
-                overage_after: self.overage,
-                effective_at: at,
-            });
+            let mut e = self.entry(EntryKind::Overage, None, -left, at);
+            e.late = late;
+            out.push(e);
         }
+        self.check();
+    }
+
+    /// The invariants every operation keeps (checked in debug builds): each grant conserves
+    /// its credits (granted = debited + settled + expired + remaining, none below zero) and
+    /// the overage is what was incurred less what was settled and billed.
+    fn check(&self) {
+        debug_assert!(
+            self.grants.iter().all(Grant::conserved),
+            "a grant does not conserve its credits: {:?}",
+            self.grants
+        );
+        debug_assert_eq!(
+            self.overage,
+            self.overage_incurred - self.overage_settled - self.overage_billed,
+            "overage is not incurred - settled - billed"
+        );
     }
 }
 
@@ -519,29 +664,25 @@ mod tests {
         a.grant(
             &new_grant("pkg", GrantKind::Package, dec!(10), None),
             t(1),
-            false,
             &mut out,
         );
         a.grant(
             &new_grant("promo-late", GrantKind::Promo, dec!(5), Some(t(20))),
             t(1),
-            false,
             &mut out,
         );
         a.grant(
             &new_grant("promo-soon", GrantKind::Promo, dec!(5), Some(t(10))),
             t(1),
-            false,
             &mut out,
         );
         a.grant(
             &new_grant("allow", GrantKind::Allowance, dec!(3), Some(t(28))),
             t(1),
-            false,
             &mut out,
         );
         out.clear();
-        a.debit(dec!(12), t(2), &mut out);
+        a.debit(dec!(12), t(2), false, &mut out);
         let touched: Vec<(&str, Decimal, Decimal)> = out
             .iter()
             .map(|e| (e.grant_id.as_deref().unwrap(), e.amount, e.balance_after))
@@ -564,11 +705,10 @@ mod tests {
         a.grant(
             &new_grant("g1", GrantKind::Package, dec!(2), None),
             t(1),
-            false,
             &mut out,
         );
         out.clear();
-        a.debit(dec!(5.5), t(2), &mut out);
+        a.debit(dec!(5.5), t(2), false, &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].kind, EntryKind::Overage);
         assert_eq!(out[1].amount, dec!(-3.5));
@@ -577,7 +717,6 @@ mod tests {
         a.grant(
             &new_grant("g2", GrantKind::TopUp, dec!(10), None),
             t(3),
-            false,
             &mut out,
         );
         assert_eq!(out.last().unwrap().kind, EntryKind::Settle);
@@ -591,11 +730,10 @@ mod tests {
         let mut a = Account::new("a");
         a.policy = OveragePolicy::BillOverage;
         let mut out = vec![];
-        a.debit(dec!(4), t(2), &mut out);
+        a.debit(dec!(4), t(2), false, &mut out);
         a.grant(
             &new_grant("g", GrantKind::Package, dec!(10), None),
             t(3),
-            false,
             &mut out,
         );
         assert_eq!(a.overage, dec!(4));
@@ -609,7 +747,6 @@ mod tests {
         a.grant(
             &new_grant("t1", GrantKind::TopUp, dec!(10), None),
             t(1),
-            false,
             &mut out,
         );
         assert_eq!(
@@ -619,14 +756,13 @@ mod tests {
         a.grant(
             &new_grant("t2", GrantKind::TopUp, dec!(5), None),
             t(15),
-            false,
             &mut out,
         );
         let renewed = Utc.with_ymd_and_hms(2026, 4, 15, 0, 0, 0).unwrap();
         assert!(a.grants.iter().all(|g| g.expires_at == Some(renewed)));
         assert_eq!(out.last().unwrap().kind, EntryKind::Renewal);
         out.clear();
-        a.debit(dec!(1), renewed, &mut out);
+        a.debit(dec!(1), renewed, false, &mut out);
         assert_eq!(out.len(), 3, "{out:?}");
         assert!(out[..2]
             .iter()
@@ -640,14 +776,8 @@ mod tests {
         let mut a = Account::new("a");
         let mut out = vec![];
         let g = new_grant("g", GrantKind::Package, dec!(10), None);
-        a.grant(&g, t(1), false, &mut out);
-        a.grant(&g, t(1), false, &mut out);
-        a.grant(
-            &new_grant("h", GrantKind::Package, dec!(10), None),
-            t(1),
-            true,
-            &mut out,
-        );
+        a.grant(&g, t(1), &mut out);
+        a.grant(&g, t(1), &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(a.spendable(t(1)), dec!(10));
     }
@@ -681,12 +811,12 @@ mod tests {
                 match *op {
                     Op::Grant(k, c, e) => {
                         let g = new_grant(&format!("g{i}"), kinds[k as usize], Decimal::new(c, 6), e.map(|d| at + chrono::Duration::days(d.into())));
-                        a.grant(&g, at, false, &mut out);
+                        a.grant(&g, at, &mut out);
                         grants.push(g);
                     }
                     Op::Debit(c) => {
                         let before = out.len();
-                        a.debit(Decimal::new(c, 6), at, &mut out);
+                        a.debit(Decimal::new(c, 6), at, false, &mut out);
                         debited += Decimal::new(c, 6);
                         // consumption order: no live grant with a smaller key was skipped
                         let touched: Vec<_> = out[before..].iter().filter(|e| e.kind == EntryKind::Debit).collect();
@@ -707,7 +837,7 @@ mod tests {
             // line by line: each balance_after = previous balance_after + amount
             let mut balance = Decimal::ZERO;
             for e in &out {
-                if e.kind != EntryKind::Overage {
+                if !matches!(e.kind, EntryKind::Overage | EntryKind::Reset) {
                     balance += e.amount;
                 }
                 prop_assert_eq!(e.balance_after, balance, "{:?}", e);
@@ -716,7 +846,7 @@ mod tests {
             let snapshot = a.clone();
             let mut replay_out = vec![];
             for g in &grants {
-                a.grant(g, t(28), false, &mut replay_out);
+                a.grant(g, a.clock.unwrap(), &mut replay_out);
             }
             prop_assert!(replay_out.is_empty());
             prop_assert_eq!(a, snapshot);
@@ -766,11 +896,11 @@ mod tests {
                         at += chrono::Duration::hours(h.into());
                         let kind = kinds[k as usize % kinds.len()];
                         let kind = if kind == GrantKind::Allowance { GrantKind::Package } else { kind };
-                        a.grant(&new_grant(&format!("g{i}"), kind, Decimal::new(c, 6), None), at, false, &mut out);
+                        a.grant(&new_grant(&format!("g{i}"), kind, Decimal::new(c, 6), None), at, &mut out);
                     }
                     LifeOp::Debit(h, c) => {
                         at += chrono::Duration::hours(h.into());
-                        a.debit(Decimal::new(c, 6), at, &mut out);
+                        a.debit(Decimal::new(c, 6), at, false, &mut out);
                         debited += Decimal::new(c, 6);
                     }
                     LifeOp::Plan(h, d, amount) => {
@@ -784,7 +914,7 @@ mod tests {
                             allowance_alert_percents: vec![50, 100],
                         };
                         let policy = if bill_overage { OveragePolicy::BillOverage } else { OveragePolicy::SettleFromNextGrant };
-                        a.set_plan(plan, policy, 3, at, &mut out);
+                        a.set_plan(plan, policy, 3, at, at, &mut out);
                     }
                     LifeOp::Tick(h) => {
                         at += chrono::Duration::hours(h.into());
@@ -806,7 +936,7 @@ mod tests {
             prop_assert_eq!(debited, sum(EntryKind::Debit) + sum(EntryKind::Overage));
             let mut balance = Decimal::ZERO;
             for e in &out {
-                if e.kind != EntryKind::Overage {
+                if !matches!(e.kind, EntryKind::Overage | EntryKind::Reset) {
                     balance += e.amount;
                 }
                 prop_assert_eq!(e.balance_after, balance, "{:?}", e);

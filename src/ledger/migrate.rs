@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox_lease",
         include_str!("../../schemas/postgres/0003_outbox_lease.sql"),
     ),
+    (
+        4,
+        "event_time_books",
+        include_str!("../../schemas/postgres/0004_event_time_books.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

@@ -1,7 +1,10 @@
-//! The ledger of record: pure credit-bucket logic ([`buckets`]) and the PostgreSQL store
-//! ([`store`]) that applies a batch of claimed events, their entries and the consumed
-//! offsets in one transaction. Knows nothing of Kafka or ClickHouse.
+//! The ledger of record: its pure core — credit buckets at event time ([`buckets`]) and
+//! the event-time book that makes an account's ledger a function of the set of its events
+//! ([`book`]) — and the PostgreSQL store ([`store`]) that loads books, applies a batch of
+//! claimed events, their entries and the consumed offsets in one transaction, and saves
+//! them.
 
+pub mod book;
 pub mod buckets;
 pub mod cycle;
 pub mod migrate;

@@ -6,8 +6,10 @@ use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use tokio_postgres::types::Json;
 use tokio_postgres::{Client, NoTls, Transaction};
 
+use super::book::{self, Book, Event, Placed};
 use super::buckets::{Account, ClosedCycle, Cycle, Entry, Grant, NewGrant, Plan};
 use crate::alerts::{self, Alert, AlertDefaults, AlertState, KeyState};
 use crate::config::PostgresConfig;
@@ -120,6 +122,30 @@ pub struct Item<'a> {
     pub action: Action<'a>,
 }
 
+impl Item<'_> {
+    /// The event as the ledger's core sees it.
+    pub fn to_event(&self) -> Event {
+        Event {
+            time: self.time,
+            source: self.source.to_owned(),
+            id: self.id.to_owned(),
+            action: match &self.action {
+                Action::Debit(d) => book::Action::Debit { credits: d.credits },
+                Action::Grant(g) => book::Action::Grant(g.clone()),
+                Action::Plan {
+                    plan,
+                    overage_policy,
+                    top_up_validity_months,
+                } => book::Action::Plan {
+                    plan: plan.clone(),
+                    overage_policy: *overage_policy,
+                    top_up_validity_months: *top_up_validity_months,
+                },
+            },
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchOutcome {
     /// Events applied now.
@@ -130,6 +156,8 @@ pub struct BatchOutcome {
     pub accounts: usize,
     /// Alerts written to the outbox.
     pub alerts: usize,
+    /// Accounts whose open window was replayed (an event arrived out of event-time order).
+    pub replayed: usize,
 }
 
 /// A ledger line as stored.
@@ -137,6 +165,10 @@ pub struct BatchOutcome {
 pub struct LedgerLine {
     pub entry_id: i64,
     pub kind: String,
+    /// For a correction: the kind of entry it corrects.
+    pub corrects: Option<String>,
+    /// Usage that arrived after the grace, charged at the account's time.
+    pub late: bool,
     pub grant_id: Option<String>,
     pub amount: Decimal,
     pub balance_after: Decimal,
@@ -180,7 +212,16 @@ pub struct Store {
     schema: String,
     /// Alert thresholds for accounts whose plan does not set them.
     pub alert_defaults: AlertDefaults,
+    /// How long after its event time an event may still arrive and be billed in order
+    /// (`billing.grace`): the final point is `now - grace`.
+    pub grace: chrono::Duration,
 }
+
+/// The default `billing.grace`.
+pub const DEFAULT_GRACE: chrono::Duration = chrono::Duration::hours(24);
+
+/// How far a final point may lag behind `now - grace` before the scheduler moves it.
+pub const FINALIZE_STEP: chrono::Duration = chrono::Duration::hours(1);
 
 /// Connects and sets the search path to Tally's schema. The connection task is spawned.
 pub async fn connect(cfg: &PostgresConfig) -> Result<Client, StoreError> {
@@ -202,6 +243,7 @@ impl Store {
             client: connect(cfg).await?,
             schema: cfg.schema.clone(),
             alert_defaults: AlertDefaults::default(),
+            grace: DEFAULT_GRACE,
         })
     }
 
@@ -218,7 +260,8 @@ impl Store {
     }
 
     /// Applies a batch atomically. `next_offsets` is stored with the effects, never ahead of
-    /// them (a stored offset only ever grows).
+    /// them (a stored offset only ever grows). Each account's events go through its book
+    /// ([`Book::apply`]): in event-time order, with corrections for an event out of order.
     pub async fn apply_batch(
         &mut self,
         group_id: &str,
@@ -235,77 +278,92 @@ impl Store {
         if !fresh.is_empty() {
             let ids: Vec<&str> = fresh.iter().map(|i| i.account_id).collect();
             let mut locked = lock_accounts(&tx, &ids).await?;
-            outcome.accounts = locked.accounts.len();
+            outcome.accounts = locked.books.len();
             let known = known_grants(&tx, &fresh).await?;
-            let mut rows = EntryRows::default();
-            let mut fired = Vec::new();
-            let mut out = Vec::new();
+            // Each account's new events (a grant id the account already has is claimed and
+            // changes nothing: a purchase delivered twice credits once).
+            let mut batches: BTreeMap<&str, (Vec<&Item<'_>>, Vec<Event>)> = BTreeMap::new();
             for item in &fresh {
-                let account = locked.accounts.get_mut(item.account_id).ok_or_else(|| {
-                    StoreError::Data(format!("account {} not locked", item.account_id))
-                })?;
-                out.clear();
-                let mut debit = None;
-                match &item.action {
-                    Action::Debit(d) => {
-                        account.debit(d.credits, item.time, &mut out);
-                        debit = Some(d);
+                if let Action::Grant(g) = &item.action {
+                    if known.contains(&(item.account_id.to_owned(), g.grant_id.clone())) {
+                        continue;
                     }
-                    Action::Grant(g) => {
-                        let is_known =
-                            known.contains(&(item.account_id.to_owned(), g.grant_id.clone()));
-                        account.grant(g, item.time, is_known, &mut out);
-                    }
-                    Action::Plan {
-                        plan,
-                        overage_policy,
-                        top_up_validity_months,
-                    } => account.set_plan(
-                        plan.clone(),
-                        *overage_policy,
-                        *top_up_validity_months,
-                        item.time,
-                        &mut out,
-                    ),
                 }
-                for e in &out {
-                    rows.push(item.account_id, Some((item, debit)), e);
+                let (items, events) = batches.entry(item.account_id).or_default();
+                items.push(item);
+                events.push(item.to_event());
+            }
+            let need: Vec<&str> = batches
+                .iter()
+                .filter(|(id, (_, events))| {
+                    locked
+                        .books
+                        .get(**id)
+                        .is_some_and(|b| b.needs_window(events))
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            let mut windows = load_windows(&tx, &need, &locked.books).await?;
+            let mut rows = EntryRows::default();
+            let mut open = OpenRows::default();
+            let mut fired = Vec::new();
+            for (account_id, (items, events)) in &batches {
+                let book = locked
+                    .books
+                    .get_mut(*account_id)
+                    .ok_or_else(|| StoreError::Data(format!("account {account_id} not locked")))?;
+                let applied = book.apply(events, windows.remove(*account_id));
+                if applied.replayed {
+                    outcome.replayed += 1;
                 }
-                let state = locked.alerts.entry(item.account_id.to_owned()).or_default();
-                fired.extend(alerts::evaluate(
-                    account,
-                    item.time,
-                    &self.alert_defaults,
-                    state,
-                ));
+                for line in &applied.lines {
+                    let cause = line.cause.map(|i| items[i]);
+                    rows.push(account_id, cause, &line.entry);
+                }
+                for p in applied.placed {
+                    open.push(account_id, p)?;
+                }
+                let state = locked.alerts.entry((*account_id).to_owned()).or_default();
+                if let Some(at) = book.live.clock {
+                    fired.extend(alerts::evaluate(
+                        &book.live,
+                        at,
+                        &self.alert_defaults,
+                        state,
+                    ));
+                }
             }
             outcome.entries = rows.len();
             outcome.alerts = fired.len();
-            write_back(&tx, &locked, &rows, &fired).await?;
+            open.insert(&tx).await?;
+            write_back(&tx, &locked, &rows, &fired, &[], self.grace).await?;
         }
         store_offsets(&tx, group_id, next_offsets).await?;
         tx.commit().await?;
         Ok(outcome)
     }
 
-    /// The scheduler's step at `now`: accounts whose cycle ended, whose grants expired, or
-    /// whose grants expire within the alert window are brought to `now` (resets, expiries and
-    /// alerts each as entries/outbox rows), even without traffic. Returns the accounts touched.
+    /// The scheduler's step at `now`: every account whose final point lags (`now - grace`),
+    /// whose cycle ended or whose grant expired by then is finalized there ([`Book::finalize`]:
+    /// resets and expiries as entries, closed cycles made final), and accounts whose grants
+    /// expire within the alert window get their alerts, even without traffic. Returns the
+    /// accounts touched.
     pub async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
         let tx = self.client.transaction().await?;
+        let until = now - self.grace;
         let horizon = now + self.alert_defaults.expiring_within;
         let rows = tx
             .query(
-                "SELECT account_id FROM accounts WHERE cycle_end <= $1
+                "(SELECT account_id FROM accounts WHERE due_at <= $1 ORDER BY due_at LIMIT 1000)
                  UNION
                  SELECT g.account_id FROM grants g
-                 WHERE g.remaining > 0 AND g.expires_at <= $2
-                   AND (g.expires_at <= $1 OR (g.kind <> 'allowance' AND NOT EXISTS (
+                 WHERE g.remaining > 0 AND g.expires_at <= $3 AND g.expires_at > $2
+                   AND g.kind <> 'allowance' AND NOT EXISTS (
                         SELECT 1 FROM alert_state s WHERE s.account_id = g.account_id
                           AND s.alert_key = 'credits_expiring:' || g.grant_id || ':'
-                                            || extract(epoch FROM g.expires_at)::bigint)))
+                                            || extract(epoch FROM g.expires_at)::bigint)
                  ORDER BY 1",
-                &[&now, &horizon],
+                &[&until, &now, &horizon],
             )
             .await?;
         let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
@@ -314,26 +372,34 @@ impl Store {
         }
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut locked = lock_accounts(&tx, &ids).await?;
+        let folded = load_folded(&tx, &ids, until).await?;
         let mut rows = EntryRows::default();
         let mut fired = Vec::new();
-        let mut out = Vec::new();
-        let locked_ids: Vec<String> = locked.accounts.keys().cloned().collect();
+        let mut finals = Vec::new();
+        let locked_ids: Vec<String> = locked.books.keys().cloned().collect();
         for id in &locked_ids {
-            let account = locked.accounts.get_mut(id).expect("locked above");
-            out.clear();
-            account.advance(now, &mut out);
-            for e in &out {
-                rows.push(id, None, e);
+            let book = locked.books.get_mut(id).expect("locked above");
+            let window = folded.get(id).cloned().unwrap_or_default();
+            let (lines, closed) = book.finalize(until, window);
+            for line in &lines {
+                rows.push(id, None, &line.entry);
             }
+            finals.extend(closed.into_iter().map(|c| (id.clone(), c)));
             let state = locked.alerts.entry(id.clone()).or_default();
-            fired.extend(alerts::evaluate(account, now, &self.alert_defaults, state));
+            let view = book.view(now);
+            fired.extend(alerts::evaluate(&view, now, &self.alert_defaults, state));
         }
-        let touched = locked.accounts.len();
-        write_back(&tx, &locked, &rows, &fired).await?;
+        let touched = locked.books.len();
+        tx.execute(
+            "DELETE FROM open_events WHERE account_id = ANY($1) AND at < $2",
+            &[&ids, &until],
+        )
+        .await?;
+        write_back(&tx, &locked, &rows, &fired, &finals, self.grace).await?;
         fail::fail_point!("tick-before-commit", |_| std::process::abort());
         tx.commit().await?;
         if touched > 0 {
-            tracing::info!(accounts = touched, entries = rows.len(), alerts = fired.len(), %now, "scheduler tick");
+            tracing::info!(accounts = touched, entries = rows.len(), alerts = fired.len(), %now, %until, "scheduler tick");
         }
         Ok(touched)
     }
@@ -409,7 +475,8 @@ impl Store {
         let rows = self
             .client
             .query(
-                "SELECT cycle_start, cycle_end, allowance, used, overage, allowance_expired
+                "SELECT cycle_start, cycle_end, allowance, used, overage, allowance_expired,
+                        overage_billed, late_used
                  FROM cycles WHERE account_id = $1 ORDER BY cycle_start",
                 &[&account_id],
             )
@@ -423,6 +490,8 @@ impl Store {
                 used: r.get(3),
                 overage: r.get(4),
                 allowance_expired: r.get(5),
+                overage_billed: r.get(6),
+                late_used: r.get(7),
             })
             .collect())
     }
@@ -496,47 +565,26 @@ impl Store {
         }))
     }
 
-    /// The billing-page view of an account at `now` (None: unknown account).
+    /// The billing-page view of an account at `now` (None: unknown account): its book
+    /// brought to `now` ([`Book::view`]), grants in the same consumption order debits use.
     pub async fn balance_view(
         &self,
         account_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Option<BalanceView>, StoreError> {
-        let Some(row) = self
-            .client
-            .query_opt(
-                &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1"),
-                &[&account_id],
-            )
-            .await?
-        else {
+        let Some(book) = self.book(account_id).await? else {
             return Ok(None);
         };
-        let account = account_from_row(&row)?;
-        let all = self
-            .client
-            .query(
-                &format!("{GRANT_COLUMNS} WHERE account_id = $1 ORDER BY seq"),
-                &[&account_id],
-            )
-            .await?
-            .iter()
-            .map(grant_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let allowance = account.cycle.as_ref().and_then(|c| {
-            let id = super::buckets::allowance_grant_id(c.start);
-            all.iter()
-                .find(|g| g.grant_id == id)
-                .map(|g| (g.granted, g.granted - g.remaining))
-        });
-        // Spendable at `now`: a grant past its expiry no longer counts, even before the
-        // scheduler has written its expiry entry.
-        let mut grants: Vec<Grant> = all
+        let account = book.view(now);
+        let allowance = account
+            .allowance_status()
+            .map(|(granted, remaining)| (granted, granted - remaining));
+        let grants: Vec<Grant> = account
+            .consumption_order(now)
             .into_iter()
-            .filter(|g| g.remaining > Decimal::ZERO && g.expires_at.is_none_or(|e| e > now))
+            .cloned()
             .collect();
-        grants.sort_by_key(|g| (g.priority, g.expires_at.is_none(), g.expires_at, g.seq));
-        let mut spendable: Decimal = grants.iter().map(|g| g.remaining).sum();
+        let mut spendable = account.spendable(now);
         spendable.rescale(6); // as stored, also when no grant is left
         let next_expiry = grants
             .iter()
@@ -550,10 +598,12 @@ impl Store {
             let secs = (c.end - now).num_seconds().max(0);
             (secs + 86_399) / 86_400
         });
+        let mut overage = account.overage;
+        overage.rescale(6);
         Ok(Some(BalanceView {
             account_id: account.account_id,
             spendable,
-            overage: account.overage,
+            overage,
             grants,
             next_expiry,
             plan: account.plan,
@@ -561,6 +611,41 @@ impl Store {
             allowance,
             days_until_reset,
         }))
+    }
+
+    /// An account's book (None: unknown account).
+    pub async fn book(&self, account_id: &str) -> Result<Option<Book>, StoreError> {
+        let Some(row) = self
+            .client
+            .query_opt(
+                &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1"),
+                &[&account_id],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let book = match row.get::<_, Option<Json<Book>>>(BOOK_COLUMN) {
+            Some(Json(book)) => book,
+            None => {
+                // An account written before books: its columns and grant rows.
+                let mut account = account_from_row(&row)?;
+                account.grants = self
+                    .client
+                    .query(
+                        &format!(
+                            "{GRANT_COLUMNS} WHERE account_id = $1 AND remaining > 0 ORDER BY seq"
+                        ),
+                        &[&account_id],
+                    )
+                    .await?
+                    .iter()
+                    .map(grant_from_row)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Book::from_state(account)
+            }
+        };
+        Ok(Some(book))
     }
 
     /// The last `limit` ledger lines of an account, newest last.
@@ -586,7 +671,7 @@ impl Store {
             .client
             .query(
                 "SELECT entry_id, kind, grant_id, amount, balance_after, overage_after,
-                        effective_at, event_id, rule_id
+                        effective_at, event_id, rule_id, corrects, late
                  FROM ledger_entries WHERE account_id = $1 AND entry_id < $2
                  ORDER BY entry_id DESC LIMIT $3",
                 &[&account_id, &before.unwrap_or(i64::MAX), &limit],
@@ -604,6 +689,8 @@ impl Store {
                 effective_at: r.get(6),
                 event_id: r.get(7),
                 rule_id: r.get(8),
+                corrects: r.get(9),
+                late: r.get(10),
             })
             .collect())
     }
@@ -676,13 +763,20 @@ fn grant_from_row(r: &tokio_postgres::Row) -> Result<Grant, StoreError> {
         expires_at: r.get(6),
         granted_at: r.get(7),
         seq: r.get(8),
-        dirty: false,
+        // A row from before books: what left it counts as debited.
+        debited: r.get::<_, Decimal>(4) - r.get::<_, Decimal>(5),
+        settled: Decimal::ZERO,
+        expired: Decimal::ZERO,
     })
 }
 
 const ACCOUNT_COLUMNS: &str = "account_id, overage, overage_policy, top_up_validity_months, \
      last_grant_seq, plan_id, monthly_allowance, billing_day, low_balance_credits, \
-     low_balance_percent, allowance_alert_percents, cycle_start, cycle_end, cycle_used, cycle_overage";
+     low_balance_percent, allowance_alert_percents, cycle_start, cycle_end, cycle_used, cycle_overage, \
+     book";
+
+/// The index of `book` in [`ACCOUNT_COLUMNS`].
+const BOOK_COLUMN: usize = 15;
 
 fn account_from_row(r: &tokio_postgres::Row) -> Result<Account, StoreError> {
     let policy: String = r.get(2);
@@ -716,19 +810,24 @@ fn account_from_row(r: &tokio_postgres::Row) -> Result<Account, StoreError> {
             end,
             used: r.get(13),
             overage: r.get(14),
+            late_used: Decimal::ZERO,
+            billing_day: a.plan.as_ref().map_or(1, |p| p.billing_day),
         });
     }
+    a.overage_incurred = a.overage;
     Ok(a)
 }
 
-/// Accounts locked for one transaction, with their alert states.
+/// Accounts locked for one transaction: their books, the grants as loaded (only changed
+/// grants are written back) and their alert states.
 struct Locked {
-    accounts: BTreeMap<String, Account>,
+    books: BTreeMap<String, Book>,
+    loaded: BTreeMap<String, Vec<Grant>>,
     alerts: BTreeMap<String, AlertState>,
 }
 
 /// Creates missing accounts, locks them in account_id order (so instances never deadlock),
-/// and loads their live grants (and the current allowance, even when used up) and alert state.
+/// and loads their books and alert state.
 async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, StoreError> {
     let mut ids = ids.to_vec();
     ids.sort_unstable();
@@ -747,29 +846,44 @@ async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, Sto
             &[&ids],
         )
         .await?;
-    let mut accounts = BTreeMap::new();
+    let mut books = BTreeMap::new();
+    let mut legacy = Vec::new();
     for r in &rows {
-        let a = account_from_row(r)?;
-        accounts.insert(a.account_id.clone(), a);
-    }
-    let grants = tx
-        .query(
-            "SELECT g.account_id, g.grant_id, g.kind, g.priority, g.granted, g.remaining,
-                    g.expires_at, g.granted_at, g.seq
-             FROM grants g JOIN accounts a ON a.account_id = g.account_id
-             WHERE g.account_id = ANY($1)
-               AND (g.remaining > 0
-                    OR g.grant_id = 'allowance:' || to_char(a.cycle_start AT TIME ZONE 'UTC', 'YYYY-MM-DD'))
-             ORDER BY g.account_id, g.seq",
-            &[&ids],
-        )
-        .await?;
-    for r in &grants {
         let id: String = r.get(0);
-        if let Some(a) = accounts.get_mut(&id) {
-            a.grants.push(grant_from_row(r)?);
+        match r.get::<_, Option<Json<Book>>>(BOOK_COLUMN) {
+            Some(Json(book)) => {
+                books.insert(id, book);
+            }
+            None => {
+                legacy.push(id.clone());
+                books.insert(id, Book::from_state(account_from_row(r)?));
+            }
         }
     }
+    if !legacy.is_empty() {
+        // Accounts written before books: their live grants become the book's.
+        let grants = tx
+            .query(
+                &format!(
+                    "{GRANT_COLUMNS} WHERE account_id = ANY($1) AND remaining > 0
+                     ORDER BY account_id, seq"
+                ),
+                &[&legacy],
+            )
+            .await?;
+        for r in &grants {
+            let id: String = r.get(0);
+            if let Some(b) = books.get_mut(&id) {
+                let g = grant_from_row(r)?;
+                b.checkpoint.grants.push(g.clone());
+                b.live.grants.push(g);
+            }
+        }
+    }
+    let loaded = books
+        .iter()
+        .map(|(id, b)| (id.clone(), b.live.grants.clone()))
+        .collect();
     let mut alerts: BTreeMap<String, AlertState> = BTreeMap::new();
     for r in &tx
         .query(
@@ -787,52 +901,185 @@ async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, Sto
             },
         );
     }
-    Ok(Locked { accounts, alerts })
+    Ok(Locked {
+        books,
+        loaded,
+        alerts,
+    })
 }
 
-/// Writes everything a transaction changed: grants, entries, accounts, closed cycles, alert
-/// state and the outbox.
+/// The open windows of the given accounts: every event placed at or after the final point.
+async fn load_windows(
+    tx: &Transaction<'_>,
+    ids: &[&str],
+    books: &BTreeMap<String, Book>,
+) -> Result<BTreeMap<String, Vec<Placed>>, StoreError> {
+    let mut windows: BTreeMap<String, Vec<Placed>> = ids
+        .iter()
+        .map(|id| ((*id).to_owned(), Vec::new()))
+        .collect();
+    if ids.is_empty() {
+        return Ok(windows);
+    }
+    let rows = tx
+        .query(
+            "SELECT account_id, at, late, event FROM open_events WHERE account_id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    for r in &rows {
+        let id: String = r.get(0);
+        let at: DateTime<Utc> = r.get(1);
+        let final_at = books.get(&id).and_then(Book::final_at);
+        if final_at.is_some_and(|f| at < f) {
+            continue; // folded into the checkpoint already (deleted by the same tick)
+        }
+        let Json(event) = r.get::<_, Json<Event>>(3);
+        windows.entry(id).or_default().push(Placed {
+            at,
+            late: r.get(2),
+            event,
+        });
+    }
+    Ok(windows)
+}
+
+/// The open-window events of the given accounts placed before `until` (to fold).
+async fn load_folded(
+    tx: &Transaction<'_>,
+    ids: &[&str],
+    until: DateTime<Utc>,
+) -> Result<BTreeMap<String, Vec<Placed>>, StoreError> {
+    let rows = tx
+        .query(
+            "SELECT account_id, at, late, event FROM open_events
+             WHERE account_id = ANY($1) AND at < $2",
+            &[&ids, &until],
+        )
+        .await?;
+    let mut folded: BTreeMap<String, Vec<Placed>> = BTreeMap::new();
+    for r in &rows {
+        let Json(event) = r.get::<_, Json<Event>>(3);
+        folded.entry(r.get(0)).or_default().push(Placed {
+            at: r.get(1),
+            late: r.get(2),
+            event,
+        });
+    }
+    Ok(folded)
+}
+
+/// Open-window rows, gathered for one multi-row insert.
+#[derive(Default)]
+struct OpenRows<'a> {
+    account_id: Vec<&'a str>,
+    at: Vec<DateTime<Utc>>,
+    source: Vec<String>,
+    id: Vec<String>,
+    late: Vec<bool>,
+    event: Vec<serde_json::Value>,
+}
+
+impl<'a> OpenRows<'a> {
+    fn push(&mut self, account_id: &'a str, p: Placed) -> Result<(), StoreError> {
+        self.account_id.push(account_id);
+        self.at.push(p.at);
+        self.late.push(p.late);
+        self.event.push(
+            serde_json::to_value(&p.event)
+                .map_err(|e| StoreError::Data(format!("event to JSON: {e}")))?,
+        );
+        self.source.push(p.event.source);
+        self.id.push(p.event.id);
+        Ok(())
+    }
+
+    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        if self.account_id.is_empty() {
+            return Ok(());
+        }
+        tx.execute(
+            "INSERT INTO open_events (account_id, at, event_source, event_id, late, event)
+             SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
+                                  $5::bool[], $6::jsonb[])",
+            &[
+                &self.account_id,
+                &self.at,
+                &self.source,
+                &self.id,
+                &self.late,
+                &self.event,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// Writes everything a transaction changed: grants, entries, accounts and their books,
+/// closed cycles (revisable ones and those made `finals`), alert state and the outbox.
 async fn write_back(
     tx: &Transaction<'_>,
     locked: &Locked,
     rows: &EntryRows<'_>,
     fired: &[Alert],
+    finals: &[(String, ClosedCycle)],
+    grace: chrono::Duration,
 ) -> Result<(), StoreError> {
-    write_grants(tx, &locked.accounts).await?;
+    write_grants(tx, locked).await?;
     rows.insert(tx).await?;
-    write_accounts(tx, &locked.accounts).await?;
-    write_cycles(tx, &locked.accounts).await?;
+    write_accounts(tx, &locked.books, grace).await?;
+    write_cycles(tx, &locked.books, finals).await?;
     write_alerts(tx, &locked.alerts, fired).await?;
     Ok(())
 }
 
+/// Closed cycles: a final one never changes again; one not yet final is revised.
 async fn write_cycles(
     tx: &Transaction<'_>,
-    accounts: &BTreeMap<String, Account>,
+    books: &BTreeMap<String, Book>,
+    finals: &[(String, ClosedCycle)],
 ) -> Result<(), StoreError> {
     let mut id = Vec::new();
     let (mut start, mut end) = (Vec::new(), Vec::new());
     let (mut allowance, mut used, mut overage, mut expired) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (account_id, a) in accounts {
-        for c in &a.closed {
-            id.push(account_id.as_str());
-            start.push(c.start);
-            end.push(c.end);
-            allowance.push(c.allowance);
-            used.push(c.used);
-            overage.push(c.overage);
-            expired.push(c.allowance_expired);
-        }
+    let (mut billed, mut late, mut is_final) = (Vec::new(), Vec::new(), Vec::new());
+    let open = books
+        .iter()
+        .flat_map(|(a, b)| b.live.closed.iter().map(move |c| (a.as_str(), c, false)));
+    let done = finals.iter().map(|(a, c)| (a.as_str(), c, true));
+    for (account_id, c, f) in open.chain(done) {
+        id.push(account_id);
+        start.push(c.start);
+        end.push(c.end);
+        allowance.push(c.allowance);
+        used.push(c.used);
+        overage.push(c.overage);
+        expired.push(c.allowance_expired);
+        billed.push(c.overage_billed);
+        late.push(c.late_used);
+        is_final.push(f);
     }
     if id.is_empty() {
         return Ok(());
     }
     tx.execute(
-        "INSERT INTO cycles (account_id, cycle_start, cycle_end, allowance, used, overage, allowance_expired)
+        "INSERT INTO cycles (account_id, cycle_start, cycle_end, allowance, used, overage,
+                             allowance_expired, overage_billed, late_used, final)
          SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::numeric[],
-                              $5::numeric[], $6::numeric[], $7::numeric[])",
-        &[&id, &start, &end, &allowance, &used, &overage, &expired],
+                              $5::numeric[], $6::numeric[], $7::numeric[], $8::numeric[],
+                              $9::numeric[], $10::bool[])
+         ON CONFLICT (account_id, cycle_start) DO UPDATE
+           SET cycle_end = EXCLUDED.cycle_end, allowance = EXCLUDED.allowance,
+               used = EXCLUDED.used, overage = EXCLUDED.overage,
+               allowance_expired = EXCLUDED.allowance_expired,
+               overage_billed = EXCLUDED.overage_billed, late_used = EXCLUDED.late_used,
+               final = EXCLUDED.final, closed_at = now()
+           WHERE NOT cycles.final",
+        &[
+            &id, &start, &end, &allowance, &used, &overage, &expired, &billed, &late, &is_final,
+        ],
     )
     .await?;
     Ok(())
@@ -925,11 +1172,13 @@ async fn known_grants(
 struct EntryRows<'a> {
     account_id: Vec<&'a str>,
     kind: Vec<&'static str>,
+    corrects: Vec<Option<&'static str>>,
     grant_id: Vec<Option<String>>,
     amount: Vec<Decimal>,
     balance_after: Vec<Decimal>,
     overage_after: Vec<Decimal>,
     effective_at: Vec<DateTime<Utc>>,
+    late: Vec<bool>,
     event_source: Vec<Option<&'a str>>,
     event_id: Vec<Option<&'a str>>,
     usage_kind: Vec<Option<&'a str>>,
@@ -943,35 +1192,29 @@ impl<'a> EntryRows<'a> {
     }
 
     /// `cause`: the event that led to the entry, if any (the scheduler's have none).
-    fn push(
-        &mut self,
-        account_id: &'a str,
-        cause: Option<(&Item<'a>, Option<&DebitInfo<'a>>)>,
-        e: &Entry,
-    ) {
+    fn push(&mut self, account_id: &'a str, cause: Option<&Item<'a>>, e: &Entry) {
         use super::buckets::EntryKind;
         // Expiries and resets happen because time passed, not because of the event.
-        let caused = !matches!(
-            e.kind,
-            EntryKind::Expiry | EntryKind::Reset | EntryKind::Renewal
-        ) || (e.kind == EntryKind::Renewal && cause.is_some());
-        let (item, debit) = match cause {
-            Some((item, debit)) if caused => (Some(item), debit),
-            _ => (None, None),
-        };
+        let caused = !matches!(e.kind, EntryKind::Expiry | EntryKind::Reset);
+        let item = cause.filter(|_| caused);
+        let debit = item.and_then(|i| match &i.action {
+            Action::Debit(d) if matches!(e.kind, EntryKind::Debit | EntryKind::Overage) => Some(d),
+            _ => None,
+        });
         self.account_id.push(account_id);
         self.kind.push(e.kind.as_str());
+        self.corrects.push(e.corrects.map(EntryKind::as_str));
         self.grant_id.push(e.grant_id.clone());
         self.amount.push(e.amount);
         self.balance_after.push(e.balance_after);
         self.overage_after.push(e.overage_after);
         self.effective_at.push(e.effective_at);
+        self.late.push(e.late);
         self.event_source.push(item.map(|i| i.source));
         self.event_id.push(item.map(|i| i.id));
-        let d = debit;
-        self.usage_kind.push(d.map(|d| d.usage_kind));
-        self.price_version.push(d.map(|d| d.price_version));
-        self.rule_id.push(d.map(|d| d.rule_id));
+        self.usage_kind.push(debit.map(|d| d.usage_kind));
+        self.price_version.push(debit.map(|d| d.price_version));
+        self.rule_id.push(debit.map(|d| d.rule_id));
     }
 
     async fn insert(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
@@ -979,18 +1222,22 @@ impl<'a> EntryRows<'a> {
             return Ok(());
         }
         tx.execute(
-            "INSERT INTO ledger_entries (account_id, kind, grant_id, amount, balance_after,
-                 overage_after, effective_at, event_source, event_id, usage_kind, price_version, rule_id)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::numeric[],
-                 $6::numeric[], $7::timestamptz[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[])",
+            "INSERT INTO ledger_entries (account_id, kind, corrects, grant_id, amount, balance_after,
+                 overage_after, effective_at, late, event_source, event_id, usage_kind,
+                 price_version, rule_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
+                 $6::numeric[], $7::numeric[], $8::timestamptz[], $9::bool[], $10::text[],
+                 $11::text[], $12::text[], $13::text[], $14::text[])",
             &[
                 &self.account_id,
                 &self.kind,
+                &self.corrects,
                 &self.grant_id,
                 &self.amount,
                 &self.balance_after,
                 &self.overage_after,
                 &self.effective_at,
+                &self.late,
                 &self.event_source,
                 &self.event_id,
                 &self.usage_kind,
@@ -1003,10 +1250,8 @@ impl<'a> EntryRows<'a> {
     }
 }
 
-async fn write_grants(
-    tx: &Transaction<'_>,
-    accounts: &BTreeMap<String, Account>,
-) -> Result<(), StoreError> {
+/// Writes the grants that differ from what was loaded (new, debited, renewed, corrected).
+async fn write_grants(tx: &Transaction<'_>, locked: &Locked) -> Result<(), StoreError> {
     let mut account_id = Vec::new();
     let mut grant_id = Vec::new();
     let mut kind = Vec::new();
@@ -1016,8 +1261,12 @@ async fn write_grants(
     let mut expires_at = Vec::new();
     let mut granted_at = Vec::new();
     let mut seq = Vec::new();
-    for (id, a) in accounts {
-        for g in a.grants.iter().filter(|g| g.dirty) {
+    for (id, b) in &locked.books {
+        let before = locked.loaded.get(id);
+        for g in &b.live.grants {
+            if before.is_some_and(|l| l.contains(g)) {
+                continue;
+            }
             account_id.push(id.as_str());
             grant_id.push(g.grant_id.as_str());
             kind.push(g.kind.as_str());
@@ -1037,25 +1286,43 @@ async fn write_grants(
          SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
                               $7::timestamptz[], $8::timestamptz[], $9::bigint[])
          ON CONFLICT (account_id, grant_id) DO UPDATE
-           SET remaining = EXCLUDED.remaining, expires_at = EXCLUDED.expires_at",
+           SET remaining = EXCLUDED.remaining, expires_at = EXCLUDED.expires_at,
+               granted = EXCLUDED.granted, granted_at = EXCLUDED.granted_at, seq = EXCLUDED.seq",
         &[&account_id, &grant_id, &kind, &priority, &granted, &remaining, &expires_at, &granted_at, &seq],
     )
     .await?;
     Ok(())
 }
 
+/// When the scheduler must next visit a book: its final point lags by a step, its cycle
+/// ends, or a live grant expires — each once final (`+ grace`).
+fn due_at(book: &Book, grace: chrono::Duration) -> Option<DateTime<Utc>> {
+    let live = &book.live;
+    let step = match book.final_at() {
+        Some(f) => Some(f + FINALIZE_STEP),
+        None => live.clock,
+    };
+    let cycle = live.cycle.as_ref().map(|c| c.end + grace);
+    let expiry = live
+        .grants
+        .iter()
+        .filter(|g| g.remaining > Decimal::ZERO)
+        .filter_map(|g| g.expires_at)
+        .min()
+        .map(|e| e + grace);
+    [step, cycle, expiry].into_iter().flatten().min()
+}
+
 async fn write_accounts(
     tx: &Transaction<'_>,
-    accounts: &BTreeMap<String, Account>,
+    books: &BTreeMap<String, Book>,
+    grace: chrono::Duration,
 ) -> Result<(), StoreError> {
-    let ids: Vec<&str> = accounts.keys().map(String::as_str).collect();
+    let ids: Vec<&str> = books.keys().map(String::as_str).collect();
     let now = Utc::now();
-    let a: Vec<&Account> = accounts.values().collect();
+    let a: Vec<&Account> = books.values().map(|b| &b.live).collect();
     // The stored spendable balance counts grants not yet expired by an entry.
-    let spendable: Vec<Decimal> = a
-        .iter()
-        .map(|a| a.grants.iter().map(|g| g.remaining).sum())
-        .collect();
+    let spendable: Vec<Decimal> = a.iter().map(|a| a.balance()).collect();
     let overage: Vec<Decimal> = a.iter().map(|a| a.overage).collect();
     let policy: Vec<&str> = a
         .iter()
@@ -1117,6 +1384,13 @@ async fn write_accounts(
         .iter()
         .map(|a| a.cycle.as_ref().map_or(Decimal::ZERO, |c| c.overage))
         .collect();
+    let book: Vec<serde_json::Value> = books
+        .values()
+        .map(serde_json::to_value)
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::Data(format!("book to JSON: {e}")))?;
+    let final_at: Vec<Option<DateTime<Utc>>> = books.values().map(Book::final_at).collect();
+    let due: Vec<Option<DateTime<Utc>>> = books.values().map(|b| due_at(b, grace)).collect();
     tx.execute(
         "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,
                 overage_policy = u.policy, top_up_validity_months = u.validity,
@@ -1124,18 +1398,20 @@ async fn write_accounts(
                 billing_day = u.billing_day, low_balance_credits = u.low_credits,
                 low_balance_percent = u.low_percent, allowance_alert_percents = u.percents::int[],
                 cycle_start = u.cycle_start, cycle_end = u.cycle_end, cycle_used = u.cycle_used,
-                cycle_overage = u.cycle_overage, updated_at = $17
+                cycle_overage = u.cycle_overage, book = u.book, final_at = u.final_at,
+                due_at = u.due_at, updated_at = $20
          FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::text[], $5::int[], $6::bigint[],
                      $7::text[], $8::numeric[], $9::int[], $10::numeric[], $11::numeric[], $12::text[],
-                     $13::timestamptz[], $14::timestamptz[], $15::numeric[], $16::numeric[])
+                     $13::timestamptz[], $14::timestamptz[], $15::numeric[], $16::numeric[],
+                     $17::jsonb[], $18::timestamptz[], $19::timestamptz[])
               AS u(account_id, spendable, overage, policy, validity, seq, plan_id, allowance,
                    billing_day, low_credits, low_percent, percents, cycle_start, cycle_end,
-                   cycle_used, cycle_overage)
+                   cycle_used, cycle_overage, book, final_at, due_at)
          WHERE a.account_id = u.account_id",
         &[
             &ids, &spendable, &overage, &policy, &validity, &seq, &plan_id, &allowance, &billing_day,
             &low_credits, &low_percent, &percents, &cycle_start, &cycle_end, &cycle_used,
-            &cycle_overage, &now,
+            &cycle_overage, &book, &final_at, &due, &now,
         ],
     )
     .await?;

@@ -258,6 +258,7 @@ async fn send_letters(
 async fn connect(cfg: &Config) -> Result<Store, StoreError> {
     let mut store = Store::connect(&cfg.postgres).await?;
     store.alert_defaults = cfg.alerts.defaults();
+    store.grace = cfg.billing.grace();
     Ok(store)
 }
 

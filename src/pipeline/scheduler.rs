@@ -31,6 +31,7 @@ pub async fn run(
             if store.as_ref().is_none_or(Store::is_closed) {
                 let mut s = Store::connect(&cfg.postgres).await?;
                 s.alert_defaults = cfg.alerts.defaults();
+                s.grace = cfg.billing.grace();
                 store = Some(s);
             }
             let s = store.as_mut().expect("connected above");

@@ -415,7 +415,6 @@ pub fn expected_from_demo(
                         priority: g.priority,
                     },
                     e.envelope.time,
-                    false,
                     &mut out,
                 ),
                 Payload::Plan(p) => {
@@ -448,7 +447,7 @@ pub fn expected_from_demo(
         .into_iter()
         .map(|(id, mut acct)| {
             let (usage_events, credits) = debits.get(&id).copied().unwrap_or_default();
-            acct.debit(credits, latest, &mut out);
+            acct.debit(credits, latest, false, &mut out);
             let expected = Expected {
                 spendable: acct.spendable(latest),
                 overage: acct.overage,

@@ -1,0 +1,925 @@
+//! The ledger's pure core: a deterministic state machine (events + book + now -> new book +
+//! entries) that makes an account's ledger a function of the SET of its events, whatever
+//! their delivery order or batching. No IO: the PostgreSQL store loads a [`Book`] and the
+//! account's open window, calls [`Book::apply`] or [`Book::finalize`], and saves the result.
+//!
+//! A book holds two states of the account ([`Account`]):
+//! - the checkpoint: every event before the final point applied in event-time order, and
+//!   time brought to the final point (`now - grace`): nothing before it changes any more;
+//! - the live state: the checkpoint plus the open window's events (at or after the final
+//!   point, kept by the store) in event-time order, ties broken by (time, source, id).
+//!
+//! An event later than the last one applied is applied to the live state directly (the
+//! common, cheap path). An earlier one inside the window is first charged at the live
+//! state's time (its own entries), then the window is replayed from the checkpoint in order
+//! and the difference, per grant and per kind, is written as correction entries: the ledger
+//! stays append-only and every balance is explainable line by line. An event dated before
+//! the final point (it arrived after the grace) is never dropped: it is charged at the live
+//! state's time and marked late.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::buckets::{allowance_grant_id, Account, ClosedCycle, Entry, EntryKind, NewGrant, Plan};
+use crate::event::OveragePolicy;
+
+/// What an event does to its account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Debit {
+        credits: Decimal,
+    },
+    Grant(NewGrant),
+    /// The account's plan (allowance, billing day, thresholds), policy and top-up validity.
+    Plan {
+        plan: Plan,
+        overage_policy: OveragePolicy,
+        top_up_validity_months: u32,
+    },
+}
+
+/// One event for the ledger: its identity, its own time and its effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub time: DateTime<Utc>,
+    pub source: String,
+    pub id: String,
+    pub action: Action,
+}
+
+/// An event placed in the account's event-time order: at its own time, or — when it arrived
+/// after the grace (`late`) — at the account's time when it arrived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Placed {
+    pub at: DateTime<Utc>,
+    pub late: bool,
+    pub event: Event,
+}
+
+/// The total order of an account's events.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Key {
+    pub at: DateTime<Utc>,
+    pub source: String,
+    pub id: String,
+}
+
+impl Placed {
+    pub fn key(&self) -> Key {
+        Key {
+            at: self.at,
+            source: self.event.source.clone(),
+            id: self.event.id.clone(),
+        }
+    }
+
+    fn order(&self) -> (DateTime<Utc>, &str, &str) {
+        (self.at, &self.event.source, &self.event.id)
+    }
+
+    /// Applies the event to `account` at `at` (its place, or later for a provisional charge).
+    fn apply_at(&self, account: &mut Account, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+        match &self.event.action {
+            Action::Debit { credits } => account.debit(*credits, at, self.late, out),
+            Action::Grant(g) => account.grant(g, at, out),
+            Action::Plan {
+                plan,
+                overage_policy,
+                top_up_validity_months,
+            } => account.set_plan(
+                plan.clone(),
+                *overage_policy,
+                *top_up_validity_months,
+                self.event.time,
+                at,
+                out,
+            ),
+        }
+    }
+}
+
+/// A ledger entry and the event that caused it: an index into the events given to
+/// [`Book::apply`] (None: time passing, from [`Book::finalize`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub entry: Entry,
+    pub cause: Option<usize>,
+}
+
+/// What [`Book::apply`] did with a batch of the account's events.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub lines: Vec<Line>,
+    /// The events as placed, for the store's open window (same order as given).
+    pub placed: Vec<Placed>,
+    /// The window was replayed (an event arrived out of order).
+    pub replayed: bool,
+}
+
+/// An account's checkpoint, live state and the last event applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Book {
+    pub checkpoint: Account,
+    pub live: Account,
+    pub last: Option<Key>,
+}
+
+impl Book {
+    pub fn new(account_id: &str) -> Book {
+        Book {
+            checkpoint: Account::new(account_id),
+            live: Account::new(account_id),
+            last: None,
+        }
+    }
+
+    /// A book for an account whose state predates event-time books: the state is both the
+    /// checkpoint and the live state (nothing before it is replayed).
+    pub fn from_state(state: Account) -> Book {
+        Book {
+            checkpoint: state.clone(),
+            live: state,
+            last: None,
+        }
+    }
+
+    /// The final point: events dated before it are late.
+    pub fn final_at(&self) -> Option<DateTime<Utc>> {
+        self.checkpoint.clock
+    }
+
+    /// Where an event goes in the account's order.
+    pub fn place(&self, event: &Event) -> Placed {
+        match self.final_at() {
+            Some(f) if event.time < f => Placed {
+                at: self.live.clock.map_or(f, |c| c.max(f)),
+                late: true,
+                event: event.clone(),
+            },
+            _ => Placed {
+                at: event.time,
+                late: false,
+                event: event.clone(),
+            },
+        }
+    }
+
+    /// After everything applied so far: the cheap path applies it as it comes.
+    fn in_order(&self, p: &Placed) -> bool {
+        self.live.clock.is_none_or(|c| p.at >= c)
+            && self
+                .last
+                .as_ref()
+                .is_none_or(|l| p.order() > (l.at, l.source.as_str(), l.id.as_str()))
+    }
+
+    /// Whether applying these events needs the open window (an event out of order).
+    pub fn needs_window(&self, events: &[Event]) -> bool {
+        events.iter().any(|e| !self.in_order(&self.place(e)))
+    }
+
+    /// Applies the account's new events. `window`: the open window's events (every event
+    /// placed at or after [`Book::final_at`], in any order), required when
+    /// [`Book::needs_window`] says so.
+    pub fn apply(&mut self, events: &[Event], window: Option<Vec<Placed>>) -> Applied {
+        let placed: Vec<Placed> = events.iter().map(|e| self.place(e)).collect();
+        let mut order: Vec<usize> = (0..placed.len()).collect();
+        order.sort_by(|&a, &b| placed[a].order().cmp(&placed[b].order()));
+        let mut lines = Vec::new();
+        let mut out = Vec::new();
+        let replay = order.first().is_some_and(|&i| !self.in_order(&placed[i]));
+        if !replay {
+            for &i in &order {
+                out.clear();
+                placed[i].apply_at(&mut self.live, placed[i].at, &mut out);
+                lines.extend(out.drain(..).map(|entry| Line {
+                    entry,
+                    cause: Some(i),
+                }));
+                self.last = Some(placed[i].key());
+            }
+        } else {
+            let mut window = window.expect("the caller loads the window when needs_window");
+            // First each event's own entries, charged at the account's time...
+            let mut provisional = self.live.clone();
+            for &i in &order {
+                out.clear();
+                let at = provisional
+                    .clock
+                    .map_or(placed[i].at, |c| c.max(placed[i].at));
+                placed[i].apply_at(&mut provisional, at, &mut out);
+                lines.extend(out.drain(..).map(|entry| Line {
+                    entry,
+                    cause: Some(i),
+                }));
+            }
+            // ...then the window replayed in event-time order from the checkpoint...
+            window.extend(placed.iter().cloned());
+            window.sort_by(|a, b| a.order().cmp(&b.order()));
+            window.dedup_by(|a, b| a.order() == b.order());
+            let mut canonical = self.checkpoint.clone();
+            for p in &window {
+                p.apply_at(&mut canonical, p.at, &mut out);
+            }
+            out.clear();
+            if let Some(clock) = provisional.clock {
+                canonical.advance(clock, &mut out);
+                out.clear();
+            }
+            // ...and the difference as corrections, caused by the earliest event out of order.
+            let at = provisional.clock.expect("events were applied");
+            let cause = order[0];
+            lines.extend(
+                corrections(&provisional, &canonical, at)
+                    .into_iter()
+                    .map(|entry| Line {
+                        entry,
+                        cause: Some(cause),
+                    }),
+            );
+            self.live = canonical;
+            let newest = window.last().map(Placed::key);
+            if newest > self.last {
+                self.last = newest;
+            }
+        }
+        self.check();
+        Applied {
+            lines,
+            placed,
+            replayed: replay,
+        }
+    }
+
+    /// Moves the final point to `until` (now - grace): the window's events before it
+    /// (`folded`, given by the store, any order) go into the checkpoint, which is brought to
+    /// `until`; the live state is brought to `until` too when it is behind (entries for the
+    /// resets and expiries that passed). Cycles that closed at or before `until` become final
+    /// and are returned; spent grants leave both states. Returns nothing when `until` is not
+    /// ahead of the final point.
+    pub fn finalize(
+        &mut self,
+        until: DateTime<Utc>,
+        mut folded: Vec<Placed>,
+    ) -> (Vec<Line>, Vec<ClosedCycle>) {
+        if self.final_at().is_some_and(|f| f >= until) {
+            return (Vec::new(), Vec::new());
+        }
+        folded.retain(|p| p.at < until);
+        folded.sort_by(|a, b| a.order().cmp(&b.order()));
+        let mut sink = Vec::new();
+        for p in &folded {
+            p.apply_at(&mut self.checkpoint, p.at, &mut sink);
+        }
+        self.checkpoint.advance(until, &mut sink);
+        let mut out = Vec::new();
+        self.live.advance(until, &mut out);
+        let lines = out
+            .into_iter()
+            .map(|entry| Line { entry, cause: None })
+            .collect();
+        let final_cycles: Vec<ClosedCycle> = self
+            .checkpoint
+            .closed
+            .iter()
+            .filter(|c| c.end <= until)
+            .cloned()
+            .collect();
+        for state in [&mut self.checkpoint, &mut self.live] {
+            state.closed.retain(|c| c.end > until);
+        }
+        // Spent grants never change again (nothing adds credits to a grant): both states
+        // drop them, except the current allowance (its "used" is still reported).
+        let keep_allowance = |a: &Account| a.cycle.as_ref().map(|c| allowance_grant_id(c.start));
+        let spent: Vec<String> = self
+            .checkpoint
+            .grants
+            .iter()
+            .filter(|g| g.remaining.is_zero())
+            .filter(|g| {
+                Some(&g.grant_id) != keep_allowance(&self.checkpoint).as_ref()
+                    && Some(&g.grant_id) != keep_allowance(&self.live).as_ref()
+            })
+            .map(|g| g.grant_id.clone())
+            .collect();
+        for state in [&mut self.checkpoint, &mut self.live] {
+            state.grants.retain(|g| !spent.contains(&g.grant_id));
+        }
+        self.check();
+        (lines, final_cycles)
+    }
+
+    /// The account as it stands at `now` (resets and expiries up to `now` applied to a copy):
+    /// what balances, views and alerts show. Spendable never counts expired credits.
+    pub fn view(&self, now: DateTime<Utc>) -> Account {
+        let mut view = self.live.clone();
+        view.advance(now, &mut Vec::new());
+        view
+    }
+
+    /// Paired assertions (debug builds): the checkpoint is never ahead of the live state.
+    fn check(&self) {
+        debug_assert!(
+            match (self.checkpoint.clock, self.live.clock) {
+                (Some(c), Some(l)) => c <= l,
+                (Some(_), None) => false,
+                _ => true,
+            },
+            "the checkpoint is ahead of the live state"
+        );
+    }
+}
+
+/// The entries that take `from` to `to`, per grant and per kind: a new grant as a grant
+/// entry, every other difference as a correction of the kind it corrects. Credits added
+/// come first so no running balance dips below zero.
+pub fn corrections(from: &Account, to: &Account, at: DateTime<Utc>) -> Vec<Entry> {
+    let mut deltas: Vec<(EntryKind, Option<EntryKind>, Option<String>, Decimal)> = Vec::new();
+    let zero = Decimal::ZERO;
+    let mut ids: Vec<&str> = to.grants.iter().map(|g| g.grant_id.as_str()).collect();
+    for g in &from.grants {
+        if !ids.contains(&g.grant_id.as_str()) {
+            ids.push(&g.grant_id);
+        }
+    }
+    for id in ids {
+        let f = from.grants.iter().find(|g| g.grant_id == id);
+        let t = to.grants.iter().find(|g| g.grant_id == id);
+        let get = |g: Option<&super::buckets::Grant>,
+                   pick: fn(&super::buckets::Grant) -> Decimal| {
+            g.map_or(zero, pick)
+        };
+        let granted = get(t, |g| g.granted) - get(f, |g| g.granted);
+        if f.is_none() {
+            deltas.push((EntryKind::Grant, None, Some(id.to_owned()), granted));
+        } else if !granted.is_zero() {
+            deltas.push((
+                EntryKind::Correction,
+                Some(EntryKind::Grant),
+                Some(id.to_owned()),
+                granted,
+            ));
+        }
+        for (kind, pick) in [
+            (
+                EntryKind::Debit,
+                (|g: &super::buckets::Grant| g.debited) as fn(&super::buckets::Grant) -> Decimal,
+            ),
+            (EntryKind::Settle, |g| g.settled),
+            (EntryKind::Expiry, |g| g.expired),
+        ] {
+            let d = get(t, pick) - get(f, pick);
+            if !d.is_zero() {
+                deltas.push((EntryKind::Correction, Some(kind), Some(id.to_owned()), -d));
+            }
+        }
+    }
+    let incurred = to.overage_incurred - from.overage_incurred;
+    if !incurred.is_zero() {
+        deltas.push((
+            EntryKind::Correction,
+            Some(EntryKind::Overage),
+            None,
+            -incurred,
+        ));
+    }
+    let billed = to.overage_billed - from.overage_billed;
+    if !billed.is_zero() {
+        deltas.push((EntryKind::Correction, Some(EntryKind::Reset), None, billed));
+    }
+    deltas.sort_by_key(|(_, _, _, amount)| std::cmp::Reverse(*amount));
+    let (mut balance, mut overage) = (from.balance(), from.overage);
+    let entries: Vec<Entry> = deltas
+        .into_iter()
+        .map(|(kind, corrects, grant_id, amount)| {
+            match corrects.unwrap_or(kind) {
+                EntryKind::Settle => {
+                    balance += amount;
+                    overage += amount;
+                }
+                EntryKind::Overage | EntryKind::Reset => overage -= amount,
+                _ => balance += amount,
+            }
+            Entry {
+                kind,
+                corrects,
+                grant_id,
+                amount,
+                balance_after: balance,
+                overage_after: overage,
+                effective_at: at,
+                late: false,
+            }
+        })
+        .collect();
+    debug_assert_eq!(
+        (balance, overage),
+        (to.balance(), to.overage),
+        "corrections do not explain the new balance"
+    );
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::GrantKind;
+    use chrono::{Duration, TimeZone};
+    use proptest::prelude::*;
+    use rust_decimal_macros::dec;
+
+    const GRACE: i64 = 24; // hours
+
+    fn at(m: u32, d: u32, h: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2027, m, d, h, 0, 0).unwrap()
+    }
+
+    fn ev(id: &str, time: DateTime<Utc>, action: Action) -> Event {
+        Event {
+            time,
+            source: "s".into(),
+            id: id.into(),
+            action,
+        }
+    }
+
+    fn debit(credits: Decimal) -> Action {
+        Action::Debit { credits }
+    }
+
+    fn grant(
+        id: &str,
+        kind: GrantKind,
+        credits: Decimal,
+        expires: Option<DateTime<Utc>>,
+    ) -> Action {
+        Action::Grant(NewGrant {
+            grant_id: id.into(),
+            kind,
+            credits,
+            expires_at: expires,
+            priority: None,
+        })
+    }
+
+    fn plan(allowance: Decimal, day: u8, policy: OveragePolicy) -> Action {
+        Action::Plan {
+            plan: Plan {
+                plan_id: format!("p{day}"),
+                monthly_allowance: allowance,
+                billing_day: day,
+                low_balance_credits: None,
+                low_balance_percent: None,
+                allowance_alert_percents: vec![],
+            },
+            overage_policy: policy,
+            top_up_validity_months: 3,
+        }
+    }
+
+    /// The store's part, in memory: the open window, and the finals recorded.
+    #[derive(Default)]
+    struct Harness {
+        book: Option<Book>,
+        window: Vec<Placed>,
+        lines: Vec<Entry>,
+        finals: Vec<ClosedCycle>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Harness {
+                book: Some(Book::new("a")),
+                ..Default::default()
+            }
+        }
+
+        fn book(&mut self) -> &mut Book {
+            self.book.as_mut().unwrap()
+        }
+
+        fn deliver(&mut self, events: &[Event]) -> Applied {
+            let need = self.book().needs_window(events);
+            let window = need.then(|| self.window.clone());
+            let applied = self.book().apply(events, window);
+            self.window.extend(applied.placed.iter().cloned());
+            self.lines
+                .extend(applied.lines.iter().map(|l| l.entry.clone()));
+            applied
+        }
+
+        fn tick(&mut self, now: DateTime<Utc>) {
+            let until = now - Duration::hours(GRACE);
+            let folded: Vec<Placed> = self
+                .window
+                .iter()
+                .filter(|p| p.at < until)
+                .cloned()
+                .collect();
+            let (lines, finals) = self.book().finalize(until, folded);
+            if self.book().final_at() == Some(until) {
+                self.window.retain(|p| p.at >= until);
+            }
+            self.lines.extend(lines.into_iter().map(|l| l.entry));
+            self.finals.extend(finals);
+        }
+    }
+
+    /// Replays the ledger lines with the documented rules: every running figure matches.
+    fn explain(lines: &[Entry]) -> (Decimal, Decimal, BTreeMap<String, Decimal>) {
+        let (mut balance, mut overage) = (Decimal::ZERO, Decimal::ZERO);
+        let mut per_grant: BTreeMap<String, Decimal> = BTreeMap::new();
+        for e in lines {
+            match e.effect() {
+                EntryKind::Settle => {
+                    balance += e.amount;
+                    overage += e.amount;
+                }
+                EntryKind::Overage | EntryKind::Reset => overage -= e.amount,
+                _ => balance += e.amount,
+            }
+            if let Some(g) = &e.grant_id {
+                *per_grant.entry(g.clone()).or_default() += e.amount;
+            }
+            assert_eq!(
+                (e.balance_after, e.overage_after),
+                (balance, overage),
+                "{e:?}"
+            );
+        }
+        (balance, overage, per_grant)
+    }
+
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn late_usage_inside_the_grace_uses_the_old_cycle_allowance() {
+        // Plan 100/month on day 1; 30 used in January; a 50-credit call dated Jan 31 23:00
+        // arrives Feb 1 03:00, after February's first usage (10 at 01:00).
+        let mut h = Harness::new();
+        h.deliver(&[ev(
+            "plan",
+            at(1, 1, 0),
+            plan(dec!(100), 1, OveragePolicy::BillOverage),
+        )]);
+        h.deliver(&[ev("u1", at(1, 10, 0), debit(dec!(30)))]);
+        h.deliver(&[ev("u2", at(2, 1, 1), debit(dec!(10)))]);
+        let late = h.deliver(&[ev("u3", at(1, 31, 23), debit(dec!(50)))]);
+        assert!(late.replayed);
+        h.tick(at(2, 3, 0));
+        // January: 30 + 50 used of 100, 20 expired at the reset; February: 10 of 100.
+        assert_eq!(h.finals.len(), 1);
+        let jan = &h.finals[0];
+        assert_eq!(
+            (jan.allowance, jan.used, jan.allowance_expired),
+            (dec!(100), dec!(80), dec!(20))
+        );
+        assert_eq!(
+            (jan.overage, jan.overage_billed, jan.late_used),
+            (dec!(0), dec!(0), dec!(0))
+        );
+        let live = &h.book().live;
+        assert_eq!(live.balance(), dec!(90));
+        assert_eq!(live.cycle.as_ref().unwrap().used, dec!(10));
+        let (balance, overage, _) = explain(&h.lines);
+        assert_eq!((balance, overage), (dec!(90), dec!(0)));
+        // The late call was first charged to February's allowance, then corrected.
+        let corrections: Vec<(Option<EntryKind>, &str, Decimal)> = h
+            .lines
+            .iter()
+            .filter(|e| e.kind == EntryKind::Correction)
+            .map(|e| (e.corrects, e.grant_id.as_deref().unwrap_or(""), e.amount))
+            .collect();
+        assert_eq!(
+            corrections,
+            vec![
+                (Some(EntryKind::Expiry), "allowance:2027-01-01", dec!(50)),
+                (Some(EntryKind::Debit), "allowance:2027-02-01", dec!(50)),
+                (Some(EntryKind::Debit), "allowance:2027-01-01", dec!(-50)),
+            ]
+        );
+    }
+
+    #[test]
+    fn usage_after_the_grace_is_charged_now_and_marked_late() {
+        let mut h = Harness::new();
+        h.deliver(&[ev(
+            "plan",
+            at(1, 1, 0),
+            plan(dec!(100), 1, OveragePolicy::BillOverage),
+        )]);
+        h.deliver(&[ev("u1", at(2, 1, 1), debit(dec!(10)))]);
+        h.tick(at(2, 3, 0)); // January final
+        let late = h.deliver(&[ev("u2", at(1, 20, 0), debit(dec!(25)))]);
+        assert!(!late.replayed);
+        assert!(late.placed[0].late);
+        assert_eq!(late.placed[0].at, at(2, 2, 0), "charged at the final point");
+        let d = &late.lines[0].entry;
+        assert_eq!(
+            (d.kind, d.amount, d.late),
+            (EntryKind::Debit, dec!(-25), true)
+        );
+        assert_eq!(d.grant_id.as_deref(), Some("allowance:2027-02-01"));
+        h.tick(at(3, 3, 0));
+        let feb = h.finals.iter().find(|c| c.start == at(2, 1, 0)).unwrap();
+        assert_eq!(
+            (feb.used, feb.late_used, feb.allowance_expired),
+            (dec!(35), dec!(25), dec!(65))
+        );
+        let jan = h.finals.iter().find(|c| c.start == at(1, 1, 0)).unwrap();
+        assert_eq!((jan.used, jan.allowance_expired), (dec!(0), dec!(100)));
+    }
+
+    #[test]
+    fn an_earlier_top_up_arriving_late_pays_the_usage_it_covered() {
+        // Prepaid: 100-credit package, a 150-credit call at 10:00 (50 overage), then a
+        // 500-credit top-up dated 09:00 arrives: in event-time order the call takes 100 from
+        // ... the top-up first (priority 30 < package 40): top-up 350 left, package 100.
+        let mut h = Harness::new();
+        h.deliver(&[ev(
+            "pkg",
+            at(1, 1, 0),
+            grant("pkg", GrantKind::Package, dec!(100), None),
+        )]);
+        h.deliver(&[ev("call", at(1, 5, 10), debit(dec!(150)))]);
+        h.deliver(&[ev(
+            "top",
+            at(1, 5, 9),
+            grant("top", GrantKind::TopUp, dec!(500), None),
+        )]);
+        let live = &h.book().live;
+        let remaining: Vec<(&str, Decimal)> = live
+            .grants
+            .iter()
+            .map(|g| (g.grant_id.as_str(), g.remaining))
+            .collect();
+        assert_eq!(remaining, vec![("pkg", dec!(100)), ("top", dec!(350))]);
+        assert_eq!(live.overage, dec!(0));
+        let (balance, overage, per_grant) = explain(&h.lines);
+        assert_eq!((balance, overage), (dec!(450), dec!(0)));
+        assert_eq!(per_grant["pkg"], dec!(100));
+        assert_eq!(per_grant["top"], dec!(350));
+    }
+
+    #[test]
+    fn an_older_plan_does_not_revert_the_newer_one() {
+        let mut h = Harness::new();
+        h.deliver(&[ev(
+            "p2",
+            at(1, 10, 0),
+            plan(dec!(200), 1, OveragePolicy::BillOverage),
+        )]);
+        h.tick(at(1, 20, 0));
+        // Dated before the final point: late, recorded, and the plan in force stays.
+        let a = h.deliver(&[ev(
+            "p1",
+            at(1, 5, 0),
+            plan(dec!(50), 1, OveragePolicy::SettleFromNextGrant),
+        )]);
+        assert!(a.placed[0].late);
+        let live = &h.book().live;
+        assert_eq!(live.plan.as_ref().unwrap().monthly_allowance, dec!(200));
+        assert_eq!(live.policy, OveragePolicy::BillOverage);
+    }
+
+    #[test]
+    fn a_billing_day_change_cuts_one_prorated_cycle() {
+        // Day 20 -> 5, changed Mar 1: the cycle Mar 20 - Apr 5 (16 days) gets 3000 x 16/31.
+        let mut h = Harness::new();
+        h.deliver(&[ev(
+            "p",
+            at(2, 25, 0),
+            plan(dec!(3000), 20, OveragePolicy::BillOverage),
+        )]);
+        h.deliver(&[ev(
+            "p2",
+            at(3, 1, 0),
+            plan(dec!(3000), 5, OveragePolicy::BillOverage),
+        )]);
+        h.tick(at(4, 10, 0));
+        let c = h.book().live.cycle.clone().unwrap();
+        assert_eq!((c.start, c.end), (at(4, 5, 0), at(5, 5, 0)));
+        let mar = h.finals.iter().find(|c| c.start == at(3, 20, 0)).unwrap();
+        assert_eq!((mar.end, mar.allowance), (at(4, 5, 0), dec!(1548.387097)));
+        // Day 20 -> 25: 5 days is too short, the cycle runs to the next 25th (36 days).
+        assert_eq!(
+            buckets_cycle_after(at(3, 20, 0), 20, 25, dec!(3000)),
+            (at(4, 25, 0), dec!(3483.870968))
+        );
+    }
+
+    fn buckets_cycle_after(
+        start: DateTime<Utc>,
+        old: u8,
+        new: u8,
+        allowance: Decimal,
+    ) -> (DateTime<Utc>, Decimal) {
+        super::super::buckets::cycle_after(start, old, new, allowance)
+    }
+
+    proptest! {
+        /// Any irregular cycle is 14 to 44 days long.
+        #[test]
+        fn billing_day_changes_cut_14_to_44_days(secs in 1_700_000_000i64..2_100_000_000, old in 1u8..=31, new in 1u8..=31) {
+            let b = crate::ledger::cycle::containing(Utc.timestamp_opt(secs, 0).unwrap(), old).0;
+            let (end, _) = buckets_cycle_after(b, old, new, dec!(100));
+            let days = (end - b).num_days();
+            prop_assert!((14..=44).contains(&days) || (old == new && (28..=31).contains(&days)), "{} days", days);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Gen {
+        Grant(u8, i64, Option<u16>),
+        Debit(i64),
+        Plan(i64, u8, bool),
+    }
+
+    fn gen_event() -> impl Strategy<Value = (u32, Gen, u32)> {
+        // (minutes after the start, what, arrival delay in minutes below the grace)
+        let what = prop_oneof![
+            3 => (0u8..5, 1i64..80_000_000, proptest::option::of(1u16..1_500))
+                .prop_map(|(k, c, e)| Gen::Grant(k, c, e)),
+            8 => (0i64..20_000_000).prop_map(Gen::Debit),
+            1 => (0i64..60_000_000, 1u8..=31, any::<bool>()).prop_map(|(a, d, b)| Gen::Plan(a, d, b)),
+        ];
+        // Dense (out-of-order arrivals are frequent) or spread over months (cycles close).
+        let minute = prop_oneof![
+            0u32..(3 * 24 * 60),
+            0u32..(25 * 24 * 60),
+            0u32..(80 * 24 * 60)
+        ];
+        (minute, what, 0u32..(GRACE as u32 * 60))
+    }
+
+    fn build(specs: &[(u32, Gen, u32)]) -> Vec<(Event, DateTime<Utc>)> {
+        let kinds = [
+            GrantKind::Allowance,
+            GrantKind::Package,
+            GrantKind::TopUp,
+            GrantKind::Promo,
+            GrantKind::Manual,
+        ];
+        let start = at(1, 1, 0);
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, (m, g, delay))| {
+                let time = start + Duration::minutes((*m).into());
+                let action = match g {
+                    Gen::Grant(k, c, e) => grant(
+                        &format!("g{i}"),
+                        kinds[*k as usize],
+                        Decimal::new(*c, 6),
+                        e.map(|h| time + Duration::hours(h.into())),
+                    ),
+                    Gen::Debit(c) => debit(Decimal::new(*c, 6)),
+                    Gen::Plan(a, d, b) => plan(
+                        Decimal::new(*a, 6),
+                        *d,
+                        if *b {
+                            OveragePolicy::BillOverage
+                        } else {
+                            OveragePolicy::SettleFromNextGrant
+                        },
+                    ),
+                };
+                // Ids share their time's order only by chance: ties break by (source, id).
+                let source = if i % 3 == 0 { "x" } else { "y" };
+                let event = Event {
+                    time,
+                    source: source.into(),
+                    id: format!("e{i}"),
+                    action,
+                };
+                (event, time + Duration::minutes((*delay).into()))
+            })
+            .collect()
+    }
+
+    /// Delivers events in the given order, in batches of the given sizes, ticking at the
+    /// arrival time of the last delivered event when asked; then brings both to `end`.
+    fn run(
+        events: &[(Event, DateTime<Utc>)],
+        order: &[usize],
+        batches: &[(usize, bool)],
+        end: DateTime<Utc>,
+    ) -> Harness {
+        let mut h = Harness::new();
+        let mut i = 0;
+        let mut b = 0;
+        let mut now = at(1, 1, 0);
+        while i < order.len() {
+            let (size, tick) = batches.get(b).copied().unwrap_or((1, false));
+            b += 1;
+            let chunk: Vec<usize> = order[i..(i + size.max(1)).min(order.len())].to_vec();
+            i += chunk.len();
+            let batch: Vec<Event> = chunk.iter().map(|&k| events[k].0.clone()).collect();
+            h.deliver(&batch);
+            now = now.max(chunk.iter().map(|&k| events[k].1).max().unwrap());
+            if tick {
+                h.tick(now);
+            }
+        }
+        h.tick(end);
+        h
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        /// Events arriving up to three graces late: every usage credit is charged exactly
+        /// once, grants conserve their credits and the lines explain every balance.
+        #[test]
+        fn late_arrivals_are_charged_exactly_once(
+            specs in proptest::collection::vec(gen_event(), 1..60),
+            extra in proptest::collection::vec(0u32..(3 * GRACE as u32 * 60), 60),
+            batches in proptest::collection::vec((1usize..6, any::<bool>()), 0..40),
+        ) {
+            let mut events = build(&specs);
+            for (e, x) in events.iter_mut().zip(extra) {
+                e.1 += Duration::minutes(x.into());
+            }
+            let mut arrival: Vec<usize> = (0..events.len()).collect();
+            arrival.sort_by_key(|&k| events[k].1);
+            let h = run(&events, &arrival, &batches, at(6, 1, 0));
+            let usage: Decimal = events
+                .iter()
+                .map(|(e, _)| match e.action { Action::Debit { credits } => credits, _ => Decimal::ZERO })
+                .sum();
+            let charged: Decimal = h
+                .lines
+                .iter()
+                .filter(|e| matches!(e.effect(), EntryKind::Debit | EntryKind::Overage))
+                .map(|e| e.amount)
+                .sum();
+            prop_assert_eq!(-charged, usage);
+            let (balance, overage, per_grant) = explain(&h.lines);
+            let live = &h.book.as_ref().unwrap().live;
+            prop_assert_eq!(balance, live.balance());
+            prop_assert_eq!(overage, live.overage);
+            for g in &live.grants {
+                prop_assert_eq!(per_grant.get(&g.grant_id).copied().unwrap_or_default(), g.remaining);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        /// The same events, every one arriving within the grace, give the same account in
+        /// any delivery order and batching: grants, spendable, overage, closed cycles; credits
+        /// are conserved; the lines explain every balance.
+        #[test]
+        fn same_events_same_bill_in_any_order(
+            specs in proptest::collection::vec(gen_event(), 1..60),
+            batches in proptest::collection::vec((1usize..6, any::<bool>()), 0..40),
+            seed in any::<u64>(),
+        ) {
+            use rand::{seq::SliceRandom, SeedableRng};
+            let events = build(&specs);
+            let end = at(6, 1, 0);
+            // Reference: event-time order, one event per batch, no tick until the end.
+            let mut by_time: Vec<usize> = (0..events.len()).collect();
+            by_time.sort_by(|&a, &b| {
+                let (ea, eb) = (&events[a].0, &events[b].0);
+                (ea.time, &ea.source, &ea.id).cmp(&(eb.time, &eb.source, &eb.id))
+            });
+            let reference = run(&events, &by_time, &[], end);
+            // Arrival order (time + delay below the grace), ties shuffled.
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+            let mut arrival: Vec<usize> = (0..events.len()).collect();
+            arrival.shuffle(&mut rng);
+            arrival.sort_by_key(|&k| events[k].1);
+            let other = run(&events, &arrival, &batches, end);
+            let usage: Decimal = events
+                .iter()
+                .map(|(e, _)| match e.action { Action::Debit { credits } => credits, _ => Decimal::ZERO })
+                .sum();
+            for h in [&reference, &other] {
+                let charged: Decimal = h
+                    .lines
+                    .iter()
+                    .filter(|e| matches!(e.effect(), EntryKind::Debit | EntryKind::Overage))
+                    .map(|e| e.amount)
+                    .sum();
+                prop_assert_eq!(-charged, usage, "every usage credit is charged exactly once");
+                let (balance, overage, per_grant) = explain(&h.lines);
+                let live = &h.book.as_ref().unwrap().live;
+                prop_assert_eq!(balance, live.balance());
+                prop_assert_eq!(overage, live.overage);
+                for g in &live.grants {
+                    prop_assert_eq!(per_grant.get(&g.grant_id).copied().unwrap_or_default(), g.remaining, "{}", g.grant_id);
+                }
+                prop_assert_eq!(live.overage, live.overage_incurred - live.overage_settled - live.overage_billed);
+            }
+            let (r, o) = (&reference.book.as_ref().unwrap().live, &other.book.as_ref().unwrap().live);
+            prop_assert_eq!(&r.grants, &o.grants);
+            prop_assert_eq!(r.spendable(end), o.spendable(end));
+            prop_assert_eq!(r.overage, o.overage);
+            prop_assert_eq!(&r.cycle, &o.cycle);
+            prop_assert_eq!(&reference.finals, &other.finals);
+            prop_assert_eq!(reference.book, other.book);
+        }
+    }
+}
