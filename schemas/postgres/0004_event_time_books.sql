@@ -15,14 +15,15 @@ DROP INDEX accounts_cycle_end;
 
 -- Events at or after the account's final point, in event-time order (at, source, id): the
 -- window replayed when an event arrives out of order. Folded into the checkpoint (and
--- deleted) once final.
+-- deleted) once final. `placed` is the event as the book placed it (its `at` to the
+-- nanosecond); the `at` column is PostgreSQL's microseconds, for filtering and order.
 CREATE TABLE open_events (
     account_id   text NOT NULL REFERENCES accounts (account_id),
     at           timestamptz NOT NULL,
     event_source text NOT NULL,
     event_id     text NOT NULL,
     late         boolean NOT NULL,
-    event        jsonb NOT NULL,
+    placed       jsonb NOT NULL,
     PRIMARY KEY (account_id, at, event_source, event_id)
 );
 

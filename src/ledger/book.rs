@@ -184,6 +184,17 @@ impl Book {
     /// placed at or after [`Book::final_at`], in any order), required when
     /// [`Book::needs_window`] says so.
     pub fn apply(&mut self, events: &[Event], window: Option<Vec<Placed>>) -> Applied {
+        self.apply_observed(events, window, |_, _| {})
+    }
+
+    /// [`Book::apply`], calling `observe` with the live state after each event applied in
+    /// order (and once after a replay), at the event's time: alerts are evaluated there.
+    pub fn apply_observed(
+        &mut self,
+        events: &[Event],
+        window: Option<Vec<Placed>>,
+        mut observe: impl FnMut(&Account, DateTime<Utc>),
+    ) -> Applied {
         let placed: Vec<Placed> = events.iter().map(|e| self.place(e)).collect();
         let mut order: Vec<usize> = (0..placed.len()).collect();
         order.sort_by(|&a, &b| placed[a].order().cmp(&placed[b].order()));
@@ -199,6 +210,7 @@ impl Book {
                     cause: Some(i),
                 }));
                 self.last = Some(placed[i].key());
+                observe(&self.live, placed[i].at);
             }
         } else {
             let mut window = window.expect("the caller loads the window when needs_window");
@@ -240,6 +252,7 @@ impl Book {
                     }),
             );
             self.live = canonical;
+            observe(&self.live, at);
             let newest = window.last().map(Placed::key);
             if newest > self.last {
                 self.last = newest;
@@ -921,5 +934,53 @@ mod tests {
             prop_assert_eq!(&reference.finals, &other.finals);
             prop_assert_eq!(reference.book, other.book);
         }
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+    use crate::event::GrantKind;
+    use chrono::{Duration, TimeZone};
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn store_like_interleaving() {
+        let now = Utc.with_ymd_and_hms(2027, 3, 1, 0, 0, 0).unwrap();
+        let start = now - Duration::days(5);
+        let mut book = Book::new("a");
+        let mut window: Vec<Placed> = vec![];
+        let mut lines = vec![];
+        let mut deliver = |book: &mut Book, window: &mut Vec<Placed>, evs: Vec<Event>| {
+            let need = book.needs_window(&evs);
+            let w = need.then(|| window.clone());
+            let a = book.apply(&evs, w);
+            window.extend(a.placed);
+            lines.extend(a.lines.into_iter().map(|l| l.entry));
+        };
+        deliver(&mut book, &mut window, vec![Event { time: start, source: "grants".into(), id: "g1".into(), action: Action::Grant(NewGrant { grant_id: "g1".into(), kind: GrantKind::Package, credits: dec!(1000), expires_at: None, priority: None }) }]);
+        let evs: Vec<Event> = (0..240).map(|i| Event { time: start + Duration::minutes(30 * i), source: if i % 2 == 0 { "calls".into() } else { "chat".into() }, id: format!("u{i:03}"), action: Action::Debit { credits: dec!(10) } }).collect();
+        let (calls, chat): (Vec<_>, Vec<_>) = evs.into_iter().partition(|e| e.source == "calls");
+        let mut a = calls.chunks(7);
+        let mut c = chat.chunks(3);
+        let mut n = 0;
+        let mut t = now;
+        loop {
+            let x = a.next();
+            let y = c.next();
+            if x.is_none() && y.is_none() { break; }
+            for chunk in [x, y].into_iter().flatten() {
+                deliver(&mut book, &mut window, chunk.to_vec());
+            }
+            n += 1;
+            if n % 4 == 0 {
+                t += Duration::milliseconds(10);
+                let until = t - Duration::hours(24);
+                let folded: Vec<Placed> = window.iter().filter(|p| p.at < until).cloned().collect();
+                book.finalize(until, folded);
+                window.retain(|p| p.at >= until);
+            }
+        }
+        assert_eq!(book.live.overage, dec!(1400));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, NoTls, Transaction};
@@ -312,7 +312,12 @@ impl Store {
                     .books
                     .get_mut(*account_id)
                     .ok_or_else(|| StoreError::Data(format!("account {account_id} not locked")))?;
-                let applied = book.apply(events, windows.remove(*account_id));
+                let state = locked.alerts.entry((*account_id).to_owned()).or_default();
+                let defaults = &self.alert_defaults;
+                let applied =
+                    book.apply_observed(events, windows.remove(*account_id), |live, at| {
+                        fired.extend(alerts::evaluate(live, at, defaults, state));
+                    });
                 if applied.replayed {
                     outcome.replayed += 1;
                 }
@@ -322,15 +327,6 @@ impl Store {
                 }
                 for p in applied.placed {
                     open.push(account_id, p)?;
-                }
-                let state = locked.alerts.entry((*account_id).to_owned()).or_default();
-                if let Some(at) = book.live.clock {
-                    fired.extend(alerts::evaluate(
-                        &book.live,
-                        at,
-                        &self.alert_defaults,
-                        state,
-                    ));
                 }
             }
             outcome.entries = rows.len();
@@ -350,7 +346,9 @@ impl Store {
     /// accounts touched.
     pub async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
         let tx = self.client.transaction().await?;
-        let until = now - self.grace;
+        // Whole microseconds, as PostgreSQL stores times: `at < until` means the same in SQL
+        // and in the book.
+        let until = (now - self.grace).trunc_subsecs(6);
         let horizon = now + self.alert_defaults.expiring_within;
         let rows = tx
             .query(
@@ -923,23 +921,23 @@ async fn load_windows(
     }
     let rows = tx
         .query(
-            "SELECT account_id, at, late, event FROM open_events WHERE account_id = ANY($1)",
+            "SELECT account_id, at, late, placed FROM open_events WHERE account_id = ANY($1)",
             &[&ids],
         )
         .await?;
     for r in &rows {
         let id: String = r.get(0);
-        let at: DateTime<Utc> = r.get(1);
+        // The placed event as the book saw it (`at` to the nanosecond; the column is
+        // PostgreSQL's microseconds, for filtering).
+        let Json(placed) = r.get::<_, Json<Placed>>(3);
         let final_at = books.get(&id).and_then(Book::final_at);
-        if final_at.is_some_and(|f| at < f) {
-            continue; // folded into the checkpoint already (deleted by the same tick)
+        if let Some(f) = final_at.filter(|f| placed.at < *f) {
+            return Err(StoreError::Data(format!(
+                "account {id}: an open-window event at {} is before the final point {f}",
+                placed.at
+            )));
         }
-        let Json(event) = r.get::<_, Json<Event>>(3);
-        windows.entry(id).or_default().push(Placed {
-            at,
-            late: r.get(2),
-            event,
-        });
+        windows.entry(id).or_default().push(placed);
     }
     Ok(windows)
 }
@@ -952,19 +950,15 @@ async fn load_folded(
 ) -> Result<BTreeMap<String, Vec<Placed>>, StoreError> {
     let rows = tx
         .query(
-            "SELECT account_id, at, late, event FROM open_events
+            "SELECT account_id, at, late, placed FROM open_events
              WHERE account_id = ANY($1) AND at < $2",
             &[&ids, &until],
         )
         .await?;
     let mut folded: BTreeMap<String, Vec<Placed>> = BTreeMap::new();
     for r in &rows {
-        let Json(event) = r.get::<_, Json<Event>>(3);
-        folded.entry(r.get(0)).or_default().push(Placed {
-            at: r.get(1),
-            late: r.get(2),
-            event,
-        });
+        let Json(placed) = r.get::<_, Json<Placed>>(3);
+        folded.entry(r.get(0)).or_default().push(placed);
     }
     Ok(folded)
 }
@@ -977,7 +971,7 @@ struct OpenRows<'a> {
     source: Vec<String>,
     id: Vec<String>,
     late: Vec<bool>,
-    event: Vec<serde_json::Value>,
+    placed: Vec<serde_json::Value>,
 }
 
 impl<'a> OpenRows<'a> {
@@ -985,8 +979,8 @@ impl<'a> OpenRows<'a> {
         self.account_id.push(account_id);
         self.at.push(p.at);
         self.late.push(p.late);
-        self.event.push(
-            serde_json::to_value(&p.event)
+        self.placed.push(
+            serde_json::to_value(&p)
                 .map_err(|e| StoreError::Data(format!("event to JSON: {e}")))?,
         );
         self.source.push(p.event.source);
@@ -999,7 +993,7 @@ impl<'a> OpenRows<'a> {
             return Ok(());
         }
         tx.execute(
-            "INSERT INTO open_events (account_id, at, event_source, event_id, late, event)
+            "INSERT INTO open_events (account_id, at, event_source, event_id, late, placed)
              SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
                                   $5::bool[], $6::jsonb[])",
             &[
@@ -1008,7 +1002,7 @@ impl<'a> OpenRows<'a> {
                 &self.source,
                 &self.id,
                 &self.late,
-                &self.event,
+                &self.placed,
             ],
         )
         .await?;
