@@ -21,6 +21,12 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox_lease",
         include_str!("../../schemas/postgres/0003_outbox_lease.sql"),
     ),
+    // 4 is the event-time ledger's (issue 9, items 1-6), merged separately.
+    (
+        5,
+        "dedupe_scope",
+        include_str!("../../schemas/postgres/0005_dedupe_scope.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.
