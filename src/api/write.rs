@@ -93,7 +93,7 @@ pub struct PlanRequest {
 
 /// The source of the events the API publishes for `account_id`.
 pub fn source_for(account_id: &str) -> String {
-    format!("//tally/api/accounts/{account_id}")
+    crate::event::api_source(account_id)
 }
 
 /// Checks a request's fields exactly as the pipeline will: the event built from them as
@@ -219,7 +219,8 @@ pub async fn plan(
     let now = Utc::now();
     let source = source_for(id);
     let event_id = format!(
-        "plan:{}-{:08x}",
+        "{}{}-{:08x}",
+        crate::event::API_PLAN_ID_PREFIX,
         now.timestamp_nanos_opt().unwrap_or_default(),
         rand::random::<u32>()
     );
