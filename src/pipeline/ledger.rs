@@ -404,7 +404,7 @@ async fn store_offsets(
 }
 
 /// The ledger's view of a prepared event, borrowing from it.
-fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
+pub fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
     let env = &p.event.envelope;
     let action = match (&p.event.payload, &p.charge) {
         (Payload::Grant(g), _) => Action::Grant(NewGrant {
