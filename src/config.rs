@@ -341,7 +341,9 @@ pub struct PipelineConfig {
     pub max_message_bytes: usize,
     /// Event times further ahead than this are invalid.
     pub max_future_seconds: i64,
-    /// Dedupe claims are kept this long; older events are dead-lettered as too_late.
+    /// Events dated (event time) more than this before now are dead-lettered as too_late;
+    /// dedupe claims are kept this long plus `ledger::DEDUPE_PURGE_MARGIN`. Enlarging it
+    /// never re-admits an event whose claim was purged (the stored dedupe horizon).
     pub dedupe_window_days: i64,
     /// Back-off bounds when PostgreSQL or ClickHouse is unavailable.
     pub retry_initial_ms: u64,

@@ -129,7 +129,7 @@ fn effective_time(
 
 /// The source of the events the API publishes for `account_id`.
 pub fn source_for(account_id: &str) -> String {
-    format!("//tally/api/accounts/{account_id}")
+    crate::event::api_source(account_id)
 }
 
 /// Checks a request's fields exactly as the pipeline will: the event built from them as
@@ -257,7 +257,8 @@ pub async fn plan(
     let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
     let source = source_for(id);
     let event_id = format!(
-        "plan:{}-{:08x}",
+        "{}{}-{:08x}",
+        crate::event::API_PLAN_ID_PREFIX,
         now.timestamp_nanos_opt().unwrap_or_default(),
         rand::random::<u32>()
     );

@@ -288,6 +288,7 @@ fn check<'a>(
         DataValue::Typed(typed) => typed.check()?,
         DataValue::Raw(raw) => TypedData::parse(kind, raw)?.check()?,
     };
+    api_namespace(&source, subject.as_str(), &event_id, &payload)?;
 
     Ok(Event {
         envelope: Envelope {
@@ -299,6 +300,58 @@ fn check<'a>(
         },
         payload,
     })
+}
+
+/// Events under the API's source prefix ([`API_SOURCE_PREFIX`]) must have the shape the API
+/// gives its own: the source names the event's account, a grant's id is derived from the
+/// account and grant id, a plan's id begins `plan:`, and there is no usage. Kafka does not
+/// say who wrote a record, so this cannot tell the API from a producer; it makes whatever is
+/// written there the same event the API would publish, so no producer can take the identity
+/// of an API grant with other terms (a grant is idempotent by account and grant id).
+fn api_namespace(
+    source: &str,
+    account_id: &str,
+    event_id: &str,
+    payload: &Payload<'_>,
+) -> Check<()> {
+    if !source.starts_with(API_SOURCE_PREFIX) {
+        return Ok(());
+    }
+    let expected = api_source(account_id);
+    if source != expected {
+        return Err(invalid(
+            "source",
+            format!(
+                "sources beginning {API_SOURCE_PREFIX:?} are reserved for Tally's API, which publishes this account's events as {expected:?}"
+            ),
+        ));
+    }
+    match payload {
+        Payload::Grant(g) => {
+            let expected = encode::grant_event_id(account_id, &g.grant_id);
+            if event_id != expected {
+                return Err(invalid(
+                    "id",
+                    format!("a grant under {API_SOURCE_PREFIX:?} has the id {:?}", clip(&expected)),
+                ));
+            }
+        }
+        Payload::Plan(_) => {
+            if !event_id.starts_with(API_PLAN_ID_PREFIX) {
+                return Err(invalid(
+                    "id",
+                    format!("a plan under {API_SOURCE_PREFIX:?} has an id beginning {API_PLAN_ID_PREFIX:?}"),
+                ));
+            }
+        }
+        _ => {
+            return Err(invalid(
+                "source",
+                format!("Tally's API publishes no usage: sources beginning {API_SOURCE_PREFIX:?} are reserved for its grants and plans"),
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// `application/json`, optionally with parameters (`; charset=utf-8`).

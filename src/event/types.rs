@@ -298,6 +298,20 @@ pub enum Quantity {
 /// producer's grant may not use them, so a generated grant can never collide with one.
 pub const RESERVED_GRANT_PREFIX: &str = "allowance:";
 
+/// Sources Tally's HTTP API publishes under: only `//tally/api/accounts/{account}`, with
+/// grants (event id [`grant_event_id`](crate::event::encode::grant_event_id)) and plans
+/// (event id `plan:...`). An event under this prefix of any other shape is refused, so
+/// whoever writes here can only write what the API itself would.
+pub const API_SOURCE_PREFIX: &str = "//tally/api/";
+
+/// The source of the events the API publishes for `account_id`.
+pub fn api_source(account_id: &str) -> String {
+    format!("{API_SOURCE_PREFIX}accounts/{account_id}")
+}
+
+/// The prefix of the event ids of the plans the API publishes.
+pub const API_PLAN_ID_PREFIX: &str = "plan:";
+
 pub const KIND_CALL: &str = "call";
 pub const KIND_CHAT: &str = "chat_response";
 pub const KIND_INSTANCE: &str = "instance_hours";

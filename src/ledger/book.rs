@@ -937,15 +937,16 @@ mod tests {
     }
 }
 
+/// Two topics drifting apart, with the final point moving between their batches.
 #[cfg(test)]
-mod debug_tests {
+mod interleaving_tests {
     use super::*;
     use crate::event::GrantKind;
     use chrono::{Duration, TimeZone};
     use rust_decimal_macros::dec;
 
     #[test]
-    fn store_like_interleaving() {
+    fn two_topics_drifting_apart_with_ticks_charge_every_event_once() {
         let now = Utc.with_ymd_and_hms(2027, 3, 1, 0, 0, 0).unwrap();
         let start = now - Duration::days(5);
         let mut book = Book::new("a");

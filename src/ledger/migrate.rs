@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "event_time_books",
         include_str!("../../schemas/postgres/0004_event_time_books.sql"),
     ),
+    (
+        5,
+        "dedupe_scope",
+        include_str!("../../schemas/postgres/0005_dedupe_scope.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

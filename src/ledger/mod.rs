@@ -12,6 +12,6 @@ pub mod store;
 
 pub use buckets::{Account, Entry, EntryKind, NewGrant};
 pub use store::{
-    AccountBalance, Action, BalanceView, BatchOutcome, DebitInfo, Item, LedgerLine, PgOffsetStore,
-    Store, StoreError,
+    dedupe_cutoff, AccountBalance, Action, BalanceView, BatchOutcome, ClaimScope, DebitInfo, Item,
+    LedgerLine, PgOffsetStore, PurgeOutcome, Store, StoreError, DEDUPE_PURGE_MARGIN,
 };

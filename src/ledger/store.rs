@@ -23,6 +23,17 @@ pub enum StoreError {
     Db(#[from] tokio_postgres::Error),
     #[error("PostgreSQL data: {0}")]
     Data(String),
+    /// An event dated before the dedupe horizon reached the store (its pipeline had not yet
+    /// seen the horizon move): its claim may have been purged, so it is refused.
+    #[error(
+        "event time {time} is before the dedupe horizon {horizon}: claims of earlier events may have been purged, so it could be applied twice (source {event_source:?}, id {id:?})"
+    )]
+    BeforeHorizon {
+        event_source: String,
+        id: String,
+        time: DateTime<Utc>,
+        horizon: DateTime<Utc>,
+    },
 }
 
 impl StoreError {
@@ -54,6 +65,7 @@ impl Classify for StoreError {
                 Some(code) => sqlstate_fault(code.code()),
             },
             StoreError::Data(_) => Fault::Bug,
+            StoreError::BeforeHorizon { .. } => Fault::Input,
         }
     }
 }
@@ -110,6 +122,63 @@ pub enum Action<'a> {
         overage_policy: OveragePolicy,
         top_up_validity_months: u32,
     },
+}
+
+impl Action<'_> {
+    /// The dedupe scope of the event's identity: a usage event, a grant and a plan with the
+    /// same (source, id) are three events, so usage can never claim a grant's or a plan's
+    /// identity.
+    pub fn scope(&self) -> ClaimScope {
+        match self {
+            Action::Debit(_) => ClaimScope::Usage,
+            Action::Grant(_) => ClaimScope::Grant,
+            Action::Plan { .. } => ClaimScope::Plan,
+        }
+    }
+}
+
+/// Where a dedupe claim lives (`processed_events.scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ClaimScope {
+    Usage,
+    Grant,
+    Plan,
+}
+
+impl ClaimScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimScope::Usage => "usage",
+            ClaimScope::Grant => "grant",
+            ClaimScope::Plan => "plan",
+        }
+    }
+}
+
+/// How far the dedupe purge stays behind admission: claims are kept for the dedupe window
+/// plus this margin, so an instance whose clock runs up to this much behind the purging
+/// instance's still admits only events whose claims are kept. (A larger skew, or a window
+/// enlarged after a purge, is caught by the stored horizon: see [`Store::purge_dedupe`].)
+pub const DEDUPE_PURGE_MARGIN: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// Claims deleted per purge statement: each is its own short transaction.
+pub const DEDUPE_PURGE_CHUNK_ROWS: i64 = 10_000;
+
+/// The claims older than `window` + [`DEDUPE_PURGE_MARGIN`] at `now`: the horizon a purge
+/// at `now` moves to (an event dated before it is too late).
+pub fn dedupe_cutoff(now: DateTime<Utc>, window: chrono::TimeDelta) -> DateTime<Utc> {
+    now - window - DEDUPE_PURGE_MARGIN
+}
+
+/// What a purge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PurgeOutcome {
+    /// Claims deleted by this call.
+    pub deleted: u64,
+    /// The stored horizon after it (never earlier than before).
+    pub horizon: DateTime<Utc>,
+    /// False when `max_rows` stopped it with claims still to delete: call again.
+    pub done: bool,
 }
 
 /// One event ready for the ledger: its identity, account, time and effect.
@@ -523,15 +592,74 @@ impl Store {
             .collect())
     }
 
-    /// Deletes dedupe claims older than the window; returns how many.
-    pub async fn purge_dedupe(&self, window_days: i64) -> Result<u64, StoreError> {
+    /// Purges dedupe claims by event time, with Tally's clock (`now`, the clock admission
+    /// uses): the stored horizon moves to `now - window - margin` ([`dedupe_cutoff`]; never
+    /// backwards), then claims of events dated before the stored horizon are deleted, in
+    /// statements of [`DEDUPE_PURGE_CHUNK_ROWS`] each, at most about `max_rows` per call.
+    ///
+    /// The horizon is committed first, under the advisory lock every claiming transaction
+    /// holds shared ([`claim`]): transactions that read the old horizon have committed when
+    /// the deletes start, and every later one refuses events dated before the new horizon.
+    /// So no event whose claim is deleted can be claimed again, whatever the window is later.
+    pub async fn purge_dedupe(
+        &mut self,
+        now: DateTime<Utc>,
+        window: chrono::TimeDelta,
+        max_rows: u64,
+    ) -> Result<PurgeOutcome, StoreError> {
+        let tx = self.client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(7421002, hashtext(current_schema()))",
+            &[],
+        )
+        .await?;
+        let horizon: DateTime<Utc> = tx
+            .query_one(
+                "INSERT INTO dedupe_horizon (singleton, purged_before) VALUES (true, $1)
+                 ON CONFLICT (singleton) DO UPDATE
+                 SET purged_before = GREATEST(dedupe_horizon.purged_before, EXCLUDED.purged_before),
+                     updated_at = now()
+                 RETURNING purged_before",
+                &[&dedupe_cutoff(now, window)],
+            )
+            .await?
+            .get(0);
+        tx.commit().await?;
+        let mut deleted = 0;
+        loop {
+            let n = self
+                .client
+                .execute(
+                    "DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
+                         SELECT ctid FROM processed_events WHERE event_time < $1 LIMIT $2))",
+                    &[&horizon, &DEDUPE_PURGE_CHUNK_ROWS],
+                )
+                .await?;
+            deleted += n;
+            if n < DEDUPE_PURGE_CHUNK_ROWS as u64 {
+                return Ok(PurgeOutcome {
+                    deleted,
+                    horizon,
+                    done: true,
+                });
+            }
+            if deleted >= max_rows {
+                return Ok(PurgeOutcome {
+                    deleted,
+                    horizon,
+                    done: false,
+                });
+            }
+        }
+    }
+
+    /// The stored dedupe horizon (None: nothing purged by event time yet).
+    pub async fn dedupe_horizon(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
         Ok(self
             .client
-            .execute(
-                "DELETE FROM processed_events WHERE claimed_at < now() - make_interval(days => $1::int)",
-                &[&(window_days as i32)],
-            )
-            .await?)
+            .query_opt("SELECT purged_before FROM dedupe_horizon", &[])
+            .await?
+            .map(|r| r.get(0)))
     }
 
     pub async fn balance(&self, account_id: &str) -> Result<Option<AccountBalance>, StoreError> {
@@ -715,8 +843,13 @@ impl Store {
     }
 }
 
-/// Claims the identities in (source, id) order (a fixed lock order across instances) and
-/// returns the items claimed now, first occurrence only, in batch order.
+/// Claims the identities, each in its scope ([`Action::scope`]), in (scope, source, id)
+/// order (a fixed lock order across instances) and returns the items claimed now, first
+/// occurrence only, in batch order.
+///
+/// First reads the dedupe horizon under the shared purge lock ([`Store::purge_dedupe`]): an
+/// item dated before it is refused ([`StoreError::BeforeHorizon`], the input's fault), as
+/// its claim may have been purged.
 async fn claim<'i, 'a>(
     tx: &Transaction<'_>,
     items: &'i [Item<'a>],
@@ -724,26 +857,56 @@ async fn claim<'i, 'a>(
     if items.is_empty() {
         return Ok(Vec::new());
     }
+    let horizon: Option<DateTime<Utc>> = tx
+        .query_one("SELECT dedupe_claim_horizon()", &[])
+        .await?
+        .get(0);
+    if let Some(item) = before_horizon(items, horizon) {
+        return Err(StoreError::BeforeHorizon {
+            event_source: item.source.to_owned(),
+            id: item.id.to_owned(),
+            time: item.time,
+            horizon: horizon.expect("an item is before it"),
+        });
+    }
+    let scopes: Vec<&str> = items.iter().map(|i| i.action.scope().as_str()).collect();
     let sources: Vec<&str> = items.iter().map(|i| i.source).collect();
     let ids: Vec<&str> = items.iter().map(|i| i.id).collect();
     let accounts: Vec<&str> = items.iter().map(|i| i.account_id).collect();
     let times: Vec<DateTime<Utc>> = items.iter().map(|i| i.time).collect();
     let rows = tx
         .query(
-            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])
-             ORDER BY 1, 2
+            "INSERT INTO processed_events (scope, event_source, event_id, account_id, event_time)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+             ORDER BY 1, 2, 3
              ON CONFLICT DO NOTHING
-             RETURNING event_source, event_id",
-            &[&sources, &ids, &accounts, &times],
+             RETURNING scope, event_source, event_id",
+            &[&scopes, &sources, &ids, &accounts, &times],
         )
         .await?;
-    let mut claimed: HashSet<(String, String)> =
-        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut claimed: HashSet<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     Ok(items
         .iter()
-        .filter(|i| claimed.remove(&(i.source.to_owned(), i.id.to_owned())))
+        .filter(|i| {
+            claimed.remove(&(
+                i.action.scope().as_str().to_owned(),
+                i.source.to_owned(),
+                i.id.to_owned(),
+            ))
+        })
         .collect())
+}
+
+/// The first item dated before the dedupe horizon, if any.
+fn before_horizon<'i, 'a>(
+    items: &'i [Item<'a>],
+    horizon: Option<DateTime<Utc>>,
+) -> Option<&'i Item<'a>> {
+    let horizon = horizon?;
+    items.iter().find(|i| i.time < horizon)
 }
 
 const GRANT_COLUMNS: &str = "SELECT account_id, grant_id, kind, priority, granted, remaining, \
@@ -1486,5 +1649,104 @@ mod tests {
             assert_eq!(sqlstate_fault(code), fault, "{code}");
         }
         assert_eq!(StoreError::Data("x".into()).fault(), Fault::Bug);
+        let late = StoreError::BeforeHorizon {
+            event_source: "s".into(),
+            id: "i".into(),
+            time: at("2026-03-01T00:00:00Z"),
+            horizon: at("2026-03-02T00:00:00Z"),
+        };
+        assert_eq!(late.fault(), Fault::Input);
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    fn item(id: &str, time: &str, action: Action<'static>) -> Item<'static> {
+        Item {
+            source: "//producer",
+            id: Box::leak(id.to_owned().into_boxed_str()),
+            account_id: "acct",
+            time: at(time),
+            action,
+        }
+    }
+
+    fn debit() -> Action<'static> {
+        Action::Debit(DebitInfo {
+            credits: Decimal::ONE,
+            usage_kind: "chat",
+            price_version: "v1",
+            rule_id: "r1",
+        })
+    }
+
+    fn grant() -> Action<'static> {
+        Action::Grant(NewGrant {
+            grant_id: "g".into(),
+            kind: GrantKind::Package,
+            credits: Decimal::TEN,
+            expires_at: None,
+            priority: None,
+        })
+    }
+
+    fn plan() -> Action<'static> {
+        Action::Plan {
+            plan: Plan {
+                plan_id: "pro".into(),
+                monthly_allowance: Decimal::TEN,
+                billing_day: 1,
+                low_balance_credits: None,
+                low_balance_percent: None,
+                allowance_alert_percents: vec![],
+            },
+            overage_policy: OveragePolicy::BillOverage,
+            top_up_validity_months: 3,
+        }
+    }
+
+    #[test]
+    fn usage_grants_and_plans_claim_in_scopes_of_their_own() {
+        assert_eq!(debit().scope(), ClaimScope::Usage);
+        assert_eq!(grant().scope(), ClaimScope::Grant);
+        assert_eq!(plan().scope(), ClaimScope::Plan);
+        // The values the CHECK on processed_events.scope allows.
+        let names: Vec<&str> = [ClaimScope::Usage, ClaimScope::Grant, ClaimScope::Plan]
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(names, ["usage", "grant", "plan"]);
+        let sql = include_str!("../../schemas/postgres/0005_dedupe_scope.sql");
+        assert!(sql.contains("CHECK (scope IN ('usage', 'grant', 'plan'))"));
+    }
+
+    #[test]
+    fn the_purge_cutoff_is_the_window_plus_the_margin_behind_now() {
+        // 2026-03-10T12:00Z - 35 days - 1 hour = 2026-02-03T11:00Z (February has 28 days).
+        assert_eq!(
+            dedupe_cutoff(at("2026-03-10T12:00:00Z"), chrono::TimeDelta::days(35)),
+            at("2026-02-03T11:00:00Z")
+        );
+        assert_eq!(DEDUPE_PURGE_MARGIN, chrono::TimeDelta::hours(1));
+    }
+
+    #[test]
+    fn items_dated_before_the_horizon_are_found() {
+        let items = [
+            item("a", "2026-02-03T11:00:00Z", debit()),
+            item("b", "2026-02-03T10:59:59Z", grant()),
+            item("c", "2026-01-01T00:00:00Z", plan()),
+        ];
+        assert_eq!(before_horizon(&items, None), None);
+        // The horizon itself is not before it.
+        assert_eq!(
+            before_horizon(&items, Some(at("2026-02-03T11:00:00Z"))).map(|i| i.id),
+            Some("b")
+        );
+        assert_eq!(
+            before_horizon(&items, Some(at("2025-12-31T00:00:00Z"))).map(|i| i.id),
+            None
+        );
     }
 }

@@ -63,7 +63,7 @@ pub async fn run_with_clock(
     });
     let consumer = BatchConsumer::new(&cfg.kafka, &group, "ledger", &topics, offsets)?;
     let dead = DeadLetterProducer::for_config(&cfg, "ledger")?;
-    let (batch_limits, admission) = limits(&cfg.pipeline);
+    let (batch_limits, mut admission) = limits(&cfg.pipeline);
     let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
     let mut stats = LedgerStats::default();
     let mut store = match retry.run("connect to PostgreSQL", || connect(&cfg)).await {
@@ -74,6 +74,9 @@ pub async fn run_with_clock(
         }
         Err(Halt::Failed(e)) => return Err(anyhow::anyhow!("ledger: connect to PostgreSQL: {e}")),
     };
+    // Purge at start, which also loads the horizon admission checks; then hourly, and at
+    // every batch while a purge has claims left to delete.
+    let mut purge_pending = !purge(&mut store, &cfg, clock.now(), &mut admission).await;
     let mut last_purge = Instant::now();
     tracing::info!(group, ?topics, "ledger pipeline started");
 
@@ -142,10 +145,12 @@ pub async fn run_with_clock(
             .flatten()
             .map(|r| {
                 let record = prepared[r.index].record;
-                dead_letter(
-                    record,
-                    Rejection::new(Reason::RefusedByStore, None, r.error.to_string()),
-                )
+                let (reason, field) = match r.error {
+                    // Admission's rule, checked again by the store with the latest horizon.
+                    StoreError::BeforeHorizon { .. } => (Reason::TooLate, Some("time")),
+                    _ => (Reason::RefusedByStore, None),
+                };
+                dead_letter(record, Rejection::new(reason, field, r.error.to_string()))
             })
             .collect();
         if split.is_some() {
@@ -185,16 +190,54 @@ pub async fn run_with_clock(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "ledger batch committed"
         );
-        if last_purge.elapsed() > std::time::Duration::from_secs(3600) {
-            match store.purge_dedupe(cfg.pipeline.dedupe_window_days).await {
-                Ok(n) => tracing::info!(purged = n, "purged expired dedupe claims"),
-                Err(e) => tracing::warn!(error = %e, "purging dedupe claims failed"),
-            }
+        if purge_pending || last_purge.elapsed() > PURGE_INTERVAL {
+            purge_pending = !purge(&mut store, &cfg, clock.now(), &mut admission).await;
             last_purge = Instant::now();
         }
     }
     tracing::info!(?stats, "ledger pipeline stopped");
     Ok(stats)
+}
+
+/// How often the ledger purges expired dedupe claims.
+const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Claims one purge deletes at most between two batches (in statements of
+/// `DEDUPE_PURGE_CHUNK_ROWS`), so a large backlog never stops the ledger for long.
+const PURGE_MAX_ROWS: u64 = 100_000;
+
+/// Purges dedupe claims by event time at `now` ([`Store::purge_dedupe`]) and carries the
+/// stored horizon into `admission`. True when no claim is left to purge; a failure is
+/// logged (the purge runs again later; claiming checks the stored horizon anyway) and
+/// counts as done, so it is retried at the next interval, not at every batch.
+async fn purge(
+    store: &mut Store,
+    cfg: &Config,
+    now: chrono::DateTime<chrono::Utc>,
+    admission: &mut super::Admission,
+) -> bool {
+    if let Err(e) = reconnect_if_closed(store, cfg).await {
+        tracing::warn!(error = %e, "purging dedupe claims failed");
+        return true;
+    }
+    match store
+        .purge_dedupe(now, admission.dedupe_window, PURGE_MAX_ROWS)
+        .await
+    {
+        Ok(o) => {
+            admission.purged_before = Some(o.horizon);
+            if o.deleted > 0 {
+                tracing::info!(purged = o.deleted, horizon = %o.horizon, done = o.done, "purged expired dedupe claims");
+            }
+            o.done
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "purging dedupe claims failed");
+            if let Ok(horizon) = store.dedupe_horizon().await {
+                admission.purged_before = horizon;
+            }
+            true
+        }
+    }
 }
 
 /// A fault that stops the ledger loop.
@@ -362,7 +405,7 @@ async fn store_offsets(
 }
 
 /// The ledger's view of a prepared event, borrowing from it.
-fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
+pub fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
     let env = &p.event.envelope;
     let action = match (&p.event.payload, &p.charge) {
         (Payload::Grant(g), _) => Action::Grant(NewGrant {

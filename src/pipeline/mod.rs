@@ -35,6 +35,12 @@ pub struct Admission {
     /// Events older than this (the dedupe window) are rejected as `too_late`: their dedupe
     /// claims may already be purged, so exactly-once could not be guaranteed.
     pub dedupe_window: chrono::Duration,
+    /// The stored dedupe horizon (`Store::purge_dedupe`): claims of events dated before it
+    /// may have been purged, so such events are `too_late` whatever the window is now (a
+    /// window enlarged after a purge must not re-admit them). None: not known (nothing
+    /// purged yet, or a pipeline that does not read it; the store checks it again when
+    /// claiming).
+    pub purged_before: Option<DateTime<Utc>>,
 }
 
 impl Default for Admission {
@@ -51,16 +57,7 @@ pub fn prepare<'r, 'p>(
     admission: &Admission,
 ) -> Result<Prepared<'r, 'p>, Rejection> {
     let event = event::decode(&record.payload, now, &admission.decode)?;
-    if event.envelope.time < now - admission.dedupe_window {
-        return Err(Rejection::new(
-            Reason::TooLate,
-            Some("time"),
-            format!(
-                "event time is older than the {}-day dedupe window",
-                admission.dedupe_window.num_days()
-            ),
-        ));
-    }
+    admit(event.envelope.time, now, admission)?;
     let (charge, columns) = match event.usage() {
         None => (None, None),
         Some(usage) => {
@@ -88,6 +85,37 @@ pub fn prepare<'r, 'p>(
     })
 }
 
+/// Refuses (`too_late`) an event dated before the dedupe window at `now` or before the
+/// stored dedupe horizon: its claim may have been purged, so it could be applied twice.
+pub fn admit(
+    time: DateTime<Utc>,
+    now: DateTime<Utc>,
+    admission: &Admission,
+) -> Result<(), Rejection> {
+    if time < now - admission.dedupe_window {
+        return Err(Rejection::new(
+            Reason::TooLate,
+            Some("time"),
+            format!(
+                "event time is older than the {}-day dedupe window",
+                admission.dedupe_window.num_days()
+            ),
+        ));
+    }
+    if let Some(horizon) = admission.purged_before.filter(|&h| time < h) {
+        return Err(Rejection::new(
+            Reason::TooLate,
+            Some("time"),
+            format!(
+                "event time {} is before the dedupe horizon {}: claims of events dated before it have been purged, so it could be applied twice",
+                time.to_rfc3339(),
+                horizon.to_rfc3339()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Batch limits and admission rules from configuration.
 pub fn limits(cfg: &crate::config::PipelineConfig) -> (BatchLimits, Admission) {
     (
@@ -102,6 +130,51 @@ pub fn limits(cfg: &crate::config::PipelineConfig) -> (BatchLimits, Admission) {
                 max_future_seconds: cfg.max_future_seconds,
             },
             dedupe_window: chrono::Duration::days(cfg.dedupe_window_days),
+            purged_before: None,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn events_before_the_window_or_the_stored_horizon_are_too_late() {
+        let now = at("2026-03-10T12:00:00Z");
+        let mut admission = Admission {
+            dedupe_window: chrono::Duration::days(35),
+            ..Admission::default()
+        };
+        // The window alone: 35 days before now is 2026-02-03T12:00Z.
+        assert!(admit(at("2026-02-03T12:00:00Z"), now, &admission).is_ok());
+        let r = admit(at("2026-02-03T11:59:59Z"), now, &admission).unwrap_err();
+        assert_eq!(
+            (r.reason, r.field.as_deref()),
+            (Reason::TooLate, Some("time"))
+        );
+        assert!(r.detail.contains("35-day dedupe window"), "{}", r.detail);
+
+        // A purge with a 7-day window at 2026-03-01T00:00Z stored the horizon
+        // 2026-03-01 - 7 days - 1 hour = 2026-02-21T23:00Z; the window is 35 days now.
+        admission.purged_before = Some(at("2026-02-21T23:00:00Z"));
+        assert!(admit(at("2026-02-21T23:00:00Z"), now, &admission).is_ok());
+        let r = admit(at("2026-02-21T22:59:59Z"), now, &admission).unwrap_err();
+        assert_eq!(
+            (r.reason, r.field.as_deref()),
+            (Reason::TooLate, Some("time"))
+        );
+        assert!(
+            r.detail
+                .contains("before the dedupe horizon 2026-02-21T23:00:00+00:00"),
+            "{}",
+            r.detail
+        );
+        // Inside the window and after the horizon: admitted.
+        assert!(admit(at("2026-03-10T11:00:00Z"), now, &admission).is_ok());
+    }
 }

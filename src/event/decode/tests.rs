@@ -1098,3 +1098,52 @@ fn attribute_order_does_not_change_the_outcome() {
         assert_eq!(reject_bytes(&data_first(v)), reject(v), "{v}");
     }
 }
+
+#[test]
+fn the_api_source_namespace_holds_only_what_the_api_publishes() {
+    let api = |v: Value, id: &str| {
+        set(
+            set(v, "/source", json!("//tally/api/accounts/acct-0001")),
+            "/id",
+            json!(id),
+        )
+    };
+    // What the API publishes: a grant with its derived id, a plan with a `plan:` id.
+    ok(&api(grant(), "grant:acct-0001:g-1"));
+    ok(&api(plan(), "plan:1750000000000000000-0000abcd"));
+    // The same shapes outside the namespace, with any id, are a producer's business.
+    ok(&set(grant(), "/id", json!("grant:acct-0001:g-1")));
+    ok(&set(grant(), "/source", json!("//tally/cli")));
+    // A grant whose id is not the one the API derives from (account, grant id): a producer
+    // could otherwise take the identity of an API grant with other terms.
+    assert_eq!(
+        reject(&api(grant(), "grant:acct-0001:g-2")),
+        is(InvalidValue, "id")
+    );
+    assert_eq!(reject(&api(grant(), "evt-1")), is(InvalidValue, "id"));
+    assert_eq!(reject(&api(plan(), "evt-1")), is(InvalidValue, "id"));
+    // Another account's source, or a source under the prefix the API never uses.
+    assert_eq!(
+        reject(&set(
+            api(grant(), "grant:acct-0001:g-1"),
+            "/source",
+            json!("//tally/api/accounts/acct-0002")
+        )),
+        is(InvalidValue, "source")
+    );
+    assert_eq!(
+        reject(&set(
+            api(grant(), "grant:acct-0001:g-1"),
+            "/source",
+            json!("//tally/api/other")
+        )),
+        is(InvalidValue, "source")
+    );
+    // The API publishes no usage.
+    for usage in [call(), chat(), instance(), metered()] {
+        assert_eq!(
+            reject(&api(usage, "grant:acct-0001:g-1")),
+            is(InvalidValue, "source")
+        );
+    }
+}

@@ -1,0 +1,342 @@
+//! Dedupe identity against the real PostgreSQL (issue 9, item 7), through the store and
+//! `prepare()` without Kafka: claims are scoped, so a usage event and a grant with the same
+//! (source, id) both apply; the purge keys on event time with Tally's clock and stores a
+//! horizon, so an event whose claim was purged is refused as too_late even after the window
+//! is enlarged. Expected values are computed by hand from tests/fixtures/prices.toml (a
+//! standard chat response costs 1 credit).
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use rust_decimal_macros::dec;
+
+use tally::event::Reason;
+use tally::fault::{Classify, Fault};
+use tally::kafka::{Positions, Record};
+use tally::ledger::{PurgeOutcome, Store, StoreError};
+use tally::pipeline::{ledger::to_item, prepare, Admission, Prepared};
+use tally::rating::PriceTable;
+
+const GROUP: &str = "dedupe-identity";
+
+fn at(s: &str) -> DateTime<Utc> {
+    s.parse().unwrap()
+}
+
+fn record(payload: Vec<u8>) -> Record {
+    Record {
+        topic: Arc::from("t"),
+        partition: 0,
+        offset: 0,
+        key: None,
+        payload,
+        headers: Vec::new(),
+        timestamp_ms: None,
+    }
+}
+
+fn admission(window_days: i64, purged_before: Option<DateTime<Utc>>) -> Admission {
+    Admission {
+        dedupe_window: TimeDelta::days(window_days),
+        purged_before,
+        ..Admission::default()
+    }
+}
+
+/// A fresh schema, migrated, and the test price table.
+async fn setup(name: &str) -> (tally::config::Config, Store, PriceTable) {
+    let cfg = common::test_config(name);
+    let mut store = Store::connect(&cfg.postgres)
+        .await
+        .expect("PostgreSQL is up (run scripts/services up)");
+    store.migrate().await.expect("PostgreSQL migrations");
+    let prices = PriceTable::load(&cfg.prices.path).expect("price table");
+    (cfg, store, prices)
+}
+
+async fn drop_schema(store: &Store) {
+    store
+        .client()
+        .batch_execute(&format!("DROP SCHEMA {} CASCADE", store.schema()))
+        .await
+        .unwrap();
+}
+
+fn prepared<'r, 'p>(
+    records: &'r [Record],
+    prices: &'p PriceTable,
+    now: DateTime<Utc>,
+    admission: &Admission,
+) -> Vec<Prepared<'r, 'p>> {
+    records
+        .iter()
+        .map(|r| prepare(r, prices, now, admission).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+async fn claims(store: &Store) -> Vec<(String, String, String)> {
+    store
+        .client()
+        .query(
+            "SELECT scope, event_source, event_id FROM processed_events ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test]
+async fn usage_grant_and_plan_with_one_identity_all_apply_once() {
+    let (_cfg, mut store, prices) = setup("dedupe_scope").await;
+    let now = at("2026-03-10T12:00:00Z");
+    // One producer, one (source, id) for a package grant of 100, 3 chat responses and a plan
+    // without allowance: three events, each claimed in its own scope.
+    let records = [
+        record(common::ev::grant(
+            "e-1",
+            "acct-a",
+            "2026-03-10T10:00:00Z",
+            "pkg-1",
+            "package",
+            "100",
+        )),
+        record(common::ev::envelope(
+            "tally.usage.chat_response.v1",
+            "//billing.test",
+            "e-1",
+            "acct-a",
+            "2026-03-10T11:00:00Z",
+            serde_json::json!({"conversation_id": "conv-1", "model": "gpt-4o-mini",
+                               "voice_tier": "standard", "channel": "text", "responses": 3}),
+        )),
+        record(common::ev::envelope(
+            "tally.account.plan.v1",
+            "//billing.test",
+            "e-1",
+            "acct-a",
+            "2026-03-10T11:30:00Z",
+            serde_json::json!({"plan_id": "payg", "monthly_allowance": "0", "billing_day": 1,
+                               "overage_policy": "settle_from_next_grant"}),
+        )),
+    ];
+    let p = prepared(&records, &prices, now, &admission(35, None));
+    let items: Vec<_> = p.iter().map(to_item).collect();
+
+    let first = store
+        .apply_batch(GROUP, &items, &Positions::new())
+        .await
+        .unwrap();
+    assert_eq!((first.applied, first.duplicates), (3, 0));
+    // Delivered again, in one batch and one by one: all three are duplicates.
+    let again = store
+        .apply_batch(GROUP, &items, &Positions::new())
+        .await
+        .unwrap();
+    assert_eq!((again.applied, again.duplicates), (0, 3));
+    for item in &items {
+        let o = store
+            .apply_batch(GROUP, std::slice::from_ref(item), &Positions::new())
+            .await
+            .unwrap();
+        assert_eq!((o.applied, o.duplicates), (0, 1));
+    }
+    // 100 granted - 3 responses x 1 credit = 97.
+    let balance = store.balance("acct-a").await.unwrap().unwrap();
+    assert_eq!((balance.spendable, balance.overage), (dec!(97), dec!(0)));
+    let source = "//billing.test".to_owned();
+    assert_eq!(
+        claims(&store).await,
+        [
+            ("grant".to_owned(), source.clone(), "e-1".to_owned()),
+            ("plan".to_owned(), source.clone(), "e-1".to_owned()),
+            ("usage".to_owned(), source, "e-1".to_owned()),
+        ]
+    );
+    drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn a_purged_event_stays_too_late_when_the_window_grows() {
+    let (_cfg, mut store, prices) = setup("dedupe_horizon").await;
+    // A package of 100 on 2026-01-01, then u-old (2 responses) on 01-10 and u-new (5) on
+    // 01-15, applied at 01-15T12:00 with a 7-day window (both inside it).
+    let chat = |id: &str, time: &str, n: u32| {
+        record(common::ev::chat(
+            id,
+            "acct-b",
+            time,
+            "gpt-4o-mini",
+            "standard",
+            n,
+        ))
+    };
+    let grant = record(common::ev::grant(
+        "g-1",
+        "acct-b",
+        "2026-01-01T00:00:00Z",
+        "pkg-1",
+        "package",
+        "100",
+    ));
+    let old = chat("u-old", "2026-01-10T00:00:00Z", 2);
+    let new = chat("u-new", "2026-01-15T00:00:00Z", 5);
+    let usage = [old.clone(), new.clone()];
+    let applied_at = at("2026-01-15T12:00:00Z");
+    let (g, u) = (
+        prepared(
+            std::slice::from_ref(&grant),
+            &prices,
+            applied_at,
+            &admission(30, None),
+        ),
+        prepared(&usage, &prices, applied_at, &admission(7, None)),
+    );
+    let items: Vec<_> = g.iter().chain(&u).map(to_item).collect();
+    let o = store
+        .apply_batch(GROUP, &items, &Positions::new())
+        .await
+        .unwrap();
+    assert_eq!(o.applied, 3);
+    assert_eq!(store.dedupe_horizon().await.unwrap(), None);
+
+    // Purge at 01-20T00:00 with the 7-day window: horizon 01-20 - 7 d - 1 h = 01-12T23:00.
+    // The grant's claim (01-01) and u-old's (01-10) go; u-new's (01-15) stays.
+    let purge_at = at("2026-01-20T00:00:00Z");
+    let horizon = at("2026-01-12T23:00:00Z");
+    assert_eq!(
+        store
+            .purge_dedupe(purge_at, TimeDelta::days(7), 100_000)
+            .await
+            .unwrap(),
+        PurgeOutcome {
+            deleted: 2,
+            horizon,
+            done: true
+        }
+    );
+    assert_eq!(store.dedupe_horizon().await.unwrap(), Some(horizon));
+    // A purge with a larger window never moves the horizon back (01-20 - 35 d - 1 h is
+    // 2025-12-15T23:00).
+    assert_eq!(
+        store
+            .purge_dedupe(purge_at, TimeDelta::days(35), 100_000)
+            .await
+            .unwrap(),
+        PurgeOutcome {
+            deleted: 0,
+            horizon,
+            done: true
+        }
+    );
+
+    // The window is now 35 days: u-old (01-10) is inside it, but before the horizon the
+    // ledger loads: too_late, naming the horizon.
+    let now = at("2026-01-20T00:05:00Z");
+    let grown = admission(35, store.dedupe_horizon().await.unwrap());
+    let rejection = prepare(&old, &prices, now, &grown).unwrap_err();
+    assert_eq!(rejection.reason, Reason::TooLate);
+    assert_eq!(rejection.field.as_deref(), Some("time"));
+    assert!(
+        rejection
+            .detail
+            .contains("before the dedupe horizon 2026-01-12T23:00:00+00:00"),
+        "{}",
+        rejection.detail
+    );
+    // u-new is after the horizon and its claim was kept: admitted, and a duplicate.
+    let kept = prepared(std::slice::from_ref(&new), &prices, now, &grown);
+    let o = store
+        .apply_batch(GROUP, &[to_item(&kept[0])], &Positions::new())
+        .await
+        .unwrap();
+    assert_eq!((o.applied, o.duplicates), (0, 1));
+
+    // A pipeline that has not seen the horizon yet admits u-old; the store refuses it when
+    // claiming (the input's fault: the ledger dead-letters it as too_late).
+    let stale = prepared(
+        std::slice::from_ref(&old),
+        &prices,
+        now,
+        &admission(35, None),
+    );
+    let err = store
+        .apply_batch(GROUP, &[to_item(&stale[0])], &Positions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.fault(), Fault::Input);
+    match &err {
+        StoreError::BeforeHorizon {
+            id,
+            time,
+            horizon: h,
+            ..
+        } => {
+            assert_eq!(
+                (id.as_str(), *time, *h),
+                ("u-old", at("2026-01-10T00:00:00Z"), horizon)
+            );
+        }
+        other => panic!("expected BeforeHorizon, got {other}"),
+    }
+    // u-old was debited once: 100 - 2 - 5 = 93.
+    let balance = store.balance("acct-b").await.unwrap().unwrap();
+    assert_eq!(balance.spendable, dec!(93));
+    drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn a_large_purge_runs_in_bounded_chunks() {
+    let (_cfg, mut store, _prices) = setup("dedupe_chunks").await;
+    // 25,000 claims dated 2026-01-01 and one dated 2026-01-19.
+    store
+        .client()
+        .batch_execute(
+            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
+             SELECT '//load.test', 'e-' || n, 'acct-c', '2026-01-01T00:00:00Z'
+             FROM generate_series(1, 25000) n;
+             INSERT INTO processed_events (event_source, event_id, account_id, event_time)
+             VALUES ('//load.test', 'kept', 'acct-c', '2026-01-19T00:00:00Z');",
+        )
+        .await
+        .unwrap();
+    let purge_at = at("2026-01-20T00:00:00Z");
+    let horizon = at("2026-01-12T23:00:00Z");
+    // At most 10,000 rows this call: one chunk of 10,000, more left.
+    assert_eq!(
+        store
+            .purge_dedupe(purge_at, TimeDelta::days(7), 10_000)
+            .await
+            .unwrap(),
+        PurgeOutcome {
+            deleted: 10_000,
+            horizon,
+            done: false
+        }
+    );
+    // The rest: a chunk of 10,000 and one of 5,000 (short: done).
+    assert_eq!(
+        store
+            .purge_dedupe(purge_at, TimeDelta::days(7), 100_000)
+            .await
+            .unwrap(),
+        PurgeOutcome {
+            deleted: 15_000,
+            horizon,
+            done: true
+        }
+    );
+    assert_eq!(
+        claims(&store).await,
+        [(
+            "usage".to_owned(),
+            "//load.test".to_owned(),
+            "kept".to_owned()
+        )]
+    );
+    drop_schema(&store).await;
+}
