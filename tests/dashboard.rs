@@ -240,7 +240,11 @@ async fn dashboard_renders_the_accounts_figures_in_chromium() {
     assert_eq!(d(attr(pill, "data-value")), spendable);
     assert_eq!(
         pill_text,
-        format!("{} credits · overage {}", shown(spendable, 2), shown(total, 2))
+        format!(
+            "{} credits · overage {}",
+            shown(spendable, 2),
+            shown(total, 2)
+        )
     );
     assert_eq!(attr(pill, "data-status"), "overage");
 

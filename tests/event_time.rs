@@ -16,8 +16,8 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use common::{ev, test_config, TestEnv};
-use tally::ledger::store::{AccountBalance, BalanceView};
 use tally::ledger::buckets::ClosedCycle;
+use tally::ledger::store::{AccountBalance, BalanceView};
 use tally::pipeline::analytics::AnalyticsStats;
 use tally::pipeline::ledger::LedgerStats;
 
@@ -26,6 +26,9 @@ const ACCOUNTS: [&str; 4] = ["acct-a", "acct-b", "acct-c", "acct-d"];
 fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// (topic, key, payload)
+type Record = (Topic, String, Vec<u8>);
 
 #[derive(Clone, Copy, PartialEq)]
 enum Topic {
@@ -37,7 +40,7 @@ enum Topic {
 /// (topic, account, payload): two `bill_overage` plans with a billing day five days ago (so a
 /// cycle closes inside the stream), a package, a promo that expires mid-stream and two
 /// top-ups, then 150 chats of 1-4 credits dated after the setup.
-fn stream(now: DateTime<Utc>) -> (Vec<(Topic, String, Vec<u8>)>, Vec<(Topic, String, Vec<u8>)>) {
+fn stream(now: DateTime<Utc>) -> (Vec<Record>, Vec<Record>) {
     let start = now - chrono::Duration::days(10);
     let day = (now - chrono::Duration::days(5)).day().min(28);
     let plan = |id: &str, account: &str, allowance: &str| {
@@ -101,7 +104,14 @@ fn stream(now: DateTime<Utc>) -> (Vec<(Topic, String, Vec<u8>)>, Vec<(Topic, Str
             (
                 Topic::Chat,
                 account.to_owned(),
-                ev::chat(&format!("u{i}"), account, &ts(at), "gpt-4o-mini", "standard", responses),
+                ev::chat(
+                    &format!("u{i}"),
+                    account,
+                    &ts(at),
+                    "gpt-4o-mini",
+                    "standard",
+                    responses,
+                ),
             )
         })
         .collect();
@@ -110,8 +120,14 @@ fn stream(now: DateTime<Utc>) -> (Vec<(Topic, String, Vec<u8>)>, Vec<(Topic, Str
 
 struct Delivery {
     env: TestEnv,
-    ledger: Option<(watch::Sender<bool>, tokio::task::JoinHandle<anyhow::Result<LedgerStats>>)>,
-    analytics: (watch::Sender<bool>, tokio::task::JoinHandle<anyhow::Result<AnalyticsStats>>),
+    ledger: Option<(
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<anyhow::Result<LedgerStats>>,
+    )>,
+    analytics: (
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<anyhow::Result<AnalyticsStats>>,
+    ),
 }
 
 impl Delivery {
@@ -150,7 +166,7 @@ impl Delivery {
         task.await.unwrap().unwrap();
     }
 
-    async fn send(&self, records: &[(Topic, String, Vec<u8>)]) {
+    async fn send(&self, records: &[Record]) {
         let t = &self.env.cfg.kafka.topics;
         let records: Vec<(String, String, Vec<u8>)> = records
             .iter()
@@ -167,7 +183,9 @@ impl Delivery {
     }
 
     async fn caught_up(&self) {
-        self.env.wait_ledger_caught_up(Duration::from_secs(120)).await;
+        self.env
+            .wait_ledger_caught_up(Duration::from_secs(120))
+            .await;
     }
 
     async fn finish(mut self, now: DateTime<Utc>) -> Seen {
@@ -204,7 +222,13 @@ impl Delivery {
     }
 }
 
-type PerAccount = (BalanceView, AccountBalance, Vec<ClosedCycle>, (u64, Decimal), Decimal);
+type PerAccount = (
+    BalanceView,
+    AccountBalance,
+    Vec<ClosedCycle>,
+    (u64, Decimal),
+    Decimal,
+);
 
 #[derive(Default, Debug, PartialEq)]
 struct Seen {
@@ -240,7 +264,11 @@ async fn same_stream_in_three_orders_gives_the_same_ledger() {
         c.start_ledger();
     }
 
-    let (a, b, c) = (a.finish(now).await, b.finish(now).await, c.finish(now).await);
+    let (a, b, c) = (
+        a.finish(now).await,
+        b.finish(now).await,
+        c.finish(now).await,
+    );
     for (name, other) in [("usage first", &b), ("shuffled", &c)] {
         for acct in ACCOUNTS {
             let (x, y) = (&a.accounts[acct], &other.accounts[acct]);
@@ -253,7 +281,10 @@ async fn same_stream_in_three_orders_gives_the_same_ledger() {
     for acct in ACCOUNTS {
         let (view, _, cycles, (events, credits), charged) = &a.accounts[acct];
         // Every chat was rated once in ClickHouse and charged once in the ledger.
-        assert_eq!(*charged, *credits, "{acct}: ledger charges vs ClickHouse credits");
+        assert_eq!(
+            *charged, *credits,
+            "{acct}: ledger charges vs ClickHouse credits"
+        );
         match acct {
             // Prepaid with one 60-credit top-up (valid 3 months): chats 2, 6, ..., 146 of
             // 3 responses each at 1 credit = 37 x 3 = 111 credits: 60 from the top-up, 51

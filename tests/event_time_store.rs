@@ -55,8 +55,14 @@ async fn late_and_out_of_order_usage_through_ticks_is_charged_once() {
         });
     }
     // Two topics drift apart, interleaved in chunks; ticks between.
-    let (calls, chat): (Vec<_>, Vec<_>) = items[1..].iter().cloned().partition(|i| i.source == "calls");
-    store.apply_batch("g", &items[..1], &Default::default()).await.unwrap();
+    let (calls, chat): (Vec<_>, Vec<_>) = items[1..]
+        .iter()
+        .cloned()
+        .partition(|i| i.source == "calls");
+    store
+        .apply_batch("g", &items[..1], &Default::default())
+        .await
+        .unwrap();
     let mut a = calls.chunks(7);
     let mut c = chat.chunks(3);
     let mut n = 0;
@@ -67,7 +73,10 @@ async fn late_and_out_of_order_usage_through_ticks_is_charged_once() {
             break;
         }
         for chunk in [x, y].into_iter().flatten() {
-            store.apply_batch("g", chunk, &Default::default()).await.unwrap();
+            store
+                .apply_batch("g", chunk, &Default::default())
+                .await
+                .unwrap();
         }
         n += 1;
         if n % 4 == 0 {

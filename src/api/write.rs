@@ -113,7 +113,10 @@ fn effective_time(
         .map_err(|e| ApiError::invalid("effective_at", format!("not an RFC 3339 time: {e}")))?
         .with_timezone(&Utc);
     if at > now {
-        return Err(ApiError::invalid("effective_at", "must not be in the future"));
+        return Err(ApiError::invalid(
+            "effective_at",
+            "must not be in the future",
+        ));
     }
     if at < now - grace {
         return Err(ApiError::invalid(

@@ -959,8 +959,34 @@ mod interleaving_tests {
             window.extend(a.placed);
             lines.extend(a.lines.into_iter().map(|l| l.entry));
         };
-        deliver(&mut book, &mut window, vec![Event { time: start, source: "grants".into(), id: "g1".into(), action: Action::Grant(NewGrant { grant_id: "g1".into(), kind: GrantKind::Package, credits: dec!(1000), expires_at: None, priority: None }) }]);
-        let evs: Vec<Event> = (0..240).map(|i| Event { time: start + Duration::minutes(30 * i), source: if i % 2 == 0 { "calls".into() } else { "chat".into() }, id: format!("u{i:03}"), action: Action::Debit { credits: dec!(10) } }).collect();
+        deliver(
+            &mut book,
+            &mut window,
+            vec![Event {
+                time: start,
+                source: "grants".into(),
+                id: "g1".into(),
+                action: Action::Grant(NewGrant {
+                    grant_id: "g1".into(),
+                    kind: GrantKind::Package,
+                    credits: dec!(1000),
+                    expires_at: None,
+                    priority: None,
+                }),
+            }],
+        );
+        let evs: Vec<Event> = (0..240)
+            .map(|i| Event {
+                time: start + Duration::minutes(30 * i),
+                source: if i % 2 == 0 {
+                    "calls".into()
+                } else {
+                    "chat".into()
+                },
+                id: format!("u{i:03}"),
+                action: Action::Debit { credits: dec!(10) },
+            })
+            .collect();
         let (calls, chat): (Vec<_>, Vec<_>) = evs.into_iter().partition(|e| e.source == "calls");
         let mut a = calls.chunks(7);
         let mut c = chat.chunks(3);
@@ -969,7 +995,9 @@ mod interleaving_tests {
         loop {
             let x = a.next();
             let y = c.next();
-            if x.is_none() && y.is_none() { break; }
+            if x.is_none() && y.is_none() {
+                break;
+            }
             for chunk in [x, y].into_iter().flatten() {
                 deliver(&mut book, &mut window, chunk.to_vec());
             }
