@@ -300,3 +300,101 @@ async fn same_stream_in_three_orders_gives_the_same_ledger() {
         }
     }
 }
+
+/// Late usage across a reset, through the real services (grace 30 h here): usage dated an
+/// hour before today's boundary arrives after the boundary and still uses the old cycle's
+/// allowance; usage dated 40 h ago arrives after the final point moved past it and is charged
+/// to the open cycle, marked late in the ledger and in ClickHouse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_usage_inside_and_beyond_the_grace() {
+    let now = Utc::now();
+    let boundary = now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    let mut cfg = test_config("etlate");
+    cfg.billing.grace = Duration::from_secs(30 * 3600);
+    let env = TestEnv::with_config(cfg).await;
+    let t = env.cfg.kafka.topics.clone();
+    let (tx, rx) = watch::channel(false);
+    let ledger = tokio::spawn(tally::pipeline::ledger::run(
+        env.cfg.clone(),
+        env.prices.clone(),
+        rx.clone(),
+    ));
+    let analytics = tokio::spawn(tally::pipeline::analytics::run(
+        env.cfg.clone(),
+        env.prices.clone(),
+        rx,
+    ));
+    let wait = Duration::from_secs(120);
+    let plan = ev::envelope(
+        "tally.account.plan.v1",
+        "//billing.test/plans",
+        "plan-l",
+        "acct-l",
+        &ts(now - chrono::Duration::hours(45)),
+        json!({"plan_id": "pro", "monthly_allowance": "100", "billing_day": now.day(),
+               "overage_policy": "bill_overage"}),
+    );
+    let chat = |id: &str, at: DateTime<Utc>, n: u32| {
+        (
+            t.chat_responses.clone(),
+            "acct-l".to_owned(),
+            ev::chat(id, "acct-l", &ts(at), "gpt-4o-mini", "standard", n),
+        )
+    };
+    // The plan, and 10 credits today after the boundary.
+    let u1 = boundary + (now - boundary) / 2;
+    env.send(&[(t.plans.clone(), "acct-l".into(), plan), chat("u1", u1, 10)])
+        .await;
+    env.wait_ledger_caught_up(wait).await;
+    // The scheduler moves the final point to now - 30 h.
+    let mut store = env.store().await;
+    store.grace = env.cfg.billing.grace();
+    store.tick(now).await.unwrap();
+    // 25 credits an hour before the boundary (inside the grace), 10 credits 40 h ago (after it).
+    env.send(&[
+        chat("u2", boundary - chrono::Duration::hours(1), 25),
+        chat("u3", now - chrono::Duration::hours(40), 10),
+    ])
+    .await;
+    env.wait_ledger_caught_up(wait).await;
+    env.wait_analytics_caught_up(wait).await;
+    tx.send(true).unwrap();
+    ledger.await.unwrap().unwrap();
+    analytics.await.unwrap().unwrap();
+
+    // The closed cycle: u2 used 25 of its 100; 75 expired at the boundary (not 100).
+    let cycles = store.cycles("acct-l").await.unwrap();
+    assert_eq!(cycles.len(), 1, "{cycles:?}");
+    let c = &cycles[0];
+    let n = |v: i64| Decimal::from(v);
+    assert_eq!(c.end, boundary);
+    assert_eq!(
+        (c.allowance, c.used, c.allowance_expired, c.late_used),
+        (n(100), n(25), n(75), n(0))
+    );
+    // Today's cycle: u1 and the late u3, 10 + 10 of its 100.
+    let view = store.balance_view("acct-l", now).await.unwrap().unwrap();
+    let cycle = view.cycle.unwrap();
+    assert_eq!(
+        (cycle.start, cycle.used, cycle.late_used),
+        (boundary, n(20), n(10))
+    );
+    assert_eq!((view.spendable, view.overage), (n(80), n(0)));
+    // The ledger marks u3's debit late, and only it.
+    let late: Vec<(String, Decimal)> = store
+        .client()
+        .query(
+            "SELECT event_id, amount FROM ledger_entries WHERE account_id = 'acct-l' AND late",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(late, vec![("u3".to_owned(), n(-10))]);
+    // ClickHouse keeps every event on its own day, and marks u3 late.
+    let sink = tally::analytics::AnalyticsSink::new(&env.cfg.clickhouse);
+    assert_eq!(sink.totals_by_account("acct-l").await.unwrap(), (3, n(45)));
+    assert_eq!(sink.late_totals("acct-l").await.unwrap(), (1, n(10)));
+}

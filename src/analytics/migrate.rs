@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "usage_rollups",
         include_str!("../../schemas/clickhouse/0002_usage_rollups.sql"),
     ),
+    (
+        3,
+        "late_usage",
+        include_str!("../../schemas/clickhouse/0003_late_usage.sql"),
+    ),
 ];
 
 /// The statements that precede every migration: the database and the table recording the

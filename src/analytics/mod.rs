@@ -22,6 +22,6 @@ pub use error::AnalyticsError;
 pub use migrate::{migrate, MIGRATIONS};
 pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
 pub use sink::{
-    numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome, NumericColumns,
-    RatedRow,
+    numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow,
+    NumericColumns, RatedRow,
 };

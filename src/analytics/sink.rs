@@ -25,6 +25,44 @@ use crate::pipeline::Prepared;
 
 /// Rated usage, one row per event (see schemas/clickhouse/0001_rated_events.sql).
 pub const RATED_EVENTS: &str = "rated_events";
+/// Usage read after the billing grace (schemas/clickhouse/0003_late_usage.sql).
+pub const LATE_USAGE: &str = "late_usage";
+
+/// One `late_usage` row: a rated event analytics read after the billing grace.
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct LateRow {
+    pub event_source: String,
+    pub event_id: String,
+    pub account_id: String,
+    pub kind: String,
+    #[serde(rename = "event_date")]
+    pub event_date_unix_days: u16,
+    /// Decimal(18, 6) mantissa.
+    #[serde(rename = "credits")]
+    pub credits_e6: i64,
+    #[serde(rename = "processed_at")]
+    pub processed_at_unix_seconds: u32,
+}
+
+impl LateRow {
+    /// The rows of `rows` whose event time is before `cutoff` (now - grace), read at `now`.
+    pub fn of(rows: &[RatedRow], cutoff: DateTime<Utc>, now: DateTime<Utc>) -> Vec<LateRow> {
+        let cutoff = unix_seconds(cutoff).unwrap_or(0);
+        let now = unix_seconds(now).unwrap_or(u32::MAX);
+        rows.iter()
+            .filter(|r| r.event_time_unix_seconds < cutoff)
+            .map(|r| LateRow {
+                event_source: r.event_source.clone(),
+                event_id: r.event_id.clone(),
+                account_id: r.account_id.clone(),
+                kind: r.kind.clone(),
+                event_date_unix_days: r.event_date_unix_days,
+                credits_e6: r.credits_e6,
+                processed_at_unix_seconds: now,
+            })
+            .collect()
+    }
+}
 /// Highest stored offset per partition, kept by a materialized view over `rated_events`.
 pub const RATED_OFFSETS: &str = "rated_offsets";
 /// Next offset per consumer group and partition, stored after every batch.
@@ -500,6 +538,44 @@ impl AnalyticsSink {
         })
         .await?;
         Ok(outcome)
+    }
+
+    /// Marks rows late (one INSERT; idempotent by identity).
+    pub async fn insert_late(&self, rows: &[LateRow]) -> Result<(), AnalyticsError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let client = &self.client;
+        run_timed("insert late_usage", INSERT_TIMEOUT, async move {
+            let mut insert = client.insert::<LateRow>(LATE_USAGE).await?;
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        })
+        .await
+    }
+
+    /// Exact (events, credits) of an account's usage marked late, duplicates collapsed.
+    pub async fn late_totals(&self, account_id: &str) -> Result<(u64, Decimal), AnalyticsError> {
+        #[derive(Row, Deserialize)]
+        struct Totals {
+            events: u64,
+            total_credits: i128,
+        }
+        let t = run_timed(
+            "late totals",
+            QUERY_TIMEOUT,
+            self.client
+                .query(
+                    "SELECT count() AS events, sum(credits) AS total_credits \
+                     FROM late_usage FINAL WHERE account_id = ?",
+                )
+                .bind(account_id)
+                .fetch_one::<Totals>(),
+        )
+        .await?;
+        Ok((t.events, from_mantissa6("late totals", t.total_credits)?))
     }
 
     /// Stores the next offset of each partition for `group` (one INSERT). Positions only move

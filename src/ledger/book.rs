@@ -124,6 +124,10 @@ pub struct Book {
     pub checkpoint: Account,
     pub live: Account,
     pub last: Option<Key>,
+    /// The earliest place in the open window before the first final point (what the
+    /// scheduler must finalize first).
+    #[serde(default)]
+    pub earliest: Option<DateTime<Utc>>,
 }
 
 impl Book {
@@ -132,6 +136,7 @@ impl Book {
             checkpoint: Account::new(account_id),
             live: Account::new(account_id),
             last: None,
+            earliest: None,
         }
     }
 
@@ -142,12 +147,22 @@ impl Book {
             checkpoint: state.clone(),
             live: state,
             last: None,
+            earliest: None,
         }
     }
 
     /// The final point: events dated before it are late.
     pub fn final_at(&self) -> Option<DateTime<Utc>> {
         self.checkpoint.clock
+    }
+
+    /// When (in event time) the final point should next move: `step` after the current one,
+    /// or — before the first — at the earliest event.
+    pub fn next_final(&self, step: chrono::Duration) -> Option<DateTime<Utc>> {
+        match self.final_at() {
+            Some(f) => Some(f + step),
+            None => self.earliest,
+        }
     }
 
     /// Where an event goes in the account's order.
@@ -196,6 +211,13 @@ impl Book {
         mut observe: impl FnMut(&Account, DateTime<Utc>),
     ) -> Applied {
         let placed: Vec<Placed> = events.iter().map(|e| self.place(e)).collect();
+        if self.final_at().is_none() {
+            let first = placed.iter().map(|p| p.at).min();
+            self.earliest = match (self.earliest, first) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         let mut order: Vec<usize> = (0..placed.len()).collect();
         order.sort_by(|&a, &b| placed[a].order().cmp(&placed[b].order()));
         let mut lines = Vec::new();
@@ -282,6 +304,7 @@ impl Book {
         }
         folded.retain(|p| p.at < until);
         folded.sort_by(|a, b| a.order().cmp(&b.order()));
+        self.earliest = None; // the window now starts at the final point
         let mut sink = Vec::new();
         for p in &folded {
             p.apply_at(&mut self.checkpoint, p.at, &mut sink);
@@ -643,6 +666,50 @@ mod tests {
         );
         let jan = h.finals.iter().find(|c| c.start == at(1, 1, 0)).unwrap();
         assert_eq!((jan.used, jan.allowance_expired), (dec!(0), dec!(100)));
+    }
+
+    #[test]
+    fn late_usage_across_an_expiry_uses_the_expiring_grant_only_inside_the_grace() {
+        // A 30-credit promo expiring Jan 10 00:00 and a 100-credit package. Usage of 20
+        // dated Jan 9 23:00 arrives Jan 10 05:00 (inside the grace): it takes the promo, 10
+        // of the promo expire instead of 30. The same usage dated Jan 8 23:00 arriving Jan
+        // 10 05:00 after the final point moved to Jan 9 00:00 still inside; one dated Jan 7
+        // arriving Jan 10 is late: charged at the account's time, from the package.
+        let promo_end = at(1, 10, 0);
+        let mut h = Harness::new();
+        h.deliver(&[
+            ev(
+                "promo",
+                at(1, 1, 0),
+                grant("promo", GrantKind::Promo, dec!(30), Some(promo_end)),
+            ),
+            ev(
+                "pkg",
+                at(1, 1, 0),
+                grant("pkg", GrantKind::Package, dec!(100), None),
+            ),
+        ]);
+        h.deliver(&[ev("u0", at(1, 10, 1), debit(dec!(1)))]); // passes the expiry
+        h.tick(at(1, 9, 0) + Duration::hours(GRACE)); // final point Jan 9 00:00
+        h.deliver(&[ev("u1", at(1, 9, 23), debit(dec!(20)))]);
+        let late = h.deliver(&[ev("u2", at(1, 7, 0), debit(dec!(5)))]);
+        assert!(late.placed[0].late);
+        h.tick(at(1, 12, 0));
+        let live = &h.book().live;
+        let pkg = live.grants.iter().find(|g| g.grant_id == "pkg").unwrap();
+        assert_eq!((pkg.debited, pkg.remaining), (dec!(6), dec!(94)));
+        let (balance, _, per_grant) = explain(&h.lines);
+        assert_eq!(balance, dec!(94));
+        // The promo: 20 used, 10 expired (its lines sum to 0 left).
+        let promo_lines: Decimal = h
+            .lines
+            .iter()
+            .filter(|e| e.grant_id.as_deref() == Some("promo"))
+            .filter(|e| e.effect() == EntryKind::Expiry)
+            .map(|e| e.amount)
+            .sum();
+        assert_eq!(promo_lines, dec!(-10));
+        assert_eq!(per_grant["promo"], dec!(0));
     }
 
     #[test]

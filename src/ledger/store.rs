@@ -401,7 +401,7 @@ impl Store {
             outcome.entries = rows.len();
             outcome.alerts = fired.len();
             open.insert(&tx).await?;
-            write_back(&tx, &locked, &rows, &fired, &[], self.grace).await?;
+            write_back(&tx, &locked, &rows, &fired, &[]).await?;
         }
         store_offsets(&tx, group_id, next_offsets).await?;
         tx.commit().await?;
@@ -462,7 +462,7 @@ impl Store {
             &[&ids, &until],
         )
         .await?;
-        write_back(&tx, &locked, &rows, &fired, &finals, self.grace).await?;
+        write_back(&tx, &locked, &rows, &fired, &finals).await?;
         fail::fail_point!("tick-before-commit", |_| std::process::abort());
         tx.commit().await?;
         if touched > 0 {
@@ -1181,11 +1181,10 @@ async fn write_back(
     rows: &EntryRows<'_>,
     fired: &[Alert],
     finals: &[(String, ClosedCycle)],
-    grace: chrono::Duration,
 ) -> Result<(), StoreError> {
     write_grants(tx, locked).await?;
     rows.insert(tx).await?;
-    write_accounts(tx, &locked.books, grace).await?;
+    write_accounts(tx, &locked.books).await?;
     write_cycles(tx, &locked.books, finals).await?;
     write_alerts(tx, &locked.alerts, fired).await?;
     Ok(())
@@ -1451,29 +1450,25 @@ async fn write_grants(tx: &Transaction<'_>, locked: &Locked) -> Result<(), Store
     Ok(())
 }
 
-/// When the scheduler must next visit a book: its final point lags by a step, its cycle
-/// ends, or a live grant expires — each once final (`+ grace`).
-fn due_at(book: &Book, grace: chrono::Duration) -> Option<DateTime<Utc>> {
+/// When (in event time) the scheduler must next visit a book: its final point lags by a
+/// step, its cycle ends, or a live grant expires. The scheduler visits it once `now - grace`
+/// reaches that time.
+fn due_at(book: &Book) -> Option<DateTime<Utc>> {
     let live = &book.live;
-    let step = match book.final_at() {
-        Some(f) => Some(f + FINALIZE_STEP),
-        None => live.clock,
-    };
-    let cycle = live.cycle.as_ref().map(|c| c.end + grace);
+    let step = book.next_final(FINALIZE_STEP);
+    let cycle = live.cycle.as_ref().map(|c| c.end);
     let expiry = live
         .grants
         .iter()
         .filter(|g| g.remaining > Decimal::ZERO)
         .filter_map(|g| g.expires_at)
-        .min()
-        .map(|e| e + grace);
+        .min();
     [step, cycle, expiry].into_iter().flatten().min()
 }
 
 async fn write_accounts(
     tx: &Transaction<'_>,
     books: &BTreeMap<String, Book>,
-    grace: chrono::Duration,
 ) -> Result<(), StoreError> {
     let ids: Vec<&str> = books.keys().map(String::as_str).collect();
     let now = Utc::now();
@@ -1547,7 +1542,7 @@ async fn write_accounts(
         .collect::<Result<_, _>>()
         .map_err(|e| StoreError::Data(format!("book to JSON: {e}")))?;
     let final_at: Vec<Option<DateTime<Utc>>> = books.values().map(Book::final_at).collect();
-    let due: Vec<Option<DateTime<Utc>>> = books.values().map(|b| due_at(b, grace)).collect();
+    let due: Vec<Option<DateTime<Utc>>> = books.values().map(due_at).collect();
     tx.execute(
         "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,
                 overage_policy = u.policy, top_up_validity_months = u.validity,

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use super::{limits, prepare};
 use crate::analytics::{
-    rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, RatedRow,
+    rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow, RatedRow,
 };
 use crate::config::Config;
 use crate::event::Reason;
@@ -142,6 +142,23 @@ pub async fn run(
         };
         fail::fail_point!("analytics-after-insert", |_| std::process::abort());
         let (outcome, refused) = written;
+        // Usage read after the billing grace is marked late (its row keeps its day).
+        let late = LateRow::of(&rows, now - cfg.billing.grace(), now);
+        if !late.is_empty() {
+            match retry
+                .run("insert late_usage", || sink.insert_late(&late))
+                .await
+            {
+                Ok(()) => tracing::info!(
+                    rows = late.len(),
+                    "usage read after the billing grace marked late"
+                ),
+                Err(Halt::Shutdown) => break,
+                Err(Halt::Failed(e)) => {
+                    return Err(anyhow::anyhow!("analytics: marking late usage: {e}"))
+                }
+            }
+        }
         let letters: Vec<DeadLetter<'_>> = refused
             .iter()
             .map(|r| DeadLetter {
