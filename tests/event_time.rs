@@ -397,4 +397,12 @@ async fn late_usage_inside_and_beyond_the_grace() {
     let sink = tally::analytics::AnalyticsSink::new(&env.cfg.clickhouse);
     assert_eq!(sink.totals_by_account("acct-l").await.unwrap(), (3, n(45)));
     assert_eq!(sink.late_totals("acct-l").await.unwrap(), (1, n(10)));
+    // The usage report counts it apart, on its own day.
+    let day = (now - chrono::Duration::hours(40)).date_naive();
+    let range = tally::analytics::DateRange::new(day, now.date_naive()).unwrap();
+    let late = tally::analytics::UsageQueries::new(&env.cfg.clickhouse)
+        .late("acct-l", &range)
+        .await
+        .unwrap();
+    assert_eq!((late.events, late.credits), (1, n(10)));
 }

@@ -473,6 +473,27 @@ pub struct UsageReport {
     pub peak_days: Vec<DayTotal>,
     pub busiest_hours: Vec<HourTotal>,
     pub trend: Trend,
+    /// Of the range's usage: what analytics read after the billing grace (`late_usage`).
+    pub late: LateUsage,
+}
+
+/// Usage of a range that reached analytics after the billing grace (docs/billing.md): the
+/// ledger charged it to the cycle open when it arrived; the daily series keep its own day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LateUsage {
+    pub events: u64,
+    pub credits: Decimal,
+}
+
+/// Late usage (events, credits) of an account by event day.
+pub fn late_sql(account_id: &str, range: &DateRange) -> String {
+    format!(
+        "SELECT count() AS events, sum(credits) AS total_credits FROM late_usage FINAL \
+         WHERE account_id = {} AND event_date >= {} AND event_date <= {}",
+        sql::string(account_id),
+        sql::date(range.from),
+        sql::date(range.to)
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -658,6 +679,26 @@ impl UsageQueries {
             self.client.query_raw(sql).fetch_all::<T>(),
         )
         .await
+    }
+
+    /// Usage of `range` read after the billing grace.
+    pub async fn late(
+        &self,
+        account_id: &str,
+        range: &DateRange,
+    ) -> Result<LateUsage, AnalyticsError> {
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct LateRow {
+            events: u64,
+            total_credits: i128,
+        }
+        const OP: &str = "late usage";
+        let rows: Vec<LateRow> = self.fetch(OP, &late_sql(account_id, range)).await?;
+        let (events, credits) = rows.first().map_or((0, 0), |r| (r.events, r.total_credits));
+        Ok(LateUsage {
+            events,
+            credits: from_mantissa6(OP, credits)?,
+        })
     }
 
     /// Every day of `range` (zero when nothing happened), with its split by kind and model.
@@ -874,13 +915,14 @@ impl UsageQueries {
     ) -> Result<UsageReport, AnalyticsError> {
         let range = &request.range;
         let elapsed = request.cycle.elapsed(request.today)?;
-        let ((used, events), counts, daily, peak_days, busiest_hours, trend) = tokio::try_join!(
+        let ((used, events), counts, daily, peak_days, busiest_hours, trend, late) = tokio::try_join!(
             self.total(account_id, &elapsed),
             self.counts(account_id, range),
             self.daily(account_id, range),
             self.peak_days(account_id, range, request.top),
             self.busiest_hours(account_id, range, request.top),
             self.trend(account_id, request.today),
+            self.late(account_id, range),
         )?;
         Ok(UsageReport {
             account_id: account_id.to_owned(),
@@ -892,6 +934,7 @@ impl UsageQueries {
             peak_days,
             busiest_hours,
             trend,
+            late,
         })
     }
 }

@@ -106,6 +106,13 @@ pub fn text(r: &UsageReport) -> String {
         or_dash(p.spendable)
     );
     let _ = writeln!(out, "counts   events {}   credits {}", n.events, n.credits);
+    if r.late.events > 0 {
+        let _ = writeln!(
+            out,
+            "  late (read after the billing grace, charged to the cycle open then) {} events, {} credits",
+            r.late.events, r.late.credits
+        );
+    }
     let _ = writeln!(
         out,
         "  calls {} (answered {})   call minutes {}   billable call seconds {}",
