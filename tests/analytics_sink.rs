@@ -184,7 +184,7 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let cfg = clickhouse_config("migrate");
-    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2]);
+    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2, 3]);
     assert_eq!(migrate(&cfg).await.unwrap(), Vec::<u32>::new());
     // Each run again after a half-applied migration: the statements are IF NOT EXISTS.
     raw(&cfg)
@@ -215,6 +215,7 @@ async fn migrate_is_idempotent() {
         tables,
         [
             "consumer_offsets",
+            "late_usage",
             "rated_events",
             "rated_offsets",
             "rated_offsets_mv",

@@ -7,8 +7,11 @@ use serde_json::json;
 
 use super::{types, GrantKind, OveragePolicy};
 
+/// Microseconds (as the ledger stores times): events published one after the other keep
+/// their order in event time instead of tying on the second (a tie is broken by source and
+/// id, which need not be the order they were sent in).
 fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 fn decimal(d: Decimal) -> String {
