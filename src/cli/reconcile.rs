@@ -47,8 +47,7 @@ fn day_line(out: &mut String, f: &DayFigures) {
     } else {
         String::new()
     };
-    let _ = writeln!(
-        out,
+    let line = format!(
         "{:<16} {}  {:<16} {:>22} {:>22} {:>22} {:>7}  {late}",
         shown(&f.account_id),
         f.day,
@@ -58,6 +57,7 @@ fn day_line(out: &mut String, f: &DayFigures) {
         figures(&f.rated),
         f.rated_charged_events,
     );
+    let _ = writeln!(out, "{}", line.trim_end());
 }
 
 /// The outcome as text: a header, one line per difference, a summary.
