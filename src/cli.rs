@@ -1,4 +1,5 @@
-//! Glue behind the operator commands (`produce`, `balance`, `replay`, idle detection):
+//! Glue behind the operator commands (`produce`, `balance`, `replay`, `report`, `reconcile`,
+//! idle detection):
 //! each joins library pieces with IO and prints for people. No domain logic lives here.
 
 use std::collections::HashMap;
@@ -21,8 +22,10 @@ use crate::kafka::{self, HEADER_REASON};
 use crate::ledger::Store;
 
 pub mod escape;
+pub mod reconcile;
 mod report;
 pub use escape::shown;
+pub use reconcile::reconcile;
 pub use report::report;
 
 /// Options of `tally produce`.

@@ -37,6 +37,8 @@
 //!   records a store refuses; every loop uses it.
 //! - [`kafka`] — client configuration, topic administration, dead letters.
 //! - [`pipeline`] — the batch loops joining the pieces above.
+//! - [`reconcile`] — `tally reconcile`: the ledger's charges against the ClickHouse roll-ups
+//!   and rated events, per account × day × usage kind.
 //! - [`demo`] — the realistic demo stream behind `tally produce`.
 //! - [`metrics`] — the Prometheus registry the pipelines record into (a leaf).
 //! - [`api`] — HTTP (axum): balances, usage, grants, plans, prices, health, metrics and the
@@ -57,4 +59,5 @@ pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod rating;
+pub mod reconcile;
 pub mod retry;

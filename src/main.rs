@@ -86,6 +86,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare the ledger's charges with the ClickHouse roll-ups and rated events, per account
+    /// x UTC day of event time x usage kind; print every difference (late usage flagged).
+    /// Exit status: 0 when everything agrees, 1 when there is a difference, 2 when a store
+    /// cannot be read.
+    Reconcile {
+        /// First day (UTC, YYYY-MM-DD); default: 30 days before --to.
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last day, included; default: today (UTC).
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// Only this account.
+        #[arg(long)]
+        account: Option<String>,
+        /// Print JSON (every figure, decimals as strings) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage accounts: plans and grants (published as events, so the ledger applies them
     /// exactly once, in order with usage), and the billing view.
     Accounts {
@@ -276,6 +294,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             json,
         } => tally::cli::report(&cfg, &account, from, to, json).await,
+        Command::Reconcile {
+            from,
+            to,
+            account,
+            json,
+        } => {
+            let outcome = tally::cli::reconcile(&cfg, from, to, account.as_deref(), json).await;
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            match outcome {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    std::process::exit(2)
+                }
+            }
+        }
         Command::Accounts { command } => accounts(&cfg, command).await,
         Command::Replay { command } => match command {
             ReplayCommand::DeadLetters { reason, dry_run } => {

@@ -32,6 +32,9 @@ struct Metrics {
     http_connections: IntGauge,
     probe_rounds: IntCounterVec,
     retries: IntCounterVec,
+    reconcile_differences: IntGauge,
+    reconcile_late: IntGauge,
+    reconcile_last_run: IntGauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -53,6 +56,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .register(Box::new(h.clone()))
             .expect("registered once");
         h
+    };
+    let gauge = |name: &str, help: &str| {
+        let g = IntGauge::with_opts(Opts::new(name, help)).expect("valid metric");
+        registry
+            .register(Box::new(g.clone()))
+            .expect("registered once");
+        g
     };
     let consumer_lag = IntGaugeVec::new(
         Opts::new(
@@ -127,6 +137,18 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "tally_dependency_probe_rounds_total",
             "Dependency probe rounds run for /readyz (PostgreSQL, ClickHouse, Kafka) and /metrics (consumer lag); shared for api.probe_cache_ms, so a flood of requests does not multiply them.",
             &["probe"],
+        ),
+        reconcile_differences: gauge(
+            "tally_reconcile_differences",
+            "Differences the last `tally reconcile` run of this process found between the ledger, the usage roll-ups and the rated events (account x day x kind, and accounts whose corrections do not net to zero); 0 when they agree.",
+        ),
+        reconcile_late: gauge(
+            "tally_reconcile_late_days",
+            "Account x day x kind keys holding late usage (arrived after the grace) in the last reconcile run.",
+        ),
+        reconcile_last_run: gauge(
+            "tally_reconcile_last_run_timestamp_seconds",
+            "When the last reconcile run of this process finished (Unix seconds); absent: never ran.",
         ),
         consumer_lag,
         assigned_partitions,
@@ -221,6 +243,16 @@ pub fn dependency_probe_round(probe: &str) {
     METRICS.probe_rounds.with_label_values(&[probe]).inc();
 }
 
+/// Records a finished reconcile run: its differences and late keys, and now.
+pub fn reconciled(differences: usize, late: usize) {
+    let m = &*METRICS;
+    m.reconcile_differences
+        .set(i64::try_from(differences).unwrap_or(i64::MAX));
+    m.reconcile_late
+        .set(i64::try_from(late).unwrap_or(i64::MAX));
+    m.reconcile_last_run.set(chrono::Utc::now().timestamp());
+}
+
 /// Every metric in the Prometheus text format (version 0.0.4).
 pub fn render() -> String {
     let families = METRICS.registry.gather();
@@ -245,7 +277,10 @@ mod tests {
         batch_seconds("unit-test", 0.02);
         transaction_seconds("unit-test", 0.01);
         set_consumer_lag("unit-test", "t.calls", 2, 7);
+        reconciled(3, 1);
         let text = render();
+        assert!(text.contains("tally_reconcile_differences 3"), "{text}");
+        assert!(text.contains("tally_reconcile_late_days 1"), "{text}");
         assert!(
             text.contains(r#"tally_events_total{kind="call",pipeline="unit-test"} 2"#),
             "{text}"

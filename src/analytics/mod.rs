@@ -1,7 +1,8 @@
 //! Analytics: rated usage in ClickHouse. Owns the ClickHouse DDL ([`migrate`], from
 //! `schemas/clickhouse/`), the sink that writes one `rated_events` row per rated usage event
-//! and the consumed positions ([`sink`]), and the usage reports read from the roll-ups
-//! ([`queries`]). Knows nothing of Kafka clients, PostgreSQL or the ledger; the batch loop
+//! and the consumed positions ([`sink`]), the usage reports read from the roll-ups
+//! ([`queries`]), and the day totals `tally reconcile` compares with the ledger
+//! ([`reconcile`]). Knows nothing of Kafka clients, PostgreSQL or the ledger; the batch loop
 //! lives in `pipeline::analytics`.
 //!
 //! Idempotence: rows are keyed by event identity (`event_source`, `event_id`, within the
@@ -15,6 +16,7 @@
 mod error;
 pub mod migrate;
 pub mod queries;
+pub mod reconcile;
 pub mod sink;
 pub mod sql;
 

@@ -669,7 +669,11 @@ impl UsageQueries {
         }
     }
 
-    async fn fetch<T>(&self, op: &'static str, sql: &str) -> Result<Vec<T>, AnalyticsError>
+    pub(crate) async fn fetch<T>(
+        &self,
+        op: &'static str,
+        sql: &str,
+    ) -> Result<Vec<T>, AnalyticsError>
     where
         T: RowOwned + RowRead,
     {

@@ -540,6 +540,34 @@ mod tests {
             let need = self.book().needs_window(events);
             let window = need.then(|| self.window.clone());
             let applied = self.book().apply(events, window);
+            // Each event's own debit and overage entries charge exactly its credits, and the
+            // corrections of a replay only move charges between grants and overage: they net
+            // to zero (`tally reconcile` relies on both).
+            for (i, e) in events.iter().enumerate() {
+                if let Action::Debit { credits } = e.action {
+                    let own: Decimal = applied
+                        .lines
+                        .iter()
+                        .filter(|l| l.cause == Some(i))
+                        .filter(|l| matches!(l.entry.kind, EntryKind::Debit | EntryKind::Overage))
+                        .map(|l| -l.entry.amount)
+                        .sum();
+                    assert_eq!(own, credits.max(Decimal::ZERO), "event {}", e.id);
+                }
+            }
+            let corrected: Decimal = applied
+                .lines
+                .iter()
+                .filter(|l| l.entry.kind == EntryKind::Correction)
+                .filter(|l| {
+                    matches!(
+                        l.entry.corrects,
+                        Some(EntryKind::Debit | EntryKind::Overage)
+                    )
+                })
+                .map(|l| l.entry.amount)
+                .sum();
+            assert_eq!(corrected, Decimal::ZERO, "corrections changed a charge");
             self.window.extend(applied.placed.iter().cloned());
             self.lines
                 .extend(applied.lines.iter().map(|l| l.entry.clone()));

@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "dedupe_scope",
         include_str!("../../schemas/postgres/0005_dedupe_scope.sql"),
     ),
+    (
+        6,
+        "entry_event_time",
+        include_str!("../../schemas/postgres/0006_entry_event_time.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

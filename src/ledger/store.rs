@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, NoTls, Transaction};
@@ -227,6 +227,23 @@ pub struct BatchOutcome {
     pub alerts: usize,
     /// Accounts whose open window was replayed (an event arrived out of event-time order).
     pub replayed: usize,
+}
+
+/// What the ledger charged one account on one UTC day of event time for one usage kind: the
+/// debit and overage entries of its usage events (each event's own charge; corrections move
+/// credits between grants and overage, never change what an event was charged).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChargedDay {
+    pub account_id: String,
+    pub day: NaiveDate,
+    pub usage_kind: String,
+    /// Credits charged (positive).
+    pub credits: Decimal,
+    /// Distinct usage events charged (an event that cost nothing has no entry).
+    pub events: u64,
+    /// The part of it that arrived after the grace (`late`), charged at the account's time.
+    pub late_credits: Decimal,
+    pub late_events: u64,
 }
 
 /// A ledger line as stored.
@@ -821,6 +838,77 @@ impl Store {
             .collect())
     }
 
+    /// The usage charged per account x UTC day of event time x usage kind, over the days
+    /// `from..=to` (one account, or all): see [`ChargedDay`]. Entries written before
+    /// migration 0006 without a known event time are left out.
+    pub async fn charged_by_day(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+        account_id: Option<&str>,
+    ) -> Result<Vec<ChargedDay>, StoreError> {
+        let (start, end) = day_bounds(from, to);
+        let rows = self
+            .client
+            .query(
+                "SELECT account_id, (event_time AT TIME ZONE 'UTC')::date AS day, usage_kind,
+                        -sum(amount),
+                        count(DISTINCT (event_source, event_id)),
+                        -COALESCE(sum(amount) FILTER (WHERE late), 0),
+                        count(DISTINCT (event_source, event_id)) FILTER (WHERE late)
+                 FROM ledger_entries
+                 WHERE kind IN ('debit', 'overage') AND usage_kind IS NOT NULL
+                   AND event_time >= $1 AND event_time < $2
+                   AND ($3::text IS NULL OR account_id = $3)
+                 GROUP BY 1, 2, 3
+                 ORDER BY 1, 2, 3",
+                &[&start, &end, &account_id],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let count = |i: usize| {
+                    u64::try_from(r.get::<_, i64>(i))
+                        .map_err(|_| StoreError::Data("a negative count".into()))
+                };
+                Ok(ChargedDay {
+                    account_id: r.get(0),
+                    day: r.get(1),
+                    usage_kind: r.get(2),
+                    credits: r.get(3),
+                    events: count(4)?,
+                    late_credits: r.get(5),
+                    late_events: count(6)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Per account, the sum of the corrections of debits and overage caused by events of the
+    /// days `from..=to`: zero for every account when each replay conserved the usage it
+    /// re-allocated (see `book::corrections`). Only accounts with a non-zero sum are returned.
+    pub async fn uneven_corrections(
+        &self,
+        from: NaiveDate,
+        to: NaiveDate,
+        account_id: Option<&str>,
+    ) -> Result<Vec<(String, Decimal)>, StoreError> {
+        let (start, end) = day_bounds(from, to);
+        let rows = self
+            .client
+            .query(
+                "SELECT account_id, -sum(amount) FROM ledger_entries
+                 WHERE kind = 'correction' AND corrects IN ('debit', 'overage')
+                   AND event_time >= $1 AND event_time < $2
+                   AND ($3::text IS NULL OR account_id = $3)
+                 GROUP BY 1 HAVING sum(amount) <> 0
+                 ORDER BY 1",
+                &[&start, &end, &account_id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
     /// One grant of an account, whatever its remaining credits (None: never granted).
     pub async fn grant(
         &self,
@@ -1323,6 +1411,12 @@ async fn known_grants(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// The instants bounding the UTC days `from..=to`: [from 00:00, to + 1 day 00:00).
+fn day_bounds(from: NaiveDate, to: NaiveDate) -> (DateTime<Utc>, DateTime<Utc>) {
+    let midnight = |d: NaiveDate| d.and_time(chrono::NaiveTime::MIN).and_utc();
+    (midnight(from), midnight(to.succ_opt().unwrap_or(to)))
+}
+
 /// Ledger entry columns, gathered for one multi-row insert.
 #[derive(Default)]
 struct EntryRows<'a> {
@@ -1335,6 +1429,7 @@ struct EntryRows<'a> {
     overage_after: Vec<Decimal>,
     effective_at: Vec<DateTime<Utc>>,
     late: Vec<bool>,
+    event_time: Vec<Option<DateTime<Utc>>>,
     event_source: Vec<Option<&'a str>>,
     event_id: Vec<Option<&'a str>>,
     usage_kind: Vec<Option<&'a str>>,
@@ -1366,6 +1461,7 @@ impl<'a> EntryRows<'a> {
         self.overage_after.push(e.overage_after);
         self.effective_at.push(e.effective_at);
         self.late.push(e.late);
+        self.event_time.push(item.map(|i| i.time));
         self.event_source.push(item.map(|i| i.source));
         self.event_id.push(item.map(|i| i.id));
         self.usage_kind.push(debit.map(|d| d.usage_kind));
@@ -1380,10 +1476,10 @@ impl<'a> EntryRows<'a> {
         tx.execute(
             "INSERT INTO ledger_entries (account_id, kind, corrects, grant_id, amount, balance_after,
                  overage_after, effective_at, late, event_source, event_id, usage_kind,
-                 price_version, rule_id)
+                 price_version, rule_id, event_time)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
                  $6::numeric[], $7::numeric[], $8::timestamptz[], $9::bool[], $10::text[],
-                 $11::text[], $12::text[], $13::text[], $14::text[])",
+                 $11::text[], $12::text[], $13::text[], $14::text[], $15::timestamptz[])",
             &[
                 &self.account_id,
                 &self.kind,
@@ -1399,6 +1495,7 @@ impl<'a> EntryRows<'a> {
                 &self.usage_kind,
                 &self.price_version,
                 &self.rule_id,
+                &self.event_time,
             ],
         )
         .await?;
