@@ -215,8 +215,19 @@ impl Delivery {
                 .await
                 .unwrap()
                 .get(0);
-            seen.accounts
-                .insert(a.to_owned(), (view, balance, cycles, totals, charged));
+            let range = tally::analytics::DateRange::new(
+                (now - chrono::Duration::days(11)).date_naive(),
+                now.date_naive(),
+            )
+            .unwrap();
+            let daily = tally::analytics::UsageQueries::new(&self.env.cfg.clickhouse)
+                .daily(a, &range)
+                .await
+                .unwrap();
+            seen.accounts.insert(
+                a.to_owned(),
+                (view, balance, cycles, totals, charged, daily),
+            );
         }
         seen
     }
@@ -228,6 +239,7 @@ type PerAccount = (
     Vec<ClosedCycle>,
     (u64, Decimal),
     Decimal,
+    Vec<tally::analytics::queries::DailyUsage>,
 );
 
 #[derive(Default, Debug, PartialEq)]
@@ -276,10 +288,13 @@ async fn same_stream_in_three_orders_gives_the_same_ledger() {
             assert_eq!(x.1, y.1, "{acct}: grants, setup first vs {name}");
             assert_eq!(x.2, y.2, "{acct}: closed cycles, setup first vs {name}");
             assert_eq!(x.3, y.3, "{acct}: ClickHouse totals, setup first vs {name}");
+            assert_eq!(x.5, y.5, "{acct}: ClickHouse per-day usage, setup first vs {name}");
         }
     }
     for acct in ACCOUNTS {
-        let (view, _, cycles, (events, credits), charged) = &a.accounts[acct];
+        let (view, _, cycles, (events, credits), charged, daily) = &a.accounts[acct];
+        let per_day: Decimal = daily.iter().map(|d| d.credits).sum();
+        assert_eq!(per_day, *credits, "{acct}: the days add up to the total");
         // Every chat was rated once in ClickHouse and charged once in the ledger.
         assert_eq!(
             *charged, *credits,
