@@ -288,7 +288,10 @@ async fn same_stream_in_three_orders_gives_the_same_ledger() {
             assert_eq!(x.1, y.1, "{acct}: grants, setup first vs {name}");
             assert_eq!(x.2, y.2, "{acct}: closed cycles, setup first vs {name}");
             assert_eq!(x.3, y.3, "{acct}: ClickHouse totals, setup first vs {name}");
-            assert_eq!(x.5, y.5, "{acct}: ClickHouse per-day usage, setup first vs {name}");
+            assert_eq!(
+                x.5, y.5,
+                "{acct}: ClickHouse per-day usage, setup first vs {name}"
+            );
         }
     }
     for acct in ACCOUNTS {
