@@ -90,3 +90,83 @@ async fn late_and_out_of_order_usage_through_ticks_is_charged_once() {
     let _ = DateTime::<Utc>::MIN_UTC;
     let _ = Utc.timestamp_opt(0, 0);
 }
+
+fn plan(allowance: Decimal, day: u8) -> Action<'static> {
+    Action::Plan {
+        plan: tally::ledger::buckets::Plan {
+            plan_id: format!("day{day}"),
+            monthly_allowance: allowance,
+            billing_day: day,
+            low_balance_credits: None,
+            low_balance_percent: None,
+            allowance_alert_percents: vec![],
+        },
+        overage_policy: tally::event::OveragePolicy::BillOverage,
+        top_up_validity_months: 3,
+    }
+}
+
+/// A plan dated before the one in force arrives after a cycle closed: replayed in event-time
+/// order, the account's cycles are cut differently, and the closed cycle of the first order
+/// is gone from `cycles` (only final cycles are never rewritten).
+#[tokio::test]
+async fn a_replay_rewrites_the_closed_cycles_that_are_not_final() {
+    let mut store = fresh_store("etcycles").await;
+    let d = |m: u32, day: u32| Utc.with_ymd_and_hms(2030, m, day, 0, 0, 0).unwrap();
+    let item = |id: &'static str, time, action| Item {
+        source: "s",
+        id,
+        account_id: "a",
+        time,
+        action,
+    };
+    let none = Default::default();
+    store
+        .apply_batch("g", &[item("p1", d(1, 5), plan(dec!(300), 1))], &none)
+        .await
+        .unwrap();
+    store
+        .apply_batch("g", &[item("u1", d(2, 2), debit(dec!(10)))], &none)
+        .await
+        .unwrap();
+    let first: Vec<_> = store
+        .cycles("a")
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| (c.start, c.end))
+        .collect();
+    assert_eq!(first, vec![(d(1, 1), d(2, 1))]);
+    // The older plan (day 15, 100 a month): its cycle Dec 15 - Jan 15 with 100, then p1's day
+    // 1 from that boundary: Jan 15 - Feb 1 (17 days) with 300 x 17 / 31 = 164.516129.
+    store
+        .apply_batch("g", &[item("p0", d(1, 3), plan(dec!(100), 15))], &none)
+        .await
+        .unwrap();
+    let cycles: Vec<_> = store
+        .cycles("a")
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| (c.start, c.end, c.allowance, c.allowance_expired))
+        .collect();
+    assert_eq!(
+        cycles,
+        vec![
+            (
+                Utc.with_ymd_and_hms(2029, 12, 15, 0, 0, 0).unwrap(),
+                d(1, 15),
+                dec!(100),
+                dec!(100)
+            ),
+            (d(1, 15), d(2, 1), dec!(164.516129), dec!(164.516129)),
+        ]
+    );
+    let (plan, cycle) = store.plan("a").await.unwrap().unwrap();
+    assert_eq!(
+        (plan.billing_day, cycle.start, cycle.end),
+        (1, d(2, 1), d(3, 1))
+    );
+    let b = store.balance("a").await.unwrap().unwrap();
+    assert_eq!(b.spendable, dec!(290)); // February's 300 less u1's 10
+}

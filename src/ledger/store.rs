@@ -393,6 +393,7 @@ impl Store {
             let mut rows = EntryRows::default();
             let mut open = OpenRows::default();
             let mut fired = Vec::new();
+            let mut replayed: Vec<&str> = Vec::new();
             for (account_id, (items, events)) in &batches {
                 let book = locked
                     .books
@@ -406,6 +407,7 @@ impl Store {
                     });
                 if applied.replayed {
                     outcome.replayed += 1;
+                    replayed.push(account_id);
                 }
                 for line in &applied.lines {
                     let cause = line.cause.map(|i| items[i]);
@@ -418,6 +420,15 @@ impl Store {
             outcome.entries = rows.len();
             outcome.alerts = fired.len();
             open.insert(&tx).await?;
+            if !replayed.is_empty() {
+                // A replay may drop a cycle an earlier order closed (a late plan moving the
+                // billing day): the revisable cycles are rewritten from the books.
+                tx.execute(
+                    "DELETE FROM cycles WHERE account_id = ANY($1) AND NOT final",
+                    &[&replayed],
+                )
+                .await?;
+            }
             write_back(&tx, &locked, &rows, &fired, &[]).await?;
         }
         store_offsets(&tx, group_id, next_offsets).await?;
