@@ -130,7 +130,44 @@ pub struct Book {
     pub earliest: Option<DateTime<Utc>>,
 }
 
+/// What the store rewrites with every batch: the live state and the order's bookkeeping.
+/// The checkpoint is stored apart and changes only when the final point moves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LivePart {
+    pub live: Account,
+    pub last: Option<Key>,
+    #[serde(default)]
+    pub earliest: Option<DateTime<Utc>>,
+}
+
+/// [`LivePart`] borrowed from a book, to serialize without copying.
+#[derive(Serialize)]
+pub struct LivePartRef<'a> {
+    live: &'a Account,
+    last: &'a Option<Key>,
+    earliest: &'a Option<DateTime<Utc>>,
+}
+
 impl Book {
+    /// A book from its two stored parts.
+    pub fn from_parts(checkpoint: Account, part: LivePart) -> Book {
+        Book {
+            checkpoint,
+            live: part.live,
+            last: part.last,
+            earliest: part.earliest,
+        }
+    }
+
+    /// The part rewritten with every batch.
+    pub fn live_part(&self) -> LivePartRef<'_> {
+        LivePartRef {
+            live: &self.live,
+            last: &self.last,
+            earliest: &self.earliest,
+        }
+    }
+
     pub fn new(account_id: &str) -> Book {
         Book {
             checkpoint: Account::new(account_id),

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "entry_event_time",
         include_str!("../../schemas/postgres/0006_entry_event_time.sql"),
     ),
+    (
+        7,
+        "checkpoint_apart",
+        include_str!("../../schemas/postgres/0007_checkpoint_apart.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, NoTls, Transaction};
 
-use super::book::{self, Book, Event, Placed};
+use super::book::{self, Book, Event, LivePart, Placed};
 use super::buckets::{Account, ClosedCycle, Cycle, Entry, Grant, NewGrant, Plan};
 use crate::alerts::{self, Alert, AlertDefaults, AlertState, KeyState};
 use crate::config::PostgresConfig;
@@ -476,6 +476,9 @@ impl Store {
             let book = locked.books.get_mut(id).expect("locked above");
             let window = folded.get(id).cloned().unwrap_or_default();
             let (lines, closed) = book.finalize(until, window);
+            if book.final_at() == Some(until) {
+                locked.checkpoints.insert(id.clone());
+            }
             for line in &lines {
                 rows.push(id, None, &line.entry);
             }
@@ -779,8 +782,8 @@ impl Store {
         else {
             return Ok(None);
         };
-        let book = match row.get::<_, Option<Json<Book>>>(BOOK_COLUMN) {
-            Some(Json(book)) => book,
+        let book = match book_from_row(&row) {
+            Some(book) => book,
             None => {
                 // An account written before books: its columns and grant rows.
                 let mut account = account_from_row(&row)?;
@@ -1033,10 +1036,21 @@ fn grant_from_row(r: &tokio_postgres::Row) -> Result<Grant, StoreError> {
 const ACCOUNT_COLUMNS: &str = "account_id, overage, overage_policy, top_up_validity_months, \
      last_grant_seq, plan_id, monthly_allowance, billing_day, low_balance_credits, \
      low_balance_percent, allowance_alert_percents, cycle_start, cycle_end, cycle_used, cycle_overage, \
-     book";
+     book, checkpoint";
 
-/// The index of `book` in [`ACCOUNT_COLUMNS`].
+/// The index of `book` in [`ACCOUNT_COLUMNS`] (`checkpoint` follows it).
 const BOOK_COLUMN: usize = 15;
+
+/// The book of an account row, when it has one (accounts written before books have none).
+fn book_from_row(r: &tokio_postgres::Row) -> Option<Book> {
+    match (
+        r.get::<_, Option<Json<LivePart>>>(BOOK_COLUMN),
+        r.get::<_, Option<Json<Account>>>(BOOK_COLUMN + 1),
+    ) {
+        (Some(Json(part)), Some(Json(checkpoint))) => Some(Book::from_parts(checkpoint, part)),
+        _ => None,
+    }
+}
 
 fn account_from_row(r: &tokio_postgres::Row) -> Result<Account, StoreError> {
     let policy: String = r.get(2);
@@ -1084,6 +1098,9 @@ struct Locked {
     books: BTreeMap<String, Book>,
     loaded: BTreeMap<String, Vec<Grant>>,
     alerts: BTreeMap<String, AlertState>,
+    /// Accounts whose checkpoint is written back (it changes only when the final point
+    /// moves, or when the book is new).
+    checkpoints: std::collections::BTreeSet<String>,
 }
 
 /// Creates missing accounts, locks them in account_id order (so instances never deadlock),
@@ -1110,8 +1127,8 @@ async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, Sto
     let mut legacy = Vec::new();
     for r in &rows {
         let id: String = r.get(0);
-        match r.get::<_, Option<Json<Book>>>(BOOK_COLUMN) {
-            Some(Json(book)) => {
+        match book_from_row(r) {
+            Some(book) => {
                 books.insert(id, book);
             }
             None => {
@@ -1144,6 +1161,8 @@ async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, Sto
         .iter()
         .map(|(id, b)| (id.clone(), b.live.grants.clone()))
         .collect();
+    // New accounts, and those written before books, get their checkpoint stored.
+    let checkpoints = legacy.into_iter().collect();
     let mut alerts: BTreeMap<String, AlertState> = BTreeMap::new();
     for r in &tx
         .query(
@@ -1165,6 +1184,7 @@ async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, Sto
         books,
         loaded,
         alerts,
+        checkpoints,
     })
 }
 
@@ -1283,7 +1303,7 @@ async fn write_back(
 ) -> Result<(), StoreError> {
     write_grants(tx, locked).await?;
     rows.insert(tx).await?;
-    write_accounts(tx, &locked.books).await?;
+    write_accounts(tx, &locked.books, &locked.checkpoints).await?;
     write_cycles(tx, &locked.books, finals).await?;
     write_alerts(tx, &locked.alerts, fired).await?;
     Ok(())
@@ -1577,6 +1597,7 @@ fn due_at(book: &Book) -> Option<DateTime<Utc>> {
 async fn write_accounts(
     tx: &Transaction<'_>,
     books: &BTreeMap<String, Book>,
+    checkpoints: &std::collections::BTreeSet<String>,
 ) -> Result<(), StoreError> {
     let ids: Vec<&str> = books.keys().map(String::as_str).collect();
     let now = Utc::now();
@@ -1644,11 +1665,22 @@ async fn write_accounts(
         .iter()
         .map(|a| a.cycle.as_ref().map_or(Decimal::ZERO, |c| c.overage))
         .collect();
+    let to_json = |e: serde_json::Error| StoreError::Data(format!("book to JSON: {e}"));
     let book: Vec<serde_json::Value> = books
         .values()
-        .map(serde_json::to_value)
+        .map(|b| serde_json::to_value(b.live_part()))
         .collect::<Result<_, _>>()
-        .map_err(|e| StoreError::Data(format!("book to JSON: {e}")))?;
+        .map_err(to_json)?;
+    let checkpoint: Vec<Option<serde_json::Value>> = books
+        .iter()
+        .map(|(id, b)| {
+            checkpoints
+                .contains(id)
+                .then(|| serde_json::to_value(&b.checkpoint))
+                .transpose()
+        })
+        .collect::<Result<_, _>>()
+        .map_err(to_json)?;
     let final_at: Vec<Option<DateTime<Utc>>> = books.values().map(Book::final_at).collect();
     let due: Vec<Option<DateTime<Utc>>> = books.values().map(due_at).collect();
     tx.execute(
@@ -1658,20 +1690,21 @@ async fn write_accounts(
                 billing_day = u.billing_day, low_balance_credits = u.low_credits,
                 low_balance_percent = u.low_percent, allowance_alert_percents = u.percents::int[],
                 cycle_start = u.cycle_start, cycle_end = u.cycle_end, cycle_used = u.cycle_used,
-                cycle_overage = u.cycle_overage, book = u.book, final_at = u.final_at,
-                due_at = u.due_at, updated_at = $20
+                cycle_overage = u.cycle_overage, book = u.book,
+                checkpoint = COALESCE(u.checkpoint, a.checkpoint), final_at = u.final_at,
+                due_at = u.due_at, updated_at = $21
          FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::text[], $5::int[], $6::bigint[],
                      $7::text[], $8::numeric[], $9::int[], $10::numeric[], $11::numeric[], $12::text[],
                      $13::timestamptz[], $14::timestamptz[], $15::numeric[], $16::numeric[],
-                     $17::jsonb[], $18::timestamptz[], $19::timestamptz[])
+                     $17::jsonb[], $18::jsonb[], $19::timestamptz[], $20::timestamptz[])
               AS u(account_id, spendable, overage, policy, validity, seq, plan_id, allowance,
                    billing_day, low_credits, low_percent, percents, cycle_start, cycle_end,
-                   cycle_used, cycle_overage, book, final_at, due_at)
+                   cycle_used, cycle_overage, book, checkpoint, final_at, due_at)
          WHERE a.account_id = u.account_id",
         &[
             &ids, &spendable, &overage, &policy, &validity, &seq, &plan_id, &allowance, &billing_day,
             &low_credits, &low_percent, &percents, &cycle_start, &cycle_end, &cycle_used,
-            &cycle_overage, &book, &final_at, &due, &now,
+            &cycle_overage, &book, &checkpoint, &final_at, &due, &now,
         ],
     )
     .await?;
