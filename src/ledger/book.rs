@@ -141,7 +141,7 @@ pub struct LivePart {
 }
 
 /// [`LivePart`] borrowed from a book, to serialize without copying.
-#[derive(Serialize)]
+#[derive(Debug, Serialize)]
 pub struct LivePartRef<'a> {
     live: &'a Account,
     last: &'a Option<Key>,

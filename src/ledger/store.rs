@@ -1253,7 +1253,7 @@ struct OpenRows<'a> {
     source: Vec<String>,
     id: Vec<String>,
     late: Vec<bool>,
-    placed: Vec<serde_json::Value>,
+    placed: Vec<Json<Placed>>,
 }
 
 impl<'a> OpenRows<'a> {
@@ -1261,12 +1261,9 @@ impl<'a> OpenRows<'a> {
         self.account_id.push(account_id);
         self.at.push(p.at);
         self.late.push(p.late);
-        self.placed.push(
-            serde_json::to_value(&p)
-                .map_err(|e| StoreError::Data(format!("event to JSON: {e}")))?,
-        );
-        self.source.push(p.event.source);
-        self.id.push(p.event.id);
+        self.source.push(p.event.source.clone());
+        self.id.push(p.event.id.clone());
+        self.placed.push(Json(p));
         Ok(())
     }
 
@@ -1665,22 +1662,13 @@ async fn write_accounts(
         .iter()
         .map(|a| a.cycle.as_ref().map_or(Decimal::ZERO, |c| c.overage))
         .collect();
-    let to_json = |e: serde_json::Error| StoreError::Data(format!("book to JSON: {e}"));
-    let book: Vec<serde_json::Value> = books
-        .values()
-        .map(|b| serde_json::to_value(b.live_part()))
-        .collect::<Result<_, _>>()
-        .map_err(to_json)?;
-    let checkpoint: Vec<Option<serde_json::Value>> = books
+    // Serialized straight into the statement's parameters (no JSON value in between).
+    let book: Vec<Json<book::LivePartRef<'_>>> =
+        books.values().map(|b| Json(b.live_part())).collect();
+    let checkpoint: Vec<Option<Json<&Account>>> = books
         .iter()
-        .map(|(id, b)| {
-            checkpoints
-                .contains(id)
-                .then(|| serde_json::to_value(&b.checkpoint))
-                .transpose()
-        })
-        .collect::<Result<_, _>>()
-        .map_err(to_json)?;
+        .map(|(id, b)| checkpoints.contains(id).then_some(Json(&b.checkpoint)))
+        .collect();
     let final_at: Vec<Option<DateTime<Utc>>> = books.values().map(Book::final_at).collect();
     let due: Vec<Option<DateTime<Utc>>> = books.values().map(due_at).collect();
     tx.execute(
