@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "checkpoint_apart",
         include_str!("../../schemas/postgres/0007_checkpoint_apart.sql"),
     ),
+    (
+        8,
+        "grants_hot_updates",
+        include_str!("../../schemas/postgres/0008_grants_hot_updates.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.
