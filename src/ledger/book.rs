@@ -779,9 +779,10 @@ mod tests {
 
     #[test]
     fn an_earlier_top_up_arriving_late_pays_the_usage_it_covered() {
-        // Prepaid: 100-credit package, a 150-credit call at 10:00 (50 overage), then a
-        // 500-credit top-up dated 09:00 arrives: in event-time order the call takes 100 from
-        // ... the top-up first (priority 30 < package 40): top-up 350 left, package 100.
+        // Prepaid: a 100-credit package, a 150-credit call at 10:00 (100 from the package, 50
+        // overage), then a 500-credit top-up dated 09:00 arrives: in event-time order the
+        // call is paid from the top-up (priority 30 before the package's 40): top-up 350
+        // left, package 100, no overage.
         let mut h = Harness::new();
         h.deliver(&[ev(
             "pkg",
