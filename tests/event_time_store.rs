@@ -170,3 +170,42 @@ async fn a_replay_rewrites_the_closed_cycles_that_are_not_final() {
     let b = store.balance("a").await.unwrap().unwrap();
     assert_eq!(b.spendable, dec!(290)); // February's 300 less u1's 10
 }
+
+/// The same late older plan before any boundary: the newer plan's allowance (300, its
+/// cycle from Jan 1) gives way to the older plan's (100, Dec 15 - Jan 15), and the grant row
+/// of the allowance that no longer exists keeps nothing.
+#[tokio::test]
+async fn a_replay_empties_the_row_of_a_grant_it_no_longer_has() {
+    let mut store = fresh_store("etgone").await;
+    let d = |m: u32, day: u32| Utc.with_ymd_and_hms(2030, m, day, 0, 0, 0).unwrap();
+    let item = |id: &'static str, time, action| Item {
+        source: "s",
+        id,
+        account_id: "a",
+        time,
+        action,
+    };
+    let none = Default::default();
+    store
+        .apply_batch("g", &[item("p1", d(1, 5), plan(dec!(300), 1))], &none)
+        .await
+        .unwrap();
+    store
+        .apply_batch("g", &[item("p0", d(1, 3), plan(dec!(100), 15))], &none)
+        .await
+        .unwrap();
+    let b = store.balance("a").await.unwrap().unwrap();
+    let rows: std::collections::BTreeMap<String, Decimal> = b
+        .grants
+        .iter()
+        .map(|g| (g.grant_id.clone(), g.remaining))
+        .collect();
+    assert_eq!(
+        rows.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("allowance:2029-12-15".to_owned(), dec!(100)),
+            ("allowance:2030-01-01".to_owned(), dec!(0)),
+        ]
+    );
+    assert_eq!(b.spendable, dec!(100));
+}

@@ -1533,6 +1533,27 @@ impl<'a> EntryRows<'a> {
 
 /// Writes the grants that differ from what was loaded (new, debited, renewed, corrected).
 async fn write_grants(tx: &Transaction<'_>, locked: &Locked) -> Result<(), StoreError> {
+    // A grant with credits that a replay no longer has (a late plan cut the cycles
+    // differently: another cycle's allowance) keeps its row, with nothing left.
+    let gone: BTreeMap<&str, Vec<Grant>> = locked
+        .books
+        .iter()
+        .map(|(id, b)| {
+            let gone = locked
+                .loaded
+                .get(id)
+                .into_iter()
+                .flatten()
+                .filter(|g| g.remaining > Decimal::ZERO)
+                .filter(|g| !b.live.grants.iter().any(|l| l.grant_id == g.grant_id))
+                .map(|g| Grant {
+                    remaining: Decimal::ZERO,
+                    ..g.clone()
+                })
+                .collect();
+            (id.as_str(), gone)
+        })
+        .collect();
     let mut account_id = Vec::new();
     let mut grant_id = Vec::new();
     let mut kind = Vec::new();
@@ -1544,7 +1565,8 @@ async fn write_grants(tx: &Transaction<'_>, locked: &Locked) -> Result<(), Store
     let mut seq = Vec::new();
     for (id, b) in &locked.books {
         let before = locked.loaded.get(id);
-        for g in &b.live.grants {
+        let gone = gone.get(id.as_str()).into_iter().flatten();
+        for g in b.live.grants.iter().chain(gone) {
             if before.is_some_and(|l| l.contains(g)) {
                 continue;
             }
