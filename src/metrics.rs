@@ -10,8 +10,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds: 1 ms to 30 s.
@@ -32,6 +32,7 @@ struct Metrics {
     http_connections: IntGauge,
     probe_rounds: IntCounterVec,
     retries: IntCounterVec,
+    replays: IntCounter,
     reconcile_differences: IntGauge,
     reconcile_late: IntGauge,
     reconcile_last_run: IntGauge,
@@ -86,7 +87,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(assigned_partitions.clone()))
         .expect("registered once");
+    let replays = IntCounter::with_opts(Opts::new(
+        "tally_ledger_replays_total",
+        "Accounts whose open window the ledger replayed because an event arrived out of event-time order (each writes correction entries); a high rate means producers or topics drift apart.",
+    ))
+    .expect("valid metric");
+    registry
+        .register(Box::new(replays.clone()))
+        .expect("registered once");
     Metrics {
+        replays,
         events: counter(
             "tally_events_total",
             "Events decoded and admitted, by pipeline and kind (usage kind, grant, plan); rate() gives events/s.",
@@ -173,7 +183,14 @@ pub fn events<'a>(pipeline: &str, kinds: impl IntoIterator<Item = &'a str>) {
     }
 }
 
-/// Counts one dead letter.
+/// Counts the accounts a ledger batch replayed (events out of order).
+pub fn replays(accounts: usize) {
+    if accounts > 0 {
+        METRICS.replays.inc_by(accounts as u64);
+    }
+}
+
+/// Counts one retry.
 pub fn retry(operation: &str) {
     METRICS.retries.with_label_values(&[operation]).inc();
 }

@@ -87,8 +87,22 @@ async fn late_and_out_of_order_usage_through_ticks_is_charged_once() {
     let b = store.balance("a").await.unwrap().unwrap();
     // 240 x 10 = 2400 used: 1000 from the package, 1400 overage.
     assert_eq!((b.spendable, b.overage), (dec!(0), dec!(1400)));
-    let _ = DateTime::<Utc>::MIN_UTC;
-    let _ = Utc.timestamp_opt(0, 0);
+}
+
+/// Midnight UTC of a day in 2030.
+fn d(month: u32, day: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2030, month, day, 0, 0, 0).unwrap()
+}
+
+/// An event of account `a` from source `s`.
+fn item(id: &'static str, time: DateTime<Utc>, action: Action<'static>) -> Item<'static> {
+    Item {
+        source: "s",
+        id,
+        account_id: "a",
+        time,
+        action,
+    }
 }
 
 fn plan(allowance: Decimal, day: u8) -> Action<'static> {
@@ -112,14 +126,6 @@ fn plan(allowance: Decimal, day: u8) -> Action<'static> {
 #[tokio::test]
 async fn a_replay_rewrites_the_closed_cycles_that_are_not_final() {
     let mut store = fresh_store("etcycles").await;
-    let d = |m: u32, day: u32| Utc.with_ymd_and_hms(2030, m, day, 0, 0, 0).unwrap();
-    let item = |id: &'static str, time, action| Item {
-        source: "s",
-        id,
-        account_id: "a",
-        time,
-        action,
-    };
     let none = Default::default();
     store
         .apply_batch("g", &[item("p1", d(1, 5), plan(dec!(300), 1))], &none)
@@ -177,14 +183,6 @@ async fn a_replay_rewrites_the_closed_cycles_that_are_not_final() {
 #[tokio::test]
 async fn a_replay_empties_the_row_of_a_grant_it_no_longer_has() {
     let mut store = fresh_store("etgone").await;
-    let d = |m: u32, day: u32| Utc.with_ymd_and_hms(2030, m, day, 0, 0, 0).unwrap();
-    let item = |id: &'static str, time, action| Item {
-        source: "s",
-        id,
-        account_id: "a",
-        time,
-        action,
-    };
     let none = Default::default();
     store
         .apply_batch("g", &[item("p1", d(1, 5), plan(dec!(300), 1))], &none)

@@ -558,24 +558,8 @@ impl AnalyticsSink {
 
     /// Exact (events, credits) of an account's usage marked late, duplicates collapsed.
     pub async fn late_totals(&self, account_id: &str) -> Result<(u64, Decimal), AnalyticsError> {
-        #[derive(Row, Deserialize)]
-        struct Totals {
-            events: u64,
-            total_credits: i128,
-        }
-        let t = run_timed(
-            "late totals",
-            QUERY_TIMEOUT,
-            self.client
-                .query(
-                    "SELECT count() AS events, sum(credits) AS total_credits \
-                     FROM late_usage FINAL WHERE account_id = ?",
-                )
-                .bind(account_id)
-                .fetch_one::<Totals>(),
-        )
-        .await?;
-        Ok((t.events, from_mantissa6("late totals", t.total_credits)?))
+        self.exact_totals("late totals", LATE_USAGE, account_id)
+            .await
     }
 
     /// Stores the next offset of each partition for `group` (one INSERT). Positions only move
@@ -665,6 +649,17 @@ impl AnalyticsSink {
         &self,
         account_id: &str,
     ) -> Result<(u64, Decimal), AnalyticsError> {
+        self.exact_totals("totals by account", RATED_EVENTS, account_id)
+            .await
+    }
+
+    /// (events, credits) of an account in `table` (keyed by identity, read with `FINAL`).
+    async fn exact_totals(
+        &self,
+        op: &'static str,
+        table: &str,
+        account_id: &str,
+    ) -> Result<(u64, Decimal), AnalyticsError> {
         #[derive(Row, Deserialize)]
         struct Totals {
             events: u64,
@@ -672,23 +667,20 @@ impl AnalyticsSink {
             total_credits: i128,
         }
         let totals = run_timed(
-            "totals by account",
+            op,
             QUERY_TIMEOUT,
             self.client
-                .query(
+                .query(&format!(
                     // An alias never reuses a column name: ClickHouse resolves aliases
                     // first, so `sum(credits) AS credits` shadows the column query-wide.
                     "SELECT count() AS events, sum(credits) AS total_credits \
-                     FROM rated_events FINAL WHERE account_id = ?",
-                )
+                     FROM {table} FINAL WHERE account_id = ?"
+                ))
                 .bind(account_id)
                 .fetch_one::<Totals>(),
         )
         .await?;
-        Ok((
-            totals.events,
-            from_mantissa6("totals by account", totals.total_credits)?,
-        ))
+        Ok((totals.events, from_mantissa6(op, totals.total_credits)?))
     }
 
     /// An account's rows, duplicates collapsed (`FINAL`), by event identity.

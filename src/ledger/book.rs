@@ -202,34 +202,38 @@ impl Book {
         }
     }
 
-    /// Where an event goes in the account's order.
-    pub fn place(&self, event: &Event) -> Placed {
+    /// Where an event dated `time` goes in the account's order: (its place, late).
+    fn placement(&self, time: DateTime<Utc>) -> (DateTime<Utc>, bool) {
         match self.final_at() {
-            Some(f) if event.time < f => Placed {
-                at: self.live.clock.map_or(f, |c| c.max(f)),
-                late: true,
-                event: event.clone(),
-            },
-            _ => Placed {
-                at: event.time,
-                late: false,
-                event: event.clone(),
-            },
+            Some(f) if time < f => (self.live.clock.map_or(f, |c| c.max(f)), true),
+            _ => (time, false),
+        }
+    }
+
+    /// The event placed in the account's order.
+    pub fn place(&self, event: &Event) -> Placed {
+        let (at, late) = self.placement(event.time);
+        Placed {
+            at,
+            late,
+            event: event.clone(),
         }
     }
 
     /// After everything applied so far: the cheap path applies it as it comes.
-    fn in_order(&self, p: &Placed) -> bool {
-        self.live.clock.is_none_or(|c| p.at >= c)
+    fn in_order(&self, at: DateTime<Utc>, source: &str, id: &str) -> bool {
+        self.live.clock.is_none_or(|c| at >= c)
             && self
                 .last
                 .as_ref()
-                .is_none_or(|l| p.order() > (l.at, l.source.as_str(), l.id.as_str()))
+                .is_none_or(|l| (at, source, id) > (l.at, l.source.as_str(), l.id.as_str()))
     }
 
     /// Whether applying these events needs the open window (an event out of order).
     pub fn needs_window(&self, events: &[Event]) -> bool {
-        events.iter().any(|e| !self.in_order(&self.place(e)))
+        events
+            .iter()
+            .any(|e| !self.in_order(self.placement(e.time).0, &e.source, &e.id))
     }
 
     /// Applies the account's new events. `window`: the open window's events (every event
@@ -259,7 +263,10 @@ impl Book {
         order.sort_by(|&a, &b| placed[a].order().cmp(&placed[b].order()));
         let mut lines = Vec::new();
         let mut out = Vec::new();
-        let replay = order.first().is_some_and(|&i| !self.in_order(&placed[i]));
+        let replay = order.first().is_some_and(|&i| {
+            let p = &placed[i];
+            !self.in_order(p.at, &p.event.source, &p.event.id)
+        });
         if !replay {
             for &i in &order {
                 out.clear();

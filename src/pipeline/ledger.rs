@@ -179,6 +179,7 @@ pub async fn run_with_clock(
         stats.records += batch.records.len() as u64;
         stats.applied += totals.applied as u64;
         stats.duplicates += totals.duplicates as u64;
+        crate::metrics::replays(totals.replayed);
         stats.dead_letters += letters.len() as u64;
         tracing::debug!(
             records = batch.records.len(),
@@ -187,6 +188,7 @@ pub async fn run_with_clock(
             dead_letters = letters.len(),
             entries = totals.entries,
             accounts = totals.accounts,
+            replayed = totals.replayed,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "ledger batch committed"
         );
@@ -377,6 +379,7 @@ impl ApplyPart for Parts<'_, '_, '_> {
         self.totals.entries += o.entries;
         self.totals.alerts += o.alerts;
         self.totals.accounts += o.accounts;
+        self.totals.replayed += o.replayed;
         Ok(())
     }
 }
