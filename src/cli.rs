@@ -21,6 +21,7 @@ use crate::event::{types, Reason};
 use crate::kafka::{self, HEADER_REASON};
 use crate::ledger::Store;
 
+pub mod accounts;
 pub mod escape;
 pub mod reconcile;
 mod report;

@@ -44,10 +44,13 @@
 //! - [`api`] — HTTP (axum): balances, usage, grants, plans, prices, health, metrics and the
 //!   usage dashboard; reads `ledger` and `analytics`, publishes grants and plans to Kafka.
 //! - [`cli`] — glue behind the operator commands (`src/main.rs` only parses arguments).
+//! - [`app`] — `tally run`'s supervisor (the tasks of a role, bounded shutdown) and
+//!   `tally migrate`; the binary, tests and benches start Tally through it.
 
 pub mod alerts;
 pub mod analytics;
 pub mod api;
+pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;

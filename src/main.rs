@@ -1,16 +1,15 @@
-//! The `tally` binary: parses arguments and hands over to the library. See `tally --help`.
+//! The `tally` binary: parses arguments and hands over to the library (`tally::app` for
+//! `run` and `migrate`, `tally::cli` for the operator commands). See `tally --help`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::sync::watch;
 
 use tally::config::Config;
-use tally::rating::PriceTable;
 
 #[derive(Parser)]
 #[command(
@@ -192,6 +191,16 @@ enum Role {
     All,
 }
 
+impl From<Role> for tally::app::Role {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Ledger => tally::app::Role::Ledger,
+            Role::Analytics => tally::app::Role::Analytics,
+            Role::All => tally::app::Role::All,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum PricesCommand {
     /// Validate a price table; prints FILE:LINE: message for every problem.
@@ -277,11 +286,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Arc::new(Config::load(cli.config.as_deref())?);
     match cli.command {
         Command::Prices { .. } => unreachable!("handled above"),
-        Command::Migrate => migrate(&cfg).await,
+        Command::Migrate => {
+            println!("{}", tally::app::migrate(&cfg).await?);
+            Ok(())
+        }
         Command::Run {
             role,
             idle_exit_secs,
-        } => run_pipelines(cfg, role, idle_exit_secs).await,
+        } => {
+            let options = tally::app::RunOptions {
+                role: role.into(),
+                idle_exit: idle_exit_secs.map(Duration::from_secs),
+            };
+            Ok(tally::app::run(cfg, options, shutdown_signal()?).await?)
+        }
         Command::Produce(args) => tally::cli::produce(&cfg, &args.into()).await,
         Command::Balance {
             account,
@@ -346,11 +364,12 @@ impl From<ProduceArgs> for tally::cli::ProduceOptions {
 }
 
 async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> {
-    use tally::event::{encode, GrantKind, OveragePolicy};
+    use tally::cli::accounts;
+    use tally::event::{GrantKind, OveragePolicy};
     let now = Utc::now();
-    let (account, payload, topic) = match command {
+    match command {
         AccountsCommand::Show { account, entries } => {
-            return tally::cli::show_account(cfg, &account, entries, now).await;
+            tally::cli::show_account(cfg, &account, entries, now).await
         }
         AccountsCommand::SetPlan {
             account,
@@ -363,29 +382,22 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
             low_balance_percent,
             allowance_alert_percents,
         } => {
-            let policy = match overage_policy {
+            let overage_policy = match overage_policy {
                 Policy::SettleFromNextGrant => OveragePolicy::SettleFromNextGrant,
                 Policy::BillOverage => OveragePolicy::BillOverage,
             };
-            let event_id = format!(
-                "plan:{account}:{}",
-                now.timestamp_nanos_opt().unwrap_or_default()
-            );
-            let payload = encode::plan(
-                "//tally/cli",
-                &event_id,
-                &account,
-                &plan_id,
+            let plan = accounts::SetPlan {
+                account,
+                plan_id,
                 allowance,
                 billing_day,
-                policy,
+                overage_policy,
                 top_up_validity_months,
                 low_balance_credits,
                 low_balance_percent,
-                allowance_alert_percents.as_deref(),
-                now,
-            );
-            (account, payload, cfg.kafka.topics.plans.clone())
+                allowance_alert_percents,
+            };
+            accounts::set_plan(cfg, plan, now).await
         }
         AccountsCommand::Grant {
             account,
@@ -402,39 +414,17 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
                 Kind::Manual => GrantKind::Manual,
                 Kind::Allowance => GrantKind::Allowance,
             };
-            let payload = encode::grant(
-                "//tally/cli",
-                &account,
-                &grant_id,
+            let grant = accounts::Grant {
+                account,
+                grant_id,
                 kind,
                 credits,
                 expires_at,
                 priority,
-                now,
-            );
-            (account, payload, cfg.kafka.topics.grants.clone())
+            };
+            accounts::grant(cfg, grant, now).await
         }
-    };
-    // Validate exactly as the pipeline will, so a mistake is reported here, not dead-lettered.
-    tally::event::decode(&payload, now, &tally::event::DecodeLimits::default())
-        .map_err(|r| anyhow::anyhow!("refused: {r}"))?;
-    let producer: rdkafka::producer::FutureProducer =
-        tally::kafka::producer_config(&cfg.kafka).create()?;
-    tally::cli::send_all(
-        &producer,
-        [(
-            topic.as_str(),
-            Some(account.as_bytes()),
-            payload.as_slice(),
-            None,
-        )],
-        1,
-        0,
-        false,
-    )
-    .await?;
-    println!("sent to {topic}: {}", String::from_utf8_lossy(&payload));
-    Ok(())
+    }
 }
 
 fn prices_check(file: &std::path::Path) -> anyhow::Result<()> {
@@ -457,207 +447,6 @@ fn prices_check(file: &std::path::Path) -> anyhow::Result<()> {
                 report.errors().len().max(1)
             )
         }
-    }
-}
-
-async fn migrate(cfg: &Config) -> anyhow::Result<()> {
-    tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
-        .await
-        .context("creating Kafka topics")?;
-    let mut store = tally::ledger::Store::connect(&cfg.postgres)
-        .await
-        .context("connecting to PostgreSQL")?;
-    let applied = store.migrate().await.context("PostgreSQL migrations")?;
-    println!(
-        "PostgreSQL schema {}: applied {:?}",
-        cfg.postgres.schema, applied
-    );
-    let applied = tally::analytics::migrate(&cfg.clickhouse)
-        .await
-        .context("ClickHouse DDL")?;
-    println!(
-        "ClickHouse database {}: applied {:?}",
-        cfg.clickhouse.database, applied
-    );
-    Ok(())
-}
-
-async fn run_pipelines(
-    cfg: Arc<Config>,
-    role: Role,
-    idle_exit_secs: Option<u64>,
-) -> anyhow::Result<()> {
-    let signal = shutdown_signal()?;
-    let prices = Arc::new(
-        PriceTable::load(&cfg.prices.path)
-            .map_err(|r| anyhow::anyhow!("{r}"))
-            .with_context(|| format!("loading price table {}", cfg.prices.path.display()))?,
-    );
-    tokio::pin!(signal);
-    // Nothing is in hand yet: a signal while the broker is slow to answer stops at once.
-    let topics = cfg.all_topics();
-    tokio::select! {
-        created = tally::kafka::ensure_topics(&cfg.kafka, &topics, cfg.kafka.topic_partitions) => {
-            created.context("creating Kafka topics")?;
-        }
-        _ = &mut signal => {
-            tracing::info!("shutdown requested during start-up");
-            return Ok(());
-        }
-    }
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = Tasks::default();
-    if role != Role::Analytics {
-        let (cfg, prices, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
-        tasks.spawn("ledger pipeline", async move {
-            tally::pipeline::ledger::run(cfg, prices, stop)
-                .await
-                .map(|s| format!("ledger: {s:?}"))
-        });
-    }
-    if role != Role::Analytics {
-        let (c, stop) = (cfg.clone(), stop_rx.clone());
-        tasks.spawn("scheduler", async move {
-            tally::pipeline::scheduler::run(c, Arc::new(tally::clock::SystemClock), stop)
-                .await
-                .map(|ticks| format!("scheduler: {ticks} ticks"))
-        });
-        let (c, stop) = (cfg.clone(), stop_rx.clone());
-        tasks.spawn("alert relay", async move {
-            tally::pipeline::alerts::run(c, stop)
-                .await
-                .map(|n| format!("alert relay: {n} alerts published"))
-        });
-    }
-    if role != Role::Ledger {
-        let (cfg, prices, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
-        tasks.spawn("analytics pipeline", async move {
-            tally::pipeline::analytics::run(cfg, prices, stop)
-                .await
-                .map(|s| format!("analytics: {s:?}"))
-        });
-    }
-    if cfg.api.enabled {
-        let (c, p, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
-        tasks.spawn("HTTP API", async move { tally::api::run(c, p, stop).await });
-    }
-    if let Some(secs) = idle_exit_secs {
-        let stop = stop_tx.clone();
-        let mut stopped = stop_rx.clone();
-        let cfg = cfg.clone();
-        tasks.spawn("idle watch", async move {
-            let idle = tally::cli::wait_until_idle(
-                &cfg,
-                role != Role::Analytics,
-                role != Role::Ledger,
-                Duration::from_secs(secs),
-            );
-            tokio::select! {
-                idle = idle => {
-                    idle?;
-                    tracing::info!(quiet_s = secs, "idle: every group holds partitions and is caught up");
-                    let _ = stop.send(true);
-                    Ok("idle exit".to_owned())
-                }
-                _ = stopped.wait_for(|&s| s) => Ok("idle watch stopped".to_owned()),
-            }
-        });
-    }
-    let started = Instant::now();
-    let shutdown_timeout = Duration::from_millis(cfg.pipeline.shutdown_timeout_ms);
-    let mut stopping = stop_tx.subscribe();
-    let mut deadline: Option<tokio::time::Instant> = None;
-    let mut failure: Option<anyhow::Error> = None;
-    loop {
-        tokio::select! {
-            _ = &mut signal, if !*stop_tx.borrow() => {
-                tracing::info!(
-                    shutdown_timeout_ms = cfg.pipeline.shutdown_timeout_ms,
-                    "shutdown requested: finishing the batch in hand"
-                );
-                let _ = stop_tx.send(true);
-            }
-            // Whatever asked for the stop (a signal, idle exit, a failed task), the tasks get
-            // shutdown_timeout to finish from now.
-            _ = stopping.wait_for(|&s| s), if deadline.is_none() => {
-                deadline = Some(tokio::time::Instant::now() + shutdown_timeout);
-            }
-            _ = sleep_until_some(deadline) => {
-                let stuck = tasks.running();
-                tracing::error!(
-                    shutdown_timeout_ms = cfg.pipeline.shutdown_timeout_ms,
-                    stuck = %stuck.join(", "),
-                    "shutdown timed out: these tasks did not finish in time (see the warnings above for what they wait on); exiting without them, what they had not committed is read again at the next start"
-                );
-                if let Some(e) = &failure {
-                    tracing::error!(error = format!("{e:#}"), "a task had failed");
-                }
-                std::process::exit(1);
-            }
-            done = tasks.join_next() => match done {
-                None => break,
-                Some((_, Ok(Ok(summary)))) => tracing::info!(summary, "task finished"),
-                Some((name, Ok(Err(e)))) => {
-                    tracing::error!(task = name, error = format!("{e:#}"), "task failed: stopping the others");
-                    let _ = stop_tx.send(true);
-                    failure.get_or_insert(e.context(format!("{name} failed")));
-                }
-                Some((name, Err(e))) => {
-                    tracing::error!(task = name, error = %e, "task panicked: stopping the others");
-                    let _ = stop_tx.send(true);
-                    failure.get_or_insert(anyhow::anyhow!("{name} panicked: {e}"));
-                }
-            },
-        }
-    }
-    tracing::info!(elapsed_s = started.elapsed().as_secs(), "stopped");
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// The tasks of `tally run`, each with a name for the log when it fails or does not stop.
-#[derive(Default)]
-struct Tasks {
-    set: tokio::task::JoinSet<anyhow::Result<String>>,
-    names: std::collections::BTreeMap<tokio::task::Id, &'static str>,
-}
-
-impl Tasks {
-    fn spawn<F>(&mut self, name: &'static str, task: F)
-    where
-        F: std::future::Future<Output = anyhow::Result<String>> + Send + 'static,
-    {
-        let id = self.set.spawn(task).id();
-        self.names.insert(id, name);
-    }
-
-    /// The next task to end, with its name; None when none is left.
-    async fn join_next(
-        &mut self,
-    ) -> Option<(
-        &'static str,
-        Result<anyhow::Result<String>, tokio::task::JoinError>,
-    )> {
-        let (id, result) = match self.set.join_next_with_id().await? {
-            Ok((id, r)) => (id, Ok(r)),
-            Err(e) => (e.id(), Err(e)),
-        };
-        Some((self.names.remove(&id).unwrap_or("task"), result))
-    }
-
-    /// Names of the tasks still running.
-    fn running(&self) -> Vec<&'static str> {
-        self.names.values().copied().collect()
-    }
-}
-
-/// Sleeps until the deadline, or forever when there is none.
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
