@@ -49,15 +49,28 @@ impl Default for Admission {
     }
 }
 
-/// Decodes, admits and rates one record. Rejections carry the dead-letter reason.
+/// The time admission is decided at: the record's Kafka timestamp (set when it was produced
+/// or appended), so the ledger and analytics decide the same whatever their lag; `clock` only
+/// for a record without one (never from a Kafka broker >= 0.10).
+pub fn decided_at(record: &Record, clock: DateTime<Utc>) -> DateTime<Utc> {
+    record
+        .timestamp_ms
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or(clock)
+}
+
+/// Decodes, admits and rates one record. Rejections carry the dead-letter reason. Admission
+/// (the future-time and dedupe-window checks) is decided at the record's time
+/// ([`decided_at`]), not at `now`, which serves only records without a timestamp.
 pub fn prepare<'r, 'p>(
     record: &'r Record,
     prices: &'p PriceTable,
     now: DateTime<Utc>,
     admission: &Admission,
 ) -> Result<Prepared<'r, 'p>, Rejection> {
-    let event = event::decode(&record.payload, now, &admission.decode)?;
-    admit(event.envelope.time, now, admission)?;
+    let at = decided_at(record, now);
+    let event = event::decode(&record.payload, at, &admission.decode)?;
+    admit(event.envelope.time, at, admission)?;
     let (charge, columns) = match event.usage() {
         None => (None, None),
         Some(usage) => {
@@ -85,8 +98,9 @@ pub fn prepare<'r, 'p>(
     })
 }
 
-/// Refuses (`too_late`) an event dated before the dedupe window at `now` or before the
-/// stored dedupe horizon: its claim may have been purged, so it could be applied twice.
+/// Refuses (`too_late`) an event dated before the dedupe window at `now` (the record's time)
+/// or before the stored dedupe horizon: its claim may have been purged, so it could be
+/// applied twice.
 pub fn admit(
     time: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -114,6 +128,15 @@ pub fn admit(
         ));
     }
     Ok(())
+}
+
+/// The analytics pipeline's batch limits (`pipeline.analytics_batch_*`).
+pub fn analytics_limits(cfg: &crate::config::PipelineConfig) -> BatchLimits {
+    BatchLimits {
+        max_events: cfg.analytics_batch_max_events,
+        max_bytes: cfg.analytics_batch_max_bytes,
+        max_wait: Duration::from_millis(cfg.analytics_batch_max_wait_ms),
+    }
 }
 
 /// Batch limits and admission rules from configuration.

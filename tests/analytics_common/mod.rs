@@ -116,6 +116,10 @@ pub fn docs_dataset() -> Vec<RatedRow> {
                     partition: 0,
                     offset: u64::from(n),
                     inserted_at_unix_seconds: 1_750_000_000,
+                    admission: tally::analytics::admission_rank(
+                        time.timestamp_millis(),
+                        i64::from(n),
+                    ),
                 };
                 match rng.gen_range(0..10) {
                     0..=3 => {

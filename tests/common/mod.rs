@@ -78,6 +78,7 @@ pub fn test_config(name: &str) -> Config {
         .unwrap_or_else(|_| "http://127.0.0.1:8123".into());
     cfg.clickhouse.database = id.to_lowercase();
     cfg.pipeline.batch_max_wait_ms = 50;
+    cfg.pipeline.analytics_batch_max_wait_ms = 50;
     cfg.pipeline.retry_initial_ms = 50;
     cfg.pipeline.retry_max_ms = 1000;
     cfg.prices.path = repo_path("tests/fixtures/prices.toml");
