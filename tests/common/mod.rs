@@ -132,6 +132,29 @@ impl TestEnv {
         .unwrap();
     }
 
+    /// Sends (topic, key, payload) as records produced at `at` (their Kafka timestamp, which
+    /// admission is decided at) and waits for every acknowledgement.
+    pub async fn send_at(
+        &self,
+        records: &[(String, String, Vec<u8>)],
+        at: chrono::DateTime<chrono::Utc>,
+    ) {
+        use rdkafka::producer::FutureRecord;
+        for (topic, key, payload) in records {
+            self.producer
+                .send(
+                    FutureRecord::to(topic)
+                        .key(key.as_bytes())
+                        .payload(payload.as_slice())
+                        .timestamp(at.timestamp_millis()),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    }
+
     /// High watermark of every input partition.
     pub fn ends(&self) -> HashMap<(String, i32), i64> {
         let consumer: BaseConsumer = tally::kafka::client_config(&self.cfg.kafka)
