@@ -310,7 +310,7 @@ async fn one_identity_counts_once_whatever_its_time_account_or_arrival() {
         .unwrap();
     assert_eq!((o.written, o.duplicates), (3, 1));
     all.extend([x1, z1, z2]);
-    let o = sink.insert(&[x2.clone()]).await.unwrap();
+    let o = sink.insert(std::slice::from_ref(&x2)).await.unwrap();
     assert_eq!(
         (o.written, o.duplicates),
         (1, 1),
@@ -321,7 +321,7 @@ async fn one_identity_counts_once_whatever_its_time_account_or_arrival() {
     assert_eq!(o.duplicates, 0);
     all.extend([y_late, other]);
     assert_converged(&cfg, &all, "before y's earlier copy").await;
-    let o = sink.insert(&[y_first.clone()]).await.unwrap();
+    let o = sink.insert(std::slice::from_ref(&y_first)).await.unwrap();
     assert_eq!(
         (o.written, o.duplicates, o.blocks),
         (1, 0, 2),
