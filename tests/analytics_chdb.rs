@@ -220,6 +220,13 @@ async fn ddl_and_queries_run_on_current_clickhouse() {
             .unwrap();
         String::from_utf8(cursor.collect().await.unwrap().to_vec()).unwrap()
     };
+    let losers = {
+        let mut cursor = client
+            .query_raw("SELECT * FROM usage_losers ORDER BY topic, `partition`, `offset`")
+            .fetch_bytes("Values")
+            .unwrap();
+        String::from_utf8(cursor.collect().await.unwrap().to_vec()).unwrap()
+    };
     let identities = {
         let mut cursor = client
             .query_raw(
@@ -253,6 +260,12 @@ async fn ddl_and_queries_run_on_current_clickhouse() {
         "insert identities".into(),
         format!("INSERT INTO usage_identities VALUES {identities}"),
     ));
+    if !losers.is_empty() {
+        steps.push((
+            "insert losers".into(),
+            format!("INSERT INTO usage_losers VALUES {losers}"),
+        ));
+    }
     // The roll-ups computed in one go there, batch by batch on 18.16: the same figures.
     steps.push(("recompute daily".into(), rollup_daily_sql(None)));
     steps.push(("recompute hourly".into(), rollup_hourly_sql(None)));

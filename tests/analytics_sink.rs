@@ -224,7 +224,8 @@ async fn migrate_is_idempotent() {
             "usage_daily",
             "usage_events",
             "usage_hourly",
-            "usage_identities"
+            "usage_identities",
+            "usage_losers"
         ]
     );
     drop_database(&cfg).await;

@@ -11,8 +11,10 @@
 --   ledger's identity: whatever the event's account or time). The copy that counts is the one
 --   with the highest `admission` (the earliest admitted: see docs/analytics.md), a function of
 --   the stored rows alone, so every reader and every writer picks the same one.
+-- - `usage_losers`: the copies that do not count (by position), found when a batch's
+--   identities are looked up.
 -- - `usage_daily`, `usage_hourly`: the roll-ups, recomputed (never incremented) from
---   `usage_events` FINAL and the counting copies, per block of 8192 offsets of one partition:
+--   `usage_events` FINAL less `usage_losers`, per block of 8192 offsets of one partition:
 --   rows keyed by (account, day, dimensions, topic, partition, block), ReplacingMergeTree
 --   whose version is the highest offset of the block the computation saw, so a stale or
 --   partial computation never replaces a fuller one. Each write recomputes the blocks its
@@ -70,7 +72,22 @@ CREATE TABLE IF NOT EXISTS {database}.usage_identities
 )
 ENGINE = ReplacingMergeTree(admission)
 ORDER BY (event_id, event_source, topic, `partition`, `offset`)
-SETTINGS index_granularity = 256;
+SETTINGS index_granularity = 64;
+
+-- The copies that do not count: every copy of an identity but the one with the highest
+-- admission, by position. Written by the sink when it finds another copy of a batch's identity
+-- (a copy once beaten stays beaten: admission never changes), read by the roll-up computation
+-- by position, so it never looks identities up itself.
+CREATE TABLE IF NOT EXISTS {database}.usage_losers
+(
+    topic        String,
+    `partition`  UInt32,
+    `offset`     UInt64,
+    event_source String,
+    event_id     String
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (topic, `partition`, `offset`);
 
 -- Backfill from 0001 (each stored row once, FINAL), only while the new table is empty.
 INSERT INTO {database}.usage_events
@@ -87,6 +104,18 @@ INSERT INTO {database}.usage_identities
 SELECT event_source, event_id, topic, `partition`, `offset`, admission
 FROM {database}.usage_events
 WHERE (SELECT count() FROM {database}.usage_identities) = 0;
+
+INSERT INTO {database}.usage_losers
+SELECT topic, `partition`, `offset`, event_source, event_id
+FROM {database}.usage_identities
+WHERE (event_source, event_id, topic, `partition`, `offset`) NOT IN
+    (
+        SELECT event_source, event_id, argMax(topic, admission), argMax(`partition`, admission),
+            argMax(`offset`, admission)
+        FROM {database}.usage_identities
+        GROUP BY event_source, event_id
+    )
+    AND (SELECT count() FROM {database}.usage_losers) = 0;
 
 DROP TABLE IF EXISTS {database}.usage_daily_mv;
 
@@ -157,13 +186,8 @@ SELECT
     uniqExactIfState(conversation_id, counted AND conversation_id != '') AS distinct_conversations
 FROM
 (
-    SELECT *, (event_source, event_id, topic, `partition`, `offset`) IN
-        (
-            SELECT event_source, event_id, argMax(topic, admission), argMax(`partition`, admission),
-                argMax(`offset`, admission)
-            FROM {database}.usage_identities
-            GROUP BY event_source, event_id
-        ) AS counted
+    SELECT *, (topic, `partition`, `offset`) NOT IN
+        (SELECT topic, `partition`, `offset` FROM {database}.usage_losers) AS counted
     FROM {database}.usage_events FINAL
 )
 WHERE (SELECT count() FROM {database}.usage_daily) = 0
@@ -177,13 +201,8 @@ SELECT
     countStateIf(counted) AS event_count
 FROM
 (
-    SELECT *, (event_source, event_id, topic, `partition`, `offset`) IN
-        (
-            SELECT event_source, event_id, argMax(topic, admission), argMax(`partition`, admission),
-                argMax(`offset`, admission)
-            FROM {database}.usage_identities
-            GROUP BY event_source, event_id
-        ) AS counted
+    SELECT *, (topic, `partition`, `offset`) NOT IN
+        (SELECT topic, `partition`, `offset` FROM {database}.usage_losers) AS counted
     FROM {database}.usage_events FINAL
 )
 WHERE (SELECT count() FROM {database}.usage_hourly) = 0

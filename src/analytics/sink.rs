@@ -33,6 +33,8 @@ use crate::pipeline::Prepared;
 pub const USAGE_EVENTS: &str = "usage_events";
 /// Every stored copy of every identity, with its admission rank (migration 0004).
 pub const USAGE_IDENTITIES: &str = "usage_identities";
+/// The copies that do not count, by position (migration 0004).
+pub const USAGE_LOSERS: &str = "usage_losers";
 /// Offsets per roll-up block: each roll-up row covers one block of one partition.
 pub const BLOCK_OFFSETS: u64 = 8192;
 /// Usage read after the billing grace (schemas/clickhouse/0003_late_usage.sql).
@@ -442,7 +444,8 @@ pub fn counted_events_where(condition: &str) -> String {
 
 /// Recomputes the daily roll-up rows of the blocks in `ranges` (whole blocks; None: all)
 /// from the stored rows: every (account, day, dimensions) present in a block gets a row,
-/// aggregating only the counting copies, versioned by the highest offset it read.
+/// aggregating only the counting copies (rows not in `usage_losers`), versioned by the
+/// highest offset of the key's rows it read.
 pub fn rollup_daily_sql(ranges: Option<&[OffsetRange]>) -> String {
     format!(
         "INSERT INTO usage_daily SELECT account_id, event_date AS day, kind, model, voice_tier, \
@@ -459,7 +462,18 @@ pub fn rollup_daily_sql(ranges: Option<&[OffsetRange]>) -> String {
          uniqExactIfState(conversation_id, counted AND conversation_id != '') AS distinct_conversations \
          FROM ({}) \
          GROUP BY account_id, day, kind, model, voice_tier, instance_type, topic, `partition`, block",
-        counted_events_sql(ranges)
+        rollup_source_sql(ranges)
+    )
+}
+
+/// The rows of `ranges` (None: all) with `counted`: not a known losing copy. Reads
+/// `usage_losers` by position only, never the identities.
+fn rollup_source_sql(ranges: Option<&[OffsetRange]>) -> String {
+    let condition = ranges_condition(ranges);
+    format!(
+        "SELECT *, (topic, `partition`, `offset`) NOT IN \
+         (SELECT topic, `partition`, `offset` FROM {USAGE_LOSERS} WHERE {condition}) AS counted \
+         FROM {USAGE_EVENTS} FINAL WHERE {condition}"
     )
 }
 
@@ -472,7 +486,7 @@ pub fn rollup_hourly_sql(ranges: Option<&[OffsetRange]>) -> String {
          sumStateIf(credits, counted) AS credits_total, countStateIf(counted) AS event_count \
          FROM ({}) \
          GROUP BY account_id, day, hour_of_day, kind, topic, `partition`, block",
-        counted_events_sql(ranges)
+        rollup_source_sql(ranges)
     )
 }
 
@@ -488,6 +502,16 @@ pub fn copies_sql(ranges: &[OffsetRange]) -> String {
 
 /// A Kafka position: topic, partition, offset.
 type Position<'a> = (&'a str, u32, u64);
+
+/// One `usage_losers` row.
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+struct LoserRow {
+    topic: String,
+    partition: u32,
+    offset: u64,
+    event_source: String,
+    event_id: String,
+}
 
 /// One `usage_identities` row.
 #[derive(Debug, Clone, Row, Serialize, Deserialize)]
@@ -673,7 +697,7 @@ impl AnalyticsSink {
                 (c.topic.as_str(), c.partition, c.offset),
             )
         });
-        for (source, id, admission, position) in copies_of_rows.chain(stored) {
+        for (source, id, admission, position) in copies_of_rows.clone().chain(stored.clone()) {
             if !wanted.contains(&(source, id)) {
                 continue; // the same event id under another source
             }
@@ -690,6 +714,35 @@ impl AnalyticsSink {
                     .is_some_and(|(_, p)| *p != (r.topic.as_str(), r.partition, r.offset))
             })
             .count();
+        // Every copy of these identities but the best loses (for good: ranks never change).
+        let mut losers: Vec<LoserRow> = Vec::new();
+        let mut seen: std::collections::HashSet<Position<'_>> = Default::default();
+        for (source, id, _, position) in copies_of_rows.clone().chain(stored.clone()) {
+            let Some((_, winner)) = best.get(&(source, id)) else {
+                continue;
+            };
+            if *winner != position && seen.insert(position) {
+                losers.push(LoserRow {
+                    topic: position.0.to_owned(),
+                    partition: position.1,
+                    offset: position.2,
+                    event_source: source.to_owned(),
+                    event_id: id.to_owned(),
+                });
+            }
+        }
+        if !losers.is_empty() {
+            let client = &self.client;
+            let losers = &losers;
+            run_timed("insert usage_losers", INSERT_TIMEOUT, async move {
+                let mut insert = client.insert::<LoserRow>(USAGE_LOSERS).await?;
+                for row in losers {
+                    insert.write(row).await?;
+                }
+                insert.end().await
+            })
+            .await?;
+        }
         let blocks = block_ranges(positions);
         let block_count = blocks
             .iter()
