@@ -155,7 +155,9 @@ fn compared_queries(rows: &[RatedRow]) -> Vec<(String, String)> {
     out.push((
         "identity copies".into(),
         format!(
-            "SELECT * FROM ({}) ORDER BY event_source, event_id, topic, `partition`, `offset`",
+            // DISTINCT: a current server collapses the copies of a position when they are
+            // inserted together (optimize_on_insert), 18.16 at its next merge.
+            "SELECT DISTINCT * FROM ({}) ORDER BY event_source, event_id, topic, `partition`, `offset`",
             copies_sql(&ranges)
         ),
     ));
@@ -238,14 +240,19 @@ async fn ddl_and_queries_run_on_current_clickhouse() {
         String::from_utf8(cursor.collect().await.unwrap().to_vec()).unwrap()
     };
 
-    // chDB: the migrations from scratch (twice), the same rows, then the queries.
+    // chDB: the migrations from scratch, the same rows, then the queries.
     let db = &cfg.database;
     let mut steps: Vec<(String, String)> = Vec::new();
+    // Each migration twice in a row (as `migrate` runs one again until it is recorded): a
+    // later migration may change what an earlier one created, so they are not run again
+    // after it.
     for _ in 0..2 {
         for (i, s) in bootstrap(db).into_iter().enumerate() {
             steps.push((format!("bootstrap {i}"), s));
         }
-        for (version, name, sql) in MIGRATIONS {
+    }
+    for (version, name, sql) in MIGRATIONS {
+        for _ in 0..2 {
             for (i, s) in statements(sql, db).into_iter().enumerate() {
                 steps.push((format!("migration {version} {name} statement {}", i + 1), s));
             }

@@ -180,6 +180,9 @@ pub fn docs_dataset() -> Vec<RatedRow> {
         .clone();
     odd.event_source = r"//docs.test/a?b='x'\y".into();
     odd.event_id = "id ? with 'quotes'\t and a tab\t".into();
+    // A record of its own: one position holds one record.
+    odd.offset = u64::from(n) + 1;
+    odd.admission = tally::analytics::admission_rank(1_750_000_000_000, i64::from(n) + 1);
     rows.push(odd);
     rows
 }
