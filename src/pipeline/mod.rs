@@ -166,6 +166,54 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn chat_record(time: &str, timestamp_ms: Option<i64>) -> Record {
+        let event = serde_json::json!({
+            "specversion": "1.0", "id": "c-1", "source": "//tests/admission",
+            "type": "tally.usage.chat_response.v1", "subject": "acct-1", "time": time,
+            "datacontenttype": "application/json",
+            "data": {"conversation_id": "conv-1", "model": "gpt-4o-mini", "responses": 1},
+        });
+        Record {
+            topic: std::sync::Arc::from("usage.chat"),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: serde_json::to_vec(&event).unwrap(),
+            headers: Vec::new(),
+            timestamp_ms,
+        }
+    }
+
+    #[test]
+    fn admission_is_decided_at_the_records_time_not_the_clock() {
+        let prices = PriceTable::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prices/default.toml"),
+        )
+        .unwrap();
+        let admission = Admission::default(); // 35 days, 300 s ahead
+                                              // Produced 2026-01-10T00:05Z, about an event of 2026-01-10T00:00Z.
+        let produced = at("2026-01-10T00:05:00Z").timestamp_millis();
+        let record = chat_record("2026-01-10T00:00:00Z", Some(produced));
+        // Read at once, or 40 days later (a lagging pipeline): admitted both times.
+        for now in [at("2026-01-10T00:05:01Z"), at("2026-02-19T00:00:00Z")] {
+            assert!(prepare(&record, &prices, now, &admission).is_ok(), "{now}");
+        }
+        // Without a timestamp, the clock decides: 40 days later it is too late.
+        let bare = chat_record("2026-01-10T00:00:00Z", None);
+        let r = prepare(&bare, &prices, at("2026-02-19T00:00:00Z"), &admission).unwrap_err();
+        assert_eq!(r.reason, Reason::TooLate);
+        // Too late or too far ahead of its record, whenever it is read.
+        let old = chat_record("2025-12-01T00:00:00Z", Some(produced));
+        let r = prepare(&old, &prices, at("2025-12-01T00:00:01Z"), &admission).unwrap_err();
+        assert_eq!(r.reason, Reason::TooLate);
+        let ahead = chat_record("2026-01-10T00:10:01Z", Some(produced));
+        let r = prepare(&ahead, &prices, at("2026-01-10T01:00:00Z"), &admission).unwrap_err();
+        assert_eq!(
+            (r.reason, r.field.as_deref()),
+            (Reason::InvalidValue, Some("time"))
+        );
+    }
+
     #[test]
     fn events_before_the_window_or_the_stored_horizon_are_too_late() {
         let now = at("2026-03-10T12:00:00Z");
