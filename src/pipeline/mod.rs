@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn admission_is_decided_at_the_records_time_not_the_clock() {
         let prices = PriceTable::load(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prices/default.toml"),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prices/default.toml"),
         )
         .unwrap();
         let admission = Admission::default(); // 35 days, 300 s ahead
