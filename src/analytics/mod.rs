@@ -1,5 +1,5 @@
 //! Analytics: rated usage in ClickHouse. Owns the ClickHouse DDL ([`migrate`], from
-//! `schemas/clickhouse/`), the sink that writes one `rated_events` row per rated usage event
+//! `schemas/clickhouse/`), the sink that writes one `usage_events` row per rated usage record
 //! and the consumed positions ([`sink`]), the usage reports read from the roll-ups
 //! ([`queries`]), and the day totals `tally reconcile` compares with the ledger
 //! ([`reconcile`]). Knows nothing of Kafka clients, PostgreSQL or the ledger; the batch loop
@@ -7,7 +7,8 @@
 //!
 //! Convergence (migration 0004): rows are keyed by their Kafka position in `usage_events`;
 //! an event's identity is (`event_source`, `event_id`), as in the ledger, and of its stored
-//! copies the one admitted first counts (`usage_identities`, highest `admission`). The
+//! copies the one admitted first counts (`usage_identities`, highest `admission`; the others
+//! are recorded in `usage_losers` when a batch's identity lookup finds them). The
 //! roll-ups (`usage_daily`, `usage_hourly`) are recomputed, never incremented, per block of
 //! offsets from the stored rows, so a replayed, half-done, timed-out or doubled write ends
 //! with the same figures. Positions resume at the group's `consumer_offsets`, stored only

@@ -23,7 +23,7 @@ pub struct KindDay {
     /// Events counted (every rated event, those that cost nothing included).
     pub events: u64,
     /// Events that cost credits (`credits > 0`): what the ledger has entries for. From
-    /// `rated_events` only (the roll-up does not keep it): None for the roll-up.
+    /// the rated events only (the roll-up does not keep it): None for the roll-up.
     pub charged_events: Option<u64>,
 }
 

@@ -166,7 +166,7 @@ impl RatedRow {
     }
 }
 
-/// The numeric columns of a usage event's `rated_events` row, checked to fit.
+/// The numeric columns of a usage event's `usage_events` row, checked to fit.
 #[derive(Debug, Clone, Copy)]
 pub struct NumericColumns {
     quantity_e6: i128,
