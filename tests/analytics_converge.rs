@@ -342,6 +342,18 @@ async fn one_identity_counts_once_whatever_its_time_account_or_arrival() {
             d("a3", "2025-06-13", 1, 20),
         ])
     );
+    // Reports list no day for a copy that does not count: a2's only event on 06-12 is x's
+    // re-send.
+    let q = UsageQueries::new(&cfg);
+    let june = DateRange::new(day("2025-06-01"), day("2025-06-30")).unwrap();
+    let a2_days: Vec<(NaiveDate, u64)> = q
+        .day_totals("a2", &june)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.day, d.events))
+        .collect();
+    assert_eq!(a2_days, [(day("2025-06-11"), 1)]);
     // Replaying everything in reverse order changes nothing.
     for r in all.iter().rev() {
         sink.insert(std::slice::from_ref(r)).await.unwrap();

@@ -45,7 +45,7 @@ pub fn rollup_days_sql(range: &DateRange, account_id: Option<&str>) -> String {
         "SELECT account_id, day, kind, sumMerge(credits_total) AS credits_sum, \
          countMerge(event_count) AS events \
          FROM {USAGE_DAILY} FINAL WHERE {} \
-         GROUP BY account_id, day, kind ORDER BY account_id, day, kind",
+         GROUP BY account_id, day, kind HAVING events > 0 ORDER BY account_id, day, kind",
         conditions("day", range, account_id)
     )
 }
