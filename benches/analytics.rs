@@ -1,18 +1,21 @@
 //! Analytics benchmark against the real ClickHouse (not a test: it asserts nothing, it prints).
 //!
-//! 1. Inserts TALLY_BENCH_ANALYTICS_EVENTS rated events (default 10,000,000) over
-//!    TALLY_BENCH_ANALYTICS_ACCOUNTS accounts (default 1,000) and 90 days straight into
-//!    `rated_events` of a fresh database, in batches of TALLY_BENCH_ANALYTICS_BATCH rows
-//!    (default 500,000), with the roll-up views running: prints the insert rate.
-//! 2. Prints the latency (first run, then median and max of 20) of each report query for one
-//!    account (goal: under 100 ms each), and of the whole report.
-//! 3. Prints the cost of the sink's write path (`AnalyticsSink::insert`: the stored-identities
-//!    check, then the insert) on the full table: 5,000 new events of today over all accounts,
-//!    the same batch again (all already stored: nothing written), 5,000 stored events spread
-//!    over the 90 days, then the rate over 20 batches of 5,000 (the pipeline's default batch).
+//! The sink's write path (`AnalyticsSink::insert`: rows, identities, the touched roll-up blocks
+//! recomputed) as the analytics pipeline runs it, at its default batch (50,000 events), with a
+//! growing table, everything dated today (the day's volume is what must not slow a batch):
 //!
-//! The database is dropped at the end unless TALLY_BENCH_KEEP=1. TALLY_BENCH_ANALYTICS_DATABASE
-//! names a database kept by an earlier run: the insert is skipped and 2-3 measured on it.
+//! 1. 100,000 events stored today (12 partitions, one heavy account holding half of them,
+//!    the rest over TALLY_BENCH_ANALYTICS_ACCOUNTS accounts, default 1,000): then 10 batches
+//!    of 50,000 new events of today, timed (median and max per batch, events/s).
+//! 2. The table grown to TALLY_BENCH_ANALYTICS_EVENTS (default 10,000,000) stored today, through
+//!    the same write path in batches of TALLY_BENCH_ANALYTICS_BATCH (default 500,000): prints
+//!    the load rate; then the same 10 batches of 50,000 timed again, and the ratio of the
+//!    per-batch medians (10M / 100k).
+//! 3. A batch written again (a replay).
+//! 4. The report queries' latency for the heavy account (half of the stored events): first
+//!    run, then median and max of 20 (goal: under 100 ms each).
+//!
+//! The database is dropped at the end unless TALLY_BENCH_KEEP=1.
 //!
 //! Run: `scripts/services up && cargo bench --bench analytics`
 //! (ClickHouse from TALLY_TEST_CLICKHOUSE_URL, default http://127.0.0.1:8123.)
@@ -48,19 +51,29 @@ fn main() {
         .block_on(run());
 }
 
-const DAYS: u64 = 90;
+const PARTITIONS: u64 = 12;
+const HEAVY: &str = "acct-heavy";
 
-/// Rows `start..start + n` of the data set: event i belongs to account i % accounts, on a
-/// day and second drawn from a generator seeded by i (so any batch can be made alone).
-fn batch(start: u64, n: u64, accounts: u64, first_day: NaiveDate, seed: u64) -> Vec<RatedRow> {
+/// Events `start..start + n` of the stream, all dated `today`: event i is read at partition
+/// i % 12, offset i / 12; even events belong to the heavy account, odd ones to one of
+/// `accounts` others.
+fn batch(start: u64, n: u64, accounts: u64, today: NaiveDate, seed: u64) -> Vec<RatedRow> {
     let mut rng = SmallRng::seed_from_u64(seed ^ start);
-    let epoch = NaiveDate::default();
+    let days = u16::try_from((today - NaiveDate::default()).num_days()).unwrap();
     (start..start + n)
         .map(|i| {
-            let day = first_day + chrono::Days::new(rng.gen_range(0..DAYS));
             let second = rng.gen_range(0..86_400u32);
-            let days = u16::try_from((day - epoch).num_days()).unwrap();
-            row(i, accounts, days, second, &mut rng)
+            let mut r = row(i, accounts, days, second, &mut rng);
+            if i % 2 == 0 {
+                r.account_id = HEAVY.into();
+            }
+            r.partition = u32::try_from(i % PARTITIONS).unwrap();
+            r.offset = i / PARTITIONS;
+            r.admission = tally::analytics::admission_rank(
+                1_750_000_000_000 + i64::try_from(i).unwrap(),
+                i64::try_from(r.offset).unwrap(),
+            );
+            r
         })
         .collect()
 }
@@ -164,17 +177,57 @@ macro_rules! measure {
     }};
 }
 
+/// Writes `n` new events from `start` in batches of `per_batch`, timing each batch.
+async fn write_path(
+    sink: &AnalyticsSink,
+    start: u64,
+    n: u64,
+    per_batch: u64,
+    accounts: u64,
+    today: NaiveDate,
+) -> Vec<Duration> {
+    let mut times = Vec::new();
+    let mut done = 0;
+    while done < n {
+        let k = per_batch.min(n - done);
+        let from = start + done;
+        let rows = tokio::task::spawn_blocking(move || batch(from, k, accounts, today, 7))
+            .await
+            .unwrap();
+        let (outcome, d) = time(sink.insert(&rows)).await;
+        outcome.expect("sink insert");
+        times.push(d);
+        done += k;
+    }
+    times
+}
+
+fn summary(label: &str, times: &[Duration], rows_per_batch: u64) -> Duration {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    let total: Duration = times.iter().sum();
+    println!(
+        "  {label}: {} batches of {rows_per_batch}: median {:.0} ms, max {:.0} ms per batch, {:.0} events/s",
+        times.len(),
+        ms(median),
+        ms(sorted[sorted.len() - 1]),
+        (rows_per_batch * times.len() as u64) as f64 / total.as_secs_f64()
+    );
+    median
+}
+
 async fn run() {
     let events = env_or("TALLY_BENCH_ANALYTICS_EVENTS", 10_000_000);
     let accounts = env_or("TALLY_BENCH_ANALYTICS_ACCOUNTS", 1_000);
-    let batch_rows = env_or("TALLY_BENCH_ANALYTICS_BATCH", 500_000);
-    let reuse = std::env::var("TALLY_BENCH_ANALYTICS_DATABASE").ok();
+    let load_batch = env_or("TALLY_BENCH_ANALYTICS_BATCH", 500_000);
+    let small = 100_000u64.min(events);
+    const BATCH: u64 = 50_000;
+    const TIMED: u64 = 6;
     let cfg = ClickHouseConfig {
         url: std::env::var("TALLY_TEST_CLICKHOUSE_URL")
             .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        database: reuse
-            .clone()
-            .unwrap_or_else(|| format!("bench_analytics_{}", std::process::id())),
+        database: format!("bench_analytics_{}", std::process::id()),
         ..ClickHouseConfig::default()
     };
     migrate(&cfg)
@@ -183,63 +236,70 @@ async fn run() {
     let client = clickhouse::Client::default()
         .with_url(&cfg.url)
         .with_database(&cfg.database)
-        .with_compression(clickhouse::Compression::Lz4)
         .with_validation(false);
-    // The data set's days end on the day it was inserted.
-    let today = match &reuse {
-        None => Utc::now().date_naive(),
-        Some(_) => {
-            let last: u16 = client
-                .query(
-                    "SELECT max(event_date) FROM rated_events WHERE event_source = '//bench/usage'",
-                )
-                .fetch_one()
-                .await
-                .unwrap();
-            NaiveDate::default() + chrono::Days::new(u64::from(last))
-        }
-    };
-    let first_day = today - chrono::Days::new(DAYS - 1);
+    let today = Utc::now().date_naive();
+    let sink = AnalyticsSink::new(&cfg);
     println!(
-        "analytics bench: {events} rated events, {accounts} accounts, {DAYS} days ({first_day} .. {today}), database {} at {}",
+        "analytics bench: write path at 50,000-event batches with {small} then {events} events stored today \
+         ({PARTITIONS} partitions, {HEAVY} holding half, {accounts} other accounts), database {} at {}",
         cfg.database, cfg.url
     );
 
-    // 1. Straight inserts, views running.
-    let (mut generating, mut inserting) = (Duration::ZERO, Duration::ZERO);
-    let started = Instant::now();
-    let mut done = if reuse.is_some() { events } else { 0 };
-    while done < events {
-        let n = batch_rows.min(events - done);
-        let t = Instant::now();
-        let rows = tokio::task::spawn_blocking(move || batch(done, n, accounts, first_day, 7))
-            .await
-            .unwrap();
-        generating += t.elapsed();
-        let t = Instant::now();
-        let mut insert = client.insert::<RatedRow>("rated_events").await.unwrap();
-        for r in &rows {
-            insert.write(r).await.unwrap();
-        }
-        insert.end().await.unwrap();
-        inserting += t.elapsed();
-        done += n;
-        eprint!(
-            "\r  inserted {done}/{events} ({:.0} rows/s)   ",
-            done as f64 / inserting.as_secs_f64()
-        );
-    }
-    if reuse.is_none() {
-        eprintln!();
-        println!(
-            "insert: {events} rows in {:.1} s of INSERT ({:.0} rows/s with the roll-up views), \
-         {:.1} s generating rows, {:.1} s overall",
-            inserting.as_secs_f64(),
-            events as f64 / inserting.as_secs_f64(),
-            generating.as_secs_f64(),
-            started.elapsed().as_secs_f64()
-        );
-    }
+    // 1. 100k stored, then timed batches continuing the stream (so each reads the stored
+    // part of the blocks it touches, as in production).
+    let t = Instant::now();
+    write_path(&sink, 0, small, BATCH, accounts, today).await;
+    println!(
+        "stored {small} events today in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let at_small = write_path(&sink, small, TIMED * BATCH, BATCH, accounts, today).await;
+    let median_small = summary(
+        &format!("with {small}..{} stored", small + (TIMED - 1) * BATCH),
+        &at_small,
+        BATCH,
+    );
+
+    // 2. Grown to `events`, through the same write path.
+    let t = Instant::now();
+    let grown_from = small + TIMED * BATCH;
+    let loads = write_path(
+        &sink,
+        grown_from,
+        events.saturating_sub(grown_from),
+        load_batch,
+        accounts,
+        today,
+    )
+    .await;
+    let loading = t.elapsed();
+    println!(
+        "stored {} more events in {:.1} s ({:.0} events/s at batches of {load_batch}; slowest batch {:.1} s)",
+        events.saturating_sub(grown_from),
+        loading.as_secs_f64(),
+        events.saturating_sub(grown_from) as f64 / loading.as_secs_f64(),
+        loads.iter().max().copied().unwrap_or_default().as_secs_f64()
+    );
+    let stored = events.max(grown_from);
+    let at_large = write_path(&sink, stored, TIMED * BATCH, BATCH, accounts, today).await;
+    let median_large = summary(
+        &format!("with {stored}..{} stored", stored + (TIMED - 1) * BATCH),
+        &at_large,
+        BATCH,
+    );
+    println!(
+        "  ratio of the per-batch medians ({events} / {small} stored): {:.2}",
+        median_large.as_secs_f64() / median_small.as_secs_f64()
+    );
+
+    // 3. A replay of the last timed batch.
+    let last = batch(stored + (TIMED - 1) * BATCH, BATCH, accounts, today, 7);
+    let (outcome, d) = time(sink.insert(&last)).await;
+    println!(
+        "the last batch written again (a replay): {:.0} ms ({:?})",
+        ms(d),
+        outcome.unwrap()
+    );
     let sizes: Vec<(String, u64, u64)> = client
         .query(
             "SELECT table, sum(rows) AS total_rows, sum(bytes) AS total_bytes FROM system.parts \
@@ -256,10 +316,10 @@ async fn run() {
         );
     }
 
-    // 2. Report queries for one account.
-    let account = "acct-0042";
+    // 4. Report queries for the heavy account.
+    let account = HEAVY;
     let q = UsageQueries::new(&cfg);
-    let range = DateRange::new(first_day, today).unwrap();
+    let range = DateRange::new(today - chrono::Days::new(89), today).unwrap();
     let month = Cycle::calendar_month(today);
     let cycle = Cycle {
         allowance: Some(dec!(10000)),
@@ -272,7 +332,7 @@ async fn run() {
     let (counts, _) = time(q.counts(account, &range)).await;
     let counts = counts.unwrap();
     println!(
-        "report queries for {account} ({} events, {} credits over {DAYS} days):",
+        "report queries for {account} ({} events, {} credits):",
         counts.events, counts.credits
     );
     measure!("daily (90 days, kind x model)", q.daily(account, &range));
@@ -290,62 +350,7 @@ async fn run() {
         q.report(account, &request)
     );
 
-    // 3. The sink's write path on the full table.
-    let sink = AnalyticsSink::new(&cfg);
-    let today_days = u16::try_from((today - NaiveDate::default()).num_days()).unwrap();
-    let mut rng = SmallRng::seed_from_u64(99);
-    let fresh: Vec<RatedRow> = (0..5_000u64)
-        .map(|k| {
-            let i = events + k;
-            let mut r = row(i, accounts, today_days, rng.gen_range(0..86_400), &mut rng);
-            r.event_id = format!("new-{}-{k}", std::process::id());
-            r
-        })
-        .collect();
-    let (outcome, d) = time(sink.insert(&fresh)).await;
-    println!(
-        "sink insert of 5000 new events of today over {accounts} accounts: {:.1} ms ({:?})",
-        ms(d),
-        outcome.unwrap()
-    );
-    let (outcome, d) = time(sink.insert(&fresh)).await;
-    println!(
-        "the same 5000 again (a replay: stored-identities check only): {:.1} ms ({:?})",
-        ms(d),
-        outcome.unwrap()
-    );
-    let old: Vec<RatedRow> = batch(0, batch_rows.min(events), accounts, first_day, 7)
-        .into_iter()
-        .step_by((batch_rows.min(events) / 5_000).max(1) as usize)
-        .take(5_000)
-        .collect();
-    let (outcome, d) = time(sink.insert(&old)).await;
-    println!(
-        "5000 stored events spread over 90 days again: {:.1} ms ({:?})",
-        ms(d),
-        outcome.unwrap()
-    );
-    // The analytics pipeline's write path at its default batch size: 20 batches.
-    let mut spent = Duration::ZERO;
-    for b in 0..20u64 {
-        let rows: Vec<RatedRow> = (0..5_000u64)
-            .map(|k| {
-                let mut r = row(k, accounts, today_days, rng.gen_range(0..86_400), &mut rng);
-                r.event_id = format!("path-{}-{b}-{k}", std::process::id());
-                r
-            })
-            .collect();
-        let (outcome, d) = time(sink.insert(&rows)).await;
-        outcome.unwrap();
-        spent += d;
-    }
-    println!(
-        "sink write path (check + insert), 20 batches of 5000 new events: {:.0} rows/s ({:.1} ms per batch)",
-        100_000.0 / spent.as_secs_f64(),
-        ms(spent) / 20.0
-    );
-
-    if reuse.is_some() || std::env::var("TALLY_BENCH_KEEP").as_deref() == Ok("1") {
+    if std::env::var("TALLY_BENCH_KEEP").as_deref() == Ok("1") {
         println!("kept database {}", cfg.database);
     } else {
         client

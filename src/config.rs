@@ -337,6 +337,11 @@ pub struct PipelineConfig {
     pub batch_max_events: usize,
     pub batch_max_bytes: usize,
     pub batch_max_wait_ms: u64,
+    /// The analytics pipeline's own batch limits: fewer, larger ClickHouse inserts (each
+    /// batch is a few statements whatever its size).
+    pub analytics_batch_max_events: usize,
+    pub analytics_batch_max_bytes: usize,
+    pub analytics_batch_max_wait_ms: u64,
     /// Larger messages are dead-lettered as too_large.
     pub max_message_bytes: usize,
     /// Event times further ahead than this are invalid.
@@ -419,6 +424,9 @@ impl Default for PipelineConfig {
             batch_max_events: 5_000,
             batch_max_bytes: 8 * 1024 * 1024,
             batch_max_wait_ms: 100,
+            analytics_batch_max_events: 50_000,
+            analytics_batch_max_bytes: 64 * 1024 * 1024,
+            analytics_batch_max_wait_ms: 1_000,
             max_message_bytes: 64 * 1024,
             max_future_seconds: 300,
             dedupe_window_days: 35,
@@ -573,6 +581,24 @@ impl Config {
         }
         if !(1..=60_000).contains(&p.batch_max_wait_ms) {
             return Err(invalid("pipeline.batch_max_wait_ms", "must be 1..=60000"));
+        }
+        if !(1..=500_000).contains(&p.analytics_batch_max_events) {
+            return Err(invalid(
+                "pipeline.analytics_batch_max_events",
+                "must be 1..=500000",
+            ));
+        }
+        if p.analytics_batch_max_bytes < p.max_message_bytes {
+            return Err(invalid(
+                "pipeline.analytics_batch_max_bytes",
+                "must be at least pipeline.max_message_bytes",
+            ));
+        }
+        if !(1..=60_000).contains(&p.analytics_batch_max_wait_ms) {
+            return Err(invalid(
+                "pipeline.analytics_batch_max_wait_ms",
+                "must be 1..=60000",
+            ));
         }
         if !(256..=MAX_MESSAGE_BYTES_LIMIT).contains(&p.max_message_bytes) {
             return Err(invalid(

@@ -20,7 +20,7 @@
 //!      │                         alerts::evaluate -> alert_outbox, offsets
 //!      │      pipeline::scheduler  resets cycles, expires grants on time (no traffic needed)
 //!      │      pipeline::alerts     alert_outbox -> Kafka tally.alerts.* (relay)
-//!      └──► pipeline::analytics  analytics::sink -> ClickHouse rated_events (idempotent)
+//!      └──► pipeline::analytics  analytics::sink -> ClickHouse usage_events + roll-ups (convergent)
 //! ```
 //!
 //! ## Modules (a module has one job)

@@ -7,7 +7,8 @@
 //!   re-allocates the window; `book::corrections` writes the difference per grant), so per
 //!   account they must net to zero: an account whose do not is a difference of its own;
 //! - the daily roll-up `usage_daily` (what reports, the API and the dashboard read);
-//! - the distinct rated events, `rated_events FINAL` (what the roll-up is an aggregate of).
+//! - the distinct rated events, each identity's counting copy in `usage_events` (what the
+//!   roll-up is an aggregate of).
 //!
 //! [`compare`] is pure; [`reconcile`] reads the three sides and records the outcome in the
 //! `tally_reconcile_*` metrics. Owns no SQL: the ledger store and `analytics::reconcile` do.
@@ -53,9 +54,9 @@ pub struct DayFigures {
     pub late: Figures,
     /// `usage_daily`: credits and every event counted.
     pub rollup: Figures,
-    /// `rated_events FINAL`: credits and every event.
+    /// The distinct rated events (counting copies): credits and every event.
     pub rated: Figures,
-    /// `rated_events FINAL`: the events that cost credits (compared with the ledger's).
+    /// The distinct rated events: those that cost credits (compared with the ledger's).
     pub rated_charged_events: u64,
 }
 

@@ -5,9 +5,10 @@
 //! - `migrate_is_idempotent`: a second run applies nothing and breaks nothing.
 //! - `replayed_batch_keeps_exact_totals`: the same rows inserted twice (a replayed batch), the
 //!   same event read again at another offset (a producer retry) and a repeat inside one batch
-//!   are written once (so the roll-ups count them once) and count once with FINAL.
-//! - `positions_resume_past_what_is_stored`: max(offset) + 1 from rated_events, or the stored
-//!   position when further; per group; only the partitions asked for; via the OffsetStore too.
+//!   count once, in the counting rows and in the roll-ups.
+//! - `positions_resume_past_what_is_stored`: the stored positions only (never the highest
+//!   stored row: its roll-ups may be missing); per group; only the partitions asked for; via
+//!   the OffsetStore too.
 //! - `decimals_round_trip_exactly`: 6-decimal values at the edges of Decimal(18, 6) and
 //!   Decimal(38, 6) come back unchanged, as does every other column.
 //! - `errors_are_classified`: server down is transient, a missing table is not.
@@ -184,7 +185,7 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let cfg = clickhouse_config("migrate");
-    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2, 3, 4]);
     assert_eq!(migrate(&cfg).await.unwrap(), Vec::<u32>::new());
     // Each run again after a half-applied migration: the statements are IF NOT EXISTS.
     raw(&cfg)
@@ -221,9 +222,10 @@ async fn migrate_is_idempotent() {
             "rated_offsets_mv",
             "schema_migrations",
             "usage_daily",
-            "usage_daily_mv",
+            "usage_events",
             "usage_hourly",
-            "usage_hourly_mv"
+            "usage_identities",
+            "usage_losers"
         ]
     );
     drop_database(&cfg).await;
@@ -245,8 +247,9 @@ async fn replayed_batch_keeps_exact_totals() {
 
     let outcome = sink.insert(&first).await.unwrap();
     assert_eq!(
-        (outcome.written, outcome.already_stored, outcome.repeated),
-        (6, 0, 0)
+        (outcome.written, outcome.duplicates, outcome.blocks),
+        (6, 0, 2),
+        "offsets 3..7 of partition 0 and 0..1 of partition 1: block 0 of each"
     );
     let totals = sink.totals_by_account("acct-replay").await.unwrap();
     assert_eq!(totals, (6, expected_credits));
@@ -325,9 +328,9 @@ async fn replayed_batch_keeps_exact_totals() {
     let again = rows(&records, &prices, Utc::now() + chrono::Duration::seconds(1));
     let outcome = sink.insert(&again).await.unwrap();
     assert_eq!(
-        (outcome.written, outcome.already_stored, outcome.repeated),
-        (0, 6, 0),
-        "stored identities are not written again (the roll-ups would count them twice)"
+        (outcome.written, outcome.duplicates),
+        (6, 0),
+        "the same positions again: the same copies count"
     );
     // A producer retry: the same event identity, read at another offset.
     let retried = vec![record(
@@ -343,56 +346,64 @@ async fn replayed_batch_keeps_exact_totals() {
     )];
     let retried = rows(&retried, &prices, Utc::now());
     let outcome = sink.insert(&retried).await.unwrap();
-    assert_eq!((outcome.written, outcome.already_stored), (0, 1));
-    // Repeats inside one batch: the first is written, the others not.
-    let mut fresh = rows(&records, &prices, Utc::now());
-    fresh.retain(|r| r.event_id == "call-2");
-    for r in &mut fresh {
-        r.account_id = "acct-repeat".into();
-    }
-    let twice = [fresh.clone(), fresh].concat();
+    assert_eq!((outcome.written, outcome.duplicates), (1, 1));
+    // Repeats inside one batch, at two offsets: the lower counts.
+    let repeat = |offset: i64| {
+        record(
+            "usage.other",
+            0,
+            offset,
+            envelope(
+                "tally.usage.call.v1",
+                "call-r",
+                "acct-repeat",
+                json!({"call_id": "call-r", "direction": "inbound", "channel": "phone",
+                       "started_at": "2025-06-15T10:00:00Z", "answered_at": null,
+                       "ended_at": "2025-06-15T10:03:07Z", "hold_seconds": 0}),
+            ),
+        )
+    };
+    let twice = rows(&[repeat(4), repeat(5)], &prices, Utc::now());
     let outcome = sink.insert(&twice).await.unwrap();
-    assert_eq!(
-        (outcome.written, outcome.already_stored, outcome.repeated),
-        (1, 0, 1)
-    );
+    assert_eq!((outcome.written, outcome.duplicates), (2, 1));
 
     let physical: u64 = raw(&cfg)
-        .query("SELECT count() FROM rated_events")
+        .query("SELECT count() FROM usage_events FINAL")
         .fetch_one()
         .await
         .unwrap();
-    assert_eq!(physical, 7, "each identity written once");
+    assert_eq!(
+        physical, 9,
+        "one row per position: 6 + the retry + 2 repeats"
+    );
     let rolled: u64 = raw(&cfg)
-        .query("SELECT countMerge(event_count) FROM usage_daily")
+        .query("SELECT countMerge(event_count) FROM usage_daily FINAL")
         .fetch_one()
         .await
         .unwrap();
-    assert_eq!(rolled, 7, "the roll-up saw each identity once");
+    assert_eq!(rolled, 7, "the roll-up counts each identity once");
     assert_eq!(
         sink.totals_by_account("acct-replay").await.unwrap(),
         (6, expected_credits)
     );
-    // The same totals with argMax per key, the FINAL-free way.
+    // The roll-up's credits of the account, by hand: the six rows of the first batch.
     #[derive(clickhouse::Row, serde::Deserialize)]
     struct Totals {
         events: u64,
         total_credits: i128,
     }
-    let by_key: Totals = raw(&cfg)
+    let by_rollup: Totals = raw(&cfg)
         .query(
-            "SELECT count() AS events, sum(c) AS total_credits FROM (
-                 SELECT event_source, event_id, argMax(credits, inserted_at) AS c
-                 FROM rated_events WHERE account_id = ?
-                 GROUP BY account_id, event_date, event_source, event_id)",
+            "SELECT countMerge(event_count) AS events, sumMerge(credits_total) AS total_credits \
+             FROM usage_daily FINAL WHERE account_id = ?",
         )
         .bind("acct-replay")
         .fetch_one()
         .await
         .unwrap();
-    assert_eq!(by_key.events, 6);
+    assert_eq!(by_rollup.events, 6);
     assert_eq!(
-        Decimal::from_i128_with_scale(by_key.total_credits, 6),
+        Decimal::from_i128_with_scale(by_rollup.total_credits, 6),
         expected_credits
     );
 
@@ -419,7 +430,8 @@ async fn positions_resume_past_what_is_stored() {
         Positions::new()
     );
 
-    // Rows up to offset 7 on partition 0 and 1 on partition 1 (the grant at 1:2 gives no row).
+    // Rows up to offset 7 on partition 0 and 1 on partition 1: positions do not move (a
+    // crash before the positions are stored reads the batch again).
     sink.insert(&rows(&batch(&t, "acct-pos"), &prices(), Utc::now()))
         .await
         .unwrap();
@@ -431,11 +443,10 @@ async fn positions_resume_past_what_is_stored() {
     };
     assert_eq!(
         sink.load_positions("g", &all).await.unwrap(),
-        expect(&[(("usage.mixed", 0), 8), (("usage.mixed", 1), 2)])
+        Positions::new()
     );
 
-    // Stored positions win when further (the grant consumed on partition 1, a grants topic);
-    // a lower stored position never moves a partition back.
+    // Stored positions; a lower stored position never moves a partition back.
     let stored = expect(&[
         (("usage.mixed", 1), 3),
         (("grants", 0), 12),
@@ -446,7 +457,7 @@ async fn positions_resume_past_what_is_stored() {
         .await
         .unwrap();
     let full = expect(&[
-        (("usage.mixed", 0), 8),
+        (("usage.mixed", 0), 6),
         (("usage.mixed", 1), 3),
         (("grants", 0), 12),
     ]);
@@ -457,10 +468,10 @@ async fn positions_resume_past_what_is_stored() {
         sink.load_positions("g", &[(t.clone(), 1)]).await.unwrap(),
         expect(&[(("usage.mixed", 1), 3)])
     );
-    // Another group shares the rows (they are the data) but not the stored positions.
+    // Another group has positions of its own.
     assert_eq!(
         sink.load_positions("other", &all).await.unwrap(),
-        expect(&[(("usage.mixed", 0), 8), (("usage.mixed", 1), 2)])
+        Positions::new()
     );
     // The consumer's OffsetStore answers the same, from a client of its own.
     let store = ChOffsetStore {
@@ -508,9 +519,11 @@ async fn decimals_round_trip_exactly() {
         partition: 2,
         offset: u64::MAX >> 1,
         inserted_at_unix_seconds: 1_750_000_100,
+        admission: tally::analytics::admission_rank(1_750_000_050_000, 7),
     };
     let big = RatedRow {
         event_id: "e-2".into(),
+        offset: (u64::MAX >> 1) - 1,
         credits_e6: 999_999_999_999_999_999, // 999999999999.999999, the Decimal(18, 6) maximum
         billable_quantity_e6: 1,
         quantity_e6: mantissa("0.000001"),
@@ -531,7 +544,7 @@ async fn decimals_round_trip_exactly() {
 
     // The server agrees on the decimal text, and sums exactly into Decimal(38, 6).
     let text: Vec<String> = raw(&cfg)
-        .query("SELECT toString(credits) FROM rated_events ORDER BY event_id")
+        .query("SELECT toString(credits) FROM usage_events ORDER BY event_id")
         .fetch_all()
         .await
         .unwrap();

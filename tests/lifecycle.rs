@@ -315,7 +315,8 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
     ];
     for (now, records) in phases {
         clock.set(now);
-        env.send(&records).await;
+        // Produced "now": admission is decided at the record's timestamp.
+        env.send_at(&records, now).await;
         env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     }
     stop_tx.send(true).unwrap();

@@ -194,17 +194,18 @@ async fn reconcile_finds_no_difference_then_exactly_the_corruptions() {
     let text = tally::metrics::render();
     assert!(text.contains("tally_reconcile_differences 0"), "{text}");
 
-    // Corruptions: the roll-up counts u3 twice (a block reaching the view again); an extra
+    // Corruptions: the roll-up counts u3 twice (a roll-up row written by hand); an extra
     // ledger overage of 2.5 on r1's d2 analyses; a correction of 0.25 that does not net to
     // zero on r2.
     sql(
         &env,
         "INSERT INTO usage_daily SELECT account_id, event_date AS day, kind, model, voice_tier, \
-         instance_type, sumState(credits), sumState(quantity), sumState(billable_seconds), \
+         instance_type, 'corrupt' AS topic, toUInt32(0) AS p, toUInt64(0) AS b, \
+         toUInt64(0) AS covered, sumState(credits), sumState(quantity), sumState(billable_seconds), \
          sumState(billable_quantity), countState(), sumState(answered), sumState(responses), \
          uniqExactIfState(call_id, call_id != ''), \
          uniqExactIfState(conversation_id, conversation_id != '') \
-         FROM rated_events FINAL WHERE event_id = 'u3' \
+         FROM usage_events FINAL WHERE event_id = 'u3' \
          GROUP BY account_id, day, kind, model, voice_tier, instance_type",
     )
     .await;

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "late_usage",
         include_str!("../../schemas/clickhouse/0003_late_usage.sql"),
     ),
+    (
+        4,
+        "convergent_rollups",
+        include_str!("../../schemas/clickhouse/0004_convergent_rollups.sql"),
+    ),
 ];
 
 /// The statements that precede every migration: the database and the table recording the

@@ -1,17 +1,18 @@
 //! Analytics: rated usage in ClickHouse. Owns the ClickHouse DDL ([`migrate`], from
-//! `schemas/clickhouse/`), the sink that writes one `rated_events` row per rated usage event
+//! `schemas/clickhouse/`), the sink that writes one `usage_events` row per rated usage record
 //! and the consumed positions ([`sink`]), the usage reports read from the roll-ups
 //! ([`queries`]), and the day totals `tally reconcile` compares with the ledger
 //! ([`reconcile`]). Knows nothing of Kafka clients, PostgreSQL or the ledger; the batch loop
 //! lives in `pipeline::analytics`.
 //!
-//! Idempotence: rows are keyed by event identity (`event_source`, `event_id`, within the
-//! account and event date) in a ReplacingMergeTree, read with `FINAL`. The roll-ups
-//! (`usage_daily`, `usage_hourly`) are kept by materialized views that see every inserted
-//! block, so the sink writes only identities not stored yet (a replayed batch or a producer
-//! retry writes nothing). Positions resume past what is stored: the highest offset in
-//! `rated_events` (kept by a materialized view in `rated_offsets`) or the group's
-//! `consumer_offsets`, whichever is further.
+//! Convergence (migration 0004): rows are keyed by their Kafka position in `usage_events`;
+//! an event's identity is (`event_source`, `event_id`), as in the ledger, and of its stored
+//! copies the one admitted first counts (`usage_identities`, highest `admission`; the others
+//! are recorded in `usage_losers` when a batch's identity lookup finds them). The
+//! roll-ups (`usage_daily`, `usage_hourly`) are recomputed, never incremented, per block of
+//! offsets from the stored rows, so a replayed, half-done, timed-out or doubled write ends
+//! with the same figures. Positions resume at the group's `consumer_offsets`, stored only
+//! after a batch's rows and roll-ups are written.
 
 mod error;
 pub mod migrate;
@@ -24,6 +25,6 @@ pub use error::AnalyticsError;
 pub use migrate::{migrate, MIGRATIONS};
 pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
 pub use sink::{
-    numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow,
-    NumericColumns, RatedRow,
+    admission_rank, numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome,
+    LateRow, NumericColumns, RatedRow,
 };

@@ -23,9 +23,9 @@ use super::sink::{client, from_mantissa6, run_timed, QUERY_TIMEOUT};
 use super::{sql, AnalyticsError};
 use crate::config::ClickHouseConfig;
 
-/// Daily roll-up table (migration 0002).
+/// Daily roll-up table (migration 0004: one row per block of offsets, read with FINAL).
 pub const USAGE_DAILY: &str = "usage_daily";
-/// Hourly roll-up table (migration 0002).
+/// Hourly roll-up table (migration 0004: one row per block of offsets, read with FINAL).
 pub const USAGE_HOURLY: &str = "usage_hourly";
 /// Peak days and busiest hours a report lists by default.
 pub const DEFAULT_TOP: u32 = 5;
@@ -497,7 +497,9 @@ pub fn late_sql(account_id: &str, range: &DateRange) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// SQL. Every statement reads one account's rows by the tables' key prefix (account_id, day).
+// SQL. Every statement reads one account's rows by the tables' key prefix (account_id, day),
+// with FINAL (a block's newest computation). `HAVING events > 0` leaves out the keys whose
+// events all lost to another copy of their identity (a re-send on another day).
 // Aliases never reuse a column name of the table they read.
 
 /// Credits, quantity, billable seconds and events per day × kind × model.
@@ -506,8 +508,8 @@ pub fn daily_sql(account_id: &str, range: &DateRange) -> String {
         "SELECT day, kind, model, sumMerge(credits_total) AS credits, \
          sumMerge(quantity_total) AS quantity, sumMerge(billable_seconds_total) AS billable_seconds, \
          countMerge(event_count) AS events \
-         FROM {USAGE_DAILY} WHERE {} \
-         GROUP BY day, kind, model ORDER BY day, kind, model",
+         FROM {USAGE_DAILY} FINAL WHERE {} \
+         GROUP BY day, kind, model HAVING events > 0 ORDER BY day, kind, model",
         range.filter(account_id)
     )
 }
@@ -516,7 +518,7 @@ pub fn daily_sql(account_id: &str, range: &DateRange) -> String {
 pub fn day_totals_sql(account_id: &str, range: &DateRange) -> String {
     format!(
         "SELECT day, sumMerge(credits_total) AS credits, countMerge(event_count) AS events \
-         FROM {USAGE_DAILY} WHERE {} GROUP BY day ORDER BY day",
+         FROM {USAGE_DAILY} FINAL WHERE {} GROUP BY day HAVING events > 0 ORDER BY day",
         range.filter(account_id)
     )
 }
@@ -525,7 +527,7 @@ pub fn day_totals_sql(account_id: &str, range: &DateRange) -> String {
 pub fn total_sql(account_id: &str, range: &DateRange) -> String {
     format!(
         "SELECT sumMerge(credits_total) AS credits, countMerge(event_count) AS events \
-         FROM {USAGE_DAILY} WHERE {}",
+         FROM {USAGE_DAILY} FINAL WHERE {}",
         range.filter(account_id)
     )
 }
@@ -534,7 +536,7 @@ pub fn total_sql(account_id: &str, range: &DateRange) -> String {
 pub fn peak_days_sql(account_id: &str, range: &DateRange, top: u32) -> String {
     format!(
         "SELECT day, sumMerge(credits_total) AS credits, countMerge(event_count) AS events \
-         FROM {USAGE_DAILY} WHERE {} GROUP BY day \
+         FROM {USAGE_DAILY} FINAL WHERE {} GROUP BY day HAVING events > 0 \
          ORDER BY credits DESC, day ASC LIMIT {top}",
         range.filter(account_id)
     )
@@ -545,7 +547,7 @@ pub fn peak_days_sql(account_id: &str, range: &DateRange, top: u32) -> String {
 pub fn busiest_hours_sql(account_id: &str, range: &DateRange, top: u32) -> String {
     format!(
         "SELECT hour_of_day, sumMerge(credits_total) AS credits, countMerge(event_count) AS events \
-         FROM {USAGE_HOURLY} WHERE {} GROUP BY hour_of_day \
+         FROM {USAGE_HOURLY} FINAL WHERE {} GROUP BY hour_of_day HAVING events > 0 \
          ORDER BY events DESC, credits DESC, hour_of_day ASC LIMIT {top}",
         range.filter(account_id)
     )
@@ -559,7 +561,7 @@ pub fn counts_sql(account_id: &str, range: &DateRange) -> String {
          sumMerge(answered_calls) AS answered, sumMerge(ai_responses) AS responses, \
          uniqExactIfMerge(distinct_calls) AS calls, \
          uniqExactIfMerge(distinct_conversations) AS conversations \
-         FROM {USAGE_DAILY} WHERE {} GROUP BY kind ORDER BY kind",
+         FROM {USAGE_DAILY} FINAL WHERE {} GROUP BY kind HAVING events > 0 ORDER BY kind",
         range.filter(account_id)
     )
 }

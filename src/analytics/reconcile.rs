@@ -1,6 +1,6 @@
 //! The ClickHouse side of `tally reconcile`: usage per account × UTC day × kind, read twice —
 //! from the daily roll-up (`usage_daily`, what every report reads) and from the distinct rated
-//! events (`rated_events FINAL`, what the roll-up must equal). Owns the two statements (pure
+//! events (each identity's counting copy in `usage_events`, what the roll-up must equal). Owns the two statements (pure
 //! functions, so the chDB test runs the very same text on a current ClickHouse). Knows nothing
 //! of the ledger: `crate::reconcile` compares these with it.
 
@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use super::queries::{DateRange, UsageQueries, USAGE_DAILY};
-use super::sink::from_mantissa6;
+use super::sink::{counted_events_where, from_mantissa6};
 use super::{sql, AnalyticsError};
 
 /// Usage of one account on one UTC day of one kind, as ClickHouse holds it.
@@ -23,7 +23,7 @@ pub struct KindDay {
     /// Events counted (every rated event, those that cost nothing included).
     pub events: u64,
     /// Events that cost credits (`credits > 0`): what the ledger has entries for. From
-    /// `rated_events` only (the roll-up does not keep it): None for the roll-up.
+    /// the rated events only (the roll-up does not keep it): None for the roll-up.
     pub charged_events: Option<u64>,
 }
 
@@ -44,21 +44,21 @@ pub fn rollup_days_sql(range: &DateRange, account_id: Option<&str>) -> String {
     format!(
         "SELECT account_id, day, kind, sumMerge(credits_total) AS credits_sum, \
          countMerge(event_count) AS events \
-         FROM {USAGE_DAILY} WHERE {} \
-         GROUP BY account_id, day, kind ORDER BY account_id, day, kind",
+         FROM {USAGE_DAILY} FINAL WHERE {} \
+         GROUP BY account_id, day, kind HAVING events > 0 ORDER BY account_id, day, kind",
         conditions("day", range, account_id)
     )
 }
 
 /// Credits, events and events that cost credits per account × day × kind from the distinct
-/// rated events (`FINAL`: each stored identity once).
+/// rated events (each identity's counting copy in `usage_events`).
 pub fn rated_days_sql(range: &DateRange, account_id: Option<&str>) -> String {
     format!(
         "SELECT account_id, event_date AS day, kind, sum(credits) AS credits_sum, \
          count() AS events, countIf(credits > 0) AS charged_events \
-         FROM rated_events FINAL WHERE {} \
+         FROM ({}) WHERE counted \
          GROUP BY account_id, day, kind ORDER BY account_id, day, kind",
-        conditions("event_date", range, account_id)
+        counted_events_where(&conditions("event_date", range, account_id))
     )
 }
 
@@ -140,7 +140,7 @@ mod tests {
             "WHERE account_id = 'a\\'b' AND day >= toDate('2025-06-01') AND day <= toDate('2025-06-20')"
         ));
         let all = rated_days_sql(&range, None);
-        assert!(all.contains("FROM rated_events FINAL WHERE event_date >= toDate('2025-06-01')"));
+        assert!(all.contains("FROM usage_events FINAL WHERE event_date >= toDate('2025-06-01')"));
         assert!(!all.contains("account_id ="));
     }
 }

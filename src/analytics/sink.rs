@@ -1,7 +1,13 @@
-//! The ClickHouse sink: turns a prepared (decoded and rated) event into a `rated_events` row,
-//! writes a batch of rows in one INSERT, stores and loads consumed positions, and answers the
-//! exact-total queries tests and reports use. With `migrate`, owns every ClickHouse call of
-//! the crate.
+//! The ClickHouse sink: turns a prepared (decoded and rated) event into a `usage_events` row,
+//! writes a batch (its rows, their identities, then the roll-up blocks it touched, recomputed),
+//! stores and loads consumed positions, and answers the exact-total queries tests and reports
+//! use. With `migrate`, owns every ClickHouse call of the crate.
+//!
+//! Convergence (schemas/clickhouse/0004_convergent_rollups.sql): nothing is checked before
+//! writing and nothing is incremented. A row is keyed by its Kafka position, an identity's
+//! counting copy is the one with the highest `admission` among its stored copies, and a roll-up
+//! row is a pure function of the stored rows of one block of offsets. So writing a batch twice,
+//! half-way, late, or from two instances at once ends with the same tables.
 //!
 //! Wire quirks (clickhouse crate 0.15, servers 18.16 to current): validation is off (18.16 has
 //! no RowBinaryWithNamesAndTypes), the database is set on the client and tables are named
@@ -23,8 +29,14 @@ use crate::event::{Payload, Quantity};
 use crate::kafka::{LoadError, OffsetStore, Positions, TopicPartition};
 use crate::pipeline::Prepared;
 
-/// Rated usage, one row per event (see schemas/clickhouse/0001_rated_events.sql).
-pub const RATED_EVENTS: &str = "rated_events";
+/// Rated usage, one row per admitted record, keyed by position (migration 0004).
+pub const USAGE_EVENTS: &str = "usage_events";
+/// Every stored copy of every identity, with its admission rank (migration 0004).
+pub const USAGE_IDENTITIES: &str = "usage_identities";
+/// The copies that do not count, by position (migration 0004).
+pub const USAGE_LOSERS: &str = "usage_losers";
+/// Offsets per roll-up block: each roll-up row covers one block of one partition.
+pub const BLOCK_OFFSETS: u64 = 8192;
 /// Usage read after the billing grace (schemas/clickhouse/0003_late_usage.sql).
 pub const LATE_USAGE: &str = "late_usage";
 
@@ -63,24 +75,19 @@ impl LateRow {
             .collect()
     }
 }
-/// Highest stored offset per partition, kept by a materialized view over `rated_events`.
-pub const RATED_OFFSETS: &str = "rated_offsets";
 /// Next offset per consumer group and partition, stored after every batch.
 pub const CONSUMER_OFFSETS: &str = "consumer_offsets";
 
 /// Longest a query (DDL, positions, totals) may take before it counts as a transient failure.
 pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest one batch INSERT may take. A timed-out insert may still land: the retry first asks
-/// which identities are stored and writes only the others (see `docs/analytics.md`, "Limits",
-/// for an insert still running on the server when the retry asks).
+/// Longest one batch INSERT may take. A timed-out insert may still land: the retry writes the
+/// same keys again and recomputes the same blocks, so either outcome converges.
 pub(crate) const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest text of one stored-identities query; a bigger batch is asked in several.
-const STORED_KEYS_QUERY_BYTES: usize = 1 << 20;
 
 /// Decimal columns have 6 decimal places: values travel as value × 10^6.
 const SCALE: u32 = 6;
 
-/// One `rated_events` row, in the column order of the table. Decimals, times and dates are
+/// One `usage_events` row, in the column order of the table. Decimals, times and dates are
 /// held in their wire form; the accessors give the typed values.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Row, Serialize, Deserialize)]
 pub struct RatedRow {
@@ -120,6 +127,20 @@ pub struct RatedRow {
     pub offset: u64,
     #[serde(rename = "inserted_at")]
     pub inserted_at_unix_seconds: u32,
+    /// Larger = admitted earlier ([`admission_rank`]): of an identity's copies, the one with
+    /// the largest counts.
+    pub admission: u64,
+}
+
+/// The admission rank of a record: `u64::MAX - (timestamp_ms * 2^21 + offset mod 2^21)`, so
+/// the copy with the earliest record timestamp (then the lowest offset) ranks highest. The
+/// record's Kafka timestamp, or the event time when it has none: a function of the record,
+/// the same whoever reads it and whenever.
+pub fn admission_rank(timestamp_ms: i64, offset: i64) -> u64 {
+    const OFFSET_BITS: u32 = 21;
+    let ms = u64::try_from(timestamp_ms).unwrap_or(0).min((1 << 42) - 1);
+    let low = u64::try_from(offset).unwrap_or(0) & ((1 << OFFSET_BITS) - 1);
+    u64::MAX - ((ms << OFFSET_BITS) | low)
 }
 
 impl RatedRow {
@@ -145,7 +166,7 @@ impl RatedRow {
     }
 }
 
-/// The numeric columns of a usage event's `rated_events` row, checked to fit.
+/// The numeric columns of a usage event's `usage_events` row, checked to fit.
 #[derive(Debug, Clone, Copy)]
 pub struct NumericColumns {
     quantity_e6: i128,
@@ -195,7 +216,7 @@ pub fn numeric_columns(
     })
 }
 
-/// The `rated_events` row of a prepared event: None for grants and plans (they carry no
+/// The `usage_events` row of a prepared event: None for grants and plans (they carry no
 /// usage). Its numeric columns were checked by `prepare` ([`numeric_columns`]).
 pub fn rated_row(
     p: &Prepared<'_, '_>,
@@ -270,6 +291,12 @@ pub fn rated_row(
         partition: u32::try_from(p.record.partition).unwrap_or_default(),
         offset: u64::try_from(p.record.offset).unwrap_or_default(),
         inserted_at_unix_seconds,
+        admission: admission_rank(
+            p.record
+                .timestamp_ms
+                .unwrap_or_else(|| env.time.timestamp_millis()),
+            p.record.offset,
+        ),
     }))
 }
 
@@ -296,86 +323,205 @@ fn unix_days(d: NaiveDate) -> Option<u16> {
     u16::try_from((d - NaiveDate::default()).num_days()).ok()
 }
 
-/// What [`AnalyticsSink::insert`] did with a batch: every row is in exactly one count.
+/// What [`AnalyticsSink::insert`] did with a batch.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct InsertOutcome {
-    /// Rows written: identities not stored before.
+    /// Rows written to `usage_events` (every row given, replays included: they collapse).
     pub written: usize,
-    /// Rows not written because their identity was already in `rated_events`.
-    pub already_stored: usize,
-    /// Rows not written because an earlier row of the same batch had their identity.
-    pub repeated: usize,
+    /// Rows of the batch that do not count: another copy of their identity (earlier in the
+    /// batch, or stored before) was admitted first.
+    pub duplicates: usize,
+    /// Roll-up blocks recomputed.
+    pub blocks: usize,
 }
 
-/// A row's key in `rated_events` (its ORDER BY): account, day, then the event identity.
-type RowKey<'a> = (&'a str, u16, &'a str, &'a str);
+/// Offsets `first..=last` of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OffsetRange {
+    pub topic: String,
+    pub partition: u32,
+    pub first: u64,
+    pub last: u64,
+}
 
-fn row_key(row: &RatedRow) -> RowKey<'_> {
-    (
-        &row.account_id,
-        row.event_date_unix_days,
-        &row.event_source,
-        &row.event_id,
+/// `(topic, partition, offset)` conditions selecting `ranges` by the primary key of
+/// `usage_events` (an OR of key ranges). `1 = 1` when `ranges` is None (everything).
+pub fn ranges_condition(ranges: Option<&[OffsetRange]>) -> String {
+    let Some(ranges) = ranges else {
+        return "1 = 1".to_owned();
+    };
+    if ranges.is_empty() {
+        return "0 = 1".to_owned();
+    }
+    ranges
+        .iter()
+        .map(|r| {
+            format!(
+                "(topic = {} AND `partition` = {} AND `offset` >= {} AND `offset` <= {})",
+                sql::string(&r.topic),
+                r.partition,
+                r.first,
+                r.last
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" OR ")
+}
+
+/// The offset ranges covering `rows` exactly per partition: first..=last offset of each.
+pub fn batch_ranges<'a>(
+    positions: impl IntoIterator<Item = (&'a str, u32, u64)>,
+) -> Vec<OffsetRange> {
+    let mut by: std::collections::BTreeMap<(&str, u32), (u64, u64)> = Default::default();
+    for (topic, partition, offset) in positions {
+        let e = by.entry((topic, partition)).or_insert((offset, offset));
+        e.0 = e.0.min(offset);
+        e.1 = e.1.max(offset);
+    }
+    by.into_iter()
+        .map(|((topic, partition), (first, last))| OffsetRange {
+            topic: topic.to_owned(),
+            partition,
+            first,
+            last,
+        })
+        .collect()
+}
+
+/// The whole blocks ([`BLOCK_OFFSETS`]) holding `positions`, adjacent blocks merged.
+pub fn block_ranges<'a>(
+    positions: impl IntoIterator<Item = (&'a str, u32, u64)>,
+) -> Vec<OffsetRange> {
+    let mut blocks: std::collections::BTreeSet<(&str, u32, u64)> = Default::default();
+    for (topic, partition, offset) in positions {
+        blocks.insert((topic, partition, offset / BLOCK_OFFSETS));
+    }
+    let mut out: Vec<OffsetRange> = Vec::new();
+    for (topic, partition, block) in blocks {
+        let first = block * BLOCK_OFFSETS;
+        let last = first + (BLOCK_OFFSETS - 1);
+        match out.last_mut() {
+            Some(r) if r.topic == topic && r.partition == partition && r.last + 1 == first => {
+                r.last = last
+            }
+            _ => out.push(OffsetRange {
+                topic: topic.to_owned(),
+                partition,
+                first,
+                last,
+            }),
+        }
+    }
+    out
+}
+
+/// The counting copy of each identity among `usage_events` rows in `ranges` (None: all): the
+/// position with the highest admission among the identity's stored copies, as a tuple
+/// `(event_source, event_id, topic, partition, offset)` list for `IN`.
+fn counting_copies_sql(condition: &str) -> String {
+    format!(
+        "SELECT event_source, event_id, argMax(topic, admission), argMax(`partition`, admission), \
+         argMax(`offset`, admission) FROM {USAGE_IDENTITIES} \
+         WHERE event_id IN (SELECT event_id FROM {USAGE_EVENTS} WHERE {condition}) \
+         GROUP BY event_source, event_id"
     )
 }
 
-/// A key found stored, as read back.
-#[derive(Debug, Row, Deserialize)]
-struct StoredKey {
-    account_id: String,
-    event_date: u16,
+/// `usage_events` rows of `ranges` (None: all), each with `counted` (1: its identity's
+/// counting copy), duplicates of a position collapsed (FINAL).
+pub fn counted_events_sql(ranges: Option<&[OffsetRange]>) -> String {
+    counted_events_where(&ranges_condition(ranges))
+}
+
+/// `usage_events` rows matching `condition` (SQL on its columns), each with `counted`.
+pub fn counted_events_where(condition: &str) -> String {
+    format!(
+        "SELECT *, (event_source, event_id, topic, `partition`, `offset`) IN ({}) AS counted \
+         FROM {USAGE_EVENTS} FINAL WHERE {condition}",
+        counting_copies_sql(condition),
+    )
+}
+
+/// Recomputes the daily roll-up rows of the blocks in `ranges` (whole blocks; None: all)
+/// from the stored rows: every (account, day, dimensions) present in a block gets a row,
+/// aggregating only the counting copies (rows not in `usage_losers`), versioned by the
+/// highest offset of the key's rows it read.
+pub fn rollup_daily_sql(ranges: Option<&[OffsetRange]>) -> String {
+    format!(
+        "INSERT INTO usage_daily SELECT account_id, event_date AS day, kind, model, voice_tier, \
+         instance_type, topic, `partition`, intDiv(`offset`, {BLOCK_OFFSETS}) AS block, \
+         max(`offset`) AS covered_offset, \
+         sumStateIf(credits, counted) AS credits_total, \
+         sumStateIf(quantity, counted) AS quantity_total, \
+         sumStateIf(billable_seconds, counted) AS billable_seconds_total, \
+         sumStateIf(billable_quantity, counted) AS billable_quantity_total, \
+         countStateIf(counted) AS event_count, \
+         sumStateIf(answered, counted) AS answered_calls, \
+         sumStateIf(responses, counted) AS ai_responses, \
+         uniqExactIfState(call_id, counted AND call_id != '') AS distinct_calls, \
+         uniqExactIfState(conversation_id, counted AND conversation_id != '') AS distinct_conversations \
+         FROM ({}) \
+         GROUP BY account_id, day, kind, model, voice_tier, instance_type, topic, `partition`, block",
+        rollup_source_sql(ranges)
+    )
+}
+
+/// The rows of `ranges` (None: all) with `counted`: not a known losing copy. Reads
+/// `usage_losers` by position only, never the identities.
+fn rollup_source_sql(ranges: Option<&[OffsetRange]>) -> String {
+    let condition = ranges_condition(ranges);
+    format!(
+        "SELECT *, (topic, `partition`, `offset`) NOT IN \
+         (SELECT topic, `partition`, `offset` FROM {USAGE_LOSERS} WHERE {condition}) AS counted \
+         FROM {USAGE_EVENTS} FINAL WHERE {condition}"
+    )
+}
+
+/// [`rollup_daily_sql`] for the hourly roll-up.
+pub fn rollup_hourly_sql(ranges: Option<&[OffsetRange]>) -> String {
+    format!(
+        "INSERT INTO usage_hourly SELECT account_id, event_date AS day, \
+         toHour(event_time) AS hour_of_day, kind, topic, `partition`, \
+         intDiv(`offset`, {BLOCK_OFFSETS}) AS block, max(`offset`) AS covered_offset, \
+         sumStateIf(credits, counted) AS credits_total, countStateIf(counted) AS event_count \
+         FROM ({}) \
+         GROUP BY account_id, day, hour_of_day, kind, topic, `partition`, block",
+        rollup_source_sql(ranges)
+    )
+}
+
+/// Every stored copy of the identities of the `usage_events` rows in `ranges`.
+pub fn copies_sql(ranges: &[OffsetRange]) -> String {
+    format!(
+        "SELECT event_source, event_id, topic, `partition`, `offset`, admission \
+         FROM {USAGE_IDENTITIES} \
+         WHERE event_id IN (SELECT event_id FROM {USAGE_EVENTS} WHERE {})",
+        ranges_condition(Some(ranges))
+    )
+}
+
+/// A Kafka position: topic, partition, offset.
+type Position<'a> = (&'a str, u32, u64);
+
+/// One `usage_losers` row.
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+struct LoserRow {
+    topic: String,
+    partition: u32,
+    offset: u64,
     event_source: String,
     event_id: String,
 }
 
-/// The queries asking which of `rows`' keys are stored, each at most about `max_bytes` long
-/// (one row's key always fits in a query of its own). They return candidates: rows whose
-/// account, day and event id are each among the chunk's (a superset of the stored keys, which
-/// the caller matches exactly). Flat lists rather than a list of key tuples: ClickHouse 18.16
-/// parses and plans thousands of tuple literals several times slower. The account and day
-/// lists narrow the read by the primary key; `event_id` is checked first (PREWHERE), so the
-/// other columns are read only for candidates. No FINAL: any stored copy counts.
-pub fn stored_keys_queries(rows: &[&RatedRow], max_bytes: usize) -> Vec<String> {
-    use std::collections::BTreeSet;
-    #[derive(Default)]
-    struct Chunk<'a> {
-        accounts: BTreeSet<&'a str>,
-        days: BTreeSet<u16>,
-        ids: BTreeSet<&'a str>,
-        bytes: usize,
-    }
-    fn sql_of(c: &Chunk<'_>) -> String {
-        let list = |items: Vec<String>| items.join(", ");
-        format!(
-            "SELECT account_id, event_date, event_source, event_id FROM rated_events \
-             PREWHERE event_id IN ({}) WHERE account_id IN ({}) AND event_date IN ({})",
-            list(c.ids.iter().map(|s| sql::string(s)).collect()),
-            list(c.accounts.iter().map(|s| sql::string(s)).collect()),
-            list(
-                c.days
-                    .iter()
-                    .map(|&d| format!("'{}'", sql::date_from_unix_days(d).format("%Y-%m-%d")))
-                    .collect()
-            ),
-        )
-    }
-    let mut queries = Vec::new();
-    let mut chunk = Chunk::default();
-    for row in rows {
-        let cost = row.account_id.len() + row.event_id.len() + 32;
-        if !chunk.ids.is_empty() && chunk.bytes + cost > max_bytes {
-            queries.push(sql_of(&chunk));
-            chunk = Chunk::default();
-        }
-        chunk.bytes += cost;
-        chunk.accounts.insert(&row.account_id);
-        chunk.days.insert(row.event_date_unix_days);
-        chunk.ids.insert(&row.event_id);
-    }
-    if !chunk.ids.is_empty() {
-        queries.push(sql_of(&chunk));
-    }
-    queries
+/// One `usage_identities` row.
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+struct IdentityRow {
+    event_source: String,
+    event_id: String,
+    topic: String,
+    partition: u32,
+    offset: u64,
+    admission: u64,
 }
 
 /// A `consumer_offsets` row.
@@ -469,75 +615,159 @@ impl AnalyticsSink {
         .await
     }
 
-    /// Writes the rows whose identity is not stored yet, in one INSERT (one HTTP request,
-    /// LZ4-compressed). A row repeating an identity earlier in `rows`, or one already in
-    /// `rated_events` (a replayed batch, a producer retry read at another offset, the retry of
-    /// an insert that landed), is not written: the roll-ups' materialized views see every
-    /// inserted block, so each identity must reach them once. Which keys exist is asked first
-    /// (see [`stored_keys_queries`]).
+    /// Writes a batch: its rows to `usage_events` and their identities to `usage_identities`
+    /// (one INSERT each, LZ4-compressed, nothing asked first), then recomputes the roll-up
+    /// blocks the batch touched and those holding other copies of its identities (one
+    /// INSERT ... SELECT per roll-up). Idempotent: calling it again with the same rows, or
+    /// with part of them, or from another instance at the same time, converges to the same
+    /// tables. The work grows with the batch (its rows, at most a block of stored rows per
+    /// partition it touches, the index ranges of its identities), not with the table.
     pub async fn insert(&self, rows: &[RatedRow]) -> Result<InsertOutcome, AnalyticsError> {
         if rows.is_empty() {
             return Ok(InsertOutcome::default());
         }
-        // First occurrence of each identity, in batch order.
-        let mut index: HashMap<RowKey<'_>, usize> = HashMap::with_capacity(rows.len());
-        let mut unique: Vec<&RatedRow> = Vec::with_capacity(rows.len());
-        for row in rows {
-            if let std::collections::hash_map::Entry::Vacant(e) = index.entry(row_key(row)) {
-                e.insert(unique.len());
-                unique.push(row);
-            }
-        }
-        let repeated = rows.len() - unique.len();
-        let mut stored = vec![false; unique.len()];
-        for sql in stored_keys_queries(&unique, STORED_KEYS_QUERY_BYTES) {
-            // Room for the whole text whatever the server's default (256 KiB).
-            let max_query_size = (sql.len() + 4096).max(262_144).to_string();
-            let found = run_timed(
-                "check stored identities",
-                QUERY_TIMEOUT,
-                self.client
-                    .query_raw(&sql)
-                    .with_setting("max_query_size", max_query_size)
-                    .fetch_all::<StoredKey>(),
-            )
-            .await?;
-            for k in &found {
-                let key = (
-                    k.account_id.as_str(),
-                    k.event_date,
-                    k.event_source.as_str(),
-                    k.event_id.as_str(),
-                );
-                if let Some(&i) = index.get(&key) {
-                    stored[i] = true;
-                }
-            }
-        }
-        let fresh: Vec<&RatedRow> = unique
-            .iter()
-            .zip(&stored)
-            .filter(|(_, &s)| !s)
-            .map(|(r, _)| *r)
-            .collect();
-        let outcome = InsertOutcome {
-            written: fresh.len(),
-            already_stored: unique.len() - fresh.len(),
-            repeated,
-        };
-        if fresh.is_empty() {
-            return Ok(outcome);
-        }
         let client = &self.client;
-        run_timed("insert rated_events", INSERT_TIMEOUT, async move {
-            let mut insert = client.insert::<RatedRow>(RATED_EVENTS).await?;
-            for row in fresh {
+        run_timed("insert usage_events", INSERT_TIMEOUT, async move {
+            let mut insert = client.insert::<RatedRow>(USAGE_EVENTS).await?;
+            for row in rows {
                 insert.write(row).await?;
             }
             insert.end().await
         })
         .await?;
-        Ok(outcome)
+        run_timed("insert usage_identities", INSERT_TIMEOUT, async move {
+            let mut insert = client.insert::<IdentityRow>(USAGE_IDENTITIES).await?;
+            for row in rows {
+                insert
+                    .write(&IdentityRow {
+                        event_source: row.event_source.clone(),
+                        event_id: row.event_id.clone(),
+                        topic: row.topic.clone(),
+                        partition: row.partition,
+                        offset: row.offset,
+                        admission: row.admission,
+                    })
+                    .await?;
+            }
+            insert.end().await
+        })
+        .await?;
+        fail::fail_point!("analytics-before-rollups", |_| std::process::abort());
+        self.recompute(rows).await
+    }
+
+    /// Recomputes the roll-up blocks of `rows` (stored already) and of the other stored copies
+    /// of their identities.
+    pub async fn recompute(&self, rows: &[RatedRow]) -> Result<InsertOutcome, AnalyticsError> {
+        let batch = batch_ranges(
+            rows.iter()
+                .map(|r| (r.topic.as_str(), r.partition, r.offset)),
+        );
+        let sql = copies_sql(&batch);
+        let max_query_size = (sql.len() + 4096).max(262_144).to_string();
+        let copies = run_timed(
+            "read identity copies",
+            QUERY_TIMEOUT,
+            self.client
+                .query_raw(&sql)
+                .with_setting("max_query_size", max_query_size)
+                .fetch_all::<IdentityRow>(),
+        )
+        .await?;
+        // The counting copy of each of the batch's identities.
+        let mut best: HashMap<(&str, &str), (u64, Position<'_>)> = HashMap::new();
+        let mut positions: Vec<Position<'_>> = Vec::with_capacity(rows.len());
+        let wanted: std::collections::HashSet<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r.event_source.as_str(), r.event_id.as_str()))
+            .collect();
+        let copies_of_rows = rows.iter().map(|r| {
+            (
+                r.event_source.as_str(),
+                r.event_id.as_str(),
+                r.admission,
+                (r.topic.as_str(), r.partition, r.offset),
+            )
+        });
+        let stored = copies.iter().map(|c| {
+            (
+                c.event_source.as_str(),
+                c.event_id.as_str(),
+                c.admission,
+                (c.topic.as_str(), c.partition, c.offset),
+            )
+        });
+        for (source, id, admission, position) in copies_of_rows.clone().chain(stored.clone()) {
+            if !wanted.contains(&(source, id)) {
+                continue; // the same event id under another source
+            }
+            positions.push(position);
+            let e = best.entry((source, id)).or_insert((admission, position));
+            if (admission, position) > *e {
+                *e = (admission, position);
+            }
+        }
+        let duplicates = rows
+            .iter()
+            .filter(|r| {
+                best.get(&(r.event_source.as_str(), r.event_id.as_str()))
+                    .is_some_and(|(_, p)| *p != (r.topic.as_str(), r.partition, r.offset))
+            })
+            .count();
+        // Every copy of these identities but the best loses (for good: ranks never change).
+        let mut losers: Vec<LoserRow> = Vec::new();
+        let mut seen: std::collections::HashSet<Position<'_>> = Default::default();
+        for (source, id, _, position) in copies_of_rows.clone().chain(stored.clone()) {
+            let Some((_, winner)) = best.get(&(source, id)) else {
+                continue;
+            };
+            if *winner != position && seen.insert(position) {
+                losers.push(LoserRow {
+                    topic: position.0.to_owned(),
+                    partition: position.1,
+                    offset: position.2,
+                    event_source: source.to_owned(),
+                    event_id: id.to_owned(),
+                });
+            }
+        }
+        if !losers.is_empty() {
+            let client = &self.client;
+            let losers = &losers;
+            run_timed("insert usage_losers", INSERT_TIMEOUT, async move {
+                let mut insert = client.insert::<LoserRow>(USAGE_LOSERS).await?;
+                for row in losers {
+                    insert.write(row).await?;
+                }
+                insert.end().await
+            })
+            .await?;
+        }
+        let blocks = block_ranges(positions);
+        let block_count = blocks
+            .iter()
+            .map(|r| ((r.last - r.first + 1) / BLOCK_OFFSETS) as usize)
+            .sum();
+        for (op, sql) in [
+            ("recompute usage_daily", rollup_daily_sql(Some(&blocks))),
+            ("recompute usage_hourly", rollup_hourly_sql(Some(&blocks))),
+        ] {
+            let max_query_size = (sql.len() + 4096).max(262_144).to_string();
+            run_timed(
+                op,
+                INSERT_TIMEOUT,
+                self.client
+                    .query_raw(&sql)
+                    .with_setting("max_query_size", max_query_size)
+                    .execute(),
+            )
+            .await?;
+        }
+        Ok(InsertOutcome {
+            written: rows.len(),
+            duplicates,
+            blocks: block_count,
+        })
     }
 
     /// Marks rows late (one INSERT; idempotent by identity).
@@ -594,33 +824,20 @@ impl AnalyticsSink {
         .await
     }
 
-    /// The next offset to read for each of `partitions` that has anything stored: the larger
-    /// of (highest offset in `rated_events`) + 1 and the group's stored position. Partitions
-    /// with nothing stored are absent (the consumer starts them at the beginning).
+    /// The next offset to read for each of `partitions` the group stored a position for
+    /// (after its batch's rows and roll-ups were written). Partitions with nothing stored are
+    /// absent (the consumer starts them at the beginning). Never the highest stored row: a
+    /// batch whose rows are in but whose roll-ups are not must be read again.
     pub async fn load_positions(
         &self,
         group: &str,
         partitions: &[TopicPartition],
     ) -> Result<Positions, AnalyticsError> {
-        let mut positions = self.committed_positions(group, partitions).await?;
-        let rated = run_timed(
-            "load positions",
-            QUERY_TIMEOUT,
-            self.client
-                .query(
-                    "SELECT topic, `partition`, max(max_offset) + 1 AS next_offset \
-                     FROM rated_offsets GROUP BY topic, `partition`",
-                )
-                .fetch_all::<PositionRow>(),
-        )
-        .await?;
-        fold_positions(rated, partitions, &mut positions);
-        Ok(positions)
+        self.committed_positions(group, partitions).await
     }
 
-    /// The positions the group stored after its batches were fully written (roll-up views
-    /// included): what "caught up" means for idle detection. `rated_offsets` alone can run
-    /// ahead of the roll-ups while an insert is still feeding its views.
+    /// The positions the group stored after its batches were fully written (roll-ups
+    /// included): what "caught up" means for idle detection.
     pub async fn committed_positions(
         &self,
         group: &str,
@@ -644,16 +861,21 @@ impl AnalyticsSink {
         Ok(positions)
     }
 
-    /// Exact (events, credits) of an account, duplicates collapsed (`FINAL`).
+    /// Exact (events, credits) of an account: its identities' counting copies.
     pub async fn totals_by_account(
         &self,
         account_id: &str,
     ) -> Result<(u64, Decimal), AnalyticsError> {
-        self.exact_totals("totals by account", RATED_EVENTS, account_id)
+        let counted = format!(
+            "({}) WHERE counted",
+            counted_events_where(&format!("account_id = {}", sql::string(account_id)))
+        );
+        self.exact_totals("totals by account", &counted, account_id)
             .await
     }
 
-    /// (events, credits) of an account in `table` (keyed by identity, read with `FINAL`).
+    /// (events, credits) of an account in `table` (keyed by identity, read with `FINAL`), or
+    /// in `(subquery) WHERE condition` (a table expression ending in a condition).
     async fn exact_totals(
         &self,
         op: &'static str,
@@ -673,28 +895,31 @@ impl AnalyticsSink {
                 .query(&format!(
                     // An alias never reuses a column name: ClickHouse resolves aliases
                     // first, so `sum(credits) AS credits` shadows the column query-wide.
-                    "SELECT count() AS events, sum(credits) AS total_credits \
-                     FROM {table} FINAL WHERE account_id = ?"
+                    "SELECT count() AS events, sum(credits) AS total_credits FROM {} account_id = {}",
+                    if table.starts_with('(') {
+                        format!("{table} AND")
+                    } else {
+                        format!("{table} FINAL WHERE")
+                    },
+                    sql::string(account_id)
                 ))
-                .bind(account_id)
                 .fetch_one::<Totals>(),
         )
         .await?;
         Ok((totals.events, from_mantissa6(op, totals.total_credits)?))
     }
 
-    /// An account's rows, duplicates collapsed (`FINAL`), by event identity.
+    /// An account's counting rows (one per identity), by event identity.
     pub async fn rated_events_of(&self, account_id: &str) -> Result<Vec<RatedRow>, AnalyticsError> {
+        let sql = format!(
+            "SELECT {} FROM ({}) WHERE counted ORDER BY event_source, event_id",
+            RatedRow::COLUMN_NAMES.join(", "),
+            counted_events_where(&format!("account_id = {}", sql::string(account_id)))
+        );
         run_timed(
             "rated events of account",
             QUERY_TIMEOUT,
-            self.client
-                .query(
-                    "SELECT ?fields FROM rated_events FINAL WHERE account_id = ? \
-                     ORDER BY event_source, event_id",
-                )
-                .bind(account_id)
-                .fetch_all::<RatedRow>(),
+            self.client.query_raw(&sql).fetch_all::<RatedRow>(),
         )
         .await
     }
@@ -765,34 +990,73 @@ mod tests {
     }
 
     #[test]
-    fn stored_keys_queries_cover_every_row() {
-        let row = |account: &str, days: u16, id: &str| RatedRow {
-            event_source: "//s?x='1'".into(),
-            event_id: id.into(),
-            account_id: account.into(),
-            kind: "call".into(),
-            event_time_unix_seconds: u32::from(days) * 86_400,
-            event_date_unix_days: days,
-            ..Default::default()
-        };
-        let rows = [
-            row("a", 20_240, "e-1"),
-            row("b", 20_241, "e'2?"),
-            row("a", 20_240, "e-3"),
-        ];
-        let refs: Vec<&RatedRow> = rows.iter().collect();
-        let one = stored_keys_queries(&refs, 1 << 20);
-        assert_eq!(one.len(), 1);
-        assert!(
-            one[0].contains(r"PREWHERE event_id IN ('e\'2?', 'e-1', 'e-3')"),
-            "{}",
-            one[0]
+    fn ranges_and_blocks() {
+        let positions = [("t", 0, 5), ("t", 0, 9000), ("t", 1, 3), ("u'", 0, 16_383)];
+        assert_eq!(
+            batch_ranges(positions),
+            vec![
+                OffsetRange {
+                    topic: "t".into(),
+                    partition: 0,
+                    first: 5,
+                    last: 9000
+                },
+                OffsetRange {
+                    topic: "t".into(),
+                    partition: 1,
+                    first: 3,
+                    last: 3
+                },
+                OffsetRange {
+                    topic: "u'".into(),
+                    partition: 0,
+                    first: 16_383,
+                    last: 16_383
+                },
+            ]
         );
-        assert!(one[0]
-            .contains("account_id IN ('a', 'b') AND event_date IN ('2025-06-01', '2025-06-02')"));
-        // One row per query when each is over the limit: never an empty query.
-        assert_eq!(stored_keys_queries(&refs, 1).len(), 3);
-        assert!(stored_keys_queries(&[], 1).is_empty());
+        // Offsets 5 and 9000 are in blocks 0 and 1 (8192 each): one range of two blocks.
+        let blocks = block_ranges(positions);
+        assert_eq!(
+            blocks,
+            vec![
+                OffsetRange {
+                    topic: "t".into(),
+                    partition: 0,
+                    first: 0,
+                    last: 16_383
+                },
+                OffsetRange {
+                    topic: "t".into(),
+                    partition: 1,
+                    first: 0,
+                    last: 8191
+                },
+                OffsetRange {
+                    topic: "u'".into(),
+                    partition: 0,
+                    first: 8192,
+                    last: 16_383
+                },
+            ]
+        );
+        assert_eq!(
+            ranges_condition(Some(&blocks[2..])),
+            "(topic = 'u\\'' AND `partition` = 0 AND `offset` >= 8192 AND `offset` <= 16383)"
+        );
+        assert_eq!(ranges_condition(Some(&[])), "0 = 1");
+        assert_eq!(ranges_condition(None), "1 = 1");
+    }
+
+    #[test]
+    fn the_earliest_record_ranks_highest() {
+        // Earlier timestamp first; at the same millisecond, the lower offset.
+        assert!(admission_rank(1_000, 7) > admission_rank(1_001, 0));
+        assert!(admission_rank(1_000, 7) > admission_rank(1_000, 8));
+        assert_eq!(admission_rank(0, 0), u64::MAX);
+        assert_eq!(admission_rank(1, 1), u64::MAX - (1 << 21) - 1);
+        // Out-of-range inputs are clamped, never wrap.
+        assert_eq!(admission_rank(-5, -1), u64::MAX);
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! The analytics loop: a batch from Kafka -> decode and rate -> one ClickHouse INSERT of the
-//! rated rows whose identity is not stored yet -> the batch's positions stored in ClickHouse
-//! -> Kafka offset commit. Writing each identity once keeps the roll-ups' materialized views
-//! exact (they see every inserted block): a producer retry read at a new offset, or a batch
-//! read again, writes nothing.
+//! The analytics loop: a batch from Kafka (its own limits, `pipeline.analytics_batch_*`:
+//! few, large inserts) -> decode and rate -> the rows, their identities and the roll-up blocks
+//! they touch written to ClickHouse (`AnalyticsSink::insert`) -> the batch's positions stored
+//! in ClickHouse -> Kafka offset commit. Every step is idempotent: a batch read again after a
+//! crash, a retried or timed-out insert, or two instances writing one batch in a rebalance
+//! converge to the same rows and roll-ups.
 //!
-//! Rejected events are counted, not dead-lettered: the ledger loop dead-letters them, and
-//! both loops reject the same events (same decoder, price table, dedupe window and column
-//! ranges), so the analytics totals match the ledger's. Rows ClickHouse itself refuses for
+//! Rejected events are counted and logged at warn, not dead-lettered: the ledger loop
+//! dead-letters them, and both loops reject the same events (same decoder, price table, dedupe
+//! window and column ranges, admission decided at the record's time, not the clock), so the
+//! analytics totals match the ledger's whatever the lag. Rows ClickHouse itself refuses for
 //! their data are found by splitting the batch and dead-lettered here (`refused_by_store`,
 //! header `tally.pipeline: analytics`). While ClickHouse is down the batch in hand is retried
 //! with back-off and no new batch is polled (back-pressure); nothing is skipped.
@@ -18,7 +20,7 @@ use std::time::Instant;
 use chrono::Utc;
 use tokio::sync::watch;
 
-use super::{limits, prepare};
+use super::{analytics_limits, limits, prepare};
 use crate::analytics::{
     rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow, RatedRow,
 };
@@ -33,10 +35,10 @@ use crate::retry::{isolate, ApplyPart, Classify, Fault, Halt, Refused, Retry};
 pub struct AnalyticsStats {
     pub batches: u64,
     pub records: u64,
-    /// Rows written to `rated_events`: identities not stored before.
+    /// Rows written to `usage_events` (a batch read again writes its rows again: they
+    /// collapse by position).
     pub rows: u64,
-    /// Rated rows not written: the identity was already stored (a producer retry, a batch
-    /// read again) or came earlier in the same batch.
+    /// Rated rows that do not count: another copy of their identity was admitted first.
     pub duplicates: u64,
     /// Grants and plans: nothing to write.
     pub not_usage: u64,
@@ -65,7 +67,8 @@ pub async fn run(
         group_id: group.clone(),
     });
     let consumer = BatchConsumer::new(&cfg.kafka, &group, "analytics", &topics, offsets)?;
-    let (batch_limits, admission) = limits(&cfg.pipeline);
+    let (_, admission) = limits(&cfg.pipeline);
+    let batch_limits = analytics_limits(&cfg.pipeline);
     let dead = DeadLetterProducer::for_config(&cfg, "analytics")?;
     let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
     let mut stats = AnalyticsStats::default();
@@ -94,7 +97,7 @@ pub async fn run(
                 Ok(p) => p,
                 Err(rejection) => {
                     rejected += 1;
-                    tracing::debug!(
+                    tracing::warn!(
                         reason = %rejection.reason, field = rejection.field.as_deref(),
                         topic = %record.topic, partition = record.partition, offset = record.offset,
                         "rejected (the ledger pipeline dead-letters it)"
@@ -121,8 +124,8 @@ pub async fn run(
         }
 
         crate::metrics::events("analytics", rows.iter().map(|r| r.kind.as_str()));
-        // Rows first, then the positions that skip them: a crash in between re-reads nothing
-        // already stored (the positions also derive from the highest stored offset).
+        // Rows and roll-ups first, then the positions that skip them: a crash in between reads
+        // the batch again, which writes the same keys and recomputes the same blocks.
         let write = Instant::now();
         let written = match insert(&sink, &rows, &mut retry).await {
             Ok(written) => written,
@@ -208,14 +211,15 @@ pub async fn run(
         stats.batches += 1;
         stats.records += batch.records.len() as u64;
         stats.rows += outcome.written as u64;
-        stats.duplicates += (outcome.already_stored + outcome.repeated) as u64;
+        stats.duplicates += outcome.duplicates as u64;
         stats.not_usage += not_usage;
         stats.rejected += rejected;
         stats.refused += letters.len() as u64;
         tracing::debug!(
             records = batch.records.len(),
             rows = outcome.written,
-            duplicates = outcome.already_stored + outcome.repeated,
+            duplicates = outcome.duplicates,
+            blocks = outcome.blocks,
             not_usage,
             rejected,
             skipped = batch.skipped,
@@ -241,22 +245,21 @@ impl ApplyPart for Parts<'_> {
     async fn apply(&mut self, part: Range<usize>) -> Result<(), AnalyticsError> {
         let o = self.sink.insert(&self.rows[part]).await?;
         self.total.written += o.written;
-        self.total.already_stored += o.already_stored;
-        self.total.repeated += o.repeated;
+        self.total.duplicates += o.duplicates;
+        self.total.blocks += o.blocks;
         Ok(())
     }
 }
 
 /// Inserts the batch's rows: one INSERT when ClickHouse takes them all (the common path),
 /// else, when it refuses some for their data, the batch is split until the refused rows stand
-/// alone ([`isolate`]; the insert skips identities already stored, so re-inserting a part
-/// is harmless). Transient faults are retried; returns what was written and the refused rows.
+/// alone ([`isolate`]; writing a part again is harmless: every step is idempotent). Transient faults are retried; returns what was written and the refused rows.
 async fn insert(
     sink: &AnalyticsSink,
     rows: &[RatedRow],
     retry: &mut Retry,
 ) -> Result<(InsertOutcome, Vec<Refused<AnalyticsError>>), Halt<AnalyticsError>> {
-    let refused_whole = match retry.run("insert rated_events", || sink.insert(rows)).await {
+    let refused_whole = match retry.run("insert usage_events", || sink.insert(rows)).await {
         Ok(outcome) => return Ok((outcome, Vec::new())),
         Err(Halt::Failed(e)) if e.fault() == Fault::Input => e,
         Err(halt) => return Err(halt),
@@ -270,7 +273,7 @@ async fn insert(
         rows,
         total: InsertOutcome::default(),
     };
-    let refused = isolate(rows.len(), retry, "insert rated_events", &mut parts)
+    let refused = isolate(rows.len(), retry, "insert usage_events", &mut parts)
         .await
         .map_err(|h| h.map(|bug| bug.error))?;
     Ok((parts.total, refused))

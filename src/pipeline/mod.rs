@@ -49,15 +49,28 @@ impl Default for Admission {
     }
 }
 
-/// Decodes, admits and rates one record. Rejections carry the dead-letter reason.
+/// The time admission is decided at: the record's Kafka timestamp (set when it was produced
+/// or appended), so the ledger and analytics decide the same whatever their lag; `clock` only
+/// for a record without one (never from a Kafka broker >= 0.10).
+pub fn decided_at(record: &Record, clock: DateTime<Utc>) -> DateTime<Utc> {
+    record
+        .timestamp_ms
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or(clock)
+}
+
+/// Decodes, admits and rates one record. Rejections carry the dead-letter reason. Admission
+/// (the future-time and dedupe-window checks) is decided at the record's time
+/// ([`decided_at`]), not at `now`, which serves only records without a timestamp.
 pub fn prepare<'r, 'p>(
     record: &'r Record,
     prices: &'p PriceTable,
     now: DateTime<Utc>,
     admission: &Admission,
 ) -> Result<Prepared<'r, 'p>, Rejection> {
-    let event = event::decode(&record.payload, now, &admission.decode)?;
-    admit(event.envelope.time, now, admission)?;
+    let at = decided_at(record, now);
+    let event = event::decode(&record.payload, at, &admission.decode)?;
+    admit(event.envelope.time, at, admission)?;
     let (charge, columns) = match event.usage() {
         None => (None, None),
         Some(usage) => {
@@ -85,8 +98,9 @@ pub fn prepare<'r, 'p>(
     })
 }
 
-/// Refuses (`too_late`) an event dated before the dedupe window at `now` or before the
-/// stored dedupe horizon: its claim may have been purged, so it could be applied twice.
+/// Refuses (`too_late`) an event dated before the dedupe window at `now` (the record's time)
+/// or before the stored dedupe horizon: its claim may have been purged, so it could be
+/// applied twice.
 pub fn admit(
     time: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -116,6 +130,15 @@ pub fn admit(
     Ok(())
 }
 
+/// The analytics pipeline's batch limits (`pipeline.analytics_batch_*`).
+pub fn analytics_limits(cfg: &crate::config::PipelineConfig) -> BatchLimits {
+    BatchLimits {
+        max_events: cfg.analytics_batch_max_events,
+        max_bytes: cfg.analytics_batch_max_bytes,
+        max_wait: Duration::from_millis(cfg.analytics_batch_max_wait_ms),
+    }
+}
+
 /// Batch limits and admission rules from configuration.
 pub fn limits(cfg: &crate::config::PipelineConfig) -> (BatchLimits, Admission) {
     (
@@ -141,6 +164,54 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
+    }
+
+    fn chat_record(time: &str, timestamp_ms: Option<i64>) -> Record {
+        let event = serde_json::json!({
+            "specversion": "1.0", "id": "c-1", "source": "//tests/admission",
+            "type": "tally.usage.chat_response.v1", "subject": "acct-1", "time": time,
+            "datacontenttype": "application/json",
+            "data": {"conversation_id": "conv-1", "model": "gpt-4o-mini", "responses": 1},
+        });
+        Record {
+            topic: std::sync::Arc::from("usage.chat"),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: serde_json::to_vec(&event).unwrap(),
+            headers: Vec::new(),
+            timestamp_ms,
+        }
+    }
+
+    #[test]
+    fn admission_is_decided_at_the_records_time_not_the_clock() {
+        let prices = PriceTable::load(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prices/default.toml"),
+        )
+        .unwrap();
+        let admission = Admission::default(); // 35 days, 300 s ahead
+                                              // Produced 2026-01-10T00:05Z, about an event of 2026-01-10T00:00Z.
+        let produced = at("2026-01-10T00:05:00Z").timestamp_millis();
+        let record = chat_record("2026-01-10T00:00:00Z", Some(produced));
+        // Read at once, or 40 days later (a lagging pipeline): admitted both times.
+        for now in [at("2026-01-10T00:05:01Z"), at("2026-02-19T00:00:00Z")] {
+            assert!(prepare(&record, &prices, now, &admission).is_ok(), "{now}");
+        }
+        // Without a timestamp, the clock decides: 40 days later it is too late.
+        let bare = chat_record("2026-01-10T00:00:00Z", None);
+        let r = prepare(&bare, &prices, at("2026-02-19T00:00:00Z"), &admission).unwrap_err();
+        assert_eq!(r.reason, Reason::TooLate);
+        // Too late or too far ahead of its record, whenever it is read.
+        let old = chat_record("2025-12-01T00:00:00Z", Some(produced));
+        let r = prepare(&old, &prices, at("2025-12-01T00:00:01Z"), &admission).unwrap_err();
+        assert_eq!(r.reason, Reason::TooLate);
+        let ahead = chat_record("2026-01-10T00:10:01Z", Some(produced));
+        let r = prepare(&ahead, &prices, at("2026-01-10T01:00:00Z"), &admission).unwrap_err();
+        assert_eq!(
+            (r.reason, r.field.as_deref()),
+            (Reason::InvalidValue, Some("time"))
+        );
     }
 
     #[test]

@@ -116,6 +116,10 @@ pub fn docs_dataset() -> Vec<RatedRow> {
                     partition: 0,
                     offset: u64::from(n),
                     inserted_at_unix_seconds: 1_750_000_000,
+                    admission: tally::analytics::admission_rank(
+                        time.timestamp_millis(),
+                        i64::from(n),
+                    ),
                 };
                 match rng.gen_range(0..10) {
                     0..=3 => {
@@ -176,6 +180,9 @@ pub fn docs_dataset() -> Vec<RatedRow> {
         .clone();
     odd.event_source = r"//docs.test/a?b='x'\y".into();
     odd.event_id = "id ? with 'quotes'\t and a tab\t".into();
+    // A record of its own: one position holds one record.
+    odd.offset = u64::from(n) + 1;
+    odd.admission = tally::analytics::admission_rank(1_750_000_000_000, i64::from(n) + 1);
     rows.push(odd);
     rows
 }

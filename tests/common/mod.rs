@@ -78,6 +78,7 @@ pub fn test_config(name: &str) -> Config {
         .unwrap_or_else(|_| "http://127.0.0.1:8123".into());
     cfg.clickhouse.database = id.to_lowercase();
     cfg.pipeline.batch_max_wait_ms = 50;
+    cfg.pipeline.analytics_batch_max_wait_ms = 50;
     cfg.pipeline.retry_initial_ms = 50;
     cfg.pipeline.retry_max_ms = 1000;
     cfg.prices.path = repo_path("tests/fixtures/prices.toml");
@@ -129,6 +130,29 @@ impl TestEnv {
         )
         .await
         .unwrap();
+    }
+
+    /// Sends (topic, key, payload) as records produced at `at` (their Kafka timestamp, which
+    /// admission is decided at) and waits for every acknowledgement.
+    pub async fn send_at(
+        &self,
+        records: &[(String, String, Vec<u8>)],
+        at: chrono::DateTime<chrono::Utc>,
+    ) {
+        use rdkafka::producer::FutureRecord;
+        for (topic, key, payload) in records {
+            self.producer
+                .send(
+                    FutureRecord::to(topic)
+                        .key(key.as_bytes())
+                        .payload(payload.as_slice())
+                        .timestamp(at.timestamp_millis()),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
     }
 
     /// High watermark of every input partition.
