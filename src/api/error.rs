@@ -28,8 +28,17 @@ pub enum ApiError {
     Invalid { field: String, message: String },
     #[error("the request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
-    #[error("the request body must be JSON (Content-Type: application/json)")]
-    UnsupportedMediaType,
+    /// The Content-Type is not the one the route takes (named).
+    #[error("the request body must be {0} (Content-Type)")]
+    UnsupportedMediaType(&'static str),
+    /// `POST /v1/events` (one event): the event is refused, with the pipelines' dead-letter
+    /// reason (or the route's own: `not_usage`).
+    #[error("{message}")]
+    InvalidEvent {
+        reason: &'static str,
+        field: Option<String>,
+        message: String,
+    },
     /// An idempotency key (a grant id) reused with different terms.
     #[error("{field}: {message}")]
     Conflict {
@@ -62,7 +71,8 @@ impl ApiError {
             ApiError::AccountNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::InvalidEvent { .. } => StatusCode::BAD_REQUEST,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -78,7 +88,8 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::Invalid { .. } => "invalid_request",
             ApiError::TooLarge { .. } => "body_too_large",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::InvalidEvent { .. } => "invalid_event",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -128,6 +139,12 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Invalid { field, .. } => error["field"] = json!(field),
             ApiError::Conflict { field, .. } => error["field"] = json!(field),
+            ApiError::InvalidEvent { reason, field, .. } => {
+                error["reason"] = json!(reason);
+                if let Some(field) = field {
+                    error["field"] = json!(field);
+                }
+            }
             _ => {}
         }
         let mut response = (status, axum::Json(json!({ "error": error }))).into_response();

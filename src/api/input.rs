@@ -112,7 +112,7 @@ pub fn json_body<T: DeserializeOwned>(
         .and_then(|v| v.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType("application/json"));
     }
     // serde would read an array positionally into a struct: only objects are bodies.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -199,7 +199,7 @@ mod tests {
         assert_eq!(field(parse(r#"{"credits": "1"} x"#).unwrap_err()), "body");
         assert_eq!(field(parse(r#"{"credits": "#).unwrap_err()), "credits");
         let e = json_body::<Body>(&HeaderMap::new(), Ok(Bytes::from("{}")), 100).unwrap_err();
-        assert!(matches!(e, ApiError::UnsupportedMediaType));
+        assert!(matches!(e, ApiError::UnsupportedMediaType(_)));
     }
 
     #[test]
