@@ -9,7 +9,7 @@ pub mod groups;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -85,14 +85,63 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     cc
 }
 
+/// A client context that keeps librdkafka's last client-level error (connection refused, TLS
+/// handshake failed, SASL authentication failed...): an admin call that times out is then
+/// reported with the cause, not only "timed out".
+#[derive(Default)]
+pub struct LastError(std::sync::Mutex<Option<String>>);
+
+impl LastError {
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok()?.clone()
+    }
+}
+
+impl ClientContext for LastError {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(error = %error, reason, "librdkafka error");
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(reason.to_owned());
+        }
+    }
+}
+
+/// Why [`ensure_topics`] failed: the admin call's error and the client's last error.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}{}", .last_client_error.as_ref().map(|e| format!(" (last client error: {e})")).unwrap_or_default())]
+pub struct TopicsError {
+    #[source]
+    pub error: KafkaError,
+    pub last_client_error: Option<String>,
+}
+
 /// Creates the topics that do not exist yet (the broker may not auto-create them).
 /// Existing topics are left untouched.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     topics: &[&str],
     partitions: i32,
+) -> Result<(), TopicsError> {
+    let admin: AdminClient<LastError> = client_config(kafka)
+        .create_with_context(LastError::default())
+        .map_err(|error| TopicsError {
+            error,
+            last_client_error: None,
+        })?;
+    create_topics(&admin, kafka, topics, partitions)
+        .await
+        .map_err(|error| TopicsError {
+            error,
+            last_client_error: admin.inner().context().get(),
+        })
+}
+
+async fn create_topics(
+    admin: &AdminClient<LastError>,
+    kafka: &KafkaConfig,
+    topics: &[&str],
+    partitions: i32,
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|t| {
