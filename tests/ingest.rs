@@ -135,7 +135,7 @@ async fn events_are_published_after_the_ack_and_debited() {
     );
     assert_eq!(doc["events"][0]["topic"], topics.calls.as_str());
 
-    // One invalid event: 400 with the reason and field.
+    // One invalid event: 202 with its outcome, the reason and field; nothing published.
     let mut bad = event(ev::chat(
         "h-6",
         "acme",
@@ -146,23 +146,24 @@ async fn events_are_published_after_the_ack_and_debited() {
     ));
     bad["data"]["responses"] = json!("two");
     let r = post(INGEST, SINGLE, serde_json::to_vec(&bad).unwrap()).await;
-    assert_eq!(r.status, 400, "{}", r.text());
-    let e = &r.json()["error"];
+    assert_eq!(r.status, 202, "{}", r.text());
+    let doc = r.json();
     assert_eq!(
-        (e["code"].as_str(), e["reason"].as_str()),
-        (Some("invalid_event"), Some("wrong_type"))
+        (doc["accepted"].as_u64(), doc["rejected"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let e = &doc["events"][0];
+    assert_eq!(
+        (e["status"].as_str(), e["reason"].as_str()),
+        (Some("rejected"), Some("wrong_type"))
     );
     assert_eq!(e["field"], "data.responses");
 
     // Tokens: an ingest token limited to //chat.test publishes its source only; an account
     // token may not publish; an admin may.
     let r = post(INGEST_CHAT, SINGLE, call.clone()).await;
-    assert_eq!(
-        (r.status, r.code()),
-        (403, "forbidden".into()),
-        "{}",
-        r.text()
-    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.json()["events"][0]["reason"], "forbidden_source");
     let r = post(
         INGEST_CHAT,
         BATCH,
@@ -203,6 +204,10 @@ async fn events_are_published_after_the_ack_and_debited() {
     assert_eq!(r.status, 400);
     let r = post(INGEST, BATCH, chat.clone()).await; // an object, not an array
     assert_eq!(r.status, 400);
+    let r = post(INGEST, BATCH, b"[1]".to_vec()).await; // not an object
+    assert_eq!((r.status, r.field()), (400, "body[0]".into()));
+    let r = post(INGEST, SINGLE, b"[]".to_vec()).await;
+    assert_eq!((r.status, r.field()), (400, "body".into()));
     let five = json!([
         event(chat.clone()),
         event(chat.clone()),

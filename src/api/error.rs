@@ -31,14 +31,7 @@ pub enum ApiError {
     /// The Content-Type is not the one the route takes (named).
     #[error("the request body must be {0} (Content-Type)")]
     UnsupportedMediaType(&'static str),
-    /// `POST /v1/events` (one event): the event is refused, with the pipelines' dead-letter
-    /// reason (or the route's own: `not_usage`).
-    #[error("{message}")]
-    InvalidEvent {
-        reason: &'static str,
-        field: Option<String>,
-        message: String,
-    },
+
     /// An idempotency key (a grant id) reused with different terms.
     #[error("{field}: {message}")]
     Conflict {
@@ -72,7 +65,6 @@ impl ApiError {
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::InvalidEvent { .. } => StatusCode::BAD_REQUEST,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -89,7 +81,6 @@ impl ApiError {
             ApiError::Invalid { .. } => "invalid_request",
             ApiError::TooLarge { .. } => "body_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
-            ApiError::InvalidEvent { .. } => "invalid_event",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -139,12 +130,6 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Invalid { field, .. } => error["field"] = json!(field),
             ApiError::Conflict { field, .. } => error["field"] = json!(field),
-            ApiError::InvalidEvent { reason, field, .. } => {
-                error["reason"] = json!(reason);
-                if let Some(field) = field {
-                    error["field"] = json!(field);
-                }
-            }
             _ => {}
         }
         let mut response = (status, axum::Json(json!({ "error": error }))).into_response();

@@ -8,6 +8,11 @@
 //! by `source` + `id`, so a client may resend a whole batch after a 503 (the ledger claims
 //! each event once).
 //!
+//! The answer is 202 with every event's outcome (accepted, with where it was written, or
+//! rejected, with the reason), one event or a batch alike: the request's own faults (not a
+//! JSON object or array of objects, too many events, too large) answer 400/413, and Kafka
+//! not acknowledging answers 503.
+//!
 //! Only usage events: grants and plans have their own routes. An `ingest` token whose
 //! configuration lists `sources` may publish events of those sources only; admin tokens may
 //! publish any; account tokens may not.
@@ -130,8 +135,22 @@ pub async fn events(
                 format!("{} events, at most {max} in one batch", items.len()),
             ));
         }
+        for (i, item) in items.iter().enumerate() {
+            if !item.get().starts_with('{') {
+                return Err(ApiError::invalid(
+                    format!("body[{i}]"),
+                    "each event must be a JSON object",
+                ));
+            }
+        }
         items.iter().map(|r| r.get().as_bytes()).collect()
     } else {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::invalid(
+                "body",
+                "must be a JSON object (one event)",
+            ));
+        }
         vec![&body[..]]
     };
 
@@ -164,23 +183,6 @@ pub async fn events(
             })
         })
         .collect();
-
-    if !batch {
-        if let Some(Err(refusal)) = checked.first() {
-            crate::metrics::ingest_events("rejected", 1);
-            return Err(match refusal {
-                Refusal::Source | Refusal::Role => ApiError::Forbidden(match refusal {
-                    Refusal::Source => "publish events of this source",
-                    _ => "publish events",
-                }),
-                other => ApiError::InvalidEvent {
-                    reason: other.reason(),
-                    field: other.field().map(str::to_owned),
-                    message: other.detail(),
-                },
-            });
-        }
-    }
 
     // Every valid event is handed to the producer at once; the answer waits for all.
     let sends = checked.iter().map(|c| async {
