@@ -53,6 +53,24 @@ enum Command {
     },
     /// Create Kafka topics, apply PostgreSQL migrations and ClickHouse DDL. Idempotent.
     Migrate,
+    /// Try Tally without installing Kafka: start an in-process Kafka-protocol broker
+    /// (librdkafka's mock cluster) on 127.0.0.1, create the topics, migrate PostgreSQL and
+    /// ClickHouse, optionally send the demo stream, then run the pipelines, the API and the
+    /// dashboard against it until Ctrl-C. Outside producers connect to the address printed.
+    /// The broker keeps everything in memory (nothing survives the process): not for
+    /// production.
+    Dev {
+        /// Send the demo stream (`tally produce` with its defaults) for this many accounts
+        /// once the broker is up (0: none).
+        #[arg(long, default_value_t = 0)]
+        demo_accounts: usize,
+        /// Usage events of that demo stream.
+        #[arg(long, default_value_t = 2_000)]
+        demo_events: usize,
+        /// Exit once the pipelines are idle this many seconds (as `tally run`).
+        #[arg(long)]
+        idle_exit_secs: Option<u64>,
+    },
     /// Price tables.
     Prices {
         #[command(subcommand)]
@@ -278,6 +296,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Prices { .. } => unreachable!("handled above"),
         Command::Migrate => migrate(&cfg).await,
+        Command::Dev {
+            demo_accounts,
+            demo_events,
+            idle_exit_secs,
+        } => dev(&cfg, demo_accounts, demo_events, idle_exit_secs).await,
         Command::Run {
             role,
             idle_exit_secs,
@@ -480,6 +503,49 @@ async fn migrate(cfg: &Config) -> anyhow::Result<()> {
         cfg.clickhouse.database, applied
     );
     Ok(())
+}
+
+/// `tally dev`: the in-process broker, then migrate, demo stream and `tally run` against it.
+async fn dev(
+    cfg: &Config,
+    demo_accounts: usize,
+    demo_events: usize,
+    idle_exit_secs: Option<u64>,
+) -> anyhow::Result<()> {
+    let broker = rdkafka::mocking::MockCluster::new(1).context("starting the dev broker")?;
+    let mut cfg = cfg.clone();
+    cfg.kafka.brokers = broker.bootstrap_servers();
+    cfg.kafka.replication_factor = 1;
+    for topic in cfg.all_topics() {
+        broker
+            .create_topic(topic, cfg.kafka.topic_partitions, 1)
+            .with_context(|| format!("creating topic {topic} on the dev broker"))?;
+    }
+    println!(
+        "dev broker (in-process, in memory: keeps nothing, not for production): {}",
+        cfg.kafka.brokers
+    );
+    migrate(&cfg).await?;
+    if demo_accounts > 0 {
+        let end = Utc::now();
+        tally::cli::produce(
+            &cfg,
+            &tally::cli::ProduceOptions {
+                accounts: demo_accounts,
+                events: demo_events,
+                rate_per_second: 0,
+                seed: 42,
+                duplicate_every: 97,
+                malformed_every: 101,
+                start: end - chrono::Duration::days(7),
+                end,
+            },
+        )
+        .await?;
+    }
+    let result = run_pipelines(Arc::new(cfg), Role::All, idle_exit_secs).await;
+    drop(broker);
+    result
 }
 
 async fn run_pipelines(

@@ -11,6 +11,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -97,6 +98,8 @@ impl LastError {
     }
 }
 
+impl ConsumerContext for LastError {}
+
 impl ClientContext for LastError {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::error!(error = %error, reason, "librdkafka error");
@@ -115,20 +118,57 @@ pub struct TopicsError {
     pub last_client_error: Option<String>,
 }
 
+/// How long [`ensure_topics`] waits for the cluster's metadata.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Creates the topics that do not exist yet (the broker may not auto-create them).
-/// Existing topics are left untouched.
+/// Existing topics are left untouched; when every topic exists, no CreateTopics request is
+/// sent (a deployment whose credentials may not create topics, or a broker without the
+/// admin API such as `tally dev`'s, works once they exist).
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), TopicsError> {
+    let probe: BaseConsumer<LastError> = client_config(kafka)
+        .create_with_context(LastError::default())
+        .map_err(|error| TopicsError {
+            error,
+            last_client_error: None,
+        })?;
+    let probe = std::sync::Arc::new(probe);
+    let metadata = tokio::task::spawn_blocking({
+        let probe = probe.clone();
+        move || {
+            probe.fetch_metadata(None, METADATA_TIMEOUT).map(|m| {
+                m.topics()
+                    .iter()
+                    .map(|t| t.name().to_owned())
+                    .collect::<std::collections::HashSet<_>>()
+            })
+        }
+    })
+    .await
+    .expect("the metadata task does not panic");
+    let existing = metadata.map_err(|error| TopicsError {
+        error,
+        last_client_error: probe.context().get(),
+    })?;
+    let missing: Vec<&str> = topics
+        .iter()
+        .copied()
+        .filter(|t| !existing.contains(*t))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
     let admin: AdminClient<LastError> = client_config(kafka)
         .create_with_context(LastError::default())
         .map_err(|error| TopicsError {
             error,
             last_client_error: None,
         })?;
-    create_topics(&admin, kafka, topics, partitions)
+    create_topics(&admin, kafka, &missing, partitions)
         .await
         .map_err(|error| TopicsError {
             error,
