@@ -11,6 +11,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -101,6 +102,27 @@ impl LastError {
 impl ConsumerContext for LastError {}
 
 impl ClientContext for LastError {
+    /// librdkafka's log lines as rdkafka's default context logs them; an error or warning line
+    /// (a connection or TLS handshake failure is logged as one, before any error callback) is
+    /// also kept.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+                if matches!(level, L::Warning) {
+                    tracing::warn!(facility = fac, "librdkafka: {log_message}");
+                } else {
+                    tracing::error!(facility = fac, "librdkafka: {log_message}");
+                }
+                if let Ok(mut last) = self.0.lock() {
+                    *last = Some(log_message.to_owned());
+                }
+            }
+            L::Notice | L::Info => tracing::info!(facility = fac, "librdkafka: {log_message}"),
+            L::Debug => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::error!(error = %error, reason, "librdkafka error");
         if let Ok(mut last) = self.0.lock() {
@@ -118,8 +140,10 @@ pub struct TopicsError {
     pub last_client_error: Option<String>,
 }
 
-/// How long [`ensure_topics`] waits for the cluster's metadata.
-const METADATA_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long [`ensure_topics`] waits for the cluster's metadata: longer than librdkafka's
+/// default `socket.connection.setup.timeout.ms` (30 s), so a connection that cannot be set up
+/// (a TLS handshake with a plaintext listener that never answers) is reported with its cause.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Creates the topics that do not exist yet (the broker may not auto-create them).
 /// Existing topics are left untouched; when every topic exists, no CreateTopics request is
@@ -130,7 +154,10 @@ pub async fn ensure_topics(
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), TopicsError> {
+    // rdkafka sets librdkafka's log level from the `log` crate's, which Tally (tracing) leaves
+    // off: warnings and errors are asked for, so the context sees them.
     let probe: BaseConsumer<LastError> = client_config(kafka)
+        .set_log_level(RDKafkaLogLevel::Warning)
         .create_with_context(LastError::default())
         .map_err(|error| TopicsError {
             error,
@@ -140,12 +167,22 @@ pub async fn ensure_topics(
     let metadata = tokio::task::spawn_blocking({
         let probe = probe.clone();
         move || {
-            probe.fetch_metadata(None, METADATA_TIMEOUT).map(|m| {
+            let metadata = probe.fetch_metadata(None, METADATA_TIMEOUT).map(|m| {
                 m.topics()
                     .iter()
                     .map(|t| t.name().to_owned())
                     .collect::<std::collections::HashSet<_>>()
-            })
+            });
+            if metadata.is_err() {
+                // librdkafka queues its log lines and errors for the client's poll: serve
+                // them, so the context holds the cause.
+                for _ in 0..1_000 {
+                    if probe.poll(Duration::ZERO).is_none() {
+                        break;
+                    }
+                }
+            }
+            metadata
         }
     })
     .await
@@ -163,6 +200,7 @@ pub async fn ensure_topics(
         return Ok(());
     }
     let admin: AdminClient<LastError> = client_config(kafka)
+        .set_log_level(RDKafkaLogLevel::Warning)
         .create_with_context(LastError::default())
         .map_err(|error| TopicsError {
             error,
