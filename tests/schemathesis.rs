@@ -15,9 +15,13 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
+
+use chrono::{SecondsFormat, Utc};
+use tokio::sync::watch;
 
 use api_common::{with_tokens, Server, ADMIN};
-use common::{repo_path, test_config, TestEnv};
+use common::{ev, repo_path, test_config, TestEnv};
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
@@ -49,6 +53,36 @@ async fn the_openapi_document_is_exact() {
         }
     };
     let env = TestEnv::with_config(with_tokens(test_config("schemathesis"))).await;
+    // "acme" exists, with a grant and a chat response debited, so reads of it answer 200
+    // (tests/schemathesis/schemathesis.toml names it in half the requests).
+    let topics = env.cfg.kafka.topics.clone();
+    let at = (Utc::now() - chrono::Duration::hours(2)).to_rfc3339_opts(SecondsFormat::Secs, true);
+    env.send(&[
+        (
+            topics.grants.clone(),
+            "acme".into(),
+            ev::grant("g-1", "acme", &at, "pkg-1", "package", "100"),
+        ),
+        (
+            topics.chat_responses.clone(),
+            "acme".into(),
+            ev::chat("c-1", "acme", &at, "gpt-4o-mini", "standard", 2),
+        ),
+    ])
+    .await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ledger = tokio::spawn(tally::pipeline::ledger::run(
+        env.cfg.clone(),
+        env.prices.clone(),
+        stop_rx.clone(),
+    ));
+    let analytics = tokio::spawn(tally::pipeline::analytics::run(
+        env.cfg.clone(),
+        env.prices.clone(),
+        stop_rx,
+    ));
+    env.wait_ledger_caught_up(Duration::from_secs(60)).await;
+    env.wait_analytics_caught_up(Duration::from_secs(60)).await;
     let server = Server::start(env.cfg.clone(), env.prices.clone()).await;
     let examples =
         std::env::var("TALLY_TEST_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "40".into());
@@ -62,6 +96,7 @@ async fn the_openapi_document_is_exact() {
                 .env("SCHEMATHESIS_HOOKS", "hooks")
                 .env("PYTHONPATH", repo_path("tests/schemathesis"))
                 .env("NO_COLOR", "1")
+                .args(["--config-file", "tests/schemathesis/schemathesis.toml"])
                 .args(["run", "schemas/openapi.yaml", "--url", &url])
                 .args(["--header", &format!("Authorization: Bearer {ADMIN}")])
                 .args([
@@ -82,6 +117,9 @@ async fn the_openapi_document_is_exact() {
     .await
     .unwrap();
     server.stop().await;
+    stop_tx.send(true).unwrap();
+    ledger.await.unwrap().unwrap();
+    analytics.await.unwrap().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
     assert!(

@@ -137,6 +137,44 @@ pub fn json_body<T: DeserializeOwned>(
     Ok(value)
 }
 
+/// A JSON integer as JSON Schema (and so `schemas/openapi.yaml`) counts them: `12`, or a
+/// number whose fraction is zero (`12.0`). Serialized as the plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct JsonInt(pub i64);
+
+impl<'de> serde::Deserialize<'de> for JsonInt {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = JsonInt;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<JsonInt, E> {
+                Ok(JsonInt(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<JsonInt, E> {
+                i64::try_from(v)
+                    .map(JsonInt)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<JsonInt, E> {
+                // Exactly an integer and within i64 (2^63 is the first f64 past it).
+                if v.fract() == 0.0
+                    && v >= -9.223_372_036_854_776e18
+                    && v < 9.223_372_036_854_776e18
+                {
+                    Ok(JsonInt(v as i64))
+                } else {
+                    Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
 fn named_field(message: &str) -> Option<&str> {
     message
         .strip_prefix("unknown field `")

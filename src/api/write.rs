@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::input::json_body;
+use super::input::{json_body, JsonInt};
 use super::{pg, AppState};
 use crate::event::{self, encode, types, DecodeLimits, Event, GrantKind, Payload, Rejection};
 
@@ -68,7 +68,7 @@ pub struct GrantRequest {
     #[serde(default)]
     expires_at: Option<String>,
     #[serde(default)]
-    priority: Option<i64>,
+    priority: Option<JsonInt>,
     /// RFC 3339: when the grant takes effect (its event time); absent: now. At most
     /// `billing.grace` in the past (older would be charged late).
     #[serde(default)]
@@ -100,16 +100,16 @@ impl WritableGrantKind {
 pub struct PlanRequest {
     plan_id: String,
     monthly_allowance: String,
-    billing_day: i64,
+    billing_day: JsonInt,
     overage_policy: String,
     #[serde(default)]
-    top_up_validity_months: Option<i64>,
+    top_up_validity_months: Option<JsonInt>,
     #[serde(default)]
     low_balance_credits: Option<String>,
     #[serde(default)]
     low_balance_percent: Option<String>,
     #[serde(default)]
-    allowance_alert_percents: Option<Vec<i64>>,
+    allowance_alert_percents: Option<Vec<JsonInt>>,
     /// RFC 3339: when the plan takes effect (its event time); absent: now.
     #[serde(default)]
     effective_at: Option<String>,
