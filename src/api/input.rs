@@ -162,8 +162,7 @@ impl<'de> serde::Deserialize<'de> for JsonInt {
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<JsonInt, E> {
                 // Exactly an integer and within i64 (2^63 is the first f64 past it).
                 if v.fract() == 0.0
-                    && v >= -9.223_372_036_854_776e18
-                    && v < 9.223_372_036_854_776e18
+                    && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&v)
                 {
                     Ok(JsonInt(v as i64))
                 } else {
