@@ -192,6 +192,27 @@ fn strip_position(message: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn integers_as_json_schema_counts_them() {
+        let read = |s: &str| serde_json::from_str::<JsonInt>(s).map(|i| i.0).ok();
+        assert_eq!(read("12"), Some(12));
+        assert_eq!(read("12.0"), Some(12));
+        assert_eq!(read("-3.0"), Some(-3));
+        assert_eq!(read("1e2"), Some(100));
+        assert_eq!(read("9223372036854775807"), Some(i64::MAX));
+        for refused in [
+            "12.5",
+            "\"12\"",
+            "null",
+            "9223372036854775808",
+            "1e19",
+            "true",
+        ] {
+            assert_eq!(read(refused), None, "{refused}");
+        }
+        assert_eq!(serde_json::to_string(&JsonInt(7)).unwrap(), "7");
+    }
     use super::*;
     use axum::http::HeaderValue;
 
