@@ -164,38 +164,53 @@ pub async fn ensure_topics(
             last_client_error: None,
         })?;
     let probe = std::sync::Arc::new(probe);
+    // One metadata request per topic (not the whole cluster's: a shared broker may hold
+    // thousands of topics): a topic exists when it has partitions and no error.
+    let wanted: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
     let metadata = tokio::task::spawn_blocking({
         let probe = probe.clone();
         move || {
-            let metadata = probe.fetch_metadata(None, METADATA_TIMEOUT).map(|m| {
-                m.topics()
-                    .iter()
-                    .map(|t| t.name().to_owned())
-                    .collect::<std::collections::HashSet<_>>()
-            });
-            if metadata.is_err() {
-                // librdkafka queues its log lines and errors for the client's poll: serve
-                // them, so the context holds the cause.
-                for _ in 0..1_000 {
-                    if probe.poll(Duration::ZERO).is_none() {
+            let mut missing = Vec::new();
+            let mut failed = None;
+            for topic in wanted {
+                match probe.fetch_metadata(Some(&topic), METADATA_TIMEOUT) {
+                    Ok(m) => {
+                        let exists = m
+                            .topics()
+                            .iter()
+                            .any(|t| t.error().is_none() && !t.partitions().is_empty());
+                        if !exists {
+                            missing.push(topic);
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
                         break;
                     }
                 }
             }
-            metadata
+            match failed {
+                None => Ok(missing),
+                Some(e) => {
+                    // librdkafka queues its log lines and errors for the client's poll:
+                    // serve them, so the context holds the cause.
+                    for _ in 0..1_000 {
+                        if probe.poll(Duration::ZERO).is_none() {
+                            break;
+                        }
+                    }
+                    Err(e)
+                }
+            }
         }
     })
     .await
     .expect("the metadata task does not panic");
-    let existing = metadata.map_err(|error| TopicsError {
+    let missing = metadata.map_err(|error| TopicsError {
         error,
         last_client_error: probe.context().get(),
     })?;
-    let missing: Vec<&str> = topics
-        .iter()
-        .copied()
-        .filter(|t| !existing.contains(*t))
-        .collect();
+    let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
     if missing.is_empty() {
         return Ok(());
     }
