@@ -3,8 +3,8 @@
 
 # --- build ----------------------------------------------------------------------------------
 # rust:1-bookworm (buildpack-deps) already has what rdkafka's bundled librdkafka 2.12 needs
-# with default features: gcc/g++, GNU make, bash, perl, python3, pkg-config and zlib1g-dev.
-# No cmake (no cmake-build feature) and no OpenSSL (no ssl feature).
+# with the `ssl` feature: gcc/g++, GNU make, bash, perl, python3, pkg-config, zlib1g-dev and
+# libssl-dev (OpenSSL: Kafka TLS/SASL, PostgreSQL and ClickHouse TLS). No cmake.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
@@ -16,6 +16,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # --- run ------------------------------------------------------------------------------------
 # Same Debian release as the builder, so glibc and zlib match the binary.
 FROM debian:bookworm-slim
+# OpenSSL 3 (linked by librdkafka and native-tls) and the system's root certificates.
+RUN apt-get update && apt-get install -y --no-install-recommends libssl3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --no-create-home --uid 10001 tally
 WORKDIR /app
 COPY --from=build /usr/local/bin/tally /usr/local/bin/tally

@@ -234,6 +234,67 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<String> {
     ))
 }
 
+/// What `tally dev` sends and how long it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct DevOptions {
+    /// Send the demo stream for this many accounts once the broker is up (0: none).
+    pub demo_accounts: usize,
+    /// Usage events of that demo stream.
+    pub demo_events: usize,
+    /// As [`RunOptions::idle_exit`].
+    pub idle_exit: Option<Duration>,
+}
+
+/// `tally dev`: an in-process Kafka-protocol broker (librdkafka's mock cluster, in memory:
+/// keeps nothing, not for production) on 127.0.0.1, the topics, the migrations, the demo
+/// stream if asked, then [`run`] with every role against it until `shutdown`.
+pub async fn dev(
+    cfg: &Config,
+    options: DevOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let broker = rdkafka::mocking::MockCluster::new(1)
+        .context("starting the dev broker")
+        .map_err(RunError::Failed)?;
+    let mut cfg = cfg.clone();
+    cfg.kafka.brokers = broker.bootstrap_servers();
+    cfg.kafka.replication_factor = 1;
+    for topic in cfg.all_topics() {
+        broker
+            .create_topic(topic, cfg.kafka.topic_partitions, 1)
+            .with_context(|| format!("creating topic {topic} on the dev broker"))
+            .map_err(RunError::Failed)?;
+    }
+    println!(
+        "dev broker (in-process, in memory: keeps nothing, not for production): {}",
+        cfg.kafka.brokers
+    );
+    println!("{}", migrate(&cfg).await.map_err(RunError::Failed)?);
+    if options.demo_accounts > 0 {
+        let end = chrono::Utc::now();
+        let demo = crate::cli::ProduceOptions {
+            accounts: options.demo_accounts,
+            events: options.demo_events,
+            rate_per_second: 0,
+            seed: 42,
+            duplicate_every: 97,
+            malformed_every: 101,
+            start: end - chrono::Duration::days(7),
+            end,
+        };
+        crate::cli::produce(&cfg, &demo)
+            .await
+            .map_err(RunError::Failed)?;
+    }
+    let run_options = RunOptions {
+        role: Role::All,
+        idle_exit: options.idle_exit,
+    };
+    let result = run(Arc::new(cfg), run_options, shutdown).await;
+    drop(broker);
+    result
+}
+
 /// The tasks of a run, each with a name for the log when it fails or does not stop.
 #[derive(Default)]
 struct Tasks {

@@ -6,6 +6,8 @@
 //! `TALLY_POSTGRES__URL=...`. librdkafka properties pass through from `[kafka.properties]`
 //! (or `TALLY_KAFKA__PROPERTIES__SASL.MECHANISM=...` — keys are lower-cased).
 
+pub mod conninfo;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -87,8 +89,12 @@ pub struct ApiConfig {
     pub enabled: bool,
     /// Address to listen on, e.g. "127.0.0.1:8080" or "0.0.0.0:8080" (port 0: any free port).
     pub listen: String,
-    /// Larger request bodies are refused with 413.
+    /// Larger request bodies are refused with 413 (`POST /v1/events`: `ingest_max_bytes`).
     pub max_body_bytes: usize,
+    /// `POST /v1/events`: most events in one batch (more: 400)...
+    pub ingest_max_events: usize,
+    /// ... and largest body (larger: 413).
+    pub ingest_max_bytes: usize,
     /// Bearer tokens, stored as SHA-256 hashes: `printf %s "$TOKEN" | sha256sum`.
     pub tokens: Vec<ApiToken>,
     /// A connection must send a request's whole header within this time, else it is closed
@@ -116,6 +122,10 @@ pub struct ApiToken {
     /// The one account an `account` token may read (required for, and only for, that role).
     #[serde(default)]
     pub account_id: Option<String>,
+    /// An `ingest` token may publish events of these CloudEvents `source`s only (absent: any
+    /// source). Only for that role.
+    #[serde(default)]
+    pub sources: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +135,8 @@ pub enum ApiRole {
     Admin,
     /// Reads its own account only.
     Account,
+    /// Publishes usage events (`POST /v1/events`), of its `sources` when listed; reads nothing.
+    Ingest,
 }
 
 impl Default for ApiConfig {
@@ -133,6 +145,8 @@ impl Default for ApiConfig {
             enabled: true,
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 16 * 1024,
+            ingest_max_events: 1_000,
+            ingest_max_bytes: 1024 * 1024,
             tokens: Vec::new(),
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
@@ -689,6 +703,9 @@ impl Config {
                 message: message.into(),
             }
         }
+        if let Err(e) = conninfo::parse(self.postgres.url.expose()) {
+            return Err(invalid("postgres.url", e.to_string()));
+        }
         let api = &self.api;
         if api.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
@@ -747,7 +764,37 @@ impl Config {
                     ))
                 }
                 (ApiRole::Admin, None) => {}
+                (ApiRole::Ingest, Some(_)) => {
+                    return Err(invalid(
+                        "api.tokens.account_id",
+                        format!("{which}: an ingest token publishes events of any account; remove account_id (limit it with sources)"),
+                    ))
+                }
+                (ApiRole::Ingest, None) => {}
             }
+            match &t.sources {
+                Some(_) if t.role != ApiRole::Ingest => {
+                    return Err(invalid(
+                        "api.tokens.sources",
+                        format!("{which}: only an ingest token takes sources"),
+                    ))
+                }
+                Some(sources) if sources.is_empty() || sources.iter().any(|s| s.is_empty()) => {
+                    return Err(invalid(
+                        "api.tokens.sources",
+                        format!(
+                            "{which}: list at least one source, none empty (omit sources for any)"
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if !(1..=100_000).contains(&api.ingest_max_events) {
+            return Err(invalid("api.ingest_max_events", "must be 1..=100000"));
+        }
+        if !(256..=64 * 1024 * 1024).contains(&api.ingest_max_bytes) {
+            return Err(invalid("api.ingest_max_bytes", "must be 256..=67108864"));
         }
         Ok(())
     }
@@ -813,23 +860,10 @@ pub fn valid_identifier(s: &str) -> bool {
         && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-/// `postgres://user:pass@host/db` -> `postgres://user:***@host/db`; key/value strings lose
-/// their `password=` value.
+/// A PostgreSQL connection string for display: every spelling of a password replaced by
+/// `***` ([`conninfo::redact`]).
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((creds, host)) = rest.split_once('@') {
-            let user = creds.split(':').next().unwrap_or("");
-            return format!("{scheme}://{user}:***@{host}");
-        }
-        return url.to_owned();
-    }
-    url.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    conninfo::redact(url)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! # Tally — usage aggregator and credit ledger
 //!
-//! Producer services emit usage events (CloudEvents JSON) to Kafka. Tally rates each one
+//! Producer services emit usage events (CloudEvents JSON, in either content mode of the Kafka
+//! binding, or over HTTP: `POST /v1/events`) to Kafka. Tally rates each one
 //! against a versioned price table, debits the account's credit grants in a PostgreSQL
 //! ledger, writes rated usage to ClickHouse, and publishes threshold alerts.
 //!
@@ -10,7 +11,8 @@
 //! Kafka record ──► kafka::       consumer set-up, offsets, dead-letter producer
 //!      │
 //!      ▼
-//!   event::decode      bytes -> typed Event, or a Rejection{reason} (dead letter)
+//!   event::decode      bytes (+ ce_* headers in binary mode) -> typed Event, or a
+//!                      Rejection{reason} (dead letter)
 //!      │
 //!      ▼
 //!   rating::PriceTable::rate   Usage -> Charge{credits, version, rule} or Unpriced (pure)

@@ -52,6 +52,24 @@ enum Command {
     },
     /// Create Kafka topics, apply PostgreSQL migrations and ClickHouse DDL. Idempotent.
     Migrate,
+    /// Try Tally without installing Kafka: start an in-process Kafka-protocol broker
+    /// (librdkafka's mock cluster) on 127.0.0.1, create the topics, migrate PostgreSQL and
+    /// ClickHouse, optionally send the demo stream, then run the pipelines, the API and the
+    /// dashboard against it until Ctrl-C. Outside producers connect to the address printed.
+    /// The broker keeps everything in memory (nothing survives the process): not for
+    /// production.
+    Dev {
+        /// Send the demo stream (`tally produce` with its defaults) for this many accounts
+        /// once the broker is up (0: none).
+        #[arg(long, default_value_t = 0)]
+        demo_accounts: usize,
+        /// Usage events of that demo stream.
+        #[arg(long, default_value_t = 2_000)]
+        demo_events: usize,
+        /// Exit once the pipelines are idle this many seconds (as `tally run`).
+        #[arg(long)]
+        idle_exit_secs: Option<u64>,
+    },
     /// Price tables.
     Prices {
         #[command(subcommand)]
@@ -289,6 +307,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => {
             println!("{}", tally::app::migrate(&cfg).await?);
             Ok(())
+        }
+        Command::Dev {
+            demo_accounts,
+            demo_events,
+            idle_exit_secs,
+        } => {
+            let options = tally::app::DevOptions {
+                demo_accounts,
+                demo_events,
+                idle_exit: idle_exit_secs.map(Duration::from_secs),
+            };
+            Ok(tally::app::dev(&cfg, options, shutdown_signal()?).await?)
         }
         Command::Run {
             role,

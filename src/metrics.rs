@@ -33,6 +33,7 @@ struct Metrics {
     probe_rounds: IntCounterVec,
     retries: IntCounterVec,
     replays: IntCounter,
+    ingest_events: IntCounterVec,
     reconcile_differences: IntGauge,
     reconcile_late: IntGauge,
     reconcile_last_run: IntGauge,
@@ -101,6 +102,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "tally_events_total",
             "Events decoded and admitted, by pipeline and kind (usage kind, grant, plan); rate() gives events/s.",
             &["pipeline", "kind"],
+        ),
+        ingest_events: counter(
+            "tally_ingest_events_total",
+            "Events received by POST /v1/events, by outcome: accepted (published and acknowledged), rejected (invalid, with a reason in the answer), failed (Kafka did not acknowledge: the request answered 503).",
+            &["outcome"],
         ),
         retries: counter(
             "tally_retries_total",
@@ -187,6 +193,16 @@ pub fn events<'a>(pipeline: &str, kinds: impl IntoIterator<Item = &'a str>) {
 pub fn replays(accounts: usize) {
     if accounts > 0 {
         METRICS.replays.inc_by(accounts as u64);
+    }
+}
+
+/// Counts `n` events of `POST /v1/events` with their outcome (accepted, rejected, failed).
+pub fn ingest_events(outcome: &str, n: usize) {
+    if n > 0 {
+        METRICS
+            .ingest_events
+            .with_label_values(&[outcome])
+            .inc_by(n as u64);
     }
 }
 

@@ -1,7 +1,9 @@
 //! Bearer tokens: configured as SHA-256 hashes (`[[api.tokens]]`), matched in constant time,
 //! never logged. An admin token reads every account and writes grants and plans; an account
 //! token reads its own account only — any other account id answers 404, exactly as an
-//! unknown account does, so a token cannot probe which accounts exist.
+//! unknown account does, so a token cannot probe which accounts exist. An ingest token
+//! publishes usage events (`POST /v1/events`), of its configured sources only when it lists
+//! any, and reads no account.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
@@ -20,21 +22,34 @@ const MAX_TOKEN_BYTES: usize = 4096;
 /// Who a request speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    Admin { name: String },
-    Account { account_id: String, name: String },
+    Admin {
+        name: String,
+    },
+    Account {
+        account_id: String,
+        name: String,
+    },
+    Ingest {
+        name: String,
+        /// The CloudEvents sources it may publish; None: any.
+        sources: Option<Vec<String>>,
+    },
 }
 
 impl Principal {
     /// The label logs may show (never the token).
     pub fn name(&self) -> &str {
         match self {
-            Principal::Admin { name } | Principal::Account { name, .. } => name,
+            Principal::Admin { name }
+            | Principal::Account { name, .. }
+            | Principal::Ingest { name, .. } => name,
         }
     }
 
     /// May this principal read `account_id`? Returns the id when it may.
     pub fn read<'a>(&self, account_id: &'a str) -> Result<&'a str, ApiError> {
         match self {
+            Principal::Ingest { .. } => Err(ApiError::Forbidden("read accounts")),
             Principal::Account {
                 account_id: own, ..
             } if own != account_id => Err(ApiError::AccountNotFound),
@@ -51,9 +66,32 @@ impl Principal {
         let id = self.read(account_id)?;
         match self {
             Principal::Admin { .. } => Ok(id),
-            Principal::Account { .. } => Err(ApiError::Forbidden(what)),
+            Principal::Account { .. } | Principal::Ingest { .. } => Err(ApiError::Forbidden(what)),
         }
     }
+
+    /// May this principal publish usage events from `source`? Admins may, and ingest tokens
+    /// for their sources.
+    pub fn ingest(&self, source: &str) -> Result<(), IngestRefusal> {
+        match self {
+            Principal::Admin { .. } | Principal::Ingest { sources: None, .. } => Ok(()),
+            Principal::Ingest {
+                sources: Some(sources),
+                ..
+            } if sources.iter().any(|s| s == source) => Ok(()),
+            Principal::Ingest { .. } => Err(IngestRefusal::Source),
+            Principal::Account { .. } => Err(IngestRefusal::Role),
+        }
+    }
+}
+
+/// Why a principal may not publish an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestRefusal {
+    /// Not an ingest (or admin) token.
+    Role,
+    /// An ingest token whose sources do not include the event's.
+    Source,
 }
 
 /// The configured tokens, as raw SHA-256 digests.
@@ -85,6 +123,10 @@ impl Tokens {
                         name,
                     },
                     (ApiRole::Account, None) => return None,
+                    (ApiRole::Ingest, _) => Principal::Ingest {
+                        name,
+                        sources: t.sources.clone(),
+                    },
                 };
                 Some((digest, principal))
             })
@@ -169,12 +211,14 @@ mod tests {
                 sha256: Secret::new(sha256_hex("admin-secret")),
                 role: ApiRole::Admin,
                 account_id: None,
+                sources: None,
             },
             ApiToken {
                 name: None,
                 sha256: Secret::new(sha256_hex("acme-secret").to_uppercase()),
                 role: ApiRole::Account,
                 account_id: Some("acme".into()),
+                sources: None,
             },
         ])
     }

@@ -28,8 +28,10 @@ pub enum ApiError {
     Invalid { field: String, message: String },
     #[error("the request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
-    #[error("the request body must be JSON (Content-Type: application/json)")]
-    UnsupportedMediaType,
+    /// The Content-Type is not the one the route takes (named).
+    #[error("the request body must be {0} (Content-Type)")]
+    UnsupportedMediaType(&'static str),
+
     /// An idempotency key (a grant id) reused with different terms.
     #[error("{field}: {message}")]
     Conflict {
@@ -62,7 +64,7 @@ impl ApiError {
             ApiError::AccountNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -78,7 +80,7 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::Invalid { .. } => "invalid_request",
             ApiError::TooLarge { .. } => "body_too_large",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Conflict { .. } => "conflict",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",

@@ -112,7 +112,7 @@ pub fn json_body<T: DeserializeOwned>(
         .and_then(|v| v.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
     if !is_json {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType("application/json"));
     }
     // serde would read an array positionally into a struct: only objects are bodies.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -137,6 +137,43 @@ pub fn json_body<T: DeserializeOwned>(
     Ok(value)
 }
 
+/// A JSON integer as JSON Schema (and so `schemas/openapi.yaml`) counts them: `12`, or a
+/// number whose fraction is zero (`12.0`). Serialized as the plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct JsonInt(pub i64);
+
+impl<'de> serde::Deserialize<'de> for JsonInt {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = JsonInt;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an integer")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<JsonInt, E> {
+                Ok(JsonInt(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<JsonInt, E> {
+                i64::try_from(v)
+                    .map(JsonInt)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<JsonInt, E> {
+                // Exactly an integer and within i64 (2^63 is the first f64 past it).
+                if v.fract() == 0.0
+                    && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&v)
+                {
+                    Ok(JsonInt(v as i64))
+                } else {
+                    Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
 fn named_field(message: &str) -> Option<&str> {
     message
         .strip_prefix("unknown field `")
@@ -155,6 +192,27 @@ fn strip_position(message: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn integers_as_json_schema_counts_them() {
+        let read = |s: &str| serde_json::from_str::<JsonInt>(s).map(|i| i.0).ok();
+        assert_eq!(read("12"), Some(12));
+        assert_eq!(read("12.0"), Some(12));
+        assert_eq!(read("-3.0"), Some(-3));
+        assert_eq!(read("1e2"), Some(100));
+        assert_eq!(read("9223372036854775807"), Some(i64::MAX));
+        for refused in [
+            "12.5",
+            "\"12\"",
+            "null",
+            "9223372036854775808",
+            "1e19",
+            "true",
+        ] {
+            assert_eq!(read(refused), None, "{refused}");
+        }
+        assert_eq!(serde_json::to_string(&JsonInt(7)).unwrap(), "7");
+    }
     use super::*;
     use axum::http::HeaderValue;
 
@@ -199,7 +257,7 @@ mod tests {
         assert_eq!(field(parse(r#"{"credits": "1"} x"#).unwrap_err()), "body");
         assert_eq!(field(parse(r#"{"credits": "#).unwrap_err()), "credits");
         let e = json_body::<Body>(&HeaderMap::new(), Ok(Bytes::from("{}")), 100).unwrap_err();
-        assert!(matches!(e, ApiError::UnsupportedMediaType));
+        assert!(matches!(e, ApiError::UnsupportedMediaType(_)));
     }
 
     #[test]

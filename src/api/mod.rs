@@ -23,6 +23,7 @@
 pub mod auth;
 mod dashboard;
 pub mod error;
+mod ingest;
 pub mod input;
 mod read;
 
@@ -169,6 +170,9 @@ async fn pg<T>(
     }
 }
 
+/// The ingest route, whose body limit is `api.ingest_max_bytes`.
+const INGEST_PATH: &str = "/v1/events";
+
 /// A route as `schemas/openapi.yaml` must describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteSpec {
@@ -255,6 +259,13 @@ fn routes() -> Vec<Route> {
             put(write::plan),
         ),
         route(
+            "POST",
+            INGEST_PATH,
+            true,
+            &[202, 400, 401, 403, 413, 415, 500, 503],
+            post(ingest::events),
+        ),
+        route(
             "GET",
             "/dashboard/{id}",
             false,
@@ -280,7 +291,11 @@ pub fn route_specs() -> Vec<RouteSpec> {
 pub fn router(api: AppState) -> Router {
     let (mut open, mut v1) = (Router::new(), Router::new());
     for r in routes() {
-        if r.spec.bearer {
+        if r.spec.path == INGEST_PATH {
+            // Batches of events: their own, larger body limit (inside the default one).
+            let limit = DefaultBodyLimit::max(api.cfg.api.ingest_max_bytes);
+            v1 = v1.route(r.spec.path, r.handler.layer(limit));
+        } else if r.spec.bearer {
             v1 = v1.route(r.spec.path, r.handler);
         } else {
             open = open.route(r.spec.path, r.handler);

@@ -29,14 +29,31 @@ use serde_json::{json, Value};
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::input::json_body;
+use super::input::{json_body, JsonInt};
 use super::{pg, AppState};
 use crate::event::{self, encode, types, DecodeLimits, Event, GrantKind, Payload, Rejection};
 
 /// How long the API waits for Kafka to acknowledge an event before answering 503.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest grant id: `grant:` + it must fit the 256-byte event id.
-const MAX_GRANT_ID_BYTES: usize = 250;
+/// Longest grant id: `grant:{account}:{grant_id}` must fit the 256-byte event id with the
+/// longest account id (128).
+const MAX_GRANT_ID_CHARS: usize = 120;
+/// Longest plan id.
+const MAX_PLAN_ID_CHARS: usize = 128;
+
+/// The ids a caller chooses through the API (grant and plan ids), as `schemas/openapi.yaml`
+/// states them: `^[A-Za-z0-9._~@+=/-]{1,max}$`. Narrower than what events on Kafka may carry
+/// (any printable text up to 256 bytes), so the contract can say exactly what is accepted.
+fn identifier(value: &str, max: usize, field: &'static str) -> Result<(), ApiError> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"._~@+=/-".contains(&b);
+    if value.is_empty() || value.len() > max || !value.bytes().all(allowed) {
+        return Err(ApiError::invalid(
+            field,
+            format!("must match ^[A-Za-z0-9._~@+=/-]{{1,{max}}}$"),
+        ));
+    }
+    Ok(())
+}
 
 /// POST /v1/accounts/{id}/grants body.
 #[derive(Debug, Deserialize)]
@@ -51,7 +68,7 @@ pub struct GrantRequest {
     #[serde(default)]
     expires_at: Option<String>,
     #[serde(default)]
-    priority: Option<i64>,
+    priority: Option<JsonInt>,
     /// RFC 3339: when the grant takes effect (its event time); absent: now. At most
     /// `billing.grace` in the past (older would be charged late).
     #[serde(default)]
@@ -83,16 +100,16 @@ impl WritableGrantKind {
 pub struct PlanRequest {
     plan_id: String,
     monthly_allowance: String,
-    billing_day: i64,
+    billing_day: JsonInt,
     overage_policy: String,
     #[serde(default)]
-    top_up_validity_months: Option<i64>,
+    top_up_validity_months: Option<JsonInt>,
     #[serde(default)]
     low_balance_credits: Option<String>,
     #[serde(default)]
     low_balance_percent: Option<String>,
     #[serde(default)]
-    allowance_alert_percents: Option<Vec<i64>>,
+    allowance_alert_percents: Option<Vec<JsonInt>>,
     /// RFC 3339: when the plan takes effect (its event time); absent: now.
     #[serde(default)]
     effective_at: Option<String>,
@@ -184,12 +201,7 @@ pub async fn grant(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = who.write(&id, "write grants")?;
     let req: GrantRequest = json_body(&headers, body, api.cfg.api.max_body_bytes)?;
-    if req.grant_id.len() > MAX_GRANT_ID_BYTES {
-        return Err(ApiError::invalid(
-            "grant_id",
-            format!("at most {MAX_GRANT_ID_BYTES} bytes"),
-        ));
-    }
+    identifier(&req.grant_id, MAX_GRANT_ID_CHARS, "grant_id")?;
     let now = Utc::now();
     let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
     let source = source_for(id);
@@ -256,6 +268,7 @@ pub async fn plan(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let id = who.write(&id, "change plans")?;
     let req: PlanRequest = json_body(&headers, body, api.cfg.api.max_body_bytes)?;
+    identifier(&req.plan_id, MAX_PLAN_ID_CHARS, "plan_id")?;
     let now = Utc::now();
     let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
     let source = source_for(id);

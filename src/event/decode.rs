@@ -1,5 +1,7 @@
 //! The decoder: CloudEvents 1.0 structured-mode JSON bytes -> a typed [`Event`], or a
-//! [`Rejection`] naming the reason and the field at fault. Pure (the caller passes "now");
+//! [`Rejection`] naming the reason and the field at fault. A Kafka record in binary mode
+//! (`ce_*` headers + `data` as the value) is read by `binary` into the same envelope and
+//! checked by the same rules. Pure (the caller passes "now");
 //! owns the wire rules, not what an event costs or where it goes.
 //!
 //! Hot path: one UTF-8 check, then one pass of a strict hand-written scanner (`fast`) over
@@ -17,9 +19,12 @@
 //! envelope `missing_field`/`wrong_type` > `unknown_type` > envelope `invalid_value` >
 //! errors in `data` (wrong type, then missing, then invalid, in field order).
 
+mod binary;
 mod data;
 mod fast;
 mod scalar;
+
+pub use binary::{content_mode, decode_binary, decode_record, ContentMode};
 
 use std::fmt;
 

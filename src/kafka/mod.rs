@@ -9,8 +9,10 @@ pub mod groups;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -85,14 +87,154 @@ pub fn producer_config(kafka: &KafkaConfig) -> ClientConfig {
     cc
 }
 
+/// A client context that keeps librdkafka's last client-level error (connection refused, TLS
+/// handshake failed, SASL authentication failed...): an admin call that times out is then
+/// reported with the cause, not only "timed out".
+#[derive(Default)]
+pub struct LastError(std::sync::Mutex<Option<String>>);
+
+impl LastError {
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().ok()?.clone()
+    }
+}
+
+impl ConsumerContext for LastError {}
+
+impl ClientContext for LastError {
+    /// librdkafka's log lines as rdkafka's default context logs them; an error or warning line
+    /// (a connection or TLS handshake failure is logged as one, before any error callback) is
+    /// also kept.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+                if matches!(level, L::Warning) {
+                    tracing::warn!(facility = fac, "librdkafka: {log_message}");
+                } else {
+                    tracing::error!(facility = fac, "librdkafka: {log_message}");
+                }
+                if let Ok(mut last) = self.0.lock() {
+                    *last = Some(log_message.to_owned());
+                }
+            }
+            L::Notice | L::Info => tracing::info!(facility = fac, "librdkafka: {log_message}"),
+            L::Debug => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(error = %error, reason, "librdkafka error");
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(reason.to_owned());
+        }
+    }
+}
+
+/// Why [`ensure_topics`] failed: the admin call's error and the client's last error.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}{}", .last_client_error.as_ref().map(|e| format!(" (last client error: {e})")).unwrap_or_default())]
+pub struct TopicsError {
+    #[source]
+    pub error: KafkaError,
+    pub last_client_error: Option<String>,
+}
+
+/// How long [`ensure_topics`] waits for the cluster's metadata: longer than librdkafka's
+/// default `socket.connection.setup.timeout.ms` (30 s), so a connection that cannot be set up
+/// (a TLS handshake with a plaintext listener that never answers) is reported with its cause.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(40);
+
 /// Creates the topics that do not exist yet (the broker may not auto-create them).
-/// Existing topics are left untouched.
+/// Existing topics are left untouched; when every topic exists, no CreateTopics request is
+/// sent (a deployment whose credentials may not create topics, or a broker without the
+/// admin API such as `tally dev`'s, works once they exist).
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     topics: &[&str],
     partitions: i32,
+) -> Result<(), TopicsError> {
+    // rdkafka sets librdkafka's log level from the `log` crate's, which Tally (tracing) leaves
+    // off: warnings and errors are asked for, so the context sees them.
+    let probe: BaseConsumer<LastError> = client_config(kafka)
+        .set_log_level(RDKafkaLogLevel::Warning)
+        .create_with_context(LastError::default())
+        .map_err(|error| TopicsError {
+            error,
+            last_client_error: None,
+        })?;
+    let probe = std::sync::Arc::new(probe);
+    // One metadata request per topic (not the whole cluster's: a shared broker may hold
+    // thousands of topics): a topic exists when it has partitions and no error.
+    let wanted: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    let metadata = tokio::task::spawn_blocking({
+        let probe = probe.clone();
+        move || {
+            let mut missing = Vec::new();
+            let mut failed = None;
+            for topic in wanted {
+                match probe.fetch_metadata(Some(&topic), METADATA_TIMEOUT) {
+                    Ok(m) => {
+                        let exists = m
+                            .topics()
+                            .iter()
+                            .any(|t| t.error().is_none() && !t.partitions().is_empty());
+                        if !exists {
+                            missing.push(topic);
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => Ok(missing),
+                Some(e) => {
+                    // librdkafka queues its log lines and errors for the client's poll:
+                    // serve them, so the context holds the cause.
+                    for _ in 0..1_000 {
+                        if probe.poll(Duration::ZERO).is_none() {
+                            break;
+                        }
+                    }
+                    Err(e)
+                }
+            }
+        }
+    })
+    .await
+    .expect("the metadata task does not panic");
+    let missing = metadata.map_err(|error| TopicsError {
+        error,
+        last_client_error: probe.context().get(),
+    })?;
+    let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let admin: AdminClient<LastError> = client_config(kafka)
+        .set_log_level(RDKafkaLogLevel::Warning)
+        .create_with_context(LastError::default())
+        .map_err(|error| TopicsError {
+            error,
+            last_client_error: None,
+        })?;
+    create_topics(&admin, kafka, &missing, partitions)
+        .await
+        .map_err(|error| TopicsError {
+            error,
+            last_client_error: admin.inner().context().get(),
+        })
+}
+
+async fn create_topics(
+    admin: &AdminClient<LastError>,
+    kafka: &KafkaConfig,
+    topics: &[&str],
+    partitions: i32,
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka).create()?;
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|t| {

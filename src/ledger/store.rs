@@ -5,9 +5,12 @@
 use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
+use postgres_native_tls::MakeTlsConnector;
 use rust_decimal::Decimal;
 use tokio_postgres::types::Json;
-use tokio_postgres::{Client, NoTls, Transaction};
+use tokio_postgres::{Client, Transaction};
+
+use crate::config::conninfo::{self, SslMode, TlsSettings};
 
 use super::book::{self, Book, Event, LivePart, Placed};
 use super::buckets::{Account, ClosedCycle, Cycle, Entry, Grant, NewGrant, Plan};
@@ -23,6 +26,10 @@ pub enum StoreError {
     Db(#[from] tokio_postgres::Error),
     #[error("PostgreSQL data: {0}")]
     Data(String),
+    /// The connection settings cannot be used (a connection string libpq would not read, a
+    /// root certificate file missing...): the deployment's fault, never retried.
+    #[error("PostgreSQL settings: {0}")]
+    Config(String),
     /// An event dated before the dedupe horizon reached the store (its pipeline had not yet
     /// seen the horizon move): its claim may have been purged, so it is refused.
     #[error(
@@ -64,7 +71,7 @@ impl Classify for StoreError {
                 None => Fault::Transient,
                 Some(code) => sqlstate_fault(code.code()),
             },
-            StoreError::Data(_) => Fault::Bug,
+            StoreError::Data(_) | StoreError::Config(_) => Fault::Bug,
             StoreError::BeforeHorizon { .. } => Fault::Input,
         }
     }
@@ -310,8 +317,11 @@ pub const DEFAULT_GRACE: chrono::Duration = chrono::Duration::hours(24);
 pub const FINALIZE_STEP: chrono::Duration = chrono::Duration::hours(1);
 
 /// Connects and sets the search path to Tally's schema. The connection task is spawned.
+/// TLS as the connection string's `sslmode` says ([`tls_connector`]).
 pub async fn connect(cfg: &PostgresConfig) -> Result<Client, StoreError> {
-    let (client, connection) = tokio_postgres::connect(cfg.url.expose(), NoTls).await?;
+    let info = conninfo::parse(cfg.url.expose()).map_err(|e| StoreError::Config(e.to_string()))?;
+    let pg: tokio_postgres::Config = info.postgres.parse()?;
+    let (client, connection) = pg.connect(tls_connector(&info.tls)?).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "PostgreSQL connection ended");
@@ -321,6 +331,50 @@ pub async fn connect(cfg: &PostgresConfig) -> Result<Client, StoreError> {
         .batch_execute(&format!("SET search_path TO {}", cfg.schema))
         .await?;
     Ok(client)
+}
+
+/// The TLS connector for libpq's `sslmode` (native-tls, i.e. the system's OpenSSL):
+/// `prefer` and `require` encrypt without checking the certificate (as libpq does),
+/// `verify-ca` checks the chain against `sslrootcert` (else the system's roots),
+/// `verify-full` also the server's name. `sslcert` + `sslkey`: a client certificate.
+pub fn tls_connector(tls: &TlsSettings) -> Result<MakeTlsConnector, StoreError> {
+    let read = |path: &str, what: &str| {
+        std::fs::read(path).map_err(|e| StoreError::Config(format!("{what} {path}: {e}")))
+    };
+    let mut builder = native_tls::TlsConnector::builder();
+    match tls.mode {
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => {
+            builder.danger_accept_invalid_certs(true);
+        }
+        SslMode::VerifyCa => {
+            builder.danger_accept_invalid_hostnames(true);
+        }
+        SslMode::VerifyFull => {}
+    }
+    if let Some(path) = tls.root_cert.as_deref().filter(|p| *p != "system") {
+        let pem = read(path, "sslrootcert")?;
+        let certs = native_tls::Certificate::stack_from_pem(&pem)
+            .map_err(|e| StoreError::Config(format!("sslrootcert {path}: {e}")))?;
+        if certs.is_empty() {
+            return Err(StoreError::Config(format!(
+                "sslrootcert {path}: no PEM certificate in it"
+            )));
+        }
+        builder.disable_built_in_roots(true);
+        for cert in certs {
+            builder.add_root_certificate(cert);
+        }
+    }
+    if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        let identity =
+            native_tls::Identity::from_pkcs8(&read(cert, "sslcert")?, &read(key, "sslkey")?)
+                .map_err(|e| StoreError::Config(format!("sslcert/sslkey: {e}")))?;
+        builder.identity(identity);
+    }
+    let connector = builder
+        .build()
+        .map_err(|e| StoreError::Config(format!("TLS: {e}")))?;
+    Ok(MakeTlsConnector::new(connector))
 }
 
 impl Store {

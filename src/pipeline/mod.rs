@@ -69,33 +69,53 @@ pub fn prepare<'r, 'p>(
     admission: &Admission,
 ) -> Result<Prepared<'r, 'p>, Rejection> {
     let at = decided_at(record, now);
-    let event = event::decode(&record.payload, at, &admission.decode)?;
-    admit(event.envelope.time, at, admission)?;
-    let (charge, columns) = match event.usage() {
-        None => (None, None),
-        Some(usage) => {
-            let charge = prices
-                .rate(&usage)
-                .map_err(|e| Rejection::new(Reason::Unpriced, None, e.to_string()))?;
-            // Both stores must hold it exactly, or neither gets it (ClickHouse's columns are
-            // the narrower): the ledger dead-letters it and the analytics loop skips it.
-            let env = &event.envelope;
-            let columns = crate::analytics::numeric_columns(
-                &usage,
-                &charge,
-                env.time,
-                (&env.source, &env.id),
-            )
-            .map_err(|e| Rejection::new(Reason::RefusedByStore, None, e.to_string()))?;
-            (Some(charge), Some(columns))
-        }
-    };
+    let event = event::decode_record(&record.payload, &record.headers, at, &admission.decode)?;
+    let (charge, columns) = admit_and_rate(&event, prices, at, admission)?;
     Ok(Prepared {
         record,
         event,
         charge,
         columns,
     })
+}
+
+/// What [`prepare`] decides about one structured-mode event, without a Kafka record: the
+/// event, or the rejection the pipelines would dead-letter it with. The HTTP ingest route
+/// checks events with it before publishing them, so what it accepts is never dead-lettered
+/// for its content.
+pub fn validate<'b>(
+    bytes: &'b [u8],
+    prices: &PriceTable,
+    now: DateTime<Utc>,
+    admission: &Admission,
+) -> Result<Event<'b>, Rejection> {
+    let event = event::decode(bytes, now, &admission.decode)?;
+    admit_and_rate(&event, prices, now, admission)?;
+    Ok(event)
+}
+
+/// Admission (`too_late`), rating (`unpriced`) and the stores' numeric ranges
+/// (`refused_by_store`) of a decoded event.
+fn admit_and_rate<'p>(
+    event: &Event<'_>,
+    prices: &'p PriceTable,
+    now: DateTime<Utc>,
+    admission: &Admission,
+) -> Result<(Option<Charge<'p>>, Option<NumericColumns>), Rejection> {
+    admit(event.envelope.time, now, admission)?;
+    let Some(usage) = event.usage() else {
+        return Ok((None, None));
+    };
+    let charge = prices
+        .rate(&usage)
+        .map_err(|e| Rejection::new(Reason::Unpriced, None, e.to_string()))?;
+    // Both stores must hold it exactly, or neither gets it (ClickHouse's columns are the
+    // narrower): the ledger dead-letters it and the analytics loop skips it.
+    let env = &event.envelope;
+    let columns =
+        crate::analytics::numeric_columns(&usage, &charge, env.time, (&env.source, &env.id))
+            .map_err(|e| Rejection::new(Reason::RefusedByStore, None, e.to_string()))?;
+    Ok((Some(charge), Some(columns)))
 }
 
 /// Refuses (`too_late`) an event dated before the dedupe window at `now` (the record's time)

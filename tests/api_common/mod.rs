@@ -22,19 +22,29 @@ use tally::rating::PriceTable;
 pub const ADMIN: &str = "test-admin-7f3c2a";
 pub const ACME: &str = "test-acme-91b0d4";
 pub const GLOBEX: &str = "test-globex-5e6a1c";
+/// An ingest token for any source, and one for `//chat.test` only.
+pub const INGEST: &str = "test-ingest-2d8e44";
+pub const INGEST_CHAT: &str = "test-ingest-chat-a17c03";
 
-/// The tokens the tests use: an admin, and account tokens for `acme` and `globex`.
+/// The tokens the tests use: an admin, account tokens for `acme` and `globex`, and the
+/// ingest tokens.
 pub fn with_tokens(mut cfg: Config) -> Config {
     let token = |t: &str, role, account: Option<&str>| ApiToken {
         name: Some(format!("test-{role:?}")),
         sha256: Secret::new(sha256_hex(t)),
         role,
         account_id: account.map(str::to_owned),
+        sources: None,
     };
     cfg.api.tokens = vec![
         token(ADMIN, ApiRole::Admin, None),
         token(ACME, ApiRole::Account, Some("acme")),
         token(GLOBEX, ApiRole::Account, Some("globex")),
+        token(INGEST, ApiRole::Ingest, None),
+        ApiToken {
+            sources: Some(vec!["//chat.test".into()]),
+            ..token(INGEST_CHAT, ApiRole::Ingest, None)
+        },
     ];
     cfg.api.listen = "127.0.0.1:0".into();
     cfg.api.max_body_bytes = 1024;

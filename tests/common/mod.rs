@@ -267,6 +267,14 @@ impl TestEnv {
                     source_topic: header(tally::kafka::HEADER_TOPIC).unwrap_or_default(),
                     source_offset: header(tally::kafka::HEADER_OFFSET).unwrap_or_default(),
                     payload: m.payload().unwrap_or_default().to_vec(),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 });
                 remaining -= 1;
             }
@@ -284,6 +292,8 @@ pub struct DeadLetterSeen {
     pub source_topic: String,
     pub source_offset: String,
     pub payload: Vec<u8>,
+    /// Every header: the source record's, then Tally's (`tally.*`).
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 /// CloudEvents builders for hand-written test streams.

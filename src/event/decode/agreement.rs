@@ -781,3 +781,197 @@ fn forbidden_characters_are_refused_by_both_paths_in_every_field() {
     // (DEL and the nine bidirectional ones): 52 spellings, in 3 envelope + 13 data fields.
     assert_eq!(checked, 52 * 16);
 }
+
+/// A record's headers: (name, value).
+type Headers = Vec<(String, Vec<u8>)>;
+
+/// The binary-mode form (Kafka binding) of a structured message: each envelope attribute
+/// that is a JSON string becomes its `ce_*` header (`datacontenttype`: `content-type`), null
+/// ones are left out (absent, as null is in structured mode), `data` becomes the value, and
+/// string extensions are dropped (both modes ignore them). `None` when the message cannot be
+/// written so: not one JSON object, or an attribute or extension of another JSON type.
+fn as_binary(message: &[u8]) -> Option<(Headers, Vec<u8>)> {
+    let text = std::str::from_utf8(message).ok()?;
+    // One whole JSON value (members() reads the first and ignores what follows).
+    serde_json::from_str::<de::IgnoredAny>(text).ok()?;
+    let mut headers = Vec::new();
+    let mut value = None;
+    for (key, raw) in members(text)? {
+        let header = match key.as_str() {
+            // A record has one value: `data` twice has no binary form.
+            "data" if value.is_some() => return None,
+            "data" => {
+                value = Some(raw.into_bytes());
+                continue;
+            }
+            "datacontenttype" => "content-type".to_owned(),
+            "specversion" | "id" | "source" | "type" | "subject" | "time" => format!("ce_{key}"),
+            // An extension: ignored by both modes when it is a string; any other value
+            // (nested deeper than the limit, say) has no binary form.
+            _ => {
+                serde_json::from_str::<String>(&raw).ok()?;
+                continue;
+            }
+        };
+        match serde_json::from_str::<Option<String>>(&raw).ok()? {
+            Some(s) => headers.push((header, s.into_bytes())),
+            None => continue,
+        }
+    }
+    Some((headers, value.unwrap_or_default()))
+}
+
+/// Both content modes agree: a message and its binary form decode to the same event, or to
+/// rejections with the same reason and field (the detail may word the origin differently:
+/// "header ce_id" rather than a JSON position).
+#[test]
+fn binary_and_structured_modes_agree() {
+    let seeds = seeds();
+    let pool = value_pool();
+    let limits = DecodeLimits::default();
+    let (mut accepted, mut rejected) = (0, 0);
+    let messages = seeds.iter().cloned().chain((0..6_000u64).map(|round| {
+        let mut rng = SmallRng::seed_from_u64(round);
+        let seed = &seeds[rng.gen_range(0..seeds.len())];
+        mutate(seed, &pool, &mut rng)
+    }));
+    for message in messages {
+        let Some((headers, value)) = as_binary(&message) else {
+            continue;
+        };
+        let structured = decode(&message, now(), &limits);
+        let pairs = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+        let binary = decode_binary(&value, pairs, now(), &limits);
+        let shown = String::from_utf8_lossy(&message);
+        match (&structured, &binary) {
+            (Ok(s), Ok(b)) => {
+                assert_eq!(s, b, "{shown}");
+                accepted += 1;
+            }
+            (Err(s), Err(b)) => {
+                assert_eq!(
+                    (s.reason, &s.field),
+                    (b.reason, &b.field),
+                    "{shown}\n{s}\n{b}"
+                );
+                rejected += 1;
+            }
+            _ => panic!("{shown}\nstructured: {structured:?}\nbinary: {binary:?}"),
+        }
+    }
+    assert!(
+        accepted > 100 && rejected > 1_000,
+        "{accepted} accepted, {rejected} rejected"
+    );
+}
+
+/// The Kafka binding's mode rule, and a binary record read through [`decode_record`].
+#[test]
+fn the_content_mode_follows_the_binding() {
+    let h = |pairs: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    let mode = |headers: &[(String, Vec<u8>)]| {
+        content_mode(headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+    };
+    assert_eq!(mode(&h(&[])), ContentMode::Structured);
+    assert_eq!(mode(&h(&[("traceparent", "x")])), ContentMode::Structured);
+    assert_eq!(
+        mode(&h(&[
+            (
+                "content-type",
+                "application/cloudevents+json; charset=utf-8"
+            ),
+            ("ce_id", "1")
+        ])),
+        ContentMode::Structured
+    );
+    assert_eq!(
+        mode(&h(&[("Content-Type", "Application/CloudEvents+JSON")])),
+        ContentMode::Structured
+    );
+    assert_eq!(
+        mode(&h(&[("content-type", "application/json"), ("ce_id", "1")])),
+        ContentMode::Binary
+    );
+    assert_eq!(mode(&h(&[("ce_specversion", "1.0")])), ContentMode::Binary);
+
+    let headers = h(&[
+        ("ce_specversion", "1.0"),
+        ("ce_id", "e-1"),
+        ("ce_source", "//voice/eu"),
+        ("ce_type", "tally.usage.chat_response.v1"),
+        ("ce_subject", "acct-1"),
+        ("ce_time", "2025-06-15T11:00:00Z"),
+        ("ce_traceparent", "00-ab-cd-01"),
+        ("content-type", "application/json"),
+    ]);
+    let value = br#"{"conversation_id":"c-1","model":"gpt-4o","responses":2}"#;
+    let event = decode_record(value, &headers, now(), &DecodeLimits::default()).unwrap();
+    assert_eq!(event.envelope.id, "e-1");
+    assert_eq!(event.envelope.source, "//voice/eu");
+    assert_eq!(event.envelope.account_id, "acct-1");
+    match event.payload {
+        Payload::Chat(c) => assert_eq!((c.model.as_ref(), c.responses), ("gpt-4o", 2)),
+        other => panic!("{other:?}"),
+    }
+
+    // Without ce_specversion: the same reason and field as a structured event without it.
+    let reject = |headers: &[(String, Vec<u8>)], value: &[u8]| {
+        let r = decode_record(value, headers, now(), &DecodeLimits::default()).unwrap_err();
+        (r.reason, r.field)
+    };
+    let missing: Vec<_> = headers[1..].to_vec();
+    assert_eq!(
+        reject(&missing, value),
+        (Reason::MissingField, Some("specversion".into()))
+    );
+    // No value: no data.
+    assert_eq!(
+        reject(&headers, b""),
+        (Reason::MissingField, Some("data".into()))
+    );
+    assert_eq!(
+        reject(&headers, b"null"),
+        (Reason::MissingField, Some("data".into()))
+    );
+    assert_eq!(
+        reject(&headers, b"{\"conversation_id\":"),
+        (Reason::MalformedJson, None)
+    );
+    assert_eq!(
+        reject(&headers, b"[1]"),
+        (Reason::WrongType, Some("data".into()))
+    );
+    let mut xml = headers.clone();
+    xml[7].1 = b"application/xml".to_vec();
+    assert_eq!(
+        reject(&xml, value),
+        (Reason::InvalidValue, Some("datacontenttype".into()))
+    );
+    let mut twice = headers.clone();
+    twice.push(("ce_id".into(), b"e-2".to_vec()));
+    assert_eq!(
+        reject(&twice, value),
+        (Reason::InvalidValue, Some("id".into()))
+    );
+    let mut not_utf8 = headers.clone();
+    not_utf8[1].1 = vec![0xff, 0xfe];
+    assert_eq!(reject(&not_utf8, value), (Reason::MalformedJson, None));
+    // The limit counts the value and the CloudEvents headers: 56 bytes of value, and
+    // 14+3 + 5+3 + 9+10 + 7+28 + 10+6 + 7+20 + 14+11 + 12+16 = 175 of headers = 231.
+    let limits = DecodeLimits {
+        max_message_bytes: 230,
+        ..DecodeLimits::default()
+    };
+    let r = decode_record(value, &headers, now(), &limits).unwrap_err();
+    assert_eq!(r.reason, Reason::TooLarge);
+    let limits = DecodeLimits {
+        max_message_bytes: 231,
+        ..DecodeLimits::default()
+    };
+    assert!(decode_record(value, &headers, now(), &limits).is_ok());
+}
