@@ -295,7 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Arc::new(Config::load(cli.config.as_deref())?);
     match cli.command {
         Command::Prices { .. } => unreachable!("handled above"),
-        Command::Migrate => migrate(&cfg).await,
+        Command::Migrate => migrate(&cfg, true).await,
         Command::Dev {
             demo_accounts,
             demo_events,
@@ -304,7 +304,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run {
             role,
             idle_exit_secs,
-        } => run_pipelines(cfg, role, idle_exit_secs).await,
+        } => run_pipelines(cfg, role, idle_exit_secs, true).await,
         Command::Produce(args) => tally::cli::produce(&cfg, &args.into()).await,
         Command::Balance {
             account,
@@ -483,10 +483,14 @@ fn prices_check(file: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
-async fn migrate(cfg: &Config) -> anyhow::Result<()> {
-    tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
-        .await
-        .context("creating Kafka topics")?;
+/// `create_topics`: false for `tally dev`, whose broker has its topics made directly (the mock
+/// cluster has no CreateTopics).
+async fn migrate(cfg: &Config, create_topics: bool) -> anyhow::Result<()> {
+    if create_topics {
+        tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
+            .await
+            .context("creating Kafka topics")?;
+    }
     let mut store = tally::ledger::Store::connect(&cfg.postgres)
         .await
         .context("connecting to PostgreSQL")?;
@@ -525,10 +529,10 @@ async fn dev(
         "dev broker (in-process, in memory: keeps nothing, not for production): {}",
         cfg.kafka.brokers
     );
-    migrate(&cfg).await?;
+    migrate(&cfg, false).await?;
     if demo_accounts > 0 {
         let end = Utc::now();
-        tally::cli::produce(
+        tally::cli::produce_to_existing_topics(
             &cfg,
             &tally::cli::ProduceOptions {
                 accounts: demo_accounts,
@@ -543,7 +547,7 @@ async fn dev(
         )
         .await?;
     }
-    let result = run_pipelines(Arc::new(cfg), Role::All, idle_exit_secs).await;
+    let result = run_pipelines(Arc::new(cfg), Role::All, idle_exit_secs, false).await;
     drop(broker);
     result
 }
@@ -552,6 +556,7 @@ async fn run_pipelines(
     cfg: Arc<Config>,
     role: Role,
     idle_exit_secs: Option<u64>,
+    create_topics: bool,
 ) -> anyhow::Result<()> {
     let signal = shutdown_signal()?;
     let prices = Arc::new(
@@ -563,7 +568,13 @@ async fn run_pipelines(
     // Nothing is in hand yet: a signal while the broker is slow to answer stops at once.
     let topics = cfg.all_topics();
     tokio::select! {
-        created = tally::kafka::ensure_topics(&cfg.kafka, &topics, cfg.kafka.topic_partitions) => {
+        created = async {
+            if create_topics {
+                tally::kafka::ensure_topics(&cfg.kafka, &topics, cfg.kafka.topic_partitions).await
+            } else {
+                Ok(())
+            }
+        } => {
             created.context("creating Kafka topics")?;
         }
         _ = &mut signal => {
