@@ -46,6 +46,9 @@ pub struct RunOptions {
     /// Stop once every consumer group of this process has held partitions and been caught up
     /// with the topics' ends for this long (demo and tests).
     pub idle_exit: Option<Duration>,
+    /// Create missing topics at start (false for `tally dev`, whose broker has its topics
+    /// made directly: librdkafka's mock cluster has no CreateTopics).
+    pub create_topics: bool,
 }
 
 impl RunOptions {
@@ -54,6 +57,7 @@ impl RunOptions {
         RunOptions {
             role: Role::All,
             idle_exit: None,
+            create_topics: true,
         }
     }
 }
@@ -103,8 +107,15 @@ pub async fn run_with_prices(
     tokio::pin!(shutdown);
     // Nothing is in hand yet: a signal while the broker is slow to answer stops at once.
     let topics = cfg.all_topics();
+    let create = async {
+        if options.create_topics {
+            crate::kafka::ensure_topics(&cfg.kafka, &topics, cfg.kafka.topic_partitions).await
+        } else {
+            Ok(())
+        }
+    };
     tokio::select! {
-        created = crate::kafka::ensure_topics(&cfg.kafka, &topics, cfg.kafka.topic_partitions) => {
+        created = create => {
             created.context("creating Kafka topics").map_err(RunError::Failed)?;
         }
         _ = &mut shutdown => {
@@ -221,6 +232,11 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<String> {
     crate::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
         .await
         .context("creating Kafka topics")?;
+    migrate_stores(cfg).await
+}
+
+/// [`migrate`] without the topics.
+async fn migrate_stores(cfg: &Config) -> anyhow::Result<String> {
     let mut store = crate::ledger::Store::connect(&cfg.postgres)
         .await
         .context("connecting to PostgreSQL")?;
@@ -269,7 +285,7 @@ pub async fn dev(
         "dev broker (in-process, in memory: keeps nothing, not for production): {}",
         cfg.kafka.brokers
     );
-    println!("{}", migrate(&cfg).await.map_err(RunError::Failed)?);
+    println!("{}", migrate_stores(&cfg).await.map_err(RunError::Failed)?);
     if options.demo_accounts > 0 {
         let end = chrono::Utc::now();
         let demo = crate::cli::ProduceOptions {
@@ -282,13 +298,14 @@ pub async fn dev(
             start: end - chrono::Duration::days(7),
             end,
         };
-        crate::cli::produce(&cfg, &demo)
+        crate::cli::produce_to_existing_topics(&cfg, &demo)
             .await
             .map_err(RunError::Failed)?;
     }
     let run_options = RunOptions {
         role: Role::All,
         idle_exit: options.idle_exit,
+        create_topics: false,
     };
     let result = run(Arc::new(cfg), run_options, shutdown).await;
     drop(broker);

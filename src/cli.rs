@@ -151,6 +151,11 @@ fn progress_bar(total: u64, visible: bool, what: &str) -> ProgressBar {
 
 pub async fn produce(cfg: &Config, opts: &ProduceOptions) -> anyhow::Result<()> {
     kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions).await?;
+    produce_to_existing_topics(cfg, opts).await
+}
+
+/// [`produce`] to topics that exist already (`tally dev`: its broker has no CreateTopics).
+pub async fn produce_to_existing_topics(cfg: &Config, opts: &ProduceOptions) -> anyhow::Result<()> {
     let records = demo::generate(&DemoConfig {
         seed: opts.seed,
         accounts: opts.accounts,

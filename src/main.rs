@@ -327,6 +327,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let options = tally::app::RunOptions {
                 role: role.into(),
                 idle_exit: idle_exit_secs.map(Duration::from_secs),
+                create_topics: true,
             };
             Ok(tally::app::run(cfg, options, shutdown_signal()?).await?)
         }

@@ -56,6 +56,8 @@ async fn refused(sasl: bool) -> String {
     // A plaintext listener may hold a TLS handshake open: librdkafka gives up on the
     // connection after this (default 30 s) and logs why.
     p.insert("socket.connection.setup.timeout.ms".into(), "3000".into());
+    // The admin request gives up after this (default 60 s).
+    p.insert("socket.timeout.ms".into(), "5000".into());
     if sasl {
         p.insert("security.protocol".into(), "SASL_SSL".into());
         p.insert("sasl.mechanism".into(), "SCRAM-SHA-512".into());

@@ -140,80 +140,21 @@ pub struct TopicsError {
     pub last_client_error: Option<String>,
 }
 
-/// How long [`ensure_topics`] waits for the cluster's metadata: longer than librdkafka's
-/// default `socket.connection.setup.timeout.ms` (30 s), so a connection that cannot be set up
-/// (a TLS handshake with a plaintext listener that never answers) is reported with its cause.
+/// How long [`ensure_topics`]' probe of a failure waits for metadata: longer than
+/// librdkafka's default `socket.connection.setup.timeout.ms` (30 s), so a connection that
+/// cannot be set up (a TLS handshake with a plaintext listener that never answers) is
+/// reported with its cause.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// Creates the topics that do not exist yet (the broker may not auto-create them).
-/// Existing topics are left untouched; when every topic exists, no CreateTopics request is
-/// sent (a deployment whose credentials may not create topics, or a broker without the
-/// admin API such as `tally dev`'s, works once they exist).
+/// Existing topics are left untouched. When it fails, the error carries librdkafka's last
+/// logged cause (a TLS handshake with a plaintext listener, a refused connection...), read by
+/// a metadata probe: the admin client's own log lines are not served to the caller.
 pub async fn ensure_topics(
     kafka: &KafkaConfig,
     topics: &[&str],
     partitions: i32,
 ) -> Result<(), TopicsError> {
-    // rdkafka sets librdkafka's log level from the `log` crate's, which Tally (tracing) leaves
-    // off: warnings and errors are asked for, so the context sees them.
-    let probe: BaseConsumer<LastError> = client_config(kafka)
-        .set_log_level(RDKafkaLogLevel::Warning)
-        .create_with_context(LastError::default())
-        .map_err(|error| TopicsError {
-            error,
-            last_client_error: None,
-        })?;
-    let probe = std::sync::Arc::new(probe);
-    // One metadata request per topic (not the whole cluster's: a shared broker may hold
-    // thousands of topics): a topic exists when it has partitions and no error.
-    let wanted: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
-    let metadata = tokio::task::spawn_blocking({
-        let probe = probe.clone();
-        move || {
-            let mut missing = Vec::new();
-            let mut failed = None;
-            for topic in wanted {
-                match probe.fetch_metadata(Some(&topic), METADATA_TIMEOUT) {
-                    Ok(m) => {
-                        let exists = m
-                            .topics()
-                            .iter()
-                            .any(|t| t.error().is_none() && !t.partitions().is_empty());
-                        if !exists {
-                            missing.push(topic);
-                        }
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            match failed {
-                None => Ok(missing),
-                Some(e) => {
-                    // librdkafka queues its log lines and errors for the client's poll:
-                    // serve them, so the context holds the cause.
-                    for _ in 0..1_000 {
-                        if probe.poll(Duration::ZERO).is_none() {
-                            break;
-                        }
-                    }
-                    Err(e)
-                }
-            }
-        }
-    })
-    .await
-    .expect("the metadata task does not panic");
-    let missing = metadata.map_err(|error| TopicsError {
-        error,
-        last_client_error: probe.context().get(),
-    })?;
-    let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
     let admin: AdminClient<LastError> = client_config(kafka)
         .set_log_level(RDKafkaLogLevel::Warning)
         .create_with_context(LastError::default())
@@ -221,12 +162,46 @@ pub async fn ensure_topics(
             error,
             last_client_error: None,
         })?;
-    create_topics(&admin, kafka, &missing, partitions)
-        .await
-        .map_err(|error| TopicsError {
-            error,
-            last_client_error: admin.inner().context().get(),
-        })
+    let Err(error) = create_topics(&admin, kafka, topics, partitions).await else {
+        return Ok(());
+    };
+    let last_client_error = match topics.first() {
+        Some(topic) => probe_cause(kafka, topic).await,
+        None => None,
+    };
+    Err(TopicsError {
+        error,
+        last_client_error: last_client_error.or_else(|| admin.inner().context().get()),
+    })
+}
+
+/// librdkafka's last warning or error while asking for `topic`'s metadata (None when the
+/// broker answers).
+async fn probe_cause(kafka: &KafkaConfig, topic: &str) -> Option<String> {
+    // rdkafka sets librdkafka's log level from the `log` crate's, which Tally (tracing) leaves
+    // off: warnings and errors are asked for, so the context sees them.
+    let probe: BaseConsumer<LastError> = client_config(kafka)
+        .set_log_level(RDKafkaLogLevel::Warning)
+        .create_with_context(LastError::default())
+        .ok()?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let answered = probe.fetch_metadata(Some(&topic), METADATA_TIMEOUT).is_ok();
+        // librdkafka queues its log lines for the client's poll: serve them.
+        for _ in 0..1_000 {
+            if probe.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
+        if answered {
+            None
+        } else {
+            probe.context().get()
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 async fn create_topics(
