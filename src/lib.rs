@@ -38,6 +38,8 @@
 //! - [`retry`] — the one retry policy (back-off cut short by shutdown) and the isolation of
 //!   records a store refuses; every loop uses it.
 //! - [`kafka`] — client configuration, topic administration, dead letters.
+//! - [`commands`] — account commands (a plan, a grant) built, checked by the decoder and
+//!   published as events; the CLI and the API both publish through it.
 //! - [`pipeline`] — the batch loops joining the pieces above.
 //! - [`reconcile`] — `tally reconcile`: the ledger's charges against the ClickHouse roll-ups
 //!   and rated events, per account × day × usage kind.
@@ -55,6 +57,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod demo;
 pub mod event;

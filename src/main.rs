@@ -417,7 +417,7 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
                 Policy::SettleFromNextGrant => OveragePolicy::SettleFromNextGrant,
                 Policy::BillOverage => OveragePolicy::BillOverage,
             };
-            let plan = accounts::SetPlan {
+            let plan = tally::commands::PlanCommand {
                 account,
                 plan_id,
                 allowance,
@@ -445,7 +445,7 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
                 Kind::Manual => GrantKind::Manual,
                 Kind::Allowance => GrantKind::Allowance,
             };
-            let grant = accounts::Grant {
+            let grant = tally::commands::GrantCommand {
                 account,
                 grant_id,
                 kind,

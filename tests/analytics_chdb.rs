@@ -14,7 +14,7 @@
 //! sink's stored-identities query, and every example of docs/analytics.md (the repair steps
 //! included).
 
-mod analytics_common;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +22,7 @@ use std::process::Command;
 use rust_decimal_macros::dec;
 use serde_json::Value;
 
-use analytics_common::{clickhouse_config, day, doc_examples, docs_dataset, tsv, DOC_ACCOUNT};
+use common::analytics::{clickhouse_config, day, doc_examples, docs_dataset, tsv, DOC_ACCOUNT};
 use tally::analytics::migrate::{bootstrap, statements, MIGRATIONS};
 use tally::analytics::queries::{report_sql, Cycle, DateRange, ReportRequest};
 use tally::analytics::reconcile::{rated_days_sql, rollup_days_sql};

@@ -7,7 +7,7 @@
 //! per identity: the earliest record timestamp, then the lowest offset), never by the code
 //! under test. `tally reconcile`'s two ClickHouse sides agree too.
 
-mod analytics_common;
+mod common;
 
 use std::collections::BTreeMap;
 
@@ -16,7 +16,7 @@ use clickhouse::Row;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
-use analytics_common::clickhouse_config;
+use common::analytics::clickhouse_config;
 use tally::analytics::{admission_rank, migrate, AnalyticsSink, DateRange, RatedRow, UsageQueries};
 use tally::config::ClickHouseConfig;
 
@@ -242,6 +242,10 @@ fn stream(partition: u32, from: u64, to: u64) -> Vec<RatedRow> {
         .collect()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn half_done_doubled_and_concurrent_writes_converge() {
     let (cfg, sink) = fresh("conv_writes").await;
@@ -286,6 +290,10 @@ async fn half_done_doubled_and_concurrent_writes_converge() {
     drop_database(&cfg).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn one_identity_counts_once_whatever_its_time_account_or_arrival() {
     let (cfg, sink) = fresh("conv_identity").await;

@@ -2,7 +2,7 @@
 //! on a known data set, and gives the figures `tally::analytics::UsageQueries` computes from
 //! the same rows; the repair steps (check, rebuild a month) leave the roll-ups exact.
 
-mod analytics_common;
+mod common;
 
 use std::collections::BTreeMap;
 
@@ -10,7 +10,7 @@ use chrono::NaiveDate;
 use rust_decimal::{Decimal, RoundingStrategy};
 use rust_decimal_macros::dec;
 
-use analytics_common::{
+use common::analytics::{
     clickhouse_config, day, doc_examples, docs_dataset, rows_of, tsv, DOC_ACCOUNT,
 };
 use tally::analytics::queries::{Cycle, DateRange, Projection, UsageQueries};
@@ -24,6 +24,10 @@ fn cut(v: Decimal, places: u32) -> Decimal {
     v.round_dp_with_strategy(places, RoundingStrategy::ToZero)
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn every_documented_query_runs_and_agrees_with_the_api() {
     let cfg = clickhouse_config("docs");

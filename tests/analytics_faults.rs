@@ -103,7 +103,7 @@ async fn run_ledger_until_caught_up(env: &TestEnv, clock: Option<DateTime<Utc>>)
     ));
     env.wait_ledger_caught_up(Duration::from_secs(90)).await;
     tx.send(true).unwrap();
-    task.await.unwrap().unwrap();
+    common::stopped(task).await.unwrap();
 }
 
 /// `tally reconcile` reports nothing over `days`, and the daily roll-up (every account and
@@ -131,6 +131,10 @@ async fn assert_agrees(
     assert_eq!(&rollup, expected);
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_crash_between_the_insert_and_its_positions_converges() {
     let scenario = fail::FailScenario::setup();
@@ -143,30 +147,34 @@ async fn a_crash_between_the_insert_and_its_positions_converges() {
     // Dies once after writing rows and identities, before the roll-ups.
     fail::cfg("analytics-before-rollups", "1*panic").unwrap();
     let (_tx, task) = start_analytics(&env);
-    assert!(task.await.unwrap_err().is_panic());
+    assert!(common::joined(task).await.unwrap_err().is_panic());
     // Started again: reads the batch again. Then dies once after the roll-ups, before the
     // positions, on the next records.
     fail::cfg("analytics-before-rollups", "off").unwrap();
     let (tx, task) = start_analytics(&env);
     env.wait_analytics_caught_up(Duration::from_secs(90)).await;
     tx.send(true).unwrap();
-    task.await.unwrap().unwrap();
+    common::stopped(task).await.unwrap();
     fail::cfg("analytics-after-insert", "1*panic").unwrap();
     env.send(&records[30..]).await;
     run_ledger_until_caught_up(&env, None).await;
     let (_tx, task) = start_analytics(&env);
-    assert!(task.await.unwrap_err().is_panic());
+    assert!(common::joined(task).await.unwrap_err().is_panic());
     fail::cfg("analytics-after-insert", "off").unwrap();
     let (tx, task) = start_analytics(&env);
     env.wait_analytics_caught_up(Duration::from_secs(90)).await;
     tx.send(true).unwrap();
-    task.await.unwrap().unwrap();
+    common::stopped(task).await.unwrap();
 
     let today = now.date_naive();
     assert_agrees(&env, (today - chrono::Days::new(2), today), &expected).await;
     scenario.teardown();
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_in_a_rebalance_converge() {
     let scenario = fail::FailScenario::setup();
@@ -196,8 +204,8 @@ async fn two_instances_in_a_rebalance_converge() {
     tx1.send(true).unwrap();
     tx2.send(true).unwrap();
     let (a, b) = (
-        first.await.unwrap().unwrap(),
-        second.await.unwrap().unwrap(),
+        common::stopped(first).await.unwrap(),
+        common::stopped(second).await.unwrap(),
     );
     fail::cfg("analytics-after-insert", "off").unwrap();
     println!("first instance: {a:?}\nsecond instance: {b:?}");
@@ -216,8 +224,16 @@ async fn two_instances_in_a_rebalance_converge() {
     scenario.teardown();
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn analytics_40_days_behind_counts_what_the_ledger_counted() {
+    // Failpoints are global to this process: while another test here has one armed, this
+    // test's analytics would take it (and that test, waiting for its own task to die, would
+    // wait for ever). The scenario's lock runs the tests of this file one at a time.
+    let _exclusive = fail::FailScenario::setup();
     let env = TestEnv::new("an_behind").await;
     // The stream happened 40 days ago: its records were produced then (their Kafka
     // timestamp), and the ledger applied them then (its clock).
@@ -262,7 +278,7 @@ async fn analytics_40_days_behind_counts_what_the_ledger_counted() {
     let (tx, task) = start_analytics(&env);
     env.wait_analytics_caught_up(Duration::from_secs(90)).await;
     tx.send(true).unwrap();
-    let stats = task.await.unwrap().unwrap();
+    let stats = common::stopped(task).await.unwrap();
     assert_eq!(
         (stats.rows, stats.duplicates, stats.rejected),
         (31, 1, 1),

@@ -323,9 +323,13 @@ async fn run_analytics_until_caught_up(
     ));
     env.wait_analytics_caught_up(Duration::from_secs(90)).await;
     stop_tx.send(true).unwrap();
-    task.await.unwrap().unwrap()
+    common::stopped(task).await.unwrap()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_match_the_stream() {
     let mut cfg = test_config("aq");
@@ -482,8 +486,8 @@ async fn reports_match_the_stream() {
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     env.wait_analytics_caught_up(Duration::from_secs(60)).await;
     stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
-    let first_run = analytics.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
+    let first_run = common::stopped(analytics).await.unwrap();
     // Every record is a row (two are producer retries, which do not count).
     assert_eq!(first_run.rows, events.len() as u64 + 2, "{first_run:?}");
     assert_eq!(first_run.duplicates, 2, "{first_run:?}");

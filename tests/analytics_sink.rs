@@ -13,7 +13,7 @@
 //!   Decimal(38, 6) come back unchanged, as does every other column.
 //! - `errors_are_classified`: server down is transient, a missing table is not.
 
-mod analytics_common;
+mod common;
 
 use std::sync::Arc;
 
@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use analytics_common::clickhouse_config;
+use common::analytics::clickhouse_config;
 use tally::analytics::{migrate, rated_row, AnalyticsSink, ChOffsetStore, RatedRow};
 use tally::config::ClickHouseConfig;
 use tally::kafka::{OffsetStore, Positions, Record};
@@ -182,6 +182,10 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
         .collect()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let cfg = clickhouse_config("migrate");
@@ -231,6 +235,10 @@ async fn migrate_is_idempotent() {
     drop_database(&cfg).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn replayed_batch_keeps_exact_totals() {
     let (cfg, sink) = fresh("replay").await;
@@ -415,6 +423,10 @@ async fn replayed_batch_keeps_exact_totals() {
     drop_database(&cfg).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn positions_resume_past_what_is_stored() {
     let (cfg, sink) = fresh("positions").await;
@@ -482,6 +494,10 @@ async fn positions_resume_past_what_is_stored() {
     drop_database(&cfg).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn decimals_round_trip_exactly() {
     let (cfg, sink) = fresh("decimals").await;
@@ -556,6 +572,10 @@ async fn decimals_round_trip_exactly() {
     drop_database(&cfg).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn errors_are_classified() {
     // Nothing listens on port 1: ClickHouse is "down".

@@ -4,7 +4,6 @@
 //! `schemas/openapi.yaml`; and `tally run` serving the API and stopping gracefully.
 //! Every status a test sees must be declared in the OpenAPI document for its route.
 
-mod api_common;
 mod common;
 
 use std::collections::BTreeSet;
@@ -17,9 +16,8 @@ use hyper::Method;
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
-use api_common::{with_tokens, Client, Server, ACME, ADMIN, GLOBEX, OPENAPI};
+use common::api::{with_tokens, Client, Server, ACME, ADMIN, GLOBEX, OPENAPI};
 use common::{ev, test_config, TestEnv};
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -43,6 +41,10 @@ fn at_ten(days: u64) -> DateTime<Utc> {
         .and_utc()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_with_real_data_and_token_rules() {
     let mut cfg = with_tokens(test_config("api"));
@@ -50,17 +52,7 @@ async fn every_route_with_real_data_and_token_rules() {
     cfg.billing.grace = Duration::from_secs(3 * 86_400);
     let env = TestEnv::with_config(cfg).await;
     let topics = env.cfg.kafka.topics.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx.clone(),
-    ));
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = common::RunningTally::start(&env);
     let server = Server::start(env.cfg.clone(), env.prices.clone()).await;
     let c = server.client();
     let wait = Duration::from_secs(60);
@@ -533,13 +525,15 @@ async fn every_route_with_real_data_and_token_rules() {
     assert!(!m.contains(ADMIN) && !m.contains(ACME));
 
     server.stop().await;
-    stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
-    analytics.await.unwrap().unwrap();
+    tally.stop().await;
 }
 
 /// Parameters and bodies are checked before any store is read: each mistake answers 400
 /// (or 413/415) naming the field.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_parameters_and_bodies_are_refused() {
     let cfg = Arc::new(with_tokens(test_config("api_input")));
@@ -752,6 +746,10 @@ async fn malformed_parameters_and_bodies_are_refused() {
 }
 
 /// Readiness names the dependency that is down.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_reports_each_dependency() {
     let mut cfg = with_tokens(test_config("api_ready"));
@@ -776,6 +774,10 @@ async fn readiness_reports_each_dependency() {
 
 /// `schemas/openapi.yaml` lists exactly the router's routes, with exactly the statuses each
 /// route answers with.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[test]
 fn openapi_describes_every_route() {
     let routes = tally::api::route_specs();
@@ -809,6 +811,10 @@ fn openapi_describes_every_route() {
 
 /// `tally run` serves the API on `api.listen` next to the pipelines, and SIGTERM stops both
 /// gracefully (exit 0).
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tally_run_serves_the_api_and_stops_gracefully() {
     use std::io::BufRead;

@@ -8,7 +8,7 @@
 //! the tests count probe rounds, not their outcome. Raw TCP clients, so every byte sent and
 //! its timing are the test's own.
 
-mod api_common;
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +30,7 @@ struct Running {
 }
 
 async fn start(configure: impl FnOnce(&mut Config)) -> Running {
-    let mut cfg = api_common::with_tokens(Config::default());
+    let mut cfg = common::api::with_tokens(Config::default());
     configure(&mut cfg);
     cfg.validate().expect("valid test config");
     let prices = Arc::new(PriceTable::load(&cfg.prices.path).unwrap());
@@ -94,6 +94,10 @@ async fn request(addr: std::net::SocketAddr, raw: &str) -> (u16, String) {
         .expect("an answer before the connection closed")
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_client_sending_its_header_slowly_is_cut_off() {
     let server = start(|c| c.api.header_read_timeout_ms = 300).await;
@@ -129,6 +133,10 @@ async fn a_client_sending_its_header_slowly_is_cut_off() {
     assert!(!answer.contains("200 OK"), "{answer}");
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_request_not_answered_in_time_gets_503() {
     let server = start(|c| c.api.request_timeout_ms = 300).await;
@@ -136,7 +144,7 @@ async fn a_request_not_answered_in_time_gets_503() {
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let head = format!(
         "POST /v1/accounts/acme/grants HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"grant_id",
-        api_common::ADMIN
+        common::api::ADMIN
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     let (status, _) = tokio::time::timeout(PATIENCE, read_response(&mut stream))
@@ -146,6 +154,10 @@ async fn a_request_not_answered_in_time_gets_503() {
     assert_eq!(status, 503);
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn connections_beyond_the_cap_wait_until_one_closes() {
     let server = start(|c| {
@@ -180,6 +192,10 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
     assert_eq!(reply.unwrap().unwrap().0, 200);
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_flood_of_readyz_and_metrics_runs_one_probe() {
     // A minute of cache: the whole flood falls inside it.
@@ -208,6 +224,10 @@ async fn a_flood_of_readyz_and_metrics_runs_one_probe() {
     );
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn without_a_cache_each_readyz_probes() {
     let server = start(|c| c.api.probe_cache_ms = 0).await;
@@ -217,6 +237,10 @@ async fn without_a_cache_each_readyz_probes() {
     }
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn metric_labels_stay_bounded() {
     let server = start(|_| {}).await;

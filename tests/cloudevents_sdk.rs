@@ -77,6 +77,10 @@ fn produce_with_sdk(python: &PathBuf, brokers: &str, events: &serde_json::Value)
     String::from_utf8(out.stdout).unwrap()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_events_in_both_content_modes_are_debited() {
     let python = match sdk_python() {
@@ -158,7 +162,7 @@ async fn sdk_events_in_both_content_modes_are_debited() {
 
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
 
     let store = env.store().await;
     // 100 - 3 - 3 - 20 = 74

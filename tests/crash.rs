@@ -1358,6 +1358,10 @@ fn micros(d: Decimal) -> Micros {
     (d * Decimal::from(MICROS)).to_i64().expect("credits fit")
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_at_every_failpoint_change_nothing() {
     let _one_at_a_time = HEAVY.lock().await;
@@ -1657,6 +1661,10 @@ async fn kills_at_every_failpoint_change_nothing() {
 }
 
 /// The reference model itself, on figures worked out by hand.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[test]
 fn reference_model_by_hand() {
     let at = |d: u32, h: u32| Utc.with_ymd_and_hms(2026, 3, d, h, 0, 0).unwrap();
@@ -1780,6 +1788,10 @@ fn accounts_of(records: &[DemoRecord]) -> Vec<String> {
     ids
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_split_partitions_with_same_results() {
     let _one_at_a_time = HEAVY.lock().await;
@@ -1817,10 +1829,10 @@ async fn two_instances_split_partitions_with_same_results() {
 
     let mut per_instance = Vec::new();
     for l in ledgers {
-        per_instance.push(l.await.unwrap().unwrap().records);
+        per_instance.push(common::stopped(l).await.unwrap().records);
     }
     for a in analytics {
-        a.await.unwrap().unwrap();
+        common::stopped(a).await.unwrap();
     }
     assert!(
         per_instance.iter().all(|&n| n > 0),
@@ -1848,6 +1860,10 @@ async fn ledger_progress(env: &TestEnv) -> i64 {
 /// comes at once); balances, grants and ClickHouse totals end equal to
 /// `common::expected_from_demo`. (Its expectations come from Tally's own decoder and
 /// buckets; the failpoint test's reference model does not.)
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_restarts_change_nothing() {
     let _one_at_a_time = HEAVY.lock().await;

@@ -7,7 +7,6 @@
 //! Chromium: /usr/bin/chromium (scripts/test installs Debian's `chromium` when it is missing)
 //! or TALLY_TEST_CHROMIUM.
 
-mod api_common;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -18,9 +17,8 @@ use chrono::{DateTime, Days, SecondsFormat, Utc};
 use rust_decimal::{Decimal, RoundingStrategy};
 use rust_decimal_macros::dec;
 use serde_json::json;
-use tokio::sync::watch;
 
-use api_common::{with_tokens, Server, ACME, ADMIN};
+use common::api::{with_tokens, Server, ACME, ADMIN};
 use common::{ev, test_config, TestEnv};
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -136,22 +134,16 @@ fn d(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_renders_the_accounts_figures_in_chromium() {
     let mut cfg = with_tokens(test_config("dashboard"));
     cfg.pipeline.dedupe_window_days = 120; // three months of history are admitted
     let env = TestEnv::with_config(cfg).await;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx.clone(),
-    ));
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = common::RunningTally::start(&env);
     let server = Server::start(env.cfg.clone(), env.prices.clone()).await;
     let c = server.client();
 
@@ -326,7 +318,7 @@ async fn dashboard_renders_the_accounts_figures_in_chromium() {
     assert!(png_is(&png));
 
     // Another account's token sees nothing of acme: the page says so.
-    let other = server.url(&format!("/dashboard/acme#token={}", api_common::GLOBEX));
+    let other = server.url(&format!("/dashboard/acme#token={}", common::api::GLOBEX));
     let dom = run_chromium(&other, &["--dump-dom".to_owned()]).await;
     let (body, _) = element(&dom, "<body");
     assert_eq!(attr(body, "data-state"), "error");
@@ -335,9 +327,7 @@ async fn dashboard_renders_the_accounts_figures_in_chromium() {
     assert!(!pill.contains("data-value"), "no figure shown");
 
     server.stop().await;
-    stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
-    analytics.await.unwrap().unwrap();
+    tally.stop().await;
 }
 
 fn png_is(path: &Path) -> bool {

@@ -81,6 +81,10 @@ fn payload(n: usize) -> Vec<u8> {
     (0..n).map(|i| b'a' + (i % 26) as u8).collect()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_record_of_max_message_bytes_plus_headers_is_dead_lettered_whole() {
     let (cfg, topic) = dead_letter_config("dlq_size", 1_000_000).await;
@@ -179,6 +183,10 @@ async fn dead_letter_of(
     (record, seen.remove(0))
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_too_large_record_its_topic_held_is_dead_lettered_whole() {
     // 900 KB: accepted by the input topic, far over max_message_bytes (too_large).
@@ -191,6 +199,10 @@ async fn a_too_large_record_its_topic_held_is_dead_lettered_whole() {
     assert_eq!(header(dl, "tally.source.bytes"), None);
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_record_beyond_the_capacity_is_dead_lettered_cut_and_says_so() {
     // 1,100,000 bytes: beyond the 1 MiB (1,048,576) carried whole.

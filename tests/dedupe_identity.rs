@@ -90,6 +90,10 @@ async fn claims(store: &Store) -> Vec<(String, String, String)> {
         .collect()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn usage_grant_and_plan_with_one_identity_all_apply_once() {
     let (_cfg, mut store, prices) = setup("dedupe_scope").await;
@@ -160,6 +164,10 @@ async fn usage_grant_and_plan_with_one_identity_all_apply_once() {
     drop_schema(&store).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_purged_event_stays_too_late_when_the_window_grows() {
     let (_cfg, mut store, prices) = setup("dedupe_horizon").await;
@@ -289,6 +297,10 @@ async fn a_purged_event_stays_too_late_when_the_window_grows() {
     drop_schema(&store).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_large_purge_runs_in_bounded_chunks() {
     let (_cfg, mut store, _prices) = setup("dedupe_chunks").await;

@@ -163,7 +163,7 @@ impl Delivery {
     async fn stop_ledger(&mut self) {
         let (tx, task) = self.ledger.take().expect("running");
         tx.send(true).unwrap();
-        task.await.unwrap().unwrap();
+        common::stopped(task).await.unwrap();
     }
 
     async fn send(&self, records: &[Record]) {
@@ -195,7 +195,7 @@ impl Delivery {
             .await;
         self.stop_ledger().await;
         self.analytics.0.send(true).unwrap();
-        self.analytics.1.await.unwrap().unwrap();
+        common::stopped(self.analytics.1).await.unwrap();
         let store = self.env.store().await;
         let sink = tally::analytics::AnalyticsSink::new(&self.env.cfg.clickhouse);
         let mut seen = Seen::default();
@@ -247,6 +247,10 @@ struct Seen {
     accounts: BTreeMap<String, PerAccount>,
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_stream_in_three_orders_gives_the_same_ledger() {
     let now = Utc::now();
@@ -323,6 +327,10 @@ async fn same_stream_in_three_orders_gives_the_same_ledger() {
 /// hour before today's boundary arrives after the boundary and still uses the old cycle's
 /// allowance; usage dated 40 h ago arrives after the final point moved past it and is charged
 /// to the open cycle, marked late in the ledger and in ClickHouse.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_usage_inside_and_beyond_the_grace() {
     let now = Utc::now();
@@ -377,8 +385,8 @@ async fn late_usage_inside_and_beyond_the_grace() {
     env.wait_ledger_caught_up(wait).await;
     env.wait_analytics_caught_up(wait).await;
     tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
-    analytics.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
+    common::stopped(analytics).await.unwrap();
 
     // The closed cycle: u2 used 25 of its 100; 75 expired at the boundary (not 100).
     let cycles = store.cycles("acct-l").await.unwrap();

@@ -26,6 +26,10 @@ async fn fresh_store(name: &str) -> Store {
     store
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn late_and_out_of_order_usage_through_ticks_is_charged_once() {
     let mut store = fresh_store("etstore").await;
@@ -123,6 +127,10 @@ fn plan(allowance: Decimal, day: u8) -> Action<'static> {
 /// A plan dated before the one in force arrives after a cycle closed: replayed in event-time
 /// order, the account's cycles are cut differently, and the closed cycle of the first order
 /// is gone from `cycles` (only final cycles are never rewritten).
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_replay_rewrites_the_closed_cycles_that_are_not_final() {
     let mut store = fresh_store("etcycles").await;
@@ -180,6 +188,10 @@ async fn a_replay_rewrites_the_closed_cycles_that_are_not_final() {
 /// The same late older plan before any boundary: the newer plan's allowance (300, its
 /// cycle from Jan 1) gives way to the older plan's (100, Dec 15 - Jan 15), and the grant row
 /// of the allowance that no longer exists keeps nothing.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn a_replay_empties_the_row_of_a_grant_it_no_longer_has() {
     let mut store = fresh_store("etgone").await;

@@ -5,7 +5,6 @@
 //! debiting exactly what was accepted. Expected credits by hand from
 //! tests/fixtures/prices.toml. Every status is checked against `schemas/openapi.yaml`.
 
-mod api_common;
 mod common;
 
 use std::time::Duration;
@@ -16,7 +15,7 @@ use rust_decimal_macros::dec;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use api_common::{with_tokens, Server, ACME, ADMIN, INGEST, INGEST_CHAT};
+use common::api::{with_tokens, Server, ACME, ADMIN, INGEST, INGEST_CHAT};
 use common::{ev, test_config, TestEnv};
 
 const SINGLE: &str = "application/cloudevents+json";
@@ -26,6 +25,10 @@ fn event(bytes: Vec<u8>) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_published_after_the_ack_and_debited() {
     let mut cfg = with_tokens(test_config("ingest"));
@@ -236,7 +239,7 @@ async fn events_are_published_after_the_ack_and_debited() {
     ));
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
     server.stop().await;
 
     // 100 - 3 (h-1, once) - 2 (h-2) - 3 (h-7) = 92

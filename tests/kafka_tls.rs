@@ -4,12 +4,12 @@
 //! handshake against a plaintext listener), never printing the SASL password. Tally passes
 //! `[kafka.properties]` to librdkafka verbatim.
 
+mod common;
+
 use rdkafka::config::ClientConfig;
 use tally::config::Config;
 
-fn brokers() -> String {
-    std::env::var("TALLY_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
+use common::kafka_brokers as brokers;
 
 #[test]
 fn the_client_is_built_with_tls_and_sasl() {
@@ -74,6 +74,10 @@ async fn refused(sasl: bool) -> String {
         .to_string()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_against_a_plaintext_listener_fails_clearly() {
     let (tls, sasl_ssl) = tokio::join!(refused(false), refused(true));

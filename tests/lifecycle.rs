@@ -144,6 +144,10 @@ fn read_alerts(env: &TestEnv) -> Vec<(String, Value)> {
     out
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plans_cycles_top_ups_overage_and_every_alert() {
     let mut cfg = test_config("life");
@@ -320,7 +324,7 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
         env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     }
     stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
 
     // The scheduler's ticks, at times the test chooses.
     let mut store = env.store().await;

@@ -298,12 +298,20 @@ async fn restart_takes_partitions_back(name: &str, instance_id: Option<&str>) {
     );
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_with_instance_id_takes_partitions_back() {
     let id = common::unique("host");
     restart_takes_partitions_back("live_static", Some(&id)).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_without_instance_id_takes_partitions_back() {
     restart_takes_partitions_back("live_dynamic", None).await;
@@ -314,6 +322,10 @@ async fn restart_without_instance_id_takes_partitions_back() {
 /// the client id: "a-holder" holds all six, "z-idle" none. The idle one's `/readyz` answers 503
 /// naming the group, its log warns, its gauge says 0, and its idle exit waits; once the holder
 /// stops, it takes the partitions, applies what is left and idle-exits by itself.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_without_partitions_is_not_ready_and_never_idle() {
     let mut cfg = test_config("live_unassigned");
@@ -435,16 +447,16 @@ fn stuck_postgres() -> (String, mpsc::Receiver<()>) {
 
 /// A port nothing listens on: every connection is refused at once.
 fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::servers::free_port()
 }
 
 /// SIGTERM while PostgreSQL refuses connections (the retry loop stops at once, exit 0), then
 /// while it accepts and never answers (the shutdown bound ends the process, non-zero): either
 /// way within `shutdown_timeout_ms` plus a margin, naming what was stuck and why.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_postgresql_outage_exits_within_the_timeout() {
     let mut cfg = test_config("live_pg_down");

@@ -4,7 +4,6 @@
 //! dead letter, an ingested event and a scrape), and every label they group or filter by
 //! (`job`, `instance` and `le` aside) is a label of that metric.
 
-mod api_common;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,7 +13,7 @@ use chrono::{SecondsFormat, Utc};
 use hyper::Method;
 use tokio::sync::watch;
 
-use api_common::{with_tokens, Server, INGEST};
+use common::api::{with_tokens, Server, INGEST};
 use common::{ev, repo_path, test_config, TestEnv};
 
 /// Every PromQL expression of the dashboard and the rules, with where it comes from.
@@ -131,6 +130,10 @@ fn exported(text: &str) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[test]
 fn expressions_are_read() {
     let (names, labels) = names_and_labels(
@@ -148,6 +151,10 @@ fn expressions_are_read() {
     assert!(all.len() >= 30, "{}", all.len());
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_kit_names_is_exported() {
     let env = TestEnv::with_config(with_tokens(test_config("ops_kit"))).await;
@@ -190,7 +197,7 @@ async fn every_metric_the_kit_names_is_exported() {
     tally::metrics::retry("ops-kit-test");
     let text = server.client().get("/metrics", None).await.text();
     stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
     server.stop().await;
 
     let exported = exported(&text);

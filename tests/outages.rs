@@ -13,7 +13,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use chrono::{SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 
+use common::servers::{free_port, run, wait_port, ClickHouseFiles, PrivatePostgres};
 use common::{ev, test_config, TestEnv};
 
 const ACCOUNTS: usize = 4;
@@ -32,132 +32,6 @@ const DOWN: Duration = Duration::from_secs(6);
 /// The process must exit within this after SIGTERM (tally's shutdown bound plus a margin).
 const EXIT_BOUND: Duration = Duration::from_secs(45);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_port(port: u16, timeout: Duration, what: &str) {
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < timeout,
-            "{what} does not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A command run as the `postgres` user when we are root (PostgreSQL refuses to run as root).
-fn as_postgres(program: &Path) -> Command {
-    let uid = Command::new("id").arg("-u").output().unwrap().stdout;
-    if String::from_utf8_lossy(&uid).trim() == "0" {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-/// A private PostgreSQL cluster (initdb into a temporary directory).
-struct PrivatePostgres {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    port: u16,
-}
-
-impl PrivatePostgres {
-    fn start() -> PrivatePostgres {
-        let bin = std::env::var("TALLY_TEST_PG_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from("/usr/lib/postgresql/15/bin"));
-        let dir = tempfile::tempdir().unwrap();
-        run(Command::new("chmod").arg("777").arg(dir.path()));
-        let data = dir.path().join("data");
-        run(as_postgres(&bin.join("initdb"))
-            .args([
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-            ])
-            .args(["-E", "UTF8", "--no-sync"]));
-        let pg = PrivatePostgres {
-            port: free_port(),
-            dir,
-            bin,
-        };
-        pg.up();
-        pg
-    }
-
-    fn ctl(&self, args: &[&str]) -> Command {
-        let mut c = as_postgres(&self.bin.join("pg_ctl"));
-        c.arg("-D").arg(self.dir.path().join("data")).args(args);
-        c
-    }
-
-    fn up(&self) {
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("postgres.log");
-        run(self
-            .ctl(&[
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                &options,
-                "-l",
-                log.to_str().unwrap(),
-            ])
-            .arg("start")
-            .stdout(Stdio::null()));
-    }
-
-    /// A crash: the server stops at once, clients see their connections cut.
-    fn crash(&self) {
-        run(self
-            .ctl(&["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null()));
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.port
-        )
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let _ = self
-            .ctl(&["-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// A private process-based service (the broker, ClickHouse) that can be killed and restarted
 /// on the same data.
 struct PrivateProcess {
@@ -165,7 +39,7 @@ struct PrivateProcess {
     command: Box<dyn Fn() -> Command + Send>,
     port: u16,
     child: Option<Child>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl PrivateProcess {
@@ -212,71 +86,21 @@ impl PrivateProcess {
             }),
             port,
             child: None,
-            _dir: dir,
+            _dir: Some(dir),
         };
         p.up();
         p
     }
 
     fn clickhouse() -> PrivateProcess {
-        let dir = tempfile::tempdir().unwrap();
-        let (http, tcp) = (free_port(), free_port());
-        let root = dir.path();
-        for sub in ["data", "tmp", "user_files", "format_schemas", "logs"] {
-            std::fs::create_dir_all(root.join(sub)).unwrap();
-        }
-        let r = root.display();
-        std::fs::write(
-            root.join("config.xml"),
-            format!(
-                r#"<?xml version="1.0"?>
-<yandex>
-    <logger><level>warning</level><log>{r}/logs/server.log</log><errorlog>{r}/logs/err.log</errorlog></logger>
-    <listen_host>127.0.0.1</listen_host>
-    <http_port>{http}</http_port>
-    <tcp_port>{tcp}</tcp_port>
-    <max_connections>256</max_connections>
-    <keep_alive_timeout>3</keep_alive_timeout>
-    <max_concurrent_queries>100</max_concurrent_queries>
-    <mark_cache_size>67108864</mark_cache_size>
-    <path>{r}/data/</path>
-    <tmp_path>{r}/tmp/</tmp_path>
-    <user_files_path>{r}/user_files/</user_files_path>
-    <format_schema_path>{r}/format_schemas/</format_schema_path>
-    <users_config>{r}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <timezone>UTC</timezone>
-    <mlock_executable>false</mlock_executable>
-</yandex>
-"#
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            root.join("users.xml"),
-            r#"<?xml version="1.0"?>
-<yandex>
-    <profiles><default><allow_experimental_low_cardinality_type>1</allow_experimental_low_cardinality_type></default></profiles>
-    <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
-    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
-</yandex>
-"#,
-        )
-        .unwrap();
-        let config = root.join("config.xml");
-        let cwd = root.to_owned();
+        let files = ClickHouseFiles::new(false);
         let mut p = PrivateProcess {
             name: "clickhouse-server",
-            command: Box::new(move || {
-                let mut c = Command::new("clickhouse-server");
-                c.current_dir(&cwd)
-                    .arg(format!("--config-file={}", config.display()));
-                c
-            }),
-            port: http,
+            port: files.port,
+            // The closure keeps the server's directory.
+            command: Box::new(move || files.command()),
             child: None,
-            _dir: dir,
+            _dir: None,
         };
         p.up();
         p
@@ -518,6 +342,10 @@ async fn survive(env: &TestEnv, service: &mut dyn Outage) {
     service.up();
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crash_and_restart_loses_nothing() {
     let mut pg = PrivatePostgres::start();
@@ -527,6 +355,10 @@ async fn postgres_crash_and_restart_loses_nothing() {
     survive(&env, &mut pg).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_kill_and_restart_loses_nothing() {
     let mut broker = PrivateProcess::tansu();
@@ -536,6 +368,10 @@ async fn broker_kill_and_restart_loses_nothing() {
     survive(&env, &mut broker).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_kill_and_restart_loses_nothing() {
     let mut clickhouse = PrivateProcess::clickhouse();

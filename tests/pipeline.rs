@@ -19,6 +19,10 @@ fn ts(t: chrono::DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_stream_gives_exact_ledger_analytics_and_dead_letters() {
     let env = TestEnv::new("known").await;
@@ -291,10 +295,10 @@ async fn known_stream_gives_exact_ledger_analytics_and_dead_letters() {
     );
 
     stop_tx.send(true).unwrap();
-    let ledger_stats = ledger.await.unwrap().unwrap();
+    let ledger_stats = common::stopped(ledger).await.unwrap();
     assert_eq!(ledger_stats.dead_letters, 7);
     // The resent call is a dedupe duplicate; the grant delivered under another event id is
     // claimed but changes nothing (no entry above).
     assert_eq!(ledger_stats.duplicates, 1);
-    analytics.await.unwrap().unwrap();
+    common::stopped(analytics).await.unwrap();
 }

@@ -52,6 +52,10 @@ async fn execute(env: &TestEnv, sql: &str) {
     client(env).await.batch_execute(sql).await.unwrap();
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_records_are_dead_lettered_and_the_rest_applied() {
     let env = TestEnv::new("poison").await;
@@ -179,6 +183,10 @@ async fn poison_records_are_dead_lettered_and_the_rest_applied() {
     assert_eq!(stats.applied, 6);
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_schema_stops_the_ledger_naming_the_record() {
     let env = TestEnv::new("poison_bug").await;

@@ -53,6 +53,10 @@ fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_finds_no_difference_then_exactly_the_corruptions() {
     let mut cfg = test_config("reconcile");
@@ -165,8 +169,8 @@ async fn reconcile_finds_no_difference_then_exactly_the_corruptions() {
     env.wait_analytics_caught_up(Duration::from_secs(120)).await;
     ledger_stop.send(true).unwrap();
     analytics_stop.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
-    analytics.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
+    common::stopped(analytics).await.unwrap();
 
     let count = |q: &'static str| {
         let store = &store;

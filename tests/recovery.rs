@@ -23,6 +23,10 @@ fn at(secs: i64) -> String {
         .to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_dead_letters_apply_once_after_the_fix() {
     let env = TestEnv::new("replay").await;
@@ -56,7 +60,7 @@ async fn replayed_dead_letters_apply_once_after_the_fix() {
     .await;
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
     let store = env.store().await;
     assert_eq!(
         store.balance("acct-r").await.unwrap().unwrap().spendable,
@@ -109,7 +113,7 @@ async fn replayed_dead_letters_apply_once_after_the_fix() {
     tally::cli::replay_file(&env.cfg, &file).await.unwrap();
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
+    common::stopped(ledger).await.unwrap();
 
     // 10 - 1 (rc-2) - 4 (rc-1, replayed twice, applied once) - 3 (rc-3, sent twice) = 2
     let b = store.balance("acct-r").await.unwrap().unwrap();
@@ -149,6 +153,10 @@ async fn proxy(target: String, down: Arc<AtomicBool>) -> String {
     format!("http://{addr}")
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_holds_back_while_clickhouse_is_down() {
     let direct = test_config("chdown");
@@ -206,5 +214,5 @@ async fn analytics_holds_back_while_clickhouse_is_down() {
         (2, dec!(3.5))
     );
     stop_tx.send(true).unwrap();
-    analytics.await.unwrap().unwrap();
+    common::stopped(analytics).await.unwrap();
 }

@@ -10,7 +10,6 @@
 //! into `.services/schemathesis-venv` and sets it). Without it the test says why and passes
 //! without running, except in CI (`CI` set and not `false`/`0`), where it fails.
 
-mod api_common;
 mod common;
 
 use std::path::PathBuf;
@@ -18,9 +17,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
-use tokio::sync::watch;
 
-use api_common::{with_tokens, Server, ADMIN};
+use common::api::{with_tokens, Server, ADMIN};
 use common::{ev, repo_path, test_config, TestEnv};
 
 fn in_ci() -> bool {
@@ -42,6 +40,10 @@ fn schemathesis() -> Result<PathBuf, String> {
     }
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_is_exact() {
     let command = match schemathesis() {
@@ -70,17 +72,7 @@ async fn the_openapi_document_is_exact() {
         ),
     ])
     .await;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx.clone(),
-    ));
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = common::RunningTally::start(&env);
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     env.wait_analytics_caught_up(Duration::from_secs(60)).await;
     let server = Server::start(env.cfg.clone(), env.prices.clone()).await;
@@ -117,9 +109,7 @@ async fn the_openapi_document_is_exact() {
     .await
     .unwrap();
     server.stop().await;
-    stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
-    analytics.await.unwrap().unwrap();
+    tally.stop().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}");
     assert!(

@@ -112,6 +112,10 @@ fn kafka_config(brokers: &str) -> ClientConfig {
     config
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn kafka_topic_produce_consume_round_trip() {
     const PARTITIONS: i32 = 3;
@@ -219,6 +223,10 @@ struct CreditRow {
     events: u32,
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn clickhouse_insert_and_exact_sum() {
     let url = setting(CLICKHOUSE_VAR, CLICKHOUSE_DEFAULT);
@@ -296,6 +304,10 @@ async fn clickhouse_insert_and_exact_sum() {
 
 // --- PostgreSQL -----------------------------------------------------------------------------
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn postgres_exact_numeric_sum() {
     let url = setting(POSTGRES_VAR, POSTGRES_DEFAULT);

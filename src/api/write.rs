@@ -23,7 +23,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
-use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -31,6 +30,7 @@ use super::auth::Principal;
 use super::error::ApiError;
 use super::input::{json_body, JsonInt};
 use super::{pg, AppState};
+use crate::commands::{self, CommandError, GrantCommand, PlanCommand};
 use crate::event::{self, encode, types, DecodeLimits, Event, GrantKind, Payload, Rejection};
 
 /// How long the API waits for Kafka to acknowledge an event before answering 503.
@@ -159,31 +159,27 @@ fn check<'a>(
     now: DateTime<Utc>,
     limits: &DecodeLimits,
 ) -> Result<Event<'a>, ApiError> {
-    event::decode(raw, now, limits).map_err(|r: Rejection| {
-        let field = match r.field.as_deref() {
-            Some(f) => f.strip_prefix("data.").unwrap_or(f).to_owned(),
-            None => "body".to_owned(),
-        };
-        ApiError::invalid(field, r.detail)
-    })
+    event::decode(raw, now, limits).map_err(rejection)
 }
 
-async fn publish(api: &AppState, topic: &str, key: &str, payload: &[u8]) -> Result<(), ApiError> {
-    let unavailable = |detail: String| ApiError::Unavailable {
-        dependency: "Kafka",
-        detail,
+/// A decoder's rejection as a 400 naming the request field.
+fn rejection(r: Rejection) -> ApiError {
+    let field = match r.field.as_deref() {
+        Some(f) => f.strip_prefix("data.").unwrap_or(f).to_owned(),
+        None => "body".to_owned(),
     };
-    let send = api.producer.send(
-        FutureRecord::to(topic).key(key).payload(payload),
-        PUBLISH_TIMEOUT,
-    );
-    match tokio::time::timeout(PUBLISH_TIMEOUT, send).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(unavailable(format!("publishing to {topic}: {e}"))),
-        Err(_) => Err(unavailable(format!(
-            "publishing to {topic}: no acknowledgement within {} s",
-            PUBLISH_TIMEOUT.as_secs()
-        ))),
+    ApiError::invalid(field, r.detail)
+}
+
+/// Publishes a command's event (checked again by `commands`, as the CLI's are), answering 503
+/// when the broker does not acknowledge it in time.
+fn command_error(e: CommandError) -> ApiError {
+    match e {
+        CommandError::Invalid(r) => rejection(r),
+        CommandError::Unavailable { topic, detail } => ApiError::Unavailable {
+            dependency: "Kafka",
+            detail: format!("publishing to {topic}: {detail}"),
+        },
     }
 }
 
@@ -243,17 +239,24 @@ pub async fn grant(
             ),
         });
     }
-    let payload = encode::grant(
+    let command = GrantCommand {
+        account: id.to_owned(),
+        grant_id: g.grant_id.to_string(),
+        kind: g.kind,
+        credits: g.credits,
+        expires_at: g.expires_at,
+        priority: g.priority,
+    };
+    commands::publish_grant(
+        &api.producer,
+        &api.cfg,
         &source,
-        id,
-        &g.grant_id,
-        g.kind,
-        g.credits,
-        g.expires_at,
-        g.priority,
+        &command,
         time,
-    );
-    publish(&api, &api.cfg.kafka.topics.grants, id, &payload).await?;
+        PUBLISH_TIMEOUT,
+    )
+    .await
+    .map_err(command_error)?;
     tracing::info!(account_id = id, grant_id = %g.grant_id, kind = g.kind.as_str(), credits = %g.credits, by = who.name(), "grant published");
     Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
 }
@@ -272,12 +275,7 @@ pub async fn plan(
     let now = Utc::now();
     let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
     let source = source_for(id);
-    let event_id = format!(
-        "{}{}-{:08x}",
-        crate::event::API_PLAN_ID_PREFIX,
-        now.timestamp_nanos_opt().unwrap_or_default(),
-        rand::random::<u32>()
-    );
+    let event_id = commands::plan_event_id(now);
     let mut data = json!({
         "plan_id": req.plan_id, "monthly_allowance": req.monthly_allowance,
         "billing_day": req.billing_day, "overage_policy": req.overage_policy,
@@ -298,27 +296,33 @@ pub async fn plan(
     let Payload::Plan(p) = check(&raw, now, &limits(&api))?.payload else {
         return Err(ApiError::Internal("a plan decoded as another type".into()));
     };
-    let payload = encode::plan(
+    let command = PlanCommand {
+        account: id.to_owned(),
+        plan_id: p.plan_id.to_string(),
+        allowance: p.monthly_allowance,
+        billing_day: p.billing_day,
+        overage_policy: p.overage_policy,
+        top_up_validity_months: p.top_up_validity_months,
+        low_balance_credits: p.low_balance_credits,
+        low_balance_percent: p.low_balance_percent,
+        allowance_alert_percents: p.allowance_alert_percents.clone(),
+    };
+    let sent = commands::publish_plan(
+        &api.producer,
+        &api.cfg,
         &source,
-        &event_id,
-        id,
-        &p.plan_id,
-        p.monthly_allowance,
-        p.billing_day,
-        p.overage_policy,
-        p.top_up_validity_months,
-        p.low_balance_credits,
-        p.low_balance_percent,
-        p.allowance_alert_percents.as_deref(),
+        &command,
         time,
-    );
-    publish(&api, &api.cfg.kafka.topics.plans, id, &payload).await?;
+        PUBLISH_TIMEOUT,
+    )
+    .await
+    .map_err(command_error)?;
     tracing::info!(account_id = id, plan_id = %p.plan_id, by = who.name(), "plan published");
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
             "account_id": id, "plan_id": p.plan_id, "status": "accepted",
-            "event": {"type": types::PLAN, "source": source, "id": event_id},
+            "event": {"type": sent.event_type, "source": sent.source, "id": sent.id},
         })),
     ))
 }

@@ -3,6 +3,10 @@
 //! started (URLs from TALLY_TEST_* variables, defaults on 127.0.0.1).
 #![allow(dead_code)]
 
+pub mod analytics;
+pub mod api;
+pub mod servers;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +25,77 @@ pub struct TestEnv {
     pub cfg: Arc<Config>,
     pub prices: Arc<PriceTable>,
     pub producer: FutureProducer,
+}
+
+/// Tally running in this process the way `tally run --role all` runs it
+/// ([`tally::app::run_with_prices`]: both pipelines, the scheduler and the alert relay), without
+/// its HTTP API (tests that call the API serve it themselves, to know its address).
+pub struct RunningTally {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tally::app::RunError>>,
+}
+
+impl RunningTally {
+    pub fn start(env: &TestEnv) -> RunningTally {
+        let mut cfg = (*env.cfg).clone();
+        cfg.api.enabled = false;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tally::app::run_with_prices(
+            Arc::new(cfg),
+            env.prices.clone(),
+            tally::app::RunOptions::all(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        RunningTally { stop, task }
+    }
+
+    /// Asks it to stop and waits (within [`STOP_WITHIN`]) until it has, cleanly.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        if let Err(e) = stopped(self.task).await {
+            panic!("tally did not stop cleanly: {e:#}");
+        }
+    }
+}
+
+/// How long a test waits for a pipeline task it asked to stop (or expects to die) before it
+/// fails. The pipelines stop within `pipeline.shutdown_timeout_ms`; without this bound a task
+/// that never stops would hold its test binary, and CI, until CI's own deadline.
+pub const STOP_WITHIN: Duration = Duration::from_secs(120);
+
+/// Awaits a spawned task within [`STOP_WITHIN`]: its join result (an `Err` when it panicked).
+pub async fn joined<T>(task: tokio::task::JoinHandle<T>) -> Result<T, tokio::task::JoinError> {
+    match tokio::time::timeout(STOP_WITHIN, task).await {
+        Ok(joined) => joined,
+        Err(_) => panic!("a spawned pipeline task did not end within {STOP_WITHIN:?}"),
+    }
+}
+
+/// Awaits a spawned task within [`STOP_WITHIN`], failing the test if it panicked.
+pub async fn stopped<T>(task: tokio::task::JoinHandle<T>) -> T {
+    joined(task)
+        .await
+        .unwrap_or_else(|e| panic!("a spawned pipeline task panicked: {e}"))
+}
+
+/// The Kafka-protocol broker the tests use: TALLY_TEST_KAFKA_BROKERS (`scripts/test` sets it
+/// from what `scripts/services up` recorded), else the default 127.0.0.1:9092. Every
+/// TALLY_TEST_* address is read here and nowhere else.
+pub fn kafka_brokers() -> String {
+    std::env::var("TALLY_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The PostgreSQL the tests use: TALLY_TEST_POSTGRES_URL, else the machine's on 127.0.0.1.
+pub fn postgres_url() -> String {
+    std::env::var("TALLY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=tally".into())
+}
+
+/// The ClickHouse (HTTP) the tests use: TALLY_TEST_CLICKHOUSE_URL, else 127.0.0.1:8123.
+pub fn clickhouse_url() -> String {
+    std::env::var("TALLY_TEST_CLICKHOUSE_URL").unwrap_or_else(|_| "http://127.0.0.1:8123".into())
 }
 
 pub fn unique(name: &str) -> String {
@@ -43,8 +118,7 @@ pub fn repo_path(rel: &str) -> PathBuf {
 pub fn test_config(name: &str) -> Config {
     let id = unique(name);
     let mut cfg = Config::default();
-    cfg.kafka.brokers =
-        std::env::var("TALLY_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    cfg.kafka.brokers = kafka_brokers();
     cfg.kafka.ledger_group = format!("{id}-ledger");
     cfg.kafka.analytics_group = format!("{id}-analytics");
     let t = &mut cfg.kafka.topics;
@@ -69,13 +143,9 @@ pub fn test_config(name: &str) -> Config {
     ] {
         *topic = format!("{id}.{topic}");
     }
-    cfg.postgres.url = Secret::new(
-        std::env::var("TALLY_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=tally".into()),
-    );
+    cfg.postgres.url = Secret::new(postgres_url());
     cfg.postgres.schema = id.to_lowercase();
-    cfg.clickhouse.url = std::env::var("TALLY_TEST_CLICKHOUSE_URL")
-        .unwrap_or_else(|_| "http://127.0.0.1:8123".into());
+    cfg.clickhouse.url = clickhouse_url();
     cfg.clickhouse.database = id.to_lowercase();
     cfg.pipeline.batch_max_wait_ms = 50;
     cfg.pipeline.analytics_batch_max_wait_ms = 50;

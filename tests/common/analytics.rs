@@ -208,18 +208,9 @@ pub fn rows_of(tsv: &str) -> Vec<Vec<String>> {
 
 /// A ClickHouse configuration with a database of its own (tests run in parallel).
 pub fn clickhouse_config(name: &str) -> tally::config::ClickHouseConfig {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
     tally::config::ClickHouseConfig {
-        url: std::env::var("TALLY_TEST_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
-        database: format!(
-            "t_{name}_{}_{}",
-            std::process::id(),
-            nanos % 1_000_000_000_000
-        ),
+        url: super::clickhouse_url(),
+        database: super::unique(&format!("t_{name}")),
         ..tally::config::ClickHouseConfig::default()
     }
 }

@@ -1,0 +1,312 @@
+//! Account commands: a plan or a grant, typed, turned into the one event the ledger applies
+//! (on its topic, keyed by account, so it is applied exactly once and in order with usage).
+//! `tally accounts set-plan|grant` and `PUT /v1/accounts/{id}/plan` /
+//! `POST /v1/accounts/{id}/grants` both come here: one encoding, one event-id scheme, one
+//! check (the decoder the pipeline runs, so a mistake is reported to the caller instead of
+//! dead-lettered), one publish with a bound on the broker's acknowledgement.
+//!
+//! Owns: building and publishing these events. Does not touch the stores: what the ledger
+//! does with an event is the ledger's.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rust_decimal::Decimal;
+
+use crate::config::Config;
+use crate::event::{self, encode, types, DecodeLimits, GrantKind, OveragePolicy, Rejection};
+
+/// A plan to give an account (a change takes effect from the next reset).
+#[derive(Debug, Clone)]
+pub struct PlanCommand {
+    pub account: String,
+    pub plan_id: String,
+    pub allowance: Decimal,
+    pub billing_day: u8,
+    pub overage_policy: OveragePolicy,
+    pub top_up_validity_months: Option<u32>,
+    pub low_balance_credits: Option<Decimal>,
+    pub low_balance_percent: Option<Decimal>,
+    pub allowance_alert_percents: Option<Vec<u32>>,
+}
+
+/// Credits to add (idempotent by grant id: its event id is derived from account and grant id).
+#[derive(Debug, Clone)]
+pub struct GrantCommand {
+    pub account: String,
+    pub grant_id: String,
+    pub kind: GrantKind,
+    pub credits: Decimal,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: Option<i32>,
+}
+
+/// An event built from a command, checked, ready to publish (and, once published, what the
+/// caller reports: type, source, id).
+#[derive(Debug, Clone)]
+pub struct CommandEvent {
+    pub topic: String,
+    pub key: String,
+    pub event_type: &'static str,
+    pub source: String,
+    pub id: String,
+    pub payload: Vec<u8>,
+}
+
+/// Why a command was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The event would be refused by the pipeline (the decoder's reason and field).
+    #[error("refused: {0}")]
+    Invalid(Rejection),
+    /// The broker did not acknowledge it (nothing is known to be published).
+    #[error("publishing to {topic}: {detail}")]
+    Unavailable { topic: String, detail: String },
+}
+
+/// The event id of a plan change: unique per change (a plan is not idempotent by content),
+/// in the form the decoder requires under the API's sources (`plan:` then the time in
+/// nanoseconds and a random suffix).
+pub fn plan_event_id(now: DateTime<Utc>) -> String {
+    format!(
+        "{}{}-{:08x}",
+        event::API_PLAN_ID_PREFIX,
+        now.timestamp_nanos_opt().unwrap_or_default(),
+        rand::random::<u32>()
+    )
+}
+
+impl PlanCommand {
+    /// The plan event from `source`, effective at `time`, checked as the pipeline will check
+    /// it at `now`.
+    pub fn event(
+        &self,
+        cfg: &Config,
+        source: &str,
+        time: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<CommandEvent, CommandError> {
+        let id = plan_event_id(now);
+        let payload = encode::plan(
+            source,
+            &id,
+            &self.account,
+            &self.plan_id,
+            self.allowance,
+            self.billing_day,
+            self.overage_policy,
+            self.top_up_validity_months,
+            self.low_balance_credits,
+            self.low_balance_percent,
+            self.allowance_alert_percents.as_deref(),
+            time,
+        );
+        checked(
+            cfg,
+            now,
+            CommandEvent {
+                topic: cfg.kafka.topics.plans.clone(),
+                key: self.account.clone(),
+                event_type: types::PLAN,
+                source: source.to_owned(),
+                id,
+                payload,
+            },
+        )
+    }
+}
+
+impl GrantCommand {
+    /// The grant event from `source`, effective at `time`, checked as the pipeline will
+    /// check it at `now`.
+    pub fn event(
+        &self,
+        cfg: &Config,
+        source: &str,
+        time: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<CommandEvent, CommandError> {
+        let payload = encode::grant(
+            source,
+            &self.account,
+            &self.grant_id,
+            self.kind,
+            self.credits,
+            self.expires_at,
+            self.priority,
+            time,
+        );
+        checked(
+            cfg,
+            now,
+            CommandEvent {
+                topic: cfg.kafka.topics.grants.clone(),
+                key: self.account.clone(),
+                event_type: types::GRANT,
+                source: source.to_owned(),
+                id: encode::grant_event_id(&self.account, &self.grant_id),
+                payload,
+            },
+        )
+    }
+}
+
+/// The decoder's verdict on the event, with the pipeline's limits.
+fn checked(
+    cfg: &Config,
+    now: DateTime<Utc>,
+    built: CommandEvent,
+) -> Result<CommandEvent, CommandError> {
+    let limits = DecodeLimits {
+        max_message_bytes: cfg.pipeline.max_message_bytes,
+        max_future_seconds: cfg.pipeline.max_future_seconds,
+    };
+    event::decode(&built.payload, now, &limits).map_err(CommandError::Invalid)?;
+    Ok(built)
+}
+
+/// Publishes the event and waits for the broker's acknowledgement, at most `timeout`.
+pub async fn publish(
+    producer: &FutureProducer,
+    event: &CommandEvent,
+    timeout: Duration,
+) -> Result<(), CommandError> {
+    let unavailable = |detail: String| CommandError::Unavailable {
+        topic: event.topic.clone(),
+        detail,
+    };
+    let send = producer.send(
+        FutureRecord::to(&event.topic)
+            .key(&event.key)
+            .payload(&event.payload),
+        timeout,
+    );
+    match tokio::time::timeout(timeout, send).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(unavailable(e.to_string())),
+        Err(_) => Err(unavailable(format!(
+            "no acknowledgement within {} s",
+            timeout.as_secs()
+        ))),
+    }
+}
+
+/// Builds, checks and publishes a plan change.
+pub async fn publish_plan(
+    producer: &FutureProducer,
+    cfg: &Config,
+    source: &str,
+    plan: &PlanCommand,
+    time: DateTime<Utc>,
+    timeout: Duration,
+) -> Result<CommandEvent, CommandError> {
+    let event = plan.event(cfg, source, time, Utc::now())?;
+    publish(producer, &event, timeout).await?;
+    Ok(event)
+}
+
+/// Builds, checks and publishes a grant.
+pub async fn publish_grant(
+    producer: &FutureProducer,
+    cfg: &Config,
+    source: &str,
+    grant: &GrantCommand,
+    time: DateTime<Utc>,
+    timeout: Duration,
+) -> Result<CommandEvent, CommandError> {
+    let event = grant.event(cfg, source, time, Utc::now())?;
+    publish(producer, &event, timeout).await?;
+    Ok(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    fn grant(credits: Decimal) -> GrantCommand {
+        GrantCommand {
+            account: "acme".into(),
+            grant_id: "order-7".into(),
+            kind: GrantKind::TopUp,
+            credits,
+            expires_at: None,
+            priority: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_grant_is_one_event_whose_id_the_account_and_grant_id_fix() {
+        let cfg = Config::default();
+        let now = at("2026-03-01T10:00:00Z");
+        let e = grant(dec!(250.5))
+            .event(&cfg, "//billing", now, now)
+            .unwrap();
+        assert_eq!(
+            (e.topic.as_str(), e.key.as_str(), e.event_type),
+            ("credit.grants", "acme", "tally.credit.grant.v1")
+        );
+        assert_eq!(
+            (e.source.as_str(), e.id.as_str()),
+            ("//billing", "grant:acme:order-7")
+        );
+        let json: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
+        assert_eq!(json["id"], "grant:acme:order-7");
+        assert_eq!(json["subject"], "acme");
+        assert_eq!(json["time"], "2026-03-01T10:00:00.000000Z");
+        assert_eq!(
+            json["data"],
+            serde_json::json!({"grant_id": "order-7", "kind": "top_up", "credits": "250.5", "priority": 3})
+        );
+    }
+
+    #[test]
+    fn a_command_the_pipeline_would_refuse_is_refused_naming_the_field() {
+        let cfg = Config::default();
+        let now = at("2026-03-01T10:00:00Z");
+        let Err(CommandError::Invalid(r)) = grant(dec!(0)).event(&cfg, "//billing", now, now)
+        else {
+            panic!("a grant of 0 credits was accepted");
+        };
+        assert_eq!(r.field.as_deref(), Some("data.credits"), "{r}");
+    }
+
+    #[test]
+    fn each_plan_change_is_a_new_event_in_the_api_form() {
+        let cfg = Config::default();
+        let now = at("2026-03-01T10:00:00Z");
+        let plan = PlanCommand {
+            account: "acme".into(),
+            plan_id: "pro".into(),
+            allowance: dec!(1000),
+            billing_day: 5,
+            overage_policy: OveragePolicy::BillOverage,
+            top_up_validity_months: None,
+            low_balance_credits: None,
+            low_balance_percent: None,
+            allowance_alert_percents: Some(vec![50, 100]),
+        };
+        let source = event::api_source("acme");
+        let (a, b) = (
+            plan.event(&cfg, &source, now, now).unwrap(),
+            plan.event(&cfg, &source, now, now).unwrap(),
+        );
+        assert_ne!(a.id, b.id);
+        assert!(a.id.starts_with("plan:1772359200000000000-"), "{}", a.id);
+        assert_eq!(
+            (a.topic.as_str(), a.event_type),
+            ("account.plans", "tally.account.plan.v1")
+        );
+        let json: serde_json::Value = serde_json::from_slice(&a.payload).unwrap();
+        assert_eq!(json["data"]["monthly_allowance"], "1000");
+        assert_eq!(
+            json["data"]["allowance_alert_percents"],
+            serde_json::json!([50, 100])
+        );
+    }
+}
