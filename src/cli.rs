@@ -22,7 +22,7 @@ use crate::kafka::{self, HEADER_REASON};
 use crate::ledger::Store;
 
 pub mod accounts;
-pub mod escape;
+pub use crate::escape;
 pub mod reconcile;
 mod report;
 pub use escape::shown;

@@ -34,6 +34,8 @@
 //! - [`alerts`] — threshold detection (pure) and alert messages.
 //! - [`analytics`] — the ClickHouse sink, DDL and usage queries.
 //! - [`clock`] — time as a dependency (tests move it by hand).
+//! - [`escape`] — data-borne text made safe to print or log (control and bidi characters
+//!   escaped). Pure, a leaf.
 //! - [`fault`] — whose fault an error is (transient, input, bug): the retry policy's input.
 //! - [`retry`] — the one retry policy (back-off cut short by shutdown) and the isolation of
 //!   records a store refuses; every loop uses it.
@@ -60,6 +62,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod demo;
+pub mod escape;
 pub mod event;
 pub mod fault;
 pub mod kafka;

@@ -181,7 +181,7 @@ pub async fn run(
                     crate::metrics::dead_letter(l.reason.as_str());
                     tracing::warn!(
                         reason = %l.reason, topic = %l.record.topic, partition = l.record.partition,
-                        offset = l.record.offset, detail = %crate::cli::escape::shown(&l.detail),
+                        offset = l.record.offset, detail = %crate::escape::shown(&l.detail),
                         "dead-lettered (ClickHouse refused the row)"
                     );
                 }

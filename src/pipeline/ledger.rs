@@ -267,8 +267,8 @@ impl Bug {
                     p.record.topic,
                     p.record.partition,
                     p.record.offset,
-                    crate::cli::escape::shown(&p.event.envelope.source),
-                    crate::cli::escape::shown(&p.event.envelope.id),
+                    crate::escape::shown(&p.event.envelope.source),
+                    crate::escape::shown(&p.event.envelope.id),
                 )
             }
         }
@@ -292,7 +292,7 @@ async fn send_letters(
         tracing::warn!(
             reason = %l.reason, field = l.field.as_deref(), topic = %l.record.topic,
             partition = l.record.partition, offset = l.record.offset,
-            detail = %crate::cli::escape::shown(&l.detail),
+            detail = %crate::escape::shown(&l.detail),
             "dead-lettered"
         );
     }

@@ -1,5 +1,5 @@
 //! Escaping of strings that come from data (ids, accounts, models, rule ids...) before the
-//! CLI prints them: a terminal obeys control characters (ANSI escape sequences, carriage
+//! CLI prints them or a log line carries them: a terminal obeys control characters (ANSI escape sequences, carriage
 //! returns that overwrite a line) and bidirectional overrides (which reverse what follows),
 //! so a producer could otherwise rewrite what an operator reads. Pure; no IO.
 
