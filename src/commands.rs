@@ -12,34 +12,22 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rust_decimal::Decimal;
 
 use crate::config::Config;
-use crate::event::{self, encode, types, DecodeLimits, GrantKind, OveragePolicy, Rejection};
+use crate::event::{self, encode, types, DecodeLimits, GrantEvent, PlanEvent, Rejection};
 
 /// A plan to give an account (a change takes effect from the next reset).
 #[derive(Debug, Clone)]
 pub struct PlanCommand {
     pub account: String,
-    pub plan_id: String,
-    pub allowance: Decimal,
-    pub billing_day: u8,
-    pub overage_policy: OveragePolicy,
-    pub top_up_validity_months: Option<u32>,
-    pub low_balance_credits: Option<Decimal>,
-    pub low_balance_percent: Option<Decimal>,
-    pub allowance_alert_percents: Option<Vec<u32>>,
+    pub plan: PlanEvent<'static>,
 }
 
 /// Credits to add (idempotent by grant id: its event id is derived from account and grant id).
 #[derive(Debug, Clone)]
 pub struct GrantCommand {
     pub account: String,
-    pub grant_id: String,
-    pub kind: GrantKind,
-    pub credits: Decimal,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub priority: Option<i32>,
+    pub grant: GrantEvent<'static>,
 }
 
 /// An event built from a command, checked, ready to publish (and, once published, what the
@@ -88,20 +76,7 @@ impl PlanCommand {
         now: DateTime<Utc>,
     ) -> Result<CommandEvent, CommandError> {
         let id = plan_event_id(now);
-        let payload = encode::plan(
-            source,
-            &id,
-            &self.account,
-            &self.plan_id,
-            self.allowance,
-            self.billing_day,
-            self.overage_policy,
-            self.top_up_validity_months,
-            self.low_balance_credits,
-            self.low_balance_percent,
-            self.allowance_alert_percents.as_deref(),
-            time,
-        );
+        let payload = encode::plan(source, &id, &self.account, &self.plan, time);
         checked(
             cfg,
             now,
@@ -127,16 +102,7 @@ impl GrantCommand {
         time: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<CommandEvent, CommandError> {
-        let payload = encode::grant(
-            source,
-            &self.account,
-            &self.grant_id,
-            self.kind,
-            self.credits,
-            self.expires_at,
-            self.priority,
-            time,
-        );
+        let payload = encode::grant(source, &self.account, &self.grant, time);
         checked(
             cfg,
             now,
@@ -145,7 +111,7 @@ impl GrantCommand {
                 key: self.account.clone(),
                 event_type: types::GRANT,
                 source: source.to_owned(),
-                id: encode::grant_event_id(&self.account, &self.grant_id),
+                id: encode::grant_event_id(&self.account, &self.grant.grant_id),
                 payload,
             },
         )
@@ -201,9 +167,7 @@ pub async fn publish_plan(
     time: DateTime<Utc>,
     timeout: Duration,
 ) -> Result<CommandEvent, CommandError> {
-    let event = plan.event(cfg, source, time, Utc::now())?;
-    publish(producer, &event, timeout).await?;
-    Ok(event)
+    published(producer, plan.event(cfg, source, time, Utc::now()), timeout).await
 }
 
 /// Builds, checks and publishes a grant.
@@ -215,7 +179,21 @@ pub async fn publish_grant(
     time: DateTime<Utc>,
     timeout: Duration,
 ) -> Result<CommandEvent, CommandError> {
-    let event = grant.event(cfg, source, time, Utc::now())?;
+    published(
+        producer,
+        grant.event(cfg, source, time, Utc::now()),
+        timeout,
+    )
+    .await
+}
+
+/// Publishes an event that was built and checked; the event, once acknowledged.
+async fn published(
+    producer: &FutureProducer,
+    built: Result<CommandEvent, CommandError>,
+    timeout: Duration,
+) -> Result<CommandEvent, CommandError> {
+    let event = built?;
     publish(producer, &event, timeout).await?;
     Ok(event)
 }
@@ -223,6 +201,8 @@ pub async fn publish_grant(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{GrantKind, OveragePolicy};
+    use rust_decimal::Decimal;
     use rust_decimal_macros::dec;
 
     fn at(s: &str) -> DateTime<Utc> {
@@ -232,11 +212,13 @@ mod tests {
     fn grant(credits: Decimal) -> GrantCommand {
         GrantCommand {
             account: "acme".into(),
-            grant_id: "order-7".into(),
-            kind: GrantKind::TopUp,
-            credits,
-            expires_at: None,
-            priority: Some(3),
+            grant: GrantEvent {
+                grant_id: "order-7".into(),
+                kind: GrantKind::TopUp,
+                credits,
+                expires_at: None,
+                priority: Some(3),
+            },
         }
     }
 
@@ -282,14 +264,16 @@ mod tests {
         let now = at("2026-03-01T10:00:00Z");
         let plan = PlanCommand {
             account: "acme".into(),
-            plan_id: "pro".into(),
-            allowance: dec!(1000),
-            billing_day: 5,
-            overage_policy: OveragePolicy::BillOverage,
-            top_up_validity_months: None,
-            low_balance_credits: None,
-            low_balance_percent: None,
-            allowance_alert_percents: Some(vec![50, 100]),
+            plan: PlanEvent {
+                plan_id: "pro".into(),
+                monthly_allowance: dec!(1000),
+                billing_day: 5,
+                overage_policy: OveragePolicy::BillOverage,
+                top_up_validity_months: None,
+                low_balance_credits: None,
+                low_balance_percent: None,
+                allowance_alert_percents: Some(vec![50, 100]),
+            },
         };
         let source = event::api_source("acme");
         let (a, b) = (

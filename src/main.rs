@@ -419,14 +419,16 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
             };
             let plan = tally::commands::PlanCommand {
                 account,
-                plan_id,
-                allowance,
-                billing_day,
-                overage_policy,
-                top_up_validity_months,
-                low_balance_credits,
-                low_balance_percent,
-                allowance_alert_percents,
+                plan: tally::event::PlanEvent {
+                    plan_id: plan_id.into(),
+                    monthly_allowance: allowance,
+                    billing_day,
+                    overage_policy,
+                    top_up_validity_months,
+                    low_balance_credits,
+                    low_balance_percent,
+                    allowance_alert_percents,
+                },
             };
             accounts::set_plan(cfg, plan, now).await
         }
@@ -447,11 +449,13 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
             };
             let grant = tally::commands::GrantCommand {
                 account,
-                grant_id,
-                kind,
-                credits,
-                expires_at,
-                priority,
+                grant: tally::event::GrantEvent {
+                    grant_id: grant_id.into(),
+                    kind,
+                    credits,
+                    expires_at,
+                    priority,
+                },
             };
             accounts::grant(cfg, grant, now).await
         }

@@ -31,7 +31,9 @@ use super::error::ApiError;
 use super::input::{json_body, JsonInt};
 use super::{pg, AppState};
 use crate::commands::{self, CommandError, GrantCommand, PlanCommand};
-use crate::event::{self, encode, types, DecodeLimits, Event, GrantKind, Payload, Rejection};
+use crate::event::{
+    self, encode, types, DecodeLimits, Event, GrantEvent, GrantKind, Payload, PlanEvent, Rejection,
+};
 
 /// How long the API waits for Kafka to acknowledge an event before answering 503.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
@@ -241,11 +243,13 @@ pub async fn grant(
     }
     let command = GrantCommand {
         account: id.to_owned(),
-        grant_id: g.grant_id.to_string(),
-        kind: g.kind,
-        credits: g.credits,
-        expires_at: g.expires_at,
-        priority: g.priority,
+        grant: GrantEvent {
+            grant_id: g.grant_id.to_string().into(),
+            kind: g.kind,
+            credits: g.credits,
+            expires_at: g.expires_at,
+            priority: g.priority,
+        },
     };
     commands::publish_grant(
         &api.producer,
@@ -298,14 +302,16 @@ pub async fn plan(
     };
     let command = PlanCommand {
         account: id.to_owned(),
-        plan_id: p.plan_id.to_string(),
-        allowance: p.monthly_allowance,
-        billing_day: p.billing_day,
-        overage_policy: p.overage_policy,
-        top_up_validity_months: p.top_up_validity_months,
-        low_balance_credits: p.low_balance_credits,
-        low_balance_percent: p.low_balance_percent,
-        allowance_alert_percents: p.allowance_alert_percents.clone(),
+        plan: PlanEvent {
+            plan_id: p.plan_id.to_string().into(),
+            monthly_allowance: p.monthly_allowance,
+            billing_day: p.billing_day,
+            overage_policy: p.overage_policy,
+            top_up_validity_months: p.top_up_validity_months,
+            low_balance_credits: p.low_balance_credits,
+            low_balance_percent: p.low_balance_percent,
+            allowance_alert_percents: p.allowance_alert_percents.clone(),
+        },
     };
     let sent = commands::publish_plan(
         &api.producer,

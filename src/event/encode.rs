@@ -5,7 +5,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use serde_json::json;
 
-use super::{types, GrantKind, OveragePolicy};
+use super::{types, GrantEvent, OveragePolicy, PlanEvent};
 
 /// Microseconds (as the ledger stores times): events published one after the other keep
 /// their order in event time instead of tying on the second (a tie is broken by source and
@@ -43,29 +43,20 @@ pub fn grant_event_id(account_id: &str, grant_id: &str) -> String {
 
 /// A grant. The event id is derived from the account and grant id, so re-sending the same
 /// purchase is a duplicate the ledger ignores (and the grant id itself is idempotent too).
-#[allow(clippy::too_many_arguments)]
-pub fn grant(
-    source: &str,
-    account_id: &str,
-    grant_id: &str,
-    kind: GrantKind,
-    credits: Decimal,
-    expires_at: Option<DateTime<Utc>>,
-    priority: Option<i32>,
-    time: DateTime<Utc>,
-) -> Vec<u8> {
-    let mut data =
-        json!({"grant_id": grant_id, "kind": kind.as_str(), "credits": decimal(credits)});
-    if let Some(e) = expires_at {
+pub fn grant(source: &str, account_id: &str, g: &GrantEvent<'_>, time: DateTime<Utc>) -> Vec<u8> {
+    let mut data = json!({
+        "grant_id": g.grant_id, "kind": g.kind.as_str(), "credits": decimal(g.credits),
+    });
+    if let Some(e) = g.expires_at {
         data["expires_at"] = json!(ts(e));
     }
-    if let Some(p) = priority {
+    if let Some(p) = g.priority {
         data["priority"] = json!(p);
     }
     envelope(
         types::GRANT,
         source,
-        &grant_event_id(account_id, grant_id),
+        &grant_event_id(account_id, &g.grant_id),
         account_id,
         time,
         data,
@@ -73,40 +64,32 @@ pub fn grant(
 }
 
 /// A plan. `event_id` must be unique per change (a plan change is not idempotent by content).
-#[allow(clippy::too_many_arguments)]
 pub fn plan(
     source: &str,
     event_id: &str,
     account_id: &str,
-    plan_id: &str,
-    monthly_allowance: Decimal,
-    billing_day: u8,
-    overage_policy: OveragePolicy,
-    top_up_validity_months: Option<u32>,
-    low_balance_credits: Option<Decimal>,
-    low_balance_percent: Option<Decimal>,
-    allowance_alert_percents: Option<&[u32]>,
+    p: &PlanEvent<'_>,
     time: DateTime<Utc>,
 ) -> Vec<u8> {
-    let policy = match overage_policy {
+    let policy = match p.overage_policy {
         OveragePolicy::SettleFromNextGrant => "settle_from_next_grant",
         OveragePolicy::BillOverage => "bill_overage",
     };
     let mut data = json!({
-        "plan_id": plan_id, "monthly_allowance": decimal(monthly_allowance),
-        "billing_day": billing_day, "overage_policy": policy,
+        "plan_id": p.plan_id, "monthly_allowance": decimal(p.monthly_allowance),
+        "billing_day": p.billing_day, "overage_policy": policy,
     });
-    if let Some(m) = top_up_validity_months {
+    if let Some(m) = p.top_up_validity_months {
         data["top_up_validity_months"] = json!(m);
     }
-    if let Some(c) = low_balance_credits {
+    if let Some(c) = p.low_balance_credits {
         data["low_balance_credits"] = json!(decimal(c));
     }
-    if let Some(p) = low_balance_percent {
-        data["low_balance_percent"] = json!(decimal(p));
+    if let Some(c) = p.low_balance_percent {
+        data["low_balance_percent"] = json!(decimal(c));
     }
-    if let Some(p) = allowance_alert_percents {
-        data["allowance_alert_percents"] = json!(p);
+    if let Some(a) = &p.allowance_alert_percents {
+        data["allowance_alert_percents"] = json!(a);
     }
     envelope(types::PLAN, source, event_id, account_id, time, data)
 }
@@ -114,7 +97,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{decode, DecodeLimits, Payload};
+    use crate::event::{decode, DecodeLimits, GrantKind, Payload};
     use rust_decimal_macros::dec;
 
     #[test]
@@ -123,11 +106,13 @@ mod tests {
         let g = grant(
             "//tally/cli",
             "acct-1",
-            "g-1",
-            GrantKind::TopUp,
-            dec!(12.50),
-            None,
-            Some(5),
+            &GrantEvent {
+                grant_id: "g-1".into(),
+                kind: GrantKind::TopUp,
+                credits: dec!(12.50),
+                expires_at: None,
+                priority: Some(5),
+            },
             now,
         );
         let e = decode(&g, now, &DecodeLimits::default()).unwrap();
@@ -141,14 +126,16 @@ mod tests {
             "//tally/cli",
             "p-1",
             "acct-1",
-            "pro",
-            dec!(1000),
-            31,
-            OveragePolicy::BillOverage,
-            Some(3),
-            Some(dec!(50)),
-            None,
-            Some(&[50, 100]),
+            &PlanEvent {
+                plan_id: "pro".into(),
+                monthly_allowance: dec!(1000),
+                billing_day: 31,
+                overage_policy: OveragePolicy::BillOverage,
+                top_up_validity_months: Some(3),
+                low_balance_credits: Some(dec!(50)),
+                low_balance_percent: None,
+                allowance_alert_percents: Some(vec![50, 100]),
+            },
             now,
         );
         let e = decode(&p, now, &DecodeLimits::default()).unwrap();
