@@ -15,6 +15,12 @@
 //! 4. The report queries' latency for the heavy account (half of the stored events): first
 //!    run, then median and max of 20 (goal: under 100 ms each).
 //!
+//! Each timed phase prints the median time of each statement of the write path
+//! (`InsertOutcome::timings`) and the database's active parts and running merges before it.
+//! Event ids are random UUIDs, as producers send them (a batch's ids are spread over the whole
+//! identity key); TALLY_BENCH_ANALYTICS_IDS=sequential gives `ev-{i}` ids instead, which sort
+//! together by batch.
+//!
 //! The database is dropped at the end unless TALLY_BENCH_KEEP=1.
 //!
 //! Run: `scripts/services up && cargo bench --bench analytics`
@@ -28,7 +34,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal_macros::dec;
 
 use tally::analytics::queries::{Cycle, DateRange, ReportRequest, UsageQueries};
-use tally::analytics::{migrate, AnalyticsSink, RatedRow};
+use tally::analytics::{migrate, AnalyticsSink, RatedRow, StatementTimes};
 use tally::config::ClickHouseConfig;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -78,10 +84,38 @@ fn batch(start: u64, n: u64, accounts: u64, today: NaiveDate, seed: u64) -> Vec<
         .collect()
 }
 
+/// Event i's id: a random-looking UUID (a fixed permutation of i), as producers send them,
+/// so a batch's ids are spread over the whole identity key like in production;
+/// `ev-{i}` (ids that sort together by batch) with TALLY_BENCH_ANALYTICS_IDS=sequential.
+fn event_id(i: u64) -> String {
+    static SEQUENTIAL: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::env::var("TALLY_BENCH_ANALYTICS_IDS").as_deref() == Ok("sequential")
+    });
+    if *SEQUENTIAL {
+        return format!("ev-{i}");
+    }
+    let mix = |mut z: u64| {
+        // splitmix64: a bijection on u64.
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let (hi, lo) = (mix(i), mix(i ^ 0x5555_5555_5555_5555));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xfff,
+        0x8000 | (lo >> 48) & 0x3fff,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
 fn row(i: u64, accounts: u64, days: u16, second: u32, rng: &mut SmallRng) -> RatedRow {
     let mut r = RatedRow {
         event_source: "//bench/usage".into(),
-        event_id: format!("ev-{i}"),
+        event_id: event_id(i),
         account_id: format!("acct-{:04}", i % accounts),
         event_time_unix_seconds: u32::from(days) * 86_400 + second,
         event_date_unix_days: days,
@@ -185,7 +219,7 @@ async fn write_path(
     per_batch: u64,
     accounts: u64,
     today: NaiveDate,
-) -> Vec<Duration> {
+) -> Vec<(Duration, StatementTimes)> {
     let mut times = Vec::new();
     let mut done = 0;
     while done < n {
@@ -195,15 +229,15 @@ async fn write_path(
             .await
             .unwrap();
         let (outcome, d) = time(sink.insert(&rows)).await;
-        outcome.expect("sink insert");
-        times.push(d);
+        times.push((d, outcome.expect("sink insert").timings));
         done += k;
     }
     times
 }
 
-fn summary(label: &str, times: &[Duration], rows_per_batch: u64) -> Duration {
-    let mut sorted = times.to_vec();
+fn summary(label: &str, timed: &[(Duration, StatementTimes)], rows_per_batch: u64) -> Duration {
+    let times: Vec<Duration> = timed.iter().map(|t| t.0).collect();
+    let mut sorted = times.clone();
     sorted.sort();
     let median = sorted[sorted.len() / 2];
     let total: Duration = times.iter().sum();
@@ -214,7 +248,40 @@ fn summary(label: &str, times: &[Duration], rows_per_batch: u64) -> Duration {
         ms(sorted[sorted.len() - 1]),
         (rows_per_batch * times.len() as u64) as f64 / total.as_secs_f64()
     );
+    let median_of = |f: fn(&StatementTimes) -> Duration| {
+        let mut v: Vec<Duration> = timed.iter().map(|t| f(&t.1)).collect();
+        v.sort();
+        ms(v[v.len() / 2])
+    };
+    println!(
+        "    per statement (median ms): events {:.0}, identities {:.0}, lookup {:.0}, losers {:.0}, \
+         daily {:.0}, hourly {:.0}",
+        median_of(|t| t.events),
+        median_of(|t| t.identities),
+        median_of(|t| t.lookup),
+        median_of(|t| t.losers),
+        median_of(|t| t.daily),
+        median_of(|t| t.hourly),
+    );
     median
+}
+
+/// Active parts and running merges of the database: background work the timed batches share
+/// the machine with.
+async fn print_background(client: &clickhouse::Client, database: &str) {
+    let parts: u64 = client
+        .query("SELECT count() FROM system.parts WHERE database = ? AND active")
+        .bind(database)
+        .fetch_one()
+        .await
+        .unwrap_or_default();
+    let merges: u64 = client
+        .query("SELECT count() FROM system.merges WHERE database = ?")
+        .bind(database)
+        .fetch_one()
+        .await
+        .unwrap_or_default();
+    println!("  ({parts} active parts, {merges} merges running)");
 }
 
 async fn run() {
@@ -253,6 +320,7 @@ async fn run() {
         "stored {small} events today in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    print_background(&client, &cfg.database).await;
     let at_small = write_path(&sink, small, TIMED * BATCH, BATCH, accounts, today).await;
     let median_small = summary(
         &format!("with {small}..{} stored", small + (TIMED - 1) * BATCH),
@@ -278,8 +346,9 @@ async fn run() {
         events.saturating_sub(grown_from),
         loading.as_secs_f64(),
         events.saturating_sub(grown_from) as f64 / loading.as_secs_f64(),
-        loads.iter().max().copied().unwrap_or_default().as_secs_f64()
+        loads.iter().map(|t| t.0).max().unwrap_or_default().as_secs_f64()
     );
+    print_background(&client, &cfg.database).await;
     let stored = events.max(grown_from);
     let at_large = write_path(&sink, stored, TIMED * BATCH, BATCH, accounts, today).await;
     let median_large = summary(

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use clickhouse::{Client, Compression, Row};
@@ -333,6 +333,36 @@ pub struct InsertOutcome {
     pub duplicates: usize,
     /// Roll-up blocks recomputed.
     pub blocks: usize,
+    /// How long each statement took (summed over the parts of a split batch).
+    pub timings: StatementTimes,
+}
+
+/// Wall-clock time of each statement of [`AnalyticsSink::insert`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatementTimes {
+    /// INSERT into `usage_events`.
+    pub events: Duration,
+    /// INSERT into `usage_identities`.
+    pub identities: Duration,
+    /// The lookup of the stored copies of the batch's identities.
+    pub lookup: Duration,
+    /// INSERT into `usage_losers` (zero when no copy lost).
+    pub losers: Duration,
+    /// INSERT ... SELECT recomputing the `usage_daily` blocks.
+    pub daily: Duration,
+    /// INSERT ... SELECT recomputing the `usage_hourly` blocks.
+    pub hourly: Duration,
+}
+
+impl std::ops::AddAssign for StatementTimes {
+    fn add_assign(&mut self, o: StatementTimes) {
+        self.events += o.events;
+        self.identities += o.identities;
+        self.lookup += o.lookup;
+        self.losers += o.losers;
+        self.daily += o.daily;
+        self.hourly += o.hourly;
+    }
 }
 
 /// Offsets `first..=last` of one partition.
@@ -627,6 +657,7 @@ impl AnalyticsSink {
             return Ok(InsertOutcome::default());
         }
         let client = &self.client;
+        let started = Instant::now();
         run_timed("insert usage_events", INSERT_TIMEOUT, async move {
             let mut insert = client.insert::<RatedRow>(USAGE_EVENTS).await?;
             for row in rows {
@@ -635,6 +666,8 @@ impl AnalyticsSink {
             insert.end().await
         })
         .await?;
+        let events = started.elapsed();
+        let started = Instant::now();
         run_timed("insert usage_identities", INSERT_TIMEOUT, async move {
             let mut insert = client.insert::<IdentityRow>(USAGE_IDENTITIES).await?;
             for row in rows {
@@ -652,8 +685,12 @@ impl AnalyticsSink {
             insert.end().await
         })
         .await?;
+        let identities = started.elapsed();
         fail::fail_point!("analytics-before-rollups", |_| std::process::abort());
-        self.recompute(rows).await
+        let mut outcome = self.recompute(rows).await?;
+        outcome.timings.events = events;
+        outcome.timings.identities = identities;
+        Ok(outcome)
     }
 
     /// Recomputes the roll-up blocks of `rows` (stored already) and of the other stored copies
@@ -665,6 +702,8 @@ impl AnalyticsSink {
         );
         let sql = copies_sql(&batch);
         let max_query_size = (sql.len() + 4096).max(262_144).to_string();
+        let mut timings = StatementTimes::default();
+        let started = Instant::now();
         let copies = run_timed(
             "read identity copies",
             QUERY_TIMEOUT,
@@ -674,6 +713,7 @@ impl AnalyticsSink {
                 .fetch_all::<IdentityRow>(),
         )
         .await?;
+        timings.lookup = started.elapsed();
         // The counting copy of each of the batch's identities.
         let mut best: HashMap<(&str, &str), (u64, Position<'_>)> = HashMap::new();
         let mut positions: Vec<Position<'_>> = Vec::with_capacity(rows.len());
@@ -732,6 +772,7 @@ impl AnalyticsSink {
             }
         }
         if !losers.is_empty() {
+            let started = Instant::now();
             let client = &self.client;
             let losers = &losers;
             run_timed("insert usage_losers", INSERT_TIMEOUT, async move {
@@ -742,17 +783,27 @@ impl AnalyticsSink {
                 insert.end().await
             })
             .await?;
+            timings.losers = started.elapsed();
         }
         let blocks = block_ranges(positions);
         let block_count = blocks
             .iter()
             .map(|r| ((r.last - r.first + 1) / BLOCK_OFFSETS) as usize)
             .sum();
-        for (op, sql) in [
-            ("recompute usage_daily", rollup_daily_sql(Some(&blocks))),
-            ("recompute usage_hourly", rollup_hourly_sql(Some(&blocks))),
+        for (op, sql, took) in [
+            (
+                "recompute usage_daily",
+                rollup_daily_sql(Some(&blocks)),
+                &mut timings.daily,
+            ),
+            (
+                "recompute usage_hourly",
+                rollup_hourly_sql(Some(&blocks)),
+                &mut timings.hourly,
+            ),
         ] {
             let max_query_size = (sql.len() + 4096).max(262_144).to_string();
+            let started = Instant::now();
             run_timed(
                 op,
                 INSERT_TIMEOUT,
@@ -762,11 +813,13 @@ impl AnalyticsSink {
                     .execute(),
             )
             .await?;
+            *took = started.elapsed();
         }
         Ok(InsertOutcome {
             written: rows.len(),
             duplicates,
             blocks: block_count,
+            timings,
         })
     }
 
