@@ -284,6 +284,42 @@ async fn print_background(client: &clickhouse::Client, database: &str) {
     println!("  ({parts} active parts, {merges} merges running)");
 }
 
+/// The report queries' latency for the heavy account.
+async fn reports(cfg: &ClickHouseConfig, today: NaiveDate) {
+    let account = HEAVY;
+    let q = UsageQueries::new(cfg);
+    let range = DateRange::new(today - chrono::Days::new(89), today).unwrap();
+    let month = Cycle::calendar_month(today);
+    let cycle = Cycle {
+        allowance: Some(dec!(10000)),
+        ..month
+    };
+    let request = ReportRequest {
+        range,
+        ..ReportRequest::for_cycle(cycle, today, Some(dec!(5000))).unwrap()
+    };
+    let (counts, _) = time(q.counts(account, &range)).await;
+    let counts = counts.unwrap();
+    println!(
+        "report queries for {account} ({} events, {} credits):",
+        counts.events, counts.credits
+    );
+    measure!("daily (90 days, kind x model)", q.daily(account, &range));
+    measure!("cycle (used vs allowance)", q.cycle(account, &cycle, today));
+    measure!("peak days (top 5)", q.peak_days(account, &range, 5));
+    measure!("busiest hours (top 5)", q.busiest_hours(account, &range, 5));
+    measure!("trend (3 months)", q.trend(account, today));
+    measure!(
+        "projection",
+        q.projection(account, &cycle, today, Some(dec!(5000)))
+    );
+    measure!("counts", q.counts(account, &range));
+    measure!(
+        "whole report (6 queries at once)",
+        q.report(account, &request)
+    );
+}
+
 async fn run() {
     let events = env_or("TALLY_BENCH_ANALYTICS_EVENTS", 10_000_000);
     let accounts = env_or("TALLY_BENCH_ANALYTICS_ACCOUNTS", 1_000);
@@ -385,39 +421,10 @@ async fn run() {
         );
     }
 
-    // 4. Report queries for the heavy account.
-    let account = HEAVY;
-    let q = UsageQueries::new(&cfg);
-    let range = DateRange::new(today - chrono::Days::new(89), today).unwrap();
-    let month = Cycle::calendar_month(today);
-    let cycle = Cycle {
-        allowance: Some(dec!(10000)),
-        ..month
-    };
-    let request = ReportRequest {
-        range,
-        ..ReportRequest::for_cycle(cycle, today, Some(dec!(5000))).unwrap()
-    };
-    let (counts, _) = time(q.counts(account, &range)).await;
-    let counts = counts.unwrap();
-    println!(
-        "report queries for {account} ({} events, {} credits):",
-        counts.events, counts.credits
-    );
-    measure!("daily (90 days, kind x model)", q.daily(account, &range));
-    measure!("cycle (used vs allowance)", q.cycle(account, &cycle, today));
-    measure!("peak days (top 5)", q.peak_days(account, &range, 5));
-    measure!("busiest hours (top 5)", q.busiest_hours(account, &range, 5));
-    measure!("trend (3 months)", q.trend(account, today));
-    measure!(
-        "projection",
-        q.projection(account, &cycle, today, Some(dec!(5000)))
-    );
-    measure!("counts", q.counts(account, &range));
-    measure!(
-        "whole report (6 queries at once)",
-        q.report(account, &request)
-    );
+    // 4. Report queries for the heavy account (TALLY_BENCH_ANALYTICS_REPORTS=0 skips them).
+    if std::env::var("TALLY_BENCH_ANALYTICS_REPORTS").as_deref() != Ok("0") {
+        reports(&cfg, today).await;
+    }
 
     if std::env::var("TALLY_BENCH_KEEP").as_deref() == Ok("1") {
         println!("kept database {}", cfg.database);

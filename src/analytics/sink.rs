@@ -31,8 +31,13 @@ use crate::pipeline::Prepared;
 
 /// Rated usage, one row per admitted record, keyed by position (migration 0004).
 pub const USAGE_EVENTS: &str = "usage_events";
-/// Every stored copy of every identity, with its admission rank (migration 0004).
-pub const USAGE_IDENTITIES: &str = "usage_identities";
+/// Every stored copy of every identity, with its admission rank, keyed by a hash of the
+/// identity (`id_hash`, computed by the server: migration 0005). Replaces 0004's
+/// `usage_identities`, no longer written.
+pub const USAGE_COPIES: &str = "usage_copies";
+/// The identity hash of `usage_copies`, as an expression on `event_source` and `event_id`
+/// (the column's MATERIALIZED expression).
+const ID_HASH: &str = "cityHash64(event_source, event_id)";
 /// The copies that do not count, by position (migration 0004).
 pub const USAGE_LOSERS: &str = "usage_losers";
 /// Offsets per roll-up block: each roll-up row covers one block of one partition.
@@ -342,7 +347,7 @@ pub struct InsertOutcome {
 pub struct StatementTimes {
     /// INSERT into `usage_events`.
     pub events: Duration,
-    /// INSERT into `usage_identities`.
+    /// INSERT into `usage_copies`.
     pub identities: Duration,
     /// The lookup of the stored copies of the batch's identities.
     pub lookup: Duration,
@@ -451,8 +456,8 @@ pub fn block_ranges<'a>(
 fn counting_copies_sql(condition: &str) -> String {
     format!(
         "SELECT event_source, event_id, argMax(topic, admission), argMax(`partition`, admission), \
-         argMax(`offset`, admission) FROM {USAGE_IDENTITIES} \
-         WHERE event_id IN (SELECT event_id FROM {USAGE_EVENTS} WHERE {condition}) \
+         argMax(`offset`, admission) FROM {USAGE_COPIES} \
+         WHERE id_hash IN (SELECT {ID_HASH} FROM {USAGE_EVENTS} WHERE {condition}) \
          GROUP BY event_source, event_id"
     )
 }
@@ -520,13 +525,31 @@ pub fn rollup_hourly_sql(ranges: Option<&[OffsetRange]>) -> String {
     )
 }
 
-/// Every stored copy of the identities of the `usage_events` rows in `ranges`.
-pub fn copies_sql(ranges: &[OffsetRange]) -> String {
+/// The identity hashes of the `usage_events` rows in `ranges` that have more than one stored
+/// row in `usage_copies`: the identities that may have another copy (or a copy written twice,
+/// not merged yet; or a hash shared with another identity). Reads the `id_hash` column only,
+/// by the primary key: a granule per identity at most.
+pub fn shared_identities_sql(ranges: &[OffsetRange]) -> String {
+    format!(
+        "SELECT id_hash FROM {USAGE_COPIES} \
+         WHERE id_hash IN (SELECT {ID_HASH} FROM {USAGE_EVENTS} WHERE {}) \
+         GROUP BY id_hash HAVING count() > 1",
+        ranges_condition(Some(ranges))
+    )
+}
+
+/// Every stored copy of the identities hashed to `hashes` (from [`shared_identities_sql`]);
+/// the caller matches them on `event_source` and `event_id`.
+pub fn copies_sql(hashes: &[u64]) -> String {
+    let condition = if hashes.is_empty() {
+        "0 = 1".to_owned()
+    } else {
+        let list: Vec<String> = hashes.iter().map(u64::to_string).collect();
+        format!("id_hash IN ({})", list.join(", "))
+    };
     format!(
         "SELECT event_source, event_id, topic, `partition`, `offset`, admission \
-         FROM {USAGE_IDENTITIES} \
-         WHERE event_id IN (SELECT event_id FROM {USAGE_EVENTS} WHERE {})",
-        ranges_condition(Some(ranges))
+         FROM {USAGE_COPIES} WHERE {condition}"
     )
 }
 
@@ -543,7 +566,7 @@ struct LoserRow {
     event_id: String,
 }
 
-/// One `usage_identities` row.
+/// One `usage_copies` row (its `id_hash` is computed by the server).
 #[derive(Debug, Clone, Row, Serialize, Deserialize)]
 struct IdentityRow {
     event_source: String,
@@ -608,6 +631,12 @@ pub(crate) fn client(cfg: &ClickHouseConfig, database: Option<&str>) -> Client {
     client
 }
 
+/// The `max_query_size` setting for `sql`: its length and some room, at least the 256 KiB
+/// default (a batch's ranges or hashes can make a long statement).
+fn query_size(sql: &str) -> String {
+    (sql.len() + 4096).max(262_144).to_string()
+}
+
 /// Runs a client call under a deadline, naming the operation in the error.
 pub(crate) async fn run_timed<T>(
     op: &'static str,
@@ -645,7 +674,7 @@ impl AnalyticsSink {
         .await
     }
 
-    /// Writes a batch: its rows to `usage_events` and their identities to `usage_identities`
+    /// Writes a batch: its rows to `usage_events` and their identities to `usage_copies`
     /// (one INSERT each, LZ4-compressed, nothing asked first), then recomputes the roll-up
     /// blocks the batch touched and those holding other copies of its identities (one
     /// INSERT ... SELECT per roll-up). Idempotent: calling it again with the same rows, or
@@ -668,8 +697,8 @@ impl AnalyticsSink {
         .await?;
         let events = started.elapsed();
         let started = Instant::now();
-        run_timed("insert usage_identities", INSERT_TIMEOUT, async move {
-            let mut insert = client.insert::<IdentityRow>(USAGE_IDENTITIES).await?;
+        run_timed("insert usage_copies", INSERT_TIMEOUT, async move {
+            let mut insert = client.insert::<IdentityRow>(USAGE_COPIES).await?;
             for row in rows {
                 insert
                     .write(&IdentityRow {
@@ -700,19 +729,34 @@ impl AnalyticsSink {
             rows.iter()
                 .map(|r| (r.topic.as_str(), r.partition, r.offset)),
         );
-        let sql = copies_sql(&batch);
-        let max_query_size = (sql.len() + 4096).max(262_144).to_string();
         let mut timings = StatementTimes::default();
         let started = Instant::now();
-        let copies = run_timed(
-            "read identity copies",
+        // Most identities have one copy, the batch's own: find the few with more first (one
+        // narrow column), then read only their copies.
+        let sql = shared_identities_sql(&batch);
+        let shared = run_timed(
+            "find shared identities",
             QUERY_TIMEOUT,
             self.client
                 .query_raw(&sql)
-                .with_setting("max_query_size", max_query_size)
-                .fetch_all::<IdentityRow>(),
+                .with_setting("max_query_size", query_size(&sql))
+                .fetch_all::<u64>(),
         )
         .await?;
+        let copies = if shared.is_empty() {
+            Vec::new()
+        } else {
+            let sql = copies_sql(&shared);
+            run_timed(
+                "read identity copies",
+                QUERY_TIMEOUT,
+                self.client
+                    .query_raw(&sql)
+                    .with_setting("max_query_size", query_size(&sql))
+                    .fetch_all::<IdentityRow>(),
+            )
+            .await?
+        };
         timings.lookup = started.elapsed();
         // The counting copy of each of the batch's identities.
         let mut best: HashMap<(&str, &str), (u64, Position<'_>)> = HashMap::new();
@@ -739,7 +783,7 @@ impl AnalyticsSink {
         });
         for (source, id, admission, position) in copies_of_rows.clone().chain(stored.clone()) {
             if !wanted.contains(&(source, id)) {
-                continue; // the same event id under another source
+                continue; // another identity with the same hash
             }
             positions.push(position);
             let e = best.entry((source, id)).or_insert((admission, position));
@@ -802,14 +846,13 @@ impl AnalyticsSink {
                 &mut timings.hourly,
             ),
         ] {
-            let max_query_size = (sql.len() + 4096).max(262_144).to_string();
             let started = Instant::now();
             run_timed(
                 op,
                 INSERT_TIMEOUT,
                 self.client
                     .query_raw(&sql)
-                    .with_setting("max_query_size", max_query_size)
+                    .with_setting("max_query_size", query_size(&sql))
                     .execute(),
             )
             .await?;
