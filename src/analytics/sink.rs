@@ -40,6 +40,8 @@ pub const USAGE_COPIES: &str = "usage_copies";
 const ID_HASH: &str = "cityHash64(event_source, event_id)";
 /// The copies that do not count, by position (migration 0004).
 pub const USAGE_LOSERS: &str = "usage_losers";
+/// Identity hashes named in one statement reading their copies ([`copies_sql`]).
+const HASHES_PER_QUERY: usize = 4096;
 /// Offsets per roll-up block: each roll-up row covers one block of one partition.
 pub const BLOCK_OFFSETS: u64 = 8192;
 /// Usage read after the billing grace (schemas/clickhouse/0003_late_usage.sql).
@@ -503,12 +505,23 @@ pub fn rollup_daily_sql(ranges: Option<&[OffsetRange]>) -> String {
 
 /// The rows of `ranges` (None: all) with `counted`: not a known losing copy. Reads
 /// `usage_losers` by position only, never the identities.
+///
+/// The ranges are a PREWHERE: the index also selects, in every part, the granule where each
+/// Kafka partition's offsets end (it cannot tell that they end there), 8192 rows per
+/// partition and part; PREWHERE reads only the position columns of those and drops them
+/// before FINAL merges them. Safe with FINAL: it tests key columns only, so it keeps or
+/// drops every row of a key together.
 fn rollup_source_sql(ranges: Option<&[OffsetRange]>) -> String {
     let condition = ranges_condition(ranges);
+    let filter = if ranges.is_some() {
+        "PREWHERE"
+    } else {
+        "WHERE"
+    };
     format!(
         "SELECT *, (topic, `partition`, `offset`) NOT IN \
          (SELECT topic, `partition`, `offset` FROM {USAGE_LOSERS} WHERE {condition}) AS counted \
-         FROM {USAGE_EVENTS} FINAL WHERE {condition}"
+         FROM {USAGE_EVENTS} FINAL {filter} {condition}"
     )
 }
 
@@ -743,20 +756,24 @@ impl AnalyticsSink {
                 .fetch_all::<u64>(),
         )
         .await?;
-        let copies = if shared.is_empty() {
-            Vec::new()
-        } else {
-            let sql = copies_sql(&shared);
-            run_timed(
-                "read identity copies",
-                QUERY_TIMEOUT,
-                self.client
-                    .query_raw(&sql)
-                    .with_setting("max_query_size", query_size(&sql))
-                    .fetch_all::<IdentityRow>(),
-            )
-            .await?
-        };
+        // Many only when the batch was written before (a replay): its positions are stored
+        // twice until a merge. A statement names at most HASHES_PER_QUERY of them (a server
+        // refuses a statement of more than 50,000 AST elements).
+        let mut copies: Vec<IdentityRow> = Vec::new();
+        for hashes in shared.chunks(HASHES_PER_QUERY) {
+            let sql = copies_sql(hashes);
+            copies.extend(
+                run_timed(
+                    "read identity copies",
+                    QUERY_TIMEOUT,
+                    self.client
+                        .query_raw(&sql)
+                        .with_setting("max_query_size", query_size(&sql))
+                        .fetch_all::<IdentityRow>(),
+                )
+                .await?,
+            );
+        }
         timings.lookup = started.elapsed();
         // The counting copy of each of the batch's identities.
         let mut best: HashMap<(&str, &str), (u64, Position<'_>)> = HashMap::new();
