@@ -5,15 +5,16 @@
 //! growing table, everything dated today (the day's volume is what must not slow a batch):
 //!
 //! 1. 100,000 events stored today (12 partitions, one heavy account holding half of them,
-//!    the rest over TALLY_BENCH_ANALYTICS_ACCOUNTS accounts, default 1,000): then 10 batches
+//!    the rest over TALLY_BENCH_ANALYTICS_ACCOUNTS accounts, default 1,000): then 6 batches
 //!    of 50,000 new events of today, timed (median and max per batch, events/s).
 //! 2. The table grown to TALLY_BENCH_ANALYTICS_EVENTS (default 10,000,000) stored today, through
 //!    the same write path in batches of TALLY_BENCH_ANALYTICS_BATCH (default 500,000): prints
-//!    the load rate; then the same 10 batches of 50,000 timed again, and the ratio of the
+//!    the load rate; then 6 batches of 50,000 timed again, and the ratio of the
 //!    per-batch medians (10M / 100k).
 //! 3. A batch written again (a replay).
 //! 4. The report queries' latency for the heavy account (half of the stored events): first
-//!    run, then median and max of 20 (goal: under 100 ms each).
+//!    run, then median and max of 20 (goal: under 100 ms each); TALLY_BENCH_ANALYTICS_REPORTS=0
+//!    skips them.
 //!
 //! Each timed phase prints the median time of each statement of the write path
 //! (`InsertOutcome::timings`) and the database's active parts and running merges before it.
