@@ -27,7 +27,7 @@ use tally::analytics::migrate::{bootstrap, statements, MIGRATIONS};
 use tally::analytics::queries::{report_sql, Cycle, DateRange, ReportRequest};
 use tally::analytics::reconcile::{rated_days_sql, rollup_days_sql};
 use tally::analytics::sink::{
-    batch_ranges, block_ranges, copies_sql, counted_events_sql, rollup_daily_sql,
+    batch_copies_sql, batch_ranges, block_ranges, copies_sql, counted_events_sql, rollup_daily_sql,
     rollup_hourly_sql, shared_identities_sql,
 };
 use tally::analytics::{migrate, AnalyticsSink, RatedRow};
@@ -165,6 +165,13 @@ fn compared_queries(rows: &[RatedRow], hashes: &[u64]) -> Vec<(String, String)> 
         format!(
             "SELECT id_hash FROM ({}) ORDER BY id_hash",
             shared_identities_sql(&ranges)
+        ),
+    ));
+    out.push((
+        "batch copies".into(),
+        format!(
+            "SELECT DISTINCT * FROM ({}) ORDER BY event_source, event_id, topic, `partition`, `offset`",
+            batch_copies_sql(&ranges)
         ),
     ));
     out.push((

@@ -40,7 +40,8 @@ pub const USAGE_COPIES: &str = "usage_copies";
 const ID_HASH: &str = "cityHash64(event_source, event_id)";
 /// The copies that do not count, by position (migration 0004).
 pub const USAGE_LOSERS: &str = "usage_losers";
-/// Identity hashes named in one statement reading their copies ([`copies_sql`]).
+/// Most identity hashes named in one statement reading their copies ([`copies_sql`]); past
+/// it, the copies of the whole batch are read ([`batch_copies_sql`]).
 const HASHES_PER_QUERY: usize = 4096;
 /// Offsets per roll-up block: each roll-up row covers one block of one partition.
 pub const BLOCK_OFFSETS: u64 = 8192;
@@ -551,6 +552,17 @@ pub fn shared_identities_sql(ranges: &[OffsetRange]) -> String {
     )
 }
 
+/// Every stored copy of the identities of the `usage_events` rows in `ranges` (the caller
+/// matches them on `event_source` and `event_id`).
+pub fn batch_copies_sql(ranges: &[OffsetRange]) -> String {
+    format!(
+        "SELECT event_source, event_id, topic, `partition`, `offset`, admission \
+         FROM {USAGE_COPIES} \
+         WHERE id_hash IN (SELECT {ID_HASH} FROM {USAGE_EVENTS} WHERE {})",
+        ranges_condition(Some(ranges))
+    )
+}
+
 /// Every stored copy of the identities hashed to `hashes` (from [`shared_identities_sql`]);
 /// the caller matches them on `event_source` and `event_id`.
 pub fn copies_sql(hashes: &[u64]) -> String {
@@ -757,23 +769,27 @@ impl AnalyticsSink {
         )
         .await?;
         // Many only when the batch was written before (a replay): its positions are stored
-        // twice until a merge. A statement names at most HASHES_PER_QUERY of them (a server
-        // refuses a statement of more than 50,000 AST elements).
-        let mut copies: Vec<IdentityRow> = Vec::new();
-        for hashes in shared.chunks(HASHES_PER_QUERY) {
-            let sql = copies_sql(hashes);
-            copies.extend(
-                run_timed(
-                    "read identity copies",
-                    QUERY_TIMEOUT,
-                    self.client
-                        .query_raw(&sql)
-                        .with_setting("max_query_size", query_size(&sql))
-                        .fetch_all::<IdentityRow>(),
-                )
-                .await?,
-            );
-        }
+        // twice until a merge. Then the copies of every identity of the batch are read in one
+        // statement (naming that many hashes would be slower, and a server refuses a
+        // statement of more than 50,000 AST elements).
+        let copies = if shared.is_empty() {
+            Vec::new()
+        } else {
+            let sql = if shared.len() <= HASHES_PER_QUERY {
+                copies_sql(&shared)
+            } else {
+                batch_copies_sql(&batch)
+            };
+            run_timed(
+                "read identity copies",
+                QUERY_TIMEOUT,
+                self.client
+                    .query_raw(&sql)
+                    .with_setting("max_query_size", query_size(&sql))
+                    .fetch_all::<IdentityRow>(),
+            )
+            .await?
+        };
         timings.lookup = started.elapsed();
         // The counting copy of each of the batch's identities.
         let mut best: HashMap<(&str, &str), (u64, Position<'_>)> = HashMap::new();
