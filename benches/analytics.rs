@@ -5,15 +5,22 @@
 //! growing table, everything dated today (the day's volume is what must not slow a batch):
 //!
 //! 1. 100,000 events stored today (12 partitions, one heavy account holding half of them,
-//!    the rest over TALLY_BENCH_ANALYTICS_ACCOUNTS accounts, default 1,000): then 10 batches
+//!    the rest over TALLY_BENCH_ANALYTICS_ACCOUNTS accounts, default 1,000): then 6 batches
 //!    of 50,000 new events of today, timed (median and max per batch, events/s).
 //! 2. The table grown to TALLY_BENCH_ANALYTICS_EVENTS (default 10,000,000) stored today, through
 //!    the same write path in batches of TALLY_BENCH_ANALYTICS_BATCH (default 500,000): prints
-//!    the load rate; then the same 10 batches of 50,000 timed again, and the ratio of the
+//!    the load rate; then 6 batches of 50,000 timed again, and the ratio of the
 //!    per-batch medians (10M / 100k).
 //! 3. A batch written again (a replay).
 //! 4. The report queries' latency for the heavy account (half of the stored events): first
-//!    run, then median and max of 20 (goal: under 100 ms each).
+//!    run, then median and max of 20 (goal: under 100 ms each); TALLY_BENCH_ANALYTICS_REPORTS=0
+//!    skips them.
+//!
+//! Each timed phase prints the median time of each statement of the write path
+//! (`InsertOutcome::timings`) and the database's active parts and running merges before it.
+//! Event ids are random UUIDs, as producers send them (a batch's ids are spread over the whole
+//! identity key); TALLY_BENCH_ANALYTICS_IDS=sequential gives `ev-{i}` ids instead, which sort
+//! together by batch.
 //!
 //! The database is dropped at the end unless TALLY_BENCH_KEEP=1.
 //!
@@ -28,7 +35,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal_macros::dec;
 
 use tally::analytics::queries::{Cycle, DateRange, ReportRequest, UsageQueries};
-use tally::analytics::{migrate, AnalyticsSink, RatedRow};
+use tally::analytics::{migrate, AnalyticsSink, RatedRow, StatementTimes};
 use tally::config::ClickHouseConfig;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -78,10 +85,38 @@ fn batch(start: u64, n: u64, accounts: u64, today: NaiveDate, seed: u64) -> Vec<
         .collect()
 }
 
+/// Event i's id: a random-looking UUID (a fixed permutation of i), as producers send them,
+/// so a batch's ids are spread over the whole identity key like in production;
+/// `ev-{i}` (ids that sort together by batch) with TALLY_BENCH_ANALYTICS_IDS=sequential.
+fn event_id(i: u64) -> String {
+    static SEQUENTIAL: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::env::var("TALLY_BENCH_ANALYTICS_IDS").as_deref() == Ok("sequential")
+    });
+    if *SEQUENTIAL {
+        return format!("ev-{i}");
+    }
+    let mix = |mut z: u64| {
+        // splitmix64: a bijection on u64.
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let (hi, lo) = (mix(i), mix(i ^ 0x5555_5555_5555_5555));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        hi >> 32,
+        (hi >> 16) & 0xffff,
+        hi & 0xfff,
+        0x8000 | (lo >> 48) & 0x3fff,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
 fn row(i: u64, accounts: u64, days: u16, second: u32, rng: &mut SmallRng) -> RatedRow {
     let mut r = RatedRow {
         event_source: "//bench/usage".into(),
-        event_id: format!("ev-{i}"),
+        event_id: event_id(i),
         account_id: format!("acct-{:04}", i % accounts),
         event_time_unix_seconds: u32::from(days) * 86_400 + second,
         event_date_unix_days: days,
@@ -185,7 +220,7 @@ async fn write_path(
     per_batch: u64,
     accounts: u64,
     today: NaiveDate,
-) -> Vec<Duration> {
+) -> Vec<(Duration, StatementTimes)> {
     let mut times = Vec::new();
     let mut done = 0;
     while done < n {
@@ -195,15 +230,15 @@ async fn write_path(
             .await
             .unwrap();
         let (outcome, d) = time(sink.insert(&rows)).await;
-        outcome.expect("sink insert");
-        times.push(d);
+        times.push((d, outcome.expect("sink insert").timings));
         done += k;
     }
     times
 }
 
-fn summary(label: &str, times: &[Duration], rows_per_batch: u64) -> Duration {
-    let mut sorted = times.to_vec();
+fn summary(label: &str, timed: &[(Duration, StatementTimes)], rows_per_batch: u64) -> Duration {
+    let times: Vec<Duration> = timed.iter().map(|t| t.0).collect();
+    let mut sorted = times.clone();
     sorted.sort();
     let median = sorted[sorted.len() / 2];
     let total: Duration = times.iter().sum();
@@ -214,7 +249,76 @@ fn summary(label: &str, times: &[Duration], rows_per_batch: u64) -> Duration {
         ms(sorted[sorted.len() - 1]),
         (rows_per_batch * times.len() as u64) as f64 / total.as_secs_f64()
     );
+    let median_of = |f: fn(&StatementTimes) -> Duration| {
+        let mut v: Vec<Duration> = timed.iter().map(|t| f(&t.1)).collect();
+        v.sort();
+        ms(v[v.len() / 2])
+    };
+    println!(
+        "    per statement (median ms): events {:.0}, identities {:.0}, lookup {:.0}, losers {:.0}, \
+         daily {:.0}, hourly {:.0}",
+        median_of(|t| t.events),
+        median_of(|t| t.identities),
+        median_of(|t| t.lookup),
+        median_of(|t| t.losers),
+        median_of(|t| t.daily),
+        median_of(|t| t.hourly),
+    );
     median
+}
+
+/// Active parts and running merges of the database: background work the timed batches share
+/// the machine with.
+async fn print_background(client: &clickhouse::Client, database: &str) {
+    let parts: u64 = client
+        .query("SELECT count() FROM system.parts WHERE database = ? AND active")
+        .bind(database)
+        .fetch_one()
+        .await
+        .unwrap_or_default();
+    let merges: u64 = client
+        .query("SELECT count() FROM system.merges WHERE database = ?")
+        .bind(database)
+        .fetch_one()
+        .await
+        .unwrap_or_default();
+    println!("  ({parts} active parts, {merges} merges running)");
+}
+
+/// The report queries' latency for the heavy account.
+async fn reports(cfg: &ClickHouseConfig, today: NaiveDate) {
+    let account = HEAVY;
+    let q = UsageQueries::new(cfg);
+    let range = DateRange::new(today - chrono::Days::new(89), today).unwrap();
+    let month = Cycle::calendar_month(today);
+    let cycle = Cycle {
+        allowance: Some(dec!(10000)),
+        ..month
+    };
+    let request = ReportRequest {
+        range,
+        ..ReportRequest::for_cycle(cycle, today, Some(dec!(5000))).unwrap()
+    };
+    let (counts, _) = time(q.counts(account, &range)).await;
+    let counts = counts.unwrap();
+    println!(
+        "report queries for {account} ({} events, {} credits):",
+        counts.events, counts.credits
+    );
+    measure!("daily (90 days, kind x model)", q.daily(account, &range));
+    measure!("cycle (used vs allowance)", q.cycle(account, &cycle, today));
+    measure!("peak days (top 5)", q.peak_days(account, &range, 5));
+    measure!("busiest hours (top 5)", q.busiest_hours(account, &range, 5));
+    measure!("trend (3 months)", q.trend(account, today));
+    measure!(
+        "projection",
+        q.projection(account, &cycle, today, Some(dec!(5000)))
+    );
+    measure!("counts", q.counts(account, &range));
+    measure!(
+        "whole report (6 queries at once)",
+        q.report(account, &request)
+    );
 }
 
 async fn run() {
@@ -253,6 +357,7 @@ async fn run() {
         "stored {small} events today in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    print_background(&client, &cfg.database).await;
     let at_small = write_path(&sink, small, TIMED * BATCH, BATCH, accounts, today).await;
     let median_small = summary(
         &format!("with {small}..{} stored", small + (TIMED - 1) * BATCH),
@@ -278,8 +383,9 @@ async fn run() {
         events.saturating_sub(grown_from),
         loading.as_secs_f64(),
         events.saturating_sub(grown_from) as f64 / loading.as_secs_f64(),
-        loads.iter().max().copied().unwrap_or_default().as_secs_f64()
+        loads.iter().map(|t| t.0).max().unwrap_or_default().as_secs_f64()
     );
+    print_background(&client, &cfg.database).await;
     let stored = events.max(grown_from);
     let at_large = write_path(&sink, stored, TIMED * BATCH, BATCH, accounts, today).await;
     let median_large = summary(
@@ -316,39 +422,10 @@ async fn run() {
         );
     }
 
-    // 4. Report queries for the heavy account.
-    let account = HEAVY;
-    let q = UsageQueries::new(&cfg);
-    let range = DateRange::new(today - chrono::Days::new(89), today).unwrap();
-    let month = Cycle::calendar_month(today);
-    let cycle = Cycle {
-        allowance: Some(dec!(10000)),
-        ..month
-    };
-    let request = ReportRequest {
-        range,
-        ..ReportRequest::for_cycle(cycle, today, Some(dec!(5000))).unwrap()
-    };
-    let (counts, _) = time(q.counts(account, &range)).await;
-    let counts = counts.unwrap();
-    println!(
-        "report queries for {account} ({} events, {} credits):",
-        counts.events, counts.credits
-    );
-    measure!("daily (90 days, kind x model)", q.daily(account, &range));
-    measure!("cycle (used vs allowance)", q.cycle(account, &cycle, today));
-    measure!("peak days (top 5)", q.peak_days(account, &range, 5));
-    measure!("busiest hours (top 5)", q.busiest_hours(account, &range, 5));
-    measure!("trend (3 months)", q.trend(account, today));
-    measure!(
-        "projection",
-        q.projection(account, &cycle, today, Some(dec!(5000)))
-    );
-    measure!("counts", q.counts(account, &range));
-    measure!(
-        "whole report (6 queries at once)",
-        q.report(account, &request)
-    );
+    // 4. Report queries for the heavy account (TALLY_BENCH_ANALYTICS_REPORTS=0 skips them).
+    if std::env::var("TALLY_BENCH_ANALYTICS_REPORTS").as_deref() != Ok("0") {
+        reports(&cfg, today).await;
+    }
 
     if std::env::var("TALLY_BENCH_KEEP").as_deref() == Ok("1") {
         println!("kept database {}", cfg.database);

@@ -27,7 +27,8 @@ use tally::analytics::migrate::{bootstrap, statements, MIGRATIONS};
 use tally::analytics::queries::{report_sql, Cycle, DateRange, ReportRequest};
 use tally::analytics::reconcile::{rated_days_sql, rollup_days_sql};
 use tally::analytics::sink::{
-    batch_ranges, copies_sql, counted_events_sql, rollup_daily_sql, rollup_hourly_sql,
+    batch_copies_sql, batch_ranges, block_ranges, copies_sql, counted_events_sql, rollup_daily_sql,
+    rollup_hourly_sql, shared_identities_sql,
 };
 use tally::analytics::{migrate, AnalyticsSink, RatedRow};
 
@@ -110,7 +111,7 @@ fn chdb_python() -> Result<PathBuf, String> {
 }
 
 /// The statements compared on both servers, named, in order.
-fn compared_queries(rows: &[RatedRow]) -> Vec<(String, String)> {
+fn compared_queries(rows: &[RatedRow], hashes: &[u64]) -> Vec<(String, String)> {
     let today = day("2025-06-20");
     let june = Cycle {
         start: day("2025-06-01"),
@@ -152,13 +153,34 @@ fn compared_queries(rows: &[RatedRow]) -> Vec<(String, String)> {
         .map(|r| (r.topic.as_str(), r.partition, r.offset))
         .collect();
     let ranges = batch_ranges(probe);
+    // The identity hash the server computes (MATERIALIZED): the same on both.
+    out.push((
+        "identity hashes".into(),
+        "SELECT DISTINCT event_source, event_id, id_hash FROM usage_copies \
+         ORDER BY event_source, event_id"
+            .into(),
+    ));
+    out.push((
+        "shared identities".into(),
+        format!(
+            "SELECT id_hash FROM ({}) ORDER BY id_hash",
+            shared_identities_sql(&ranges)
+        ),
+    ));
+    out.push((
+        "batch copies".into(),
+        format!(
+            "SELECT DISTINCT * FROM ({}) ORDER BY event_source, event_id, topic, `partition`, `offset`",
+            batch_copies_sql(&ranges)
+        ),
+    ));
     out.push((
         "identity copies".into(),
         format!(
             // DISTINCT: a current server collapses the copies of a position when they are
             // inserted together (optimize_on_insert), 18.16 at its next merge.
             "SELECT DISTINCT * FROM ({}) ORDER BY event_source, event_id, topic, `partition`, `offset`",
-            copies_sql(&ranges)
+            copies_sql(hashes)
         ),
     ));
     out.push((
@@ -215,6 +237,20 @@ async fn ddl_and_queries_run_on_current_clickhouse() {
     let client = clickhouse::Client::default()
         .with_url(&cfg.url)
         .with_database(&cfg.database);
+    // One row per position, as a current server keeps them after one INSERT: the copies
+    // written twice above (the first half) would otherwise count twice in `shared identities`.
+    client
+        .query("OPTIMIZE TABLE usage_copies FINAL")
+        .execute()
+        .await
+        .unwrap();
+    let hashes: Vec<u64> = client
+        .clone()
+        .with_validation(false)
+        .query("SELECT DISTINCT id_hash FROM usage_copies ORDER BY id_hash")
+        .fetch_all()
+        .await
+        .unwrap();
     let values = {
         let mut cursor = client
             .query_raw("SELECT * FROM usage_events ORDER BY topic, `partition`, `offset`")
@@ -232,7 +268,7 @@ async fn ddl_and_queries_run_on_current_clickhouse() {
     let identities = {
         let mut cursor = client
             .query_raw(
-                "SELECT * FROM usage_identities \
+                "SELECT * FROM usage_copies \
                  ORDER BY event_id, event_source, topic, `partition`, `offset`",
             )
             .fetch_bytes("Values")
@@ -265,7 +301,7 @@ async fn ddl_and_queries_run_on_current_clickhouse() {
     ));
     steps.push((
         "insert identities".into(),
-        format!("INSERT INTO usage_identities VALUES {identities}"),
+        format!("INSERT INTO usage_copies VALUES {identities}"),
     ));
     if !losers.is_empty() {
         steps.push((
@@ -276,7 +312,21 @@ async fn ddl_and_queries_run_on_current_clickhouse() {
     // The roll-ups computed in one go there, batch by batch on 18.16: the same figures.
     steps.push(("recompute daily".into(), rollup_daily_sql(None)));
     steps.push(("recompute hourly".into(), rollup_hourly_sql(None)));
-    let compared = compared_queries(&rows);
+    // And by blocks, as the sink does (PREWHERE on the positions with FINAL): the same rows
+    // again, so the figures compared below do not change.
+    let blocks = block_ranges(
+        rows.iter()
+            .map(|r| (r.topic.as_str(), r.partition, r.offset)),
+    );
+    steps.push((
+        "recompute daily blocks".into(),
+        rollup_daily_sql(Some(&blocks)),
+    ));
+    steps.push((
+        "recompute hourly blocks".into(),
+        rollup_hourly_sql(Some(&blocks)),
+    ));
+    let compared = compared_queries(&rows, &hashes);
     let first_compared = steps.len();
     steps.extend(compared.iter().cloned());
 

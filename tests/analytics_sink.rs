@@ -6,6 +6,8 @@
 //! - `replayed_batch_keeps_exact_totals`: the same rows inserted twice (a replayed batch), the
 //!   same event read again at another offset (a producer retry) and a repeat inside one batch
 //!   count once, in the counting rows and in the roll-ups.
+//! - `copies_stored_before_migration_5_still_count`: migration 0005 copies the identities of
+//!   0004's `usage_identities` into `usage_copies`, and a re-send of one of them loses to it.
 //! - `positions_resume_past_what_is_stored`: the stored positions only (never the highest
 //!   stored row: its roll-ups may be missing); per group; only the partitions asked for; via
 //!   the OffsetStore too.
@@ -189,7 +191,7 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let cfg = clickhouse_config("migrate");
-    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2, 3, 4, 5]);
     assert_eq!(migrate(&cfg).await.unwrap(), Vec::<u32>::new());
     // Each run again after a half-applied migration: the statements are IF NOT EXISTS.
     raw(&cfg)
@@ -225,6 +227,7 @@ async fn migrate_is_idempotent() {
             "rated_offsets",
             "rated_offsets_mv",
             "schema_migrations",
+            "usage_copies",
             "usage_daily",
             "usage_events",
             "usage_hourly",
@@ -427,6 +430,80 @@ async fn replayed_batch_keeps_exact_totals() {
     not(feature = "integration"),
     ignore = "needs the services: scripts/test runs it"
 )]
+#[tokio::test]
+async fn copies_stored_before_migration_5_still_count() {
+    use tally::analytics::migrate::{bootstrap, statements, MIGRATIONS};
+    // A database as migration 4 left it, with a batch written the way the sink wrote it then
+    // (rows, and their identities in `usage_identities`).
+    let cfg = clickhouse_config("mig5");
+    let server = clickhouse::Client::default().with_url(&cfg.url);
+    for statement in bootstrap(&cfg.database) {
+        server.query(&statement).execute().await.unwrap();
+    }
+    for (version, name, sql) in &MIGRATIONS[..4] {
+        for statement in statements(sql, &cfg.database) {
+            server.query(&statement).execute().await.unwrap();
+        }
+        raw(&cfg)
+            .query(&format!(
+                "INSERT INTO schema_migrations VALUES ({version}, '{name}', now())"
+            ))
+            .execute()
+            .await
+            .unwrap();
+    }
+    let prices = prices();
+    let first = rows(&batch("usage.mixed", "acct-mig"), &prices, Utc::now());
+    let mut insert = raw(&cfg).insert::<RatedRow>("usage_events").await.unwrap();
+    for row in &first {
+        insert.write(row).await.unwrap();
+    }
+    insert.end().await.unwrap();
+    raw(&cfg)
+        .query(
+            "INSERT INTO usage_identities SELECT event_source, event_id, topic, `partition`, \
+             `offset`, admission FROM usage_events",
+        )
+        .execute()
+        .await
+        .unwrap();
+
+    assert_eq!(migrate(&cfg).await.unwrap(), vec![5]);
+    let copies: u64 = raw(&cfg)
+        .query(
+            "SELECT count() FROM usage_copies WHERE id_hash = cityHash64(event_source, event_id)",
+        )
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(copies, 6, "every stored copy, with its hash");
+
+    // A producer retry of one of them, at a later offset: the copy stored before the
+    // migration is found and keeps counting.
+    let sink = AnalyticsSink::new(&cfg);
+    let retried = vec![record(
+        "usage.mixed",
+        1,
+        9,
+        envelope(
+            "tally.usage.chat_response.v1",
+            "chat-1",
+            "acct-mig",
+            json!({"conversation_id": "conv-1", "model": "gpt-4o-mini", "voice_tier": "premium", "responses": 3}),
+        ),
+    )];
+    let retried = rows(&retried, &prices, Utc::now());
+    let outcome = sink.insert(&retried).await.unwrap();
+    assert_eq!((outcome.written, outcome.duplicates), (1, 1));
+    let losers: Vec<(String, u32, u64)> = raw(&cfg)
+        .query("SELECT topic, `partition`, `offset` FROM usage_losers FINAL")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(losers, vec![("usage.mixed".to_owned(), 1, 9)]);
+    drop_database(&cfg).await;
+}
+
 #[tokio::test]
 async fn positions_resume_past_what_is_stored() {
     let (cfg, sink) = fresh("positions").await;

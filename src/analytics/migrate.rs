@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "convergent_rollups",
         include_str!("../../schemas/clickhouse/0004_convergent_rollups.sql"),
     ),
+    (
+        5,
+        "identity_hash",
+        include_str!("../../schemas/clickhouse/0005_identity_hash.sql"),
+    ),
 ];
 
 /// The statements that precede every migration: the database and the table recording the

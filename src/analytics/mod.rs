@@ -5,9 +5,9 @@
 //! ([`reconcile`]). Knows nothing of Kafka clients, PostgreSQL or the ledger; the batch loop
 //! lives in `pipeline::analytics`.
 //!
-//! Convergence (migration 0004): rows are keyed by their Kafka position in `usage_events`;
+//! Convergence (migrations 0004, 0005): rows are keyed by their Kafka position in `usage_events`;
 //! an event's identity is (`event_source`, `event_id`), as in the ledger, and of its stored
-//! copies the one admitted first counts (`usage_identities`, highest `admission`; the others
+//! copies the one admitted first counts (`usage_copies`, highest `admission`; the others
 //! are recorded in `usage_losers` when a batch's identity lookup finds them). The
 //! roll-ups (`usage_daily`, `usage_hourly`) are recomputed, never incremented, per block of
 //! offsets from the stored rows, so a replayed, half-done, timed-out or doubled write ends
@@ -26,5 +26,5 @@ pub use migrate::{migrate, MIGRATIONS};
 pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
 pub use sink::{
     admission_rank, numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome,
-    LateRow, NumericColumns, RatedRow,
+    LateRow, NumericColumns, RatedRow, StatementTimes,
 };

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use clickhouse::{Client, Compression, Row};
@@ -31,10 +31,18 @@ use crate::pipeline::Prepared;
 
 /// Rated usage, one row per admitted record, keyed by position (migration 0004).
 pub const USAGE_EVENTS: &str = "usage_events";
-/// Every stored copy of every identity, with its admission rank (migration 0004).
-pub const USAGE_IDENTITIES: &str = "usage_identities";
+/// Every stored copy of every identity, with its admission rank, keyed by a hash of the
+/// identity (`id_hash`, computed by the server: migration 0005). Replaces 0004's
+/// `usage_identities`, no longer written.
+pub const USAGE_COPIES: &str = "usage_copies";
+/// The identity hash of `usage_copies`, as an expression on `event_source` and `event_id`
+/// (the column's MATERIALIZED expression).
+const ID_HASH: &str = "cityHash64(event_source, event_id)";
 /// The copies that do not count, by position (migration 0004).
 pub const USAGE_LOSERS: &str = "usage_losers";
+/// Most identity hashes named in one statement reading their copies ([`copies_sql`]); past
+/// it, the copies of the whole batch are read ([`batch_copies_sql`]).
+const HASHES_PER_QUERY: usize = 4096;
 /// Offsets per roll-up block: each roll-up row covers one block of one partition.
 pub const BLOCK_OFFSETS: u64 = 8192;
 /// Usage read after the billing grace (schemas/clickhouse/0003_late_usage.sql).
@@ -333,6 +341,36 @@ pub struct InsertOutcome {
     pub duplicates: usize,
     /// Roll-up blocks recomputed.
     pub blocks: usize,
+    /// How long each statement took (summed over the parts of a split batch).
+    pub timings: StatementTimes,
+}
+
+/// Wall-clock time of each statement of [`AnalyticsSink::insert`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatementTimes {
+    /// INSERT into `usage_events`.
+    pub events: Duration,
+    /// INSERT into `usage_copies`.
+    pub identities: Duration,
+    /// The lookup of the stored copies of the batch's identities.
+    pub lookup: Duration,
+    /// INSERT into `usage_losers` (zero when no copy lost).
+    pub losers: Duration,
+    /// INSERT ... SELECT recomputing the `usage_daily` blocks.
+    pub daily: Duration,
+    /// INSERT ... SELECT recomputing the `usage_hourly` blocks.
+    pub hourly: Duration,
+}
+
+impl std::ops::AddAssign for StatementTimes {
+    fn add_assign(&mut self, o: StatementTimes) {
+        self.events += o.events;
+        self.identities += o.identities;
+        self.lookup += o.lookup;
+        self.losers += o.losers;
+        self.daily += o.daily;
+        self.hourly += o.hourly;
+    }
 }
 
 /// Offsets `first..=last` of one partition.
@@ -421,8 +459,8 @@ pub fn block_ranges<'a>(
 fn counting_copies_sql(condition: &str) -> String {
     format!(
         "SELECT event_source, event_id, argMax(topic, admission), argMax(`partition`, admission), \
-         argMax(`offset`, admission) FROM {USAGE_IDENTITIES} \
-         WHERE event_id IN (SELECT event_id FROM {USAGE_EVENTS} WHERE {condition}) \
+         argMax(`offset`, admission) FROM {USAGE_COPIES} \
+         WHERE id_hash IN (SELECT {ID_HASH} FROM {USAGE_EVENTS} WHERE {condition}) \
          GROUP BY event_source, event_id"
     )
 }
@@ -468,12 +506,23 @@ pub fn rollup_daily_sql(ranges: Option<&[OffsetRange]>) -> String {
 
 /// The rows of `ranges` (None: all) with `counted`: not a known losing copy. Reads
 /// `usage_losers` by position only, never the identities.
+///
+/// The ranges are a PREWHERE: the index also selects, in every part, the granule where each
+/// Kafka partition's offsets end (it cannot tell that they end there), 8192 rows per
+/// partition and part; PREWHERE reads only the position columns of those and drops them
+/// before FINAL merges them. Safe with FINAL: it tests key columns only, so it keeps or
+/// drops every row of a key together.
 fn rollup_source_sql(ranges: Option<&[OffsetRange]>) -> String {
     let condition = ranges_condition(ranges);
+    let filter = if ranges.is_some() {
+        "PREWHERE"
+    } else {
+        "WHERE"
+    };
     format!(
         "SELECT *, (topic, `partition`, `offset`) NOT IN \
          (SELECT topic, `partition`, `offset` FROM {USAGE_LOSERS} WHERE {condition}) AS counted \
-         FROM {USAGE_EVENTS} FINAL WHERE {condition}"
+         FROM {USAGE_EVENTS} FINAL {filter} {condition}"
     )
 }
 
@@ -490,13 +539,42 @@ pub fn rollup_hourly_sql(ranges: Option<&[OffsetRange]>) -> String {
     )
 }
 
-/// Every stored copy of the identities of the `usage_events` rows in `ranges`.
-pub fn copies_sql(ranges: &[OffsetRange]) -> String {
+/// The identity hashes of the `usage_events` rows in `ranges` that have more than one stored
+/// row in `usage_copies`: the identities that may have another copy (or a copy written twice,
+/// not merged yet; or a hash shared with another identity). Reads the `id_hash` column only,
+/// by the primary key: a granule per identity at most.
+pub fn shared_identities_sql(ranges: &[OffsetRange]) -> String {
+    format!(
+        "SELECT id_hash FROM {USAGE_COPIES} \
+         WHERE id_hash IN (SELECT {ID_HASH} FROM {USAGE_EVENTS} WHERE {}) \
+         GROUP BY id_hash HAVING count() > 1",
+        ranges_condition(Some(ranges))
+    )
+}
+
+/// Every stored copy of the identities of the `usage_events` rows in `ranges` (the caller
+/// matches them on `event_source` and `event_id`).
+pub fn batch_copies_sql(ranges: &[OffsetRange]) -> String {
     format!(
         "SELECT event_source, event_id, topic, `partition`, `offset`, admission \
-         FROM {USAGE_IDENTITIES} \
-         WHERE event_id IN (SELECT event_id FROM {USAGE_EVENTS} WHERE {})",
+         FROM {USAGE_COPIES} \
+         WHERE id_hash IN (SELECT {ID_HASH} FROM {USAGE_EVENTS} WHERE {})",
         ranges_condition(Some(ranges))
+    )
+}
+
+/// Every stored copy of the identities hashed to `hashes` (from [`shared_identities_sql`]);
+/// the caller matches them on `event_source` and `event_id`.
+pub fn copies_sql(hashes: &[u64]) -> String {
+    let condition = if hashes.is_empty() {
+        "0 = 1".to_owned()
+    } else {
+        let list: Vec<String> = hashes.iter().map(u64::to_string).collect();
+        format!("id_hash IN ({})", list.join(", "))
+    };
+    format!(
+        "SELECT event_source, event_id, topic, `partition`, `offset`, admission \
+         FROM {USAGE_COPIES} WHERE {condition}"
     )
 }
 
@@ -513,7 +591,7 @@ struct LoserRow {
     event_id: String,
 }
 
-/// One `usage_identities` row.
+/// One `usage_copies` row (its `id_hash` is computed by the server).
 #[derive(Debug, Clone, Row, Serialize, Deserialize)]
 struct IdentityRow {
     event_source: String,
@@ -578,6 +656,12 @@ pub(crate) fn client(cfg: &ClickHouseConfig, database: Option<&str>) -> Client {
     client
 }
 
+/// The `max_query_size` setting for `sql`: its length and some room, at least the 256 KiB
+/// default (a batch's ranges or hashes can make a long statement).
+fn query_size(sql: &str) -> String {
+    (sql.len() + 4096).max(262_144).to_string()
+}
+
 /// Runs a client call under a deadline, naming the operation in the error.
 pub(crate) async fn run_timed<T>(
     op: &'static str,
@@ -615,7 +699,7 @@ impl AnalyticsSink {
         .await
     }
 
-    /// Writes a batch: its rows to `usage_events` and their identities to `usage_identities`
+    /// Writes a batch: its rows to `usage_events` and their identities to `usage_copies`
     /// (one INSERT each, LZ4-compressed, nothing asked first), then recomputes the roll-up
     /// blocks the batch touched and those holding other copies of its identities (one
     /// INSERT ... SELECT per roll-up). Idempotent: calling it again with the same rows, or
@@ -627,6 +711,7 @@ impl AnalyticsSink {
             return Ok(InsertOutcome::default());
         }
         let client = &self.client;
+        let started = Instant::now();
         run_timed("insert usage_events", INSERT_TIMEOUT, async move {
             let mut insert = client.insert::<RatedRow>(USAGE_EVENTS).await?;
             for row in rows {
@@ -635,8 +720,10 @@ impl AnalyticsSink {
             insert.end().await
         })
         .await?;
-        run_timed("insert usage_identities", INSERT_TIMEOUT, async move {
-            let mut insert = client.insert::<IdentityRow>(USAGE_IDENTITIES).await?;
+        let events = started.elapsed();
+        let started = Instant::now();
+        run_timed("insert usage_copies", INSERT_TIMEOUT, async move {
+            let mut insert = client.insert::<IdentityRow>(USAGE_COPIES).await?;
             for row in rows {
                 insert
                     .write(&IdentityRow {
@@ -652,8 +739,12 @@ impl AnalyticsSink {
             insert.end().await
         })
         .await?;
+        let identities = started.elapsed();
         fail::fail_point!("analytics-before-rollups", |_| std::process::abort());
-        self.recompute(rows).await
+        let mut outcome = self.recompute(rows).await?;
+        outcome.timings.events = events;
+        outcome.timings.identities = identities;
+        Ok(outcome)
     }
 
     /// Recomputes the roll-up blocks of `rows` (stored already) and of the other stored copies
@@ -663,17 +754,43 @@ impl AnalyticsSink {
             rows.iter()
                 .map(|r| (r.topic.as_str(), r.partition, r.offset)),
         );
-        let sql = copies_sql(&batch);
-        let max_query_size = (sql.len() + 4096).max(262_144).to_string();
-        let copies = run_timed(
-            "read identity copies",
+        let mut timings = StatementTimes::default();
+        let started = Instant::now();
+        // Most identities have one copy, the batch's own: find the few with more first (one
+        // narrow column), then read only their copies.
+        let sql = shared_identities_sql(&batch);
+        let shared = run_timed(
+            "find shared identities",
             QUERY_TIMEOUT,
             self.client
                 .query_raw(&sql)
-                .with_setting("max_query_size", max_query_size)
-                .fetch_all::<IdentityRow>(),
+                .with_setting("max_query_size", query_size(&sql))
+                .fetch_all::<u64>(),
         )
         .await?;
+        // Many only when the batch was written before (a replay): its positions are stored
+        // twice until a merge. Then the copies of every identity of the batch are read in one
+        // statement (naming that many hashes would be slower, and a server refuses a
+        // statement of more than 50,000 AST elements).
+        let copies = if shared.is_empty() {
+            Vec::new()
+        } else {
+            let sql = if shared.len() <= HASHES_PER_QUERY {
+                copies_sql(&shared)
+            } else {
+                batch_copies_sql(&batch)
+            };
+            run_timed(
+                "read identity copies",
+                QUERY_TIMEOUT,
+                self.client
+                    .query_raw(&sql)
+                    .with_setting("max_query_size", query_size(&sql))
+                    .fetch_all::<IdentityRow>(),
+            )
+            .await?
+        };
+        timings.lookup = started.elapsed();
         // The counting copy of each of the batch's identities.
         let mut best: HashMap<(&str, &str), (u64, Position<'_>)> = HashMap::new();
         let mut positions: Vec<Position<'_>> = Vec::with_capacity(rows.len());
@@ -699,7 +816,7 @@ impl AnalyticsSink {
         });
         for (source, id, admission, position) in copies_of_rows.clone().chain(stored.clone()) {
             if !wanted.contains(&(source, id)) {
-                continue; // the same event id under another source
+                continue; // another identity with the same hash
             }
             positions.push(position);
             let e = best.entry((source, id)).or_insert((admission, position));
@@ -732,6 +849,7 @@ impl AnalyticsSink {
             }
         }
         if !losers.is_empty() {
+            let started = Instant::now();
             let client = &self.client;
             let losers = &losers;
             run_timed("insert usage_losers", INSERT_TIMEOUT, async move {
@@ -742,31 +860,42 @@ impl AnalyticsSink {
                 insert.end().await
             })
             .await?;
+            timings.losers = started.elapsed();
         }
         let blocks = block_ranges(positions);
         let block_count = blocks
             .iter()
             .map(|r| ((r.last - r.first + 1) / BLOCK_OFFSETS) as usize)
             .sum();
-        for (op, sql) in [
-            ("recompute usage_daily", rollup_daily_sql(Some(&blocks))),
-            ("recompute usage_hourly", rollup_hourly_sql(Some(&blocks))),
+        for (op, sql, took) in [
+            (
+                "recompute usage_daily",
+                rollup_daily_sql(Some(&blocks)),
+                &mut timings.daily,
+            ),
+            (
+                "recompute usage_hourly",
+                rollup_hourly_sql(Some(&blocks)),
+                &mut timings.hourly,
+            ),
         ] {
-            let max_query_size = (sql.len() + 4096).max(262_144).to_string();
+            let started = Instant::now();
             run_timed(
                 op,
                 INSERT_TIMEOUT,
                 self.client
                     .query_raw(&sql)
-                    .with_setting("max_query_size", max_query_size)
+                    .with_setting("max_query_size", query_size(&sql))
                     .execute(),
             )
             .await?;
+            *took = started.elapsed();
         }
         Ok(InsertOutcome {
             written: rows.len(),
             duplicates,
             blocks: block_count,
+            timings,
         })
     }
 

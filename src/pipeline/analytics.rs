@@ -247,6 +247,7 @@ impl ApplyPart for Parts<'_> {
         self.total.written += o.written;
         self.total.duplicates += o.duplicates;
         self.total.blocks += o.blocks;
+        self.total.timings += o.timings;
         Ok(())
     }
 }
