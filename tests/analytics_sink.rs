@@ -504,6 +504,10 @@ async fn copies_stored_before_migration_5_still_count() {
     drop_database(&cfg).await;
 }
 
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
 #[tokio::test]
 async fn positions_resume_past_what_is_stored() {
     let (cfg, sink) = fresh("positions").await;
