@@ -732,6 +732,7 @@ impl Proxy {
                     Backend {
                         syncs,
                         trips: t.clone(),
+                        last: None,
                     },
                 ));
             }
@@ -825,10 +826,14 @@ impl Watch for Frontend {
     }
 }
 
-/// Server to client: each ReadyForQuery ends the oldest round trip asked for.
+/// Server to client: each ReadyForQuery ends the oldest round trip asked for. Statements
+/// sent together (pipelined) are answered one after the other: each is counted from when the
+/// server could start on it (the later of its sending and the previous answer), so the times
+/// add up to the batch's time instead of overlapping.
 struct Backend {
     syncs: Arc<Mutex<VecDeque<(Instant, String)>>>,
     trips: Arc<Mutex<Trips>>,
+    last: Option<Instant>,
 }
 
 impl Watch for Backend {
@@ -846,11 +851,13 @@ impl Watch for Backend {
         }
         // The first ReadyForQuery (after start-up) answers nothing asked.
         if let Some((sent, class)) = self.syncs.lock().unwrap().pop_front() {
+            let start = self.last.map_or(sent, |l| l.max(sent));
             let mut trips = self.trips.lock().unwrap();
             let e = trips.entry(class).or_default();
             e.0 += 1;
-            e.1 += at.saturating_duration_since(sent);
+            e.1 += at.saturating_duration_since(start);
         }
+        self.last = Some(at);
     }
 }
 
