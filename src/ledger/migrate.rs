@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "books_as_json",
         include_str!("../../schemas/postgres/0010_books_as_json.sql"),
     ),
+    (
+        11,
+        "entry_fk_checks",
+        include_str!("../../schemas/postgres/0011_entry_fk_checks.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.
