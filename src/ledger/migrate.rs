@@ -46,6 +46,21 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "grants_hot_updates",
         include_str!("../../schemas/postgres/0008_grants_hot_updates.sql"),
     ),
+    (
+        9,
+        "open_events_compact",
+        include_str!("../../schemas/postgres/0009_open_events_compact.sql"),
+    ),
+    (
+        10,
+        "books_as_json",
+        include_str!("../../schemas/postgres/0010_books_as_json.sql"),
+    ),
+    (
+        11,
+        "entry_fk_checks",
+        include_str!("../../schemas/postgres/0011_entry_fk_checks.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

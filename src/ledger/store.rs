@@ -2,13 +2,13 @@
 //! (in account_id order, so instances never deadlock on accounts), grant and debit effects,
 //! ledger entries, and the consumed offsets — and reads balances back.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use postgres_native_tls::MakeTlsConnector;
 use rust_decimal::Decimal;
 use tokio_postgres::types::Json;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, Statement, Transaction};
 
 use crate::config::conninfo::{self, SslMode, TlsSettings};
 
@@ -302,6 +302,8 @@ pub struct AccountBalance {
 
 pub struct Store {
     client: Client,
+    /// The ledger's statements, prepared on this connection at its first batch or tick.
+    stmts: Option<Stmts>,
     schema: String,
     /// Alert thresholds for accounts whose plan does not set them.
     pub alert_defaults: AlertDefaults,
@@ -381,6 +383,7 @@ impl Store {
     pub async fn connect(cfg: &PostgresConfig) -> Result<Store, StoreError> {
         Ok(Store {
             client: connect(cfg).await?,
+            stmts: None,
             schema: cfg.schema.clone(),
             alert_defaults: AlertDefaults::default(),
             grace: DEFAULT_GRACE,
@@ -399,27 +402,53 @@ impl Store {
         Ok(super::migrate::migrate(&mut self.client, &self.schema).await?)
     }
 
+    /// Prepares the ledger's statements on this connection, once.
+    async fn prepare(&mut self) -> Result<(), StoreError> {
+        if self.stmts.is_none() {
+            self.stmts = Some(Stmts::prepare(&self.client).await?);
+        }
+        Ok(())
+    }
+
     /// Applies a batch atomically. `next_offsets` is stored with the effects, never ahead of
     /// them (a stored offset only ever grows). Each account's events go through its book
     /// ([`Book::apply`]): in event-time order, with corrections for an event out of order.
+    ///
+    /// Round trips: BEGIN; the claims, the accounts' locks and everything read (pipelined);
+    /// the open windows, only when an event arrived out of order; every write and the
+    /// offsets (pipelined); COMMIT.
     pub async fn apply_batch(
         &mut self,
         group_id: &str,
         items: &[Item<'_>],
         next_offsets: &Positions,
     ) -> Result<BatchOutcome, StoreError> {
+        self.prepare().await?;
+        let st = self.stmts.as_ref().expect("prepared above");
         let tx = self.client.transaction().await?;
-        let fresh = claim(&tx, items).await?;
-        let mut outcome = BatchOutcome {
-            applied: fresh.len(),
-            duplicates: items.len() - fresh.len(),
-            ..Default::default()
-        };
+        let mut outcome = BatchOutcome::default();
+        if items.is_empty() {
+            store_offsets(&tx, st, group_id, next_offsets).await?;
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+        // Every account of the batch is created and locked with the claims, in the same
+        // round trip (a batch of duplicates only locks accounts it then leaves unchanged).
+        let ids: Vec<&str> = items.iter().map(|i| i.account_id).collect();
+        let (fresh, locked, known) = futures::join!(
+            claim(&tx, st, items),
+            lock_accounts(&tx, st, &ids),
+            known_grants(&tx, st, items),
+        );
+        let fresh = fresh?;
+        let mut locked = locked?;
+        let known = known?;
+        outcome.applied = fresh.len();
+        outcome.duplicates = items.len() - fresh.len();
         if !fresh.is_empty() {
-            let ids: Vec<&str> = fresh.iter().map(|i| i.account_id).collect();
-            let mut locked = lock_accounts(&tx, &ids).await?;
+            let touched: BTreeSet<&str> = fresh.iter().map(|i| i.account_id).collect();
+            locked.retain(&touched);
             outcome.accounts = locked.books.len();
-            let known = known_grants(&tx, &fresh).await?;
             // Each account's new events (a grant id the account already has is claimed and
             // changes nothing: a purchase delivered twice credits once).
             let mut batches: BTreeMap<&str, (Vec<&Item<'_>>, Vec<Event>)> = BTreeMap::new();
@@ -443,7 +472,7 @@ impl Store {
                 })
                 .map(|(id, _)| *id)
                 .collect();
-            let mut windows = load_windows(&tx, &need, &locked.books).await?;
+            let mut windows = load_windows(&tx, st, &need, &locked.books).await?;
             let mut rows = EntryRows::default();
             let mut open = OpenRows::default();
             let mut fired = Vec::new();
@@ -473,19 +502,30 @@ impl Store {
             }
             outcome.entries = rows.len();
             outcome.alerts = fired.len();
-            open.insert(&tx).await?;
-            if !replayed.is_empty() {
-                // A replay may drop a cycle an earlier order closed (a late plan moving the
-                // billing day): the revisable cycles are rewritten from the books.
-                tx.execute(
-                    "DELETE FROM cycles WHERE account_id = ANY($1) AND NOT final",
-                    &[&replayed],
-                )
-                .await?;
-            }
-            write_back(&tx, &locked, &rows, &fired, &[]).await?;
+            // Every write in one round trip, in this order; the first error (in this order)
+            // is the one returned.
+            let delete_cycles = async {
+                if !replayed.is_empty() {
+                    // A replay may drop a cycle an earlier order closed (a late plan moving
+                    // the billing day): the revisable cycles are rewritten from the books.
+                    tx.execute(st.get(DELETE_REVISABLE_CYCLES), &[&replayed])
+                        .await?;
+                }
+                Ok::<(), StoreError>(())
+            };
+            let (a, b, c, d) = futures::join!(
+                open.insert(&tx, st),
+                delete_cycles,
+                write_back(&tx, st, &locked, &rows, &fired, &[]),
+                store_offsets(&tx, st, group_id, next_offsets),
+            );
+            a?;
+            b?;
+            c?;
+            d?;
+        } else {
+            store_offsets(&tx, st, group_id, next_offsets).await?;
         }
-        store_offsets(&tx, group_id, next_offsets).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -496,6 +536,8 @@ impl Store {
     /// expire within the alert window get their alerts, even without traffic. Returns the
     /// accounts touched.
     pub async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        self.prepare().await?;
+        let st = self.stmts.as_ref().expect("prepared above");
         let tx = self.client.transaction().await?;
         // Whole microseconds, as PostgreSQL stores times: `at < until` means the same in SQL
         // and in the book.
@@ -520,7 +562,7 @@ impl Store {
             return Ok(0);
         }
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let mut locked = lock_accounts(&tx, &ids).await?;
+        let mut locked = lock_accounts(&tx, st, &ids).await?;
         let folded = load_folded(&tx, &ids, until).await?;
         let mut rows = EntryRows::default();
         let mut fired = Vec::new();
@@ -547,7 +589,7 @@ impl Store {
             &[&ids, &until],
         )
         .await?;
-        write_back(&tx, &locked, &rows, &fired, &finals).await?;
+        write_back(&tx, st, &locked, &rows, &fired, &finals).await?;
         fail::fail_point!("tick-before-commit", |_| std::process::abort());
         tx.commit().await?;
         if touched > 0 {
@@ -999,6 +1041,170 @@ impl Store {
     }
 }
 
+/// The grant columns [`grant_from_row`] reads (a macro: statements are built from it with
+/// `concat!`).
+macro_rules! grant_columns {
+    () => {
+        "SELECT account_id, grant_id, kind, priority, granted, remaining, expires_at, granted_at, \
+         seq FROM grants"
+    };
+}
+
+/// The account columns [`account_from_row`] and [`book_from_row`] read (a macro: statements
+/// are built from it with `concat!`).
+macro_rules! account_columns {
+    () => {
+        "account_id, overage, overage_policy, top_up_validity_months, last_grant_seq, plan_id, \
+         monthly_allowance, billing_day, low_balance_credits, low_balance_percent, \
+         allowance_alert_percents, cycle_start, cycle_end, cycle_used, cycle_overage, book, \
+         checkpoint"
+    };
+}
+
+/// The statements a batch (and the scheduler's tick) sends, prepared once per connection:
+/// PostgreSQL parses and plans each once, and sending one costs no Parse/Describe round
+/// trip, so independent statements go out together (pipelined).
+struct Stmts(HashMap<&'static str, Statement>);
+
+impl Stmts {
+    async fn prepare(client: &Client) -> Result<Stmts, StoreError> {
+        let prepared =
+            futures::future::join_all(PREPARED.iter().map(|sql| client.prepare(sql))).await;
+        let mut map = HashMap::with_capacity(PREPARED.len());
+        for (sql, st) in PREPARED.iter().zip(prepared) {
+            map.insert(*sql, st?);
+        }
+        Ok(Stmts(map))
+    }
+
+    fn get(&self, sql: &'static str) -> &Statement {
+        self.0
+            .get(sql)
+            .expect("every statement of PREPARED is prepared")
+    }
+}
+
+/// Every statement [`Stmts`] prepares.
+const PREPARED: [&str; 17] = [
+    CLAIM_HORIZON,
+    CLAIM,
+    CREATE_ACCOUNTS,
+    LOCK_ACCOUNTS,
+    ALERT_STATES,
+    LEGACY_GRANTS,
+    KNOWN_GRANTS,
+    LOAD_WINDOWS,
+    INSERT_OPEN_EVENTS,
+    DELETE_REVISABLE_CYCLES,
+    WRITE_GRANTS,
+    COPY_ENTRIES,
+    WRITE_ACCOUNTS,
+    WRITE_CYCLES,
+    WRITE_ALERT_STATES,
+    WRITE_OUTBOX,
+    STORE_OFFSETS,
+];
+
+const CLAIM_HORIZON: &str = "SELECT dedupe_claim_horizon()";
+
+const CLAIM: &str =
+    "INSERT INTO processed_events (scope, event_source, event_id, account_id, event_time)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+     ORDER BY 1, 2, 3
+     ON CONFLICT DO NOTHING
+     RETURNING scope, event_source, event_id";
+
+const CREATE_ACCOUNTS: &str =
+    "INSERT INTO accounts (account_id) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING";
+
+const LOCK_ACCOUNTS: &str = concat!(
+    "SELECT ",
+    account_columns!(),
+    " FROM accounts WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE"
+);
+
+const ALERT_STATES: &str =
+    "SELECT account_id, alert_key, fired_count, active FROM alert_state WHERE account_id = ANY($1)";
+
+const LEGACY_GRANTS: &str = concat!(
+    grant_columns!(),
+    " WHERE account_id = ANY($1) AND remaining > 0 ORDER BY account_id, seq"
+);
+
+const KNOWN_GRANTS: &str = "SELECT g.account_id, g.grant_id FROM grants g
+     JOIN unnest($1::text[], $2::text[]) AS w(account_id, grant_id)
+       ON g.account_id = w.account_id AND g.grant_id = w.grant_id";
+
+const LOAD_WINDOWS: &str =
+    "SELECT account_id, at, at_nanos, event_source, event_id, late, credits, placed \
+     FROM open_events WHERE account_id = ANY($1)";
+
+const INSERT_OPEN_EVENTS: &str = "INSERT INTO open_events (account_id, at, at_nanos, event_source, event_id, late, credits, placed)
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::text[], $5::text[],
+                          $6::bool[], $7::numeric[], $8::jsonb[])";
+
+const DELETE_REVISABLE_CYCLES: &str = "DELETE FROM cycles WHERE account_id = ANY($1) AND NOT final";
+
+const WRITE_GRANTS: &str = "INSERT INTO grants (account_id, grant_id, kind, priority, granted, remaining, expires_at, granted_at, seq)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
+                          $7::timestamptz[], $8::timestamptz[], $9::bigint[])
+     ON CONFLICT (account_id, grant_id) DO UPDATE
+       SET remaining = EXCLUDED.remaining, expires_at = EXCLUDED.expires_at,
+           granted = EXCLUDED.granted, granted_at = EXCLUDED.granted_at, seq = EXCLUDED.seq";
+
+const COPY_ENTRIES: &str = "COPY ledger_entries (account_id, kind, corrects, grant_id, amount,
+         balance_after, overage_after, effective_at, late, event_source, event_id, usage_kind,
+         price_version, rule_id, event_time)
+     FROM STDIN (FORMAT binary)";
+
+const WRITE_ACCOUNTS: &str = "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,
+        overage_policy = u.policy, top_up_validity_months = u.validity,
+        last_grant_seq = u.seq, plan_id = u.plan_id, monthly_allowance = u.allowance,
+        billing_day = u.billing_day, low_balance_credits = u.low_credits,
+        low_balance_percent = u.low_percent, allowance_alert_percents = u.percents::int[],
+        cycle_start = u.cycle_start, cycle_end = u.cycle_end, cycle_used = u.cycle_used,
+        cycle_overage = u.cycle_overage, book = u.book,
+        checkpoint = COALESCE(u.checkpoint, a.checkpoint), final_at = u.final_at,
+        due_at = u.due_at, updated_at = $21
+     FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::text[], $5::int[], $6::bigint[],
+                 $7::text[], $8::numeric[], $9::int[], $10::numeric[], $11::numeric[], $12::text[],
+                 $13::timestamptz[], $14::timestamptz[], $15::numeric[], $16::numeric[],
+                 $17::json[], $18::json[], $19::timestamptz[], $20::timestamptz[])
+          AS u(account_id, spendable, overage, policy, validity, seq, plan_id, allowance,
+               billing_day, low_credits, low_percent, percents, cycle_start, cycle_end,
+               cycle_used, cycle_overage, book, checkpoint, final_at, due_at)
+     WHERE a.account_id = u.account_id";
+
+const WRITE_CYCLES: &str =
+    "INSERT INTO cycles (account_id, cycle_start, cycle_end, allowance, used, overage,
+                         allowance_expired, overage_billed, late_used, final)
+     SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::numeric[],
+                          $5::numeric[], $6::numeric[], $7::numeric[], $8::numeric[],
+                          $9::numeric[], $10::bool[])
+     ON CONFLICT (account_id, cycle_start) DO UPDATE
+       SET cycle_end = EXCLUDED.cycle_end, allowance = EXCLUDED.allowance,
+           used = EXCLUDED.used, overage = EXCLUDED.overage,
+           allowance_expired = EXCLUDED.allowance_expired,
+           overage_billed = EXCLUDED.overage_billed, late_used = EXCLUDED.late_used,
+           final = EXCLUDED.final, closed_at = now()
+       WHERE NOT cycles.final";
+
+const WRITE_ALERT_STATES: &str =
+    "INSERT INTO alert_state (account_id, alert_key, fired_count, active)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bool[])
+     ON CONFLICT (account_id, alert_key) DO UPDATE
+       SET fired_count = EXCLUDED.fired_count, active = EXCLUDED.active, updated_at = now()";
+
+const WRITE_OUTBOX: &str = "INSERT INTO alert_outbox (alert_id, kind, account_id, payload)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+     ON CONFLICT (alert_id) DO NOTHING";
+
+const STORE_OFFSETS: &str = "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
+     SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[]) ORDER BY 1, 2
+     ON CONFLICT (group_id, topic, partition) DO UPDATE
+       SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset),
+           updated_at = now()";
+
 /// Claims the identities, each in its scope ([`Action::scope`]), in (scope, source, id)
 /// order (a fixed lock order across instances) and returns the items claimed now, first
 /// occurrence only, in batch order.
@@ -1008,15 +1214,26 @@ impl Store {
 /// its claim may have been purged.
 async fn claim<'i, 'a>(
     tx: &Transaction<'_>,
+    st: &Stmts,
     items: &'i [Item<'a>],
 ) -> Result<Vec<&'i Item<'a>>, StoreError> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
-    let horizon: Option<DateTime<Utc>> = tx
-        .query_one("SELECT dedupe_claim_horizon()", &[])
-        .await?
-        .get(0);
+    let scopes: Vec<&str> = items.iter().map(|i| i.action.scope().as_str()).collect();
+    let sources: Vec<&str> = items.iter().map(|i| i.source).collect();
+    let ids: Vec<&str> = items.iter().map(|i| i.id).collect();
+    let accounts: Vec<&str> = items.iter().map(|i| i.account_id).collect();
+    let times: Vec<DateTime<Utc>> = items.iter().map(|i| i.time).collect();
+    // Both sent at once: the horizon is read (under the shared purge lock) before the
+    // claims are inserted; a batch with an item before it is rolled back.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&scopes, &sources, &ids, &accounts, &times];
+    let (horizon, rows) = futures::join!(
+        tx.query_one(st.get(CLAIM_HORIZON), &[]),
+        tx.query(st.get(CLAIM), &params),
+    );
+    let horizon: Option<DateTime<Utc>> = horizon?.get(0);
     if let Some(item) = before_horizon(items, horizon) {
         return Err(StoreError::BeforeHorizon {
             event_source: item.source.to_owned(),
@@ -1025,21 +1242,7 @@ async fn claim<'i, 'a>(
             horizon: horizon.expect("an item is before it"),
         });
     }
-    let scopes: Vec<&str> = items.iter().map(|i| i.action.scope().as_str()).collect();
-    let sources: Vec<&str> = items.iter().map(|i| i.source).collect();
-    let ids: Vec<&str> = items.iter().map(|i| i.id).collect();
-    let accounts: Vec<&str> = items.iter().map(|i| i.account_id).collect();
-    let times: Vec<DateTime<Utc>> = items.iter().map(|i| i.time).collect();
-    let rows = tx
-        .query(
-            "INSERT INTO processed_events (scope, event_source, event_id, account_id, event_time)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-             ORDER BY 1, 2, 3
-             ON CONFLICT DO NOTHING
-             RETURNING scope, event_source, event_id",
-            &[&scopes, &sources, &ids, &accounts, &times],
-        )
-        .await?;
+    let rows = rows?;
     let mut claimed: HashSet<(String, String, String)> = rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -1065,8 +1268,7 @@ fn before_horizon<'i, 'a>(
     items.iter().find(|i| i.time < horizon)
 }
 
-const GRANT_COLUMNS: &str = "SELECT account_id, grant_id, kind, priority, granted, remaining, \
-                             expires_at, granted_at, seq FROM grants";
+const GRANT_COLUMNS: &str = grant_columns!();
 
 fn grant_from_row(r: &tokio_postgres::Row) -> Result<Grant, StoreError> {
     let kind: String = r.get(2);
@@ -1087,10 +1289,7 @@ fn grant_from_row(r: &tokio_postgres::Row) -> Result<Grant, StoreError> {
     })
 }
 
-const ACCOUNT_COLUMNS: &str = "account_id, overage, overage_policy, top_up_validity_months, \
-     last_grant_seq, plan_id, monthly_allowance, billing_day, low_balance_credits, \
-     low_balance_percent, allowance_alert_percents, cycle_start, cycle_end, cycle_used, cycle_overage, \
-     book, checkpoint";
+const ACCOUNT_COLUMNS: &str = account_columns!();
 
 /// The index of `book` in [`ACCOUNT_COLUMNS`] (`checkpoint` follows it).
 const BOOK_COLUMN: usize = 15;
@@ -1157,26 +1356,35 @@ struct Locked {
     checkpoints: std::collections::BTreeSet<String>,
 }
 
+impl Locked {
+    /// Keeps the accounts in `ids` only.
+    fn retain(&mut self, ids: &BTreeSet<&str>) {
+        self.books.retain(|id, _| ids.contains(id.as_str()));
+        self.loaded.retain(|id, _| ids.contains(id.as_str()));
+        self.alerts.retain(|id, _| ids.contains(id.as_str()));
+        self.checkpoints.retain(|id| ids.contains(id.as_str()));
+    }
+}
+
 /// Creates missing accounts, locks them in account_id order (so instances never deadlock),
-/// and loads their books and alert state.
-async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, StoreError> {
+/// and loads their books and alert state (the three statements in one round trip).
+async fn lock_accounts(
+    tx: &Transaction<'_>,
+    st: &Stmts,
+    ids: &[&str],
+) -> Result<Locked, StoreError> {
     let mut ids = ids.to_vec();
     ids.sort_unstable();
     ids.dedup();
-    tx.execute(
-        "INSERT INTO accounts (account_id) SELECT unnest($1::text[]) ORDER BY 1 ON CONFLICT DO NOTHING",
-        &[&ids],
-    )
-    .await?;
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = ANY($1)
-                 ORDER BY account_id FOR UPDATE"
-            ),
-            &[&ids],
-        )
-        .await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+    let (created, rows, alert_rows) = futures::join!(
+        tx.execute(st.get(CREATE_ACCOUNTS), &params),
+        tx.query(st.get(LOCK_ACCOUNTS), &params),
+        tx.query(st.get(ALERT_STATES), &params),
+    );
+    created?;
+    let rows = rows?;
+    let alert_rows = alert_rows?;
     let mut books = BTreeMap::new();
     let mut legacy = Vec::new();
     for r in &rows {
@@ -1193,15 +1401,7 @@ async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, Sto
     }
     if !legacy.is_empty() {
         // Accounts written before books: their live grants become the book's.
-        let grants = tx
-            .query(
-                &format!(
-                    "{GRANT_COLUMNS} WHERE account_id = ANY($1) AND remaining > 0
-                     ORDER BY account_id, seq"
-                ),
-                &[&legacy],
-            )
-            .await?;
+        let grants = tx.query(st.get(LEGACY_GRANTS), &[&legacy]).await?;
         for r in &grants {
             let id: String = r.get(0);
             if let Some(b) = books.get_mut(&id) {
@@ -1218,13 +1418,7 @@ async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, Sto
     // New accounts, and those written before books, get their checkpoint stored.
     let checkpoints = legacy.into_iter().collect();
     let mut alerts: BTreeMap<String, AlertState> = BTreeMap::new();
-    for r in &tx
-        .query(
-            "SELECT account_id, alert_key, fired_count, active FROM alert_state WHERE account_id = ANY($1)",
-            &[&ids],
-        )
-        .await?
-    {
+    for r in &alert_rows {
         alerts.entry(r.get(0)).or_default().insert(
             r.get(1),
             KeyState {
@@ -1245,6 +1439,7 @@ async fn lock_accounts(tx: &Transaction<'_>, ids: &[&str]) -> Result<Locked, Sto
 /// The open windows of the given accounts: every event placed at or after the final point.
 async fn load_windows(
     tx: &Transaction<'_>,
+    st: &Stmts,
     ids: &[&str],
     books: &BTreeMap<String, Book>,
 ) -> Result<BTreeMap<String, Vec<Placed>>, StoreError> {
@@ -1255,17 +1450,12 @@ async fn load_windows(
     if ids.is_empty() {
         return Ok(windows);
     }
-    let rows = tx
-        .query(
-            "SELECT account_id, at, late, placed FROM open_events WHERE account_id = ANY($1)",
-            &[&ids],
-        )
-        .await?;
+    let rows = tx.query(st.get(LOAD_WINDOWS), &[&ids]).await?;
     for r in &rows {
         let id: String = r.get(0);
         // The placed event as the book saw it (`at` to the nanosecond; the column is
         // PostgreSQL's microseconds, for filtering).
-        let Json(placed) = r.get::<_, Json<Placed>>(3);
+        let placed = placed_from_row(r);
         let final_at = books.get(&id).and_then(Book::final_at);
         if let Some(f) = final_at.filter(|f| placed.at < *f) {
             return Err(StoreError::Data(format!(
@@ -1286,55 +1476,74 @@ async fn load_folded(
 ) -> Result<BTreeMap<String, Vec<Placed>>, StoreError> {
     let rows = tx
         .query(
-            "SELECT account_id, at, late, placed FROM open_events
-             WHERE account_id = ANY($1) AND at < $2",
+            &format!(
+                "SELECT {OPEN_COLUMNS} FROM open_events WHERE account_id = ANY($1) AND at < $2"
+            ),
             &[&ids, &until],
         )
         .await?;
     let mut folded: BTreeMap<String, Vec<Placed>> = BTreeMap::new();
     for r in &rows {
-        let Json(placed) = r.get::<_, Json<Placed>>(3);
-        folded.entry(r.get(0)).or_default().push(placed);
+        folded.entry(r.get(0)).or_default().push(placed_from_row(r));
     }
     Ok(folded)
 }
 
-/// Open-window rows, gathered for one multi-row insert.
+/// Open-window rows, gathered for one multi-row insert: a usage debit placed at its own time
+/// as columns (its credits, and the nanoseconds below the `at` column's microsecond), any
+/// other event as the JSON of its placement (`placed`).
 #[derive(Default)]
 struct OpenRows<'a> {
     account_id: Vec<&'a str>,
     at: Vec<DateTime<Utc>>,
+    at_nanos: Vec<i32>,
     source: Vec<String>,
     id: Vec<String>,
     late: Vec<bool>,
-    placed: Vec<Json<Placed>>,
+    credits: Vec<Option<Decimal>>,
+    placed: Vec<Option<Json<Placed>>>,
 }
 
 impl<'a> OpenRows<'a> {
     fn push(&mut self, account_id: &'a str, p: Placed) -> Result<(), StoreError> {
+        let micros = p.at.trunc_subsecs(6);
+        let nanos = (p.at - micros)
+            .num_nanoseconds()
+            .and_then(|n| i32::try_from(n).ok())
+            .ok_or_else(|| StoreError::Data(format!("placement {} in nanoseconds", p.at)))?;
         self.account_id.push(account_id);
-        self.at.push(p.at);
+        self.at.push(micros);
+        self.at_nanos.push(nanos);
         self.late.push(p.late);
         self.source.push(p.event.source.clone());
         self.id.push(p.event.id.clone());
-        self.placed.push(Json(p));
+        match p.event.action {
+            book::Action::Debit { credits } if !p.late && p.event.time == p.at => {
+                self.credits.push(Some(credits));
+                self.placed.push(None);
+            }
+            _ => {
+                self.credits.push(None);
+                self.placed.push(Some(Json(p)));
+            }
+        }
         Ok(())
     }
 
-    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+    async fn insert(&self, tx: &Transaction<'_>, st: &Stmts) -> Result<(), StoreError> {
         if self.account_id.is_empty() {
             return Ok(());
         }
         tx.execute(
-            "INSERT INTO open_events (account_id, at, event_source, event_id, late, placed)
-             SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[],
-                                  $5::bool[], $6::jsonb[])",
+            st.get(INSERT_OPEN_EVENTS),
             &[
                 &self.account_id,
                 &self.at,
+                &self.at_nanos,
                 &self.source,
                 &self.id,
                 &self.late,
+                &self.credits,
                 &self.placed,
             ],
         )
@@ -1343,26 +1552,59 @@ impl<'a> OpenRows<'a> {
     }
 }
 
+/// The columns [`placed_from_row`] reads, in its order.
+const OPEN_COLUMNS: &str =
+    "account_id, at, at_nanos, event_source, event_id, late, credits, placed";
+
+/// An open-window event from its row ([`OPEN_COLUMNS`]): the JSON of its placement, or a
+/// usage debit at its own time from its columns.
+fn placed_from_row(r: &tokio_postgres::Row) -> Placed {
+    if let Some(Json(placed)) = r.get::<_, Option<Json<Placed>>>(7) {
+        return placed;
+    }
+    let at =
+        r.get::<_, DateTime<Utc>>(1) + chrono::Duration::nanoseconds(i64::from(r.get::<_, i32>(2)));
+    Placed {
+        at,
+        late: r.get(5),
+        event: Event {
+            time: at,
+            source: r.get(3),
+            id: r.get(4),
+            action: book::Action::Debit { credits: r.get(6) },
+        },
+    }
+}
+
 /// Writes everything a transaction changed: grants, entries, accounts and their books,
 /// closed cycles (revisable ones and those made `finals`), alert state and the outbox.
 async fn write_back(
     tx: &Transaction<'_>,
+    st: &Stmts,
     locked: &Locked,
     rows: &EntryRows<'_>,
     fired: &[Alert],
     finals: &[(String, ClosedCycle)],
 ) -> Result<(), StoreError> {
-    write_grants(tx, locked).await?;
-    rows.insert(tx).await?;
-    write_accounts(tx, &locked.books, &locked.checkpoints).await?;
-    write_cycles(tx, &locked.books, finals).await?;
-    write_alerts(tx, &locked.alerts, fired).await?;
-    Ok(())
+    // Sent together, executed in this order; the first error in this order is returned.
+    let (a, b, c, d, e) = futures::join!(
+        write_grants(tx, st, locked),
+        rows.insert(tx, st),
+        write_accounts(tx, st, &locked.books, &locked.checkpoints),
+        write_cycles(tx, st, &locked.books, finals),
+        write_alerts(tx, st, &locked.alerts, fired),
+    );
+    a?;
+    b?;
+    c?;
+    d?;
+    e
 }
 
 /// Closed cycles: a final one never changes again; one not yet final is revised.
 async fn write_cycles(
     tx: &Transaction<'_>,
+    st: &Stmts,
     books: &BTreeMap<String, Book>,
     finals: &[(String, ClosedCycle)],
 ) -> Result<(), StoreError> {
@@ -1391,18 +1633,7 @@ async fn write_cycles(
         return Ok(());
     }
     tx.execute(
-        "INSERT INTO cycles (account_id, cycle_start, cycle_end, allowance, used, overage,
-                             allowance_expired, overage_billed, late_used, final)
-         SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[], $4::numeric[],
-                              $5::numeric[], $6::numeric[], $7::numeric[], $8::numeric[],
-                              $9::numeric[], $10::bool[])
-         ON CONFLICT (account_id, cycle_start) DO UPDATE
-           SET cycle_end = EXCLUDED.cycle_end, allowance = EXCLUDED.allowance,
-               used = EXCLUDED.used, overage = EXCLUDED.overage,
-               allowance_expired = EXCLUDED.allowance_expired,
-               overage_billed = EXCLUDED.overage_billed, late_used = EXCLUDED.late_used,
-               final = EXCLUDED.final, closed_at = now()
-           WHERE NOT cycles.final",
+        st.get(WRITE_CYCLES),
         &[
             &id, &start, &end, &allowance, &used, &overage, &expired, &billed, &late, &is_final,
         ],
@@ -1413,6 +1644,7 @@ async fn write_cycles(
 
 async fn write_alerts(
     tx: &Transaction<'_>,
+    st: &Stmts,
     states: &BTreeMap<String, AlertState>,
     fired: &[Alert],
 ) -> Result<(), StoreError> {
@@ -1429,14 +1661,8 @@ async fn write_alerts(
         }
     }
     if !id.is_empty() {
-        tx.execute(
-            "INSERT INTO alert_state (account_id, alert_key, fired_count, active)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bool[])
-             ON CONFLICT (account_id, alert_key) DO UPDATE
-               SET fired_count = EXCLUDED.fired_count, active = EXCLUDED.active, updated_at = now()",
-            &[&id, &key, &count, &active],
-        )
-        .await?;
+        tx.execute(st.get(WRITE_ALERT_STATES), &[&id, &key, &count, &active])
+            .await?;
     }
     if !fired.is_empty() {
         let alert_id: Vec<&str> = fired.iter().map(|a| a.alert_id.as_str()).collect();
@@ -1447,9 +1673,7 @@ async fn write_alerts(
             .map(|a| a.to_cloud_event().to_string())
             .collect();
         tx.execute(
-            "INSERT INTO alert_outbox (alert_id, kind, account_id, payload)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-             ON CONFLICT (alert_id) DO NOTHING",
+            st.get(WRITE_OUTBOX),
             &[&alert_id, &kind, &account, &payload],
         )
         .await?;
@@ -1470,7 +1694,8 @@ pub struct OutboxAlert {
 /// Grant ids of the batch that already exist (a purchase delivered twice credits once).
 async fn known_grants(
     tx: &Transaction<'_>,
-    items: &[&Item<'_>],
+    st: &Stmts,
+    items: &[Item<'_>],
 ) -> Result<HashSet<(String, String)>, StoreError> {
     let (accts, gids): (Vec<&str>, Vec<&str>) = items
         .iter()
@@ -1482,14 +1707,7 @@ async fn known_grants(
     if accts.is_empty() {
         return Ok(HashSet::new());
     }
-    let rows = tx
-        .query(
-            "SELECT g.account_id, g.grant_id FROM grants g
-             JOIN unnest($1::text[], $2::text[]) AS w(account_id, grant_id)
-               ON g.account_id = w.account_id AND g.grant_id = w.grant_id",
-            &[&accts, &gids],
-        )
-        .await?;
+    let rows = tx.query(st.get(KNOWN_GRANTS), &[&accts, &gids]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -1551,42 +1769,64 @@ impl<'a> EntryRows<'a> {
         self.rule_id.push(debit.map(|d| d.rule_id));
     }
 
-    async fn insert(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+    /// The rows by binary COPY: no statement text or arrays to parse, rows inserted in
+    /// groups.
+    async fn insert(&self, tx: &Transaction<'_>, st: &Stmts) -> Result<(), StoreError> {
+        use tokio_postgres::types::Type;
         if self.len() == 0 {
             return Ok(());
         }
-        tx.execute(
-            "INSERT INTO ledger_entries (account_id, kind, corrects, grant_id, amount, balance_after,
-                 overage_after, effective_at, late, event_source, event_id, usage_kind,
-                 price_version, rule_id, event_time)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::numeric[],
-                 $6::numeric[], $7::numeric[], $8::timestamptz[], $9::bool[], $10::text[],
-                 $11::text[], $12::text[], $13::text[], $14::text[], $15::timestamptz[])",
+        let sink = tx.copy_in(st.get(COPY_ENTRIES)).await?;
+        let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(
+            sink,
             &[
-                &self.account_id,
-                &self.kind,
-                &self.corrects,
-                &self.grant_id,
-                &self.amount,
-                &self.balance_after,
-                &self.overage_after,
-                &self.effective_at,
-                &self.late,
-                &self.event_source,
-                &self.event_id,
-                &self.usage_kind,
-                &self.price_version,
-                &self.rule_id,
-                &self.event_time,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::NUMERIC,
+                Type::NUMERIC,
+                Type::NUMERIC,
+                Type::TIMESTAMPTZ,
+                Type::BOOL,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TIMESTAMPTZ,
             ],
-        )
-        .await?;
+        );
+        futures::pin_mut!(writer);
+        for i in 0..self.len() {
+            writer
+                .as_mut()
+                .write(&[
+                    &self.account_id[i],
+                    &self.kind[i],
+                    &self.corrects[i],
+                    &self.grant_id[i],
+                    &self.amount[i],
+                    &self.balance_after[i],
+                    &self.overage_after[i],
+                    &self.effective_at[i],
+                    &self.late[i],
+                    &self.event_source[i],
+                    &self.event_id[i],
+                    &self.usage_kind[i],
+                    &self.price_version[i],
+                    &self.rule_id[i],
+                    &self.event_time[i],
+                ])
+                .await?;
+        }
+        writer.finish().await?;
         Ok(())
     }
 }
 
 /// Writes the grants that differ from what was loaded (new, debited, renewed, corrected).
-async fn write_grants(tx: &Transaction<'_>, locked: &Locked) -> Result<(), StoreError> {
+async fn write_grants(tx: &Transaction<'_>, st: &Stmts, locked: &Locked) -> Result<(), StoreError> {
     // A grant with credits that a replay no longer has (a late plan cut the cycles
     // differently: another cycle's allowance) keeps its row, with nothing left.
     let gone: BTreeMap<&str, Vec<Grant>> = locked
@@ -1639,13 +1879,18 @@ async fn write_grants(tx: &Transaction<'_>, locked: &Locked) -> Result<(), Store
         return Ok(());
     }
     tx.execute(
-        "INSERT INTO grants (account_id, grant_id, kind, priority, granted, remaining, expires_at, granted_at, seq)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
-                              $7::timestamptz[], $8::timestamptz[], $9::bigint[])
-         ON CONFLICT (account_id, grant_id) DO UPDATE
-           SET remaining = EXCLUDED.remaining, expires_at = EXCLUDED.expires_at,
-               granted = EXCLUDED.granted, granted_at = EXCLUDED.granted_at, seq = EXCLUDED.seq",
-        &[&account_id, &grant_id, &kind, &priority, &granted, &remaining, &expires_at, &granted_at, &seq],
+        st.get(WRITE_GRANTS),
+        &[
+            &account_id,
+            &grant_id,
+            &kind,
+            &priority,
+            &granted,
+            &remaining,
+            &expires_at,
+            &granted_at,
+            &seq,
+        ],
     )
     .await?;
     Ok(())
@@ -1669,6 +1914,7 @@ fn due_at(book: &Book) -> Option<DateTime<Utc>> {
 
 async fn write_accounts(
     tx: &Transaction<'_>,
+    st: &Stmts,
     books: &BTreeMap<String, Book>,
     checkpoints: &std::collections::BTreeSet<String>,
 ) -> Result<(), StoreError> {
@@ -1748,27 +1994,29 @@ async fn write_accounts(
     let final_at: Vec<Option<DateTime<Utc>>> = books.values().map(Book::final_at).collect();
     let due: Vec<Option<DateTime<Utc>>> = books.values().map(due_at).collect();
     tx.execute(
-        "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,
-                overage_policy = u.policy, top_up_validity_months = u.validity,
-                last_grant_seq = u.seq, plan_id = u.plan_id, monthly_allowance = u.allowance,
-                billing_day = u.billing_day, low_balance_credits = u.low_credits,
-                low_balance_percent = u.low_percent, allowance_alert_percents = u.percents::int[],
-                cycle_start = u.cycle_start, cycle_end = u.cycle_end, cycle_used = u.cycle_used,
-                cycle_overage = u.cycle_overage, book = u.book,
-                checkpoint = COALESCE(u.checkpoint, a.checkpoint), final_at = u.final_at,
-                due_at = u.due_at, updated_at = $21
-         FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::text[], $5::int[], $6::bigint[],
-                     $7::text[], $8::numeric[], $9::int[], $10::numeric[], $11::numeric[], $12::text[],
-                     $13::timestamptz[], $14::timestamptz[], $15::numeric[], $16::numeric[],
-                     $17::jsonb[], $18::jsonb[], $19::timestamptz[], $20::timestamptz[])
-              AS u(account_id, spendable, overage, policy, validity, seq, plan_id, allowance,
-                   billing_day, low_credits, low_percent, percents, cycle_start, cycle_end,
-                   cycle_used, cycle_overage, book, checkpoint, final_at, due_at)
-         WHERE a.account_id = u.account_id",
+        st.get(WRITE_ACCOUNTS),
         &[
-            &ids, &spendable, &overage, &policy, &validity, &seq, &plan_id, &allowance, &billing_day,
-            &low_credits, &low_percent, &percents, &cycle_start, &cycle_end, &cycle_used,
-            &cycle_overage, &book, &checkpoint, &final_at, &due, &now,
+            &ids,
+            &spendable,
+            &overage,
+            &policy,
+            &validity,
+            &seq,
+            &plan_id,
+            &allowance,
+            &billing_day,
+            &low_credits,
+            &low_percent,
+            &percents,
+            &cycle_start,
+            &cycle_end,
+            &cycle_used,
+            &cycle_overage,
+            &book,
+            &checkpoint,
+            &final_at,
+            &due,
+            &now,
         ],
     )
     .await?;
@@ -1777,6 +2025,7 @@ async fn write_accounts(
 
 async fn store_offsets(
     tx: &Transaction<'_>,
+    st: &Stmts,
     group_id: &str,
     next_offsets: &Positions,
 ) -> Result<(), StoreError> {
@@ -1787,11 +2036,7 @@ async fn store_offsets(
     let parts: Vec<i32> = next_offsets.keys().map(|(_, p)| *p).collect();
     let offsets: Vec<i64> = next_offsets.values().copied().collect();
     tx.execute(
-        "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset)
-         SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[]) ORDER BY 1, 2
-         ON CONFLICT (group_id, topic, partition) DO UPDATE
-           SET next_offset = GREATEST(consumer_offsets.next_offset, EXCLUDED.next_offset),
-               updated_at = now()",
+        st.get(STORE_OFFSETS),
         &[&group_id, &topics, &parts, &offsets],
     )
     .await?;
