@@ -334,17 +334,11 @@ pub async fn replay_dead_letters(
     cc.set("group.id", "tally-replay")
         .set("enable.auto.commit", "false");
     let consumer: BaseConsumer = cc.create()?;
-    let metadata = consumer.fetch_metadata(Some(&dlq), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let marks = kafka::watermarks(&consumer, &[dlq.as_str()], Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();
     let mut total = 0u64;
-    for &p in &partitions {
-        let (low, high) = consumer.fetch_watermarks(&dlq, p, Duration::from_secs(10))?;
+    for ((_, p), (low, high)) in marks {
         if high > low {
             tpl.add_partition_offset(&dlq, p, Offset::Offset(low))?;
             ends.insert(p, high);
@@ -515,17 +509,14 @@ pub async fn wait_until_idle(
     let mut last_ends = HashMap::new();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut ends = HashMap::new();
-        for topic in cfg.kafka.topics.inputs() {
-            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-            for t in md.topics() {
-                for p in t.partitions() {
-                    let (_, high) =
-                        consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?;
-                    ends.insert((topic.to_owned(), p.id()), high);
-                }
-            }
-        }
+        let ends: HashMap<_, _> = kafka::watermarks(
+            &consumer,
+            &cfg.kafka.topics.inputs(),
+            Duration::from_secs(5),
+        )?
+        .into_iter()
+        .map(|(k, (_, high))| (k, high))
+        .collect();
         let keys: Vec<_> = ends.keys().cloned().collect();
         let reached = |stored: &kafka::Positions| kafka::reached(&ends, stored);
         let mut caught_up = true;

@@ -168,23 +168,8 @@ fn consumer_groups(api: &AppState) -> (Vec<Value>, Vec<String>) {
 
 /// (low, high) watermarks of every partition of the input topics.
 fn watermarks(api: &AppState) -> Result<BTreeMap<TopicPartition, (i64, i64)>, String> {
-    let mut out = BTreeMap::new();
-    for topic in api.cfg.kafka.topics.inputs() {
-        let md = api
-            .probe
-            .fetch_metadata(Some(topic), PROBE_TIMEOUT)
-            .map_err(|e| e.to_string())?;
-        for t in md.topics() {
-            for p in t.partitions() {
-                let marks = api
-                    .probe
-                    .fetch_watermarks(topic, p.id(), PROBE_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
-                out.insert((topic.to_owned(), p.id()), marks);
-            }
-        }
-    }
-    Ok(out)
+    let topics = api.cfg.kafka.topics.inputs();
+    crate::kafka::watermarks(&api.probe, &topics, PROBE_TIMEOUT).map_err(|e| e.to_string())
 }
 
 /// Sets `tally_consumer_lag` for both pipelines: high watermark − stored position (a

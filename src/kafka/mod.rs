@@ -67,6 +67,27 @@ pub fn reached(ends: &Positions, stored: &Positions) -> bool {
         .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
 }
 
+/// The (low, high) watermarks of every partition of `topics`, as the broker's metadata lists
+/// them: the one place Tally reads them (the API's lag metric, idle exit, dead-letter replay).
+/// Blocking: each call waits at most `timeout` for the broker.
+pub fn watermarks<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topics: &[&str],
+    timeout: Duration,
+) -> Result<std::collections::BTreeMap<(String, i32), (i64, i64)>, KafkaError> {
+    let mut out = std::collections::BTreeMap::new();
+    for &topic in topics {
+        let md = consumer.fetch_metadata(Some(topic), timeout)?;
+        for t in md.topics() {
+            for p in t.partitions() {
+                let marks = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+                out.insert((topic.to_owned(), p.id()), marks);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Base client configuration: brokers plus every pass-through librdkafka property.
 pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     let mut cc = ClientConfig::new();
