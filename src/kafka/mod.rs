@@ -67,6 +67,9 @@ pub fn reached(ends: &Positions, stored: &Positions) -> bool {
         .all(|(k, &high)| high == 0 || stored.get(k).copied().unwrap_or(0) >= high)
 }
 
+/// (low, high) watermarks by partition.
+pub type Watermarks = std::collections::BTreeMap<TopicPartition, (i64, i64)>;
+
 /// The (low, high) watermarks of every partition of `topics`, as the broker's metadata lists
 /// them: the one place Tally reads them (the API's lag metric, idle exit, dead-letter replay).
 /// Blocking: each call waits at most `timeout` for the broker.
@@ -74,8 +77,8 @@ pub fn watermarks<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topics: &[&str],
     timeout: Duration,
-) -> Result<std::collections::BTreeMap<(String, i32), (i64, i64)>, KafkaError> {
-    let mut out = std::collections::BTreeMap::new();
+) -> Result<Watermarks, KafkaError> {
+    let mut out = Watermarks::new();
     for &topic in topics {
         let md = consumer.fetch_metadata(Some(topic), timeout)?;
         for t in md.topics() {
