@@ -1,17 +1,21 @@
 //! Analytics benchmark against the real ClickHouse (not a test: it asserts nothing, it prints).
 //!
-//! The sink's write path (`AnalyticsSink::insert`: rows, identities, the touched roll-up blocks
-//! recomputed) as the analytics pipeline runs it, at its default batch (50,000 events), with a
-//! growing table, everything dated today (the day's volume is what must not slow a batch):
+//! The sink's write path as the analytics pipeline runs it, at its default batch (50,000
+//! events), with a growing table, everything dated today (the day's volume is what must not
+//! slow a batch): each batch written (`AnalyticsSink::write`: rows, identities, the touched
+//! roll-up blocks recomputed), then the identities of several batches resolved at once
+//! (`AnalyticsSink::resolve`, the lookup whose time grows with the table):
 //!
 //! 1. 100,000 events stored today (12 partitions, one heavy account holding half of them,
 //!    the rest over TALLY_BENCH_ANALYTICS_ACCOUNTS accounts, default 1,000): then 6 batches
-//!    of 50,000 new events of today, timed (median and max per batch, events/s).
-//! 2. The table grown to TALLY_BENCH_ANALYTICS_EVENTS (default 10,000,000) stored today, through
-//!    the same write path in batches of TALLY_BENCH_ANALYTICS_BATCH (default 500,000): prints
-//!    the load rate; then 6 batches of 50,000 timed again, and the ratio of the
-//!    per-batch medians (10M / 100k).
-//! 3. A batch written again (a replay).
+//!    of 50,000 new events of today written, timed (median and max per batch, events/s), and
+//!    one resolve of the 300,000.
+//! 2. The table grown to TALLY_BENCH_ANALYTICS_EVENTS (default 10,000,000) stored today, in
+//!    batches of TALLY_BENCH_ANALYTICS_BATCH (default 500,000) written and resolved: prints
+//!    the load rate; then 6 batches of 50,000 written and one resolve timed again, and the
+//!    ratios (10M / 100k) of the per-batch write medians, of the resolves, and of a batch
+//!    with its share of the resolve.
+//! 3. A batch written and resolved again (a replay).
 //! 4. The report queries' latency for the heavy account (half of the stored events): first
 //!    run, then median and max of 20 (goal: under 100 ms each); TALLY_BENCH_ANALYTICS_REPORTS=0
 //!    skips them.
@@ -35,7 +39,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal_macros::dec;
 
 use tally::analytics::queries::{Cycle, DateRange, ReportRequest, UsageQueries};
-use tally::analytics::{migrate, AnalyticsSink, RatedRow, StatementTimes};
+use tally::analytics::{migrate, AnalyticsSink, OffsetRange, RatedRow, StatementTimes};
 use tally::config::ClickHouseConfig;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -212,7 +216,9 @@ macro_rules! measure {
     }};
 }
 
-/// Writes `n` new events from `start` in batches of `per_batch`, timing each batch.
+/// Writes `n` new events from `start` in batches of `per_batch`, timing each batch: with
+/// `resolve`, each batch is written and resolved (`insert`), else only written, as the
+/// pipeline does before it resolves many batches at once ([`resolve_timed`]).
 async fn write_path(
     sink: &AnalyticsSink,
     start: u64,
@@ -220,6 +226,7 @@ async fn write_path(
     per_batch: u64,
     accounts: u64,
     today: NaiveDate,
+    resolve: bool,
 ) -> Vec<(Duration, StatementTimes)> {
     let mut times = Vec::new();
     let mut done = 0;
@@ -229,11 +236,43 @@ async fn write_path(
         let rows = tokio::task::spawn_blocking(move || batch(from, k, accounts, today, 7))
             .await
             .unwrap();
-        let (outcome, d) = time(sink.insert(&rows)).await;
-        times.push((d, outcome.expect("sink insert").timings));
+        let (outcome, d) = if resolve {
+            time(sink.insert(&rows)).await
+        } else {
+            time(sink.write(&rows)).await
+        };
+        times.push((d, outcome.expect("sink write").timings));
         done += k;
     }
     times
+}
+
+/// Resolves the identities of events `start..start + n` (written by [`write_path`]) in one
+/// call, as the pipeline does for the batches written since its last resolve.
+async fn resolve_timed(sink: &AnalyticsSink, start: u64, n: u64) -> Duration {
+    let ranges: Vec<OffsetRange> = (0..PARTITIONS)
+        .map(|p| {
+            // Offsets of partition p in start..start + n (offset = i, partition = i % 12).
+            let first = start + (p + PARTITIONS - start % PARTITIONS) % PARTITIONS;
+            let last = start + n - 1 - (start + n - 1 + PARTITIONS - p) % PARTITIONS;
+            OffsetRange {
+                topic: "usage.bench".into(),
+                partition: u32::try_from(p).unwrap(),
+                first,
+                last,
+            }
+        })
+        .collect();
+    let (outcome, d) = time(sink.resolve(&ranges)).await;
+    let outcome = outcome.expect("resolve");
+    println!(
+        "    resolve of those {n} events: {:.0} ms (lookup {:.0} ms, {} duplicates, {} blocks)",
+        ms(d),
+        ms(outcome.timings.lookup),
+        outcome.duplicates,
+        outcome.blocks
+    );
+    d
 }
 
 fn summary(label: &str, timed: &[(Duration, StatementTimes)], rows_per_batch: u64) -> Duration {
@@ -352,18 +391,19 @@ async fn run() {
     // 1. 100k stored, then timed batches continuing the stream (so each reads the stored
     // part of the blocks it touches, as in production).
     let t = Instant::now();
-    write_path(&sink, 0, small, BATCH, accounts, today).await;
+    write_path(&sink, 0, small, BATCH, accounts, today, true).await;
     println!(
         "stored {small} events today in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     print_background(&client, &cfg.database).await;
-    let at_small = write_path(&sink, small, TIMED * BATCH, BATCH, accounts, today).await;
+    let at_small = write_path(&sink, small, TIMED * BATCH, BATCH, accounts, today, false).await;
     let median_small = summary(
         &format!("with {small}..{} stored", small + (TIMED - 1) * BATCH),
         &at_small,
         BATCH,
     );
+    let resolve_small = resolve_timed(&sink, small, TIMED * BATCH).await;
 
     // 2. Grown to `events`, through the same write path.
     let t = Instant::now();
@@ -375,6 +415,7 @@ async fn run() {
         load_batch,
         accounts,
         today,
+        true,
     )
     .await;
     let loading = t.elapsed();
@@ -387,15 +428,29 @@ async fn run() {
     );
     print_background(&client, &cfg.database).await;
     let stored = events.max(grown_from);
-    let at_large = write_path(&sink, stored, TIMED * BATCH, BATCH, accounts, today).await;
+    let at_large = write_path(&sink, stored, TIMED * BATCH, BATCH, accounts, today, false).await;
     let median_large = summary(
         &format!("with {stored}..{} stored", stored + (TIMED - 1) * BATCH),
         &at_large,
         BATCH,
     );
+    let resolve_large = resolve_timed(&sink, stored, TIMED * BATCH).await;
     println!(
-        "  ratio of the per-batch medians ({events} / {small} stored): {:.2}",
+        "  ratio of the per-batch write medians ({events} / {small} stored): {:.2}",
         median_large.as_secs_f64() / median_small.as_secs_f64()
+    );
+    println!(
+        "  ratio of the resolves of {} events: {:.2}",
+        TIMED * BATCH,
+        resolve_large.as_secs_f64() / resolve_small.as_secs_f64()
+    );
+    let per_batch = |median: Duration, resolve: Duration| median + resolve / TIMED as u32;
+    println!(
+        "  per batch with its share of one resolve per {TIMED} batches: {:.0} ms then {:.0} ms, ratio {:.2}",
+        ms(per_batch(median_small, resolve_small)),
+        ms(per_batch(median_large, resolve_large)),
+        per_batch(median_large, resolve_large).as_secs_f64()
+            / per_batch(median_small, resolve_small).as_secs_f64()
     );
 
     // 3. A replay of the last timed batch.

@@ -356,6 +356,14 @@ pub struct PipelineConfig {
     pub analytics_batch_max_events: usize,
     pub analytics_batch_max_bytes: usize,
     pub analytics_batch_max_wait_ms: u64,
+    /// Analytics resolves the identities of the batches it wrote (one lookup whose time
+    /// grows with the stored identities, not with the batches: docs/analytics.md) and only
+    /// then stores their positions: at the latest this long after the first of them, when
+    /// this many events are pending, or when the stream is quiet for
+    /// `analytics_batch_max_wait_ms`. Until then a re-sent event counts twice in the roll-ups;
+    /// a crash reads the pending batches again.
+    pub analytics_resolve_every_ms: u64,
+    pub analytics_resolve_max_events: usize,
     /// Larger messages are dead-lettered as too_large.
     pub max_message_bytes: usize,
     /// Event times further ahead than this are invalid.
@@ -441,6 +449,8 @@ impl Default for PipelineConfig {
             analytics_batch_max_events: 50_000,
             analytics_batch_max_bytes: 64 * 1024 * 1024,
             analytics_batch_max_wait_ms: 1_000,
+            analytics_resolve_every_ms: 5_000,
+            analytics_resolve_max_events: 250_000,
             max_message_bytes: 64 * 1024,
             max_future_seconds: 300,
             dedupe_window_days: 35,
@@ -612,6 +622,18 @@ impl Config {
             return Err(invalid(
                 "pipeline.analytics_batch_max_wait_ms",
                 "must be 1..=60000",
+            ));
+        }
+        if !(1..=600_000).contains(&p.analytics_resolve_every_ms) {
+            return Err(invalid(
+                "pipeline.analytics_resolve_every_ms",
+                "must be 1..=600000",
+            ));
+        }
+        if !(1..=10_000_000).contains(&p.analytics_resolve_max_events) {
+            return Err(invalid(
+                "pipeline.analytics_resolve_max_events",
+                "must be 1..=10000000",
             ));
         }
         if !(256..=MAX_MESSAGE_BYTES_LIMIT).contains(&p.max_message_bytes) {

@@ -25,6 +25,7 @@ struct Metrics {
     dead_letters: IntCounterVec,
     batch_seconds: HistogramVec,
     transaction_seconds: HistogramVec,
+    resolve_seconds: HistogramVec,
     consumer_lag: IntGaugeVec,
     assigned_partitions: IntGaugeVec,
     http_requests: IntCounterVec,
@@ -96,8 +97,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(replays.clone()))
         .expect("registered once");
+    let resolve_seconds = histogram(
+        "tally_analytics_resolve_seconds",
+        "How long analytics took to resolve the identities of the batches written since the last resolve (one lookup of usage_copies, whose time grows with the table), then store their positions.",
+        &[],
+    );
     Metrics {
         replays,
+        resolve_seconds,
         events: counter(
             "tally_events_total",
             "Events decoded and admitted, by pipeline and kind (usage kind, grant, plan); rate() gives events/s.",
@@ -228,6 +235,15 @@ pub fn transaction_seconds(pipeline: &str, seconds: f64) {
     METRICS
         .transaction_seconds
         .with_label_values(&[pipeline])
+        .observe(seconds);
+}
+
+/// Records how long analytics took to resolve the identities of pending batches and store
+/// their positions.
+pub fn resolve_seconds(seconds: f64) {
+    METRICS
+        .resolve_seconds
+        .with_label_values::<&str>(&[])
         .observe(seconds);
 }
 

@@ -3,8 +3,10 @@
 //!
 //! - `a_crash_between_the_insert_and_its_positions_converges`: the analytics loop dies at
 //!   `analytics-before-rollups` (rows and identities written, roll-ups not) and, on another
-//!   run, at `analytics-after-insert` (roll-ups written, positions not); each time it is
-//!   started again and reads the batch again.
+//!   run, at `analytics-after-insert` (roll-ups written, identities not resolved, positions
+//!   not), and on a third, after re-sends of five events, at `analytics-after-resolve`
+//!   (losers written, positions not); each time it is started again and reads the batches
+//!   again.
 //! - `two_instances_in_a_rebalance_converge`: one instance holds a written batch past
 //!   `max.poll.interval.ms` (failpoint `analytics-after-insert` sleeping) while a second
 //!   instance joins: the group moves its partitions to the second, which reads and writes the
@@ -165,6 +167,41 @@ async fn a_crash_between_the_insert_and_its_positions_converges() {
     env.wait_analytics_caught_up(Duration::from_secs(90)).await;
     tx.send(true).unwrap();
     common::stopped(task).await.unwrap();
+
+    // Re-sends of chats 0..5 with a corrected time (an hour ago) and 4 responses: the first
+    // copies count, so `expected` does not change. Dies once after resolving them (losers
+    // written, their blocks recomputed), before the positions.
+    let topic = env.cfg.kafka.topics.chat_responses.clone();
+    let resent: Vec<(String, String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let account = format!("acct-f{}", i % 3);
+            let at = now - chrono::Duration::hours(1) + chrono::Duration::seconds(i);
+            let chat = ev::chat(
+                &format!("f-{i}"),
+                &account,
+                &ts(at),
+                "gpt-4o-mini",
+                "standard",
+                4,
+            );
+            (topic.clone(), account, chat)
+        })
+        .collect();
+    fail::cfg("analytics-after-resolve", "1*panic").unwrap();
+    env.send(&resent).await;
+    run_ledger_until_caught_up(&env, None).await;
+    let (_tx, task) = start_analytics(&env);
+    assert!(common::joined(task).await.unwrap_err().is_panic());
+    fail::cfg("analytics-after-resolve", "off").unwrap();
+    let (tx, task) = start_analytics(&env);
+    env.wait_analytics_caught_up(Duration::from_secs(90)).await;
+    tx.send(true).unwrap();
+    let stats = common::stopped(task).await.unwrap();
+    assert_eq!(
+        (stats.rows, stats.duplicates),
+        (5, 5),
+        "read again after the crash: the five re-sends, each losing to its first copy"
+    );
 
     let today = now.date_naive();
     assert_agrees(&env, (today - chrono::Days::new(2), today), &expected).await;

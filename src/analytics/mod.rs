@@ -26,5 +26,5 @@ pub use migrate::{migrate, MIGRATIONS};
 pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
 pub use sink::{
     admission_rank, numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome,
-    LateRow, NumericColumns, RatedRow, StatementTimes,
+    LateRow, NumericColumns, OffsetRange, RatedRow, StatementTimes,
 };

@@ -581,6 +581,47 @@ pub fn copies_sql(hashes: &[u64]) -> String {
 /// A Kafka position: topic, partition, offset.
 type Position<'a> = (&'a str, u32, u64);
 
+/// The number of whole blocks in `blocks` ([`block_ranges`]).
+fn block_count(blocks: &[OffsetRange]) -> usize {
+    blocks
+        .iter()
+        .map(|r| ((r.last - r.first + 1) / BLOCK_OFFSETS) as usize)
+        .sum()
+}
+
+/// The copies that do not count among `copies` (stored copies of some identities, as read by
+/// hash: other identities sharing a hash may be among them): per identity (`event_source`,
+/// `event_id`), every position but the one with the highest (admission, position). A position
+/// read twice (written twice, not merged yet) is one copy.
+fn losing_copies(copies: &[IdentityRow]) -> Vec<LoserRow> {
+    let mut best: HashMap<(&str, &str), (u64, Position<'_>)> = HashMap::new();
+    for c in copies {
+        let ranked = (c.admission, (c.topic.as_str(), c.partition, c.offset));
+        let e = best
+            .entry((c.event_source.as_str(), c.event_id.as_str()))
+            .or_insert(ranked);
+        if ranked > *e {
+            *e = ranked;
+        }
+    }
+    let mut seen: std::collections::HashSet<Position<'_>> = Default::default();
+    let mut losers = Vec::new();
+    for c in copies {
+        let position = (c.topic.as_str(), c.partition, c.offset);
+        let (_, winner) = best[&(c.event_source.as_str(), c.event_id.as_str())];
+        if winner != position && seen.insert(position) {
+            losers.push(LoserRow {
+                topic: c.topic.clone(),
+                partition: c.partition,
+                offset: c.offset,
+                event_source: c.event_source.clone(),
+                event_id: c.event_id.clone(),
+            });
+        }
+    }
+    losers
+}
+
 /// One `usage_losers` row.
 #[derive(Debug, Clone, Row, Serialize, Deserialize)]
 struct LoserRow {
@@ -699,18 +740,52 @@ impl AnalyticsSink {
         .await
     }
 
-    /// Writes a batch: its rows to `usage_events` and their identities to `usage_copies`
-    /// (one INSERT each, LZ4-compressed, nothing asked first), then recomputes the roll-up
-    /// blocks the batch touched and those holding other copies of its identities (one
-    /// INSERT ... SELECT per roll-up). Idempotent: calling it again with the same rows, or
-    /// with part of them, or from another instance at the same time, converges to the same
-    /// tables. The work grows with the batch (its rows, at most a block of stored rows per
-    /// partition it touches, the index ranges of its identities), not with the table.
+    /// Writes a batch and resolves its identities: [`write`](Self::write) then
+    /// [`resolve`](Self::resolve) over the batch's offsets. Idempotent: calling it again with
+    /// the same rows, or with part of them, or from another instance at the same time,
+    /// converges to the same tables. The pipeline calls the two steps apart, resolving many
+    /// batches at once (docs/analytics.md, "Identities").
     pub async fn insert(&self, rows: &[RatedRow]) -> Result<InsertOutcome, AnalyticsError> {
         if rows.is_empty() {
             return Ok(InsertOutcome::default());
         }
+        let written = self.write(rows).await?;
+        let ranges = batch_ranges(
+            rows.iter()
+                .map(|r| (r.topic.as_str(), r.partition, r.offset)),
+        );
+        let (resolved, losers) = self.resolve_losers(&ranges).await?;
+        let positions = rows
+            .iter()
+            .map(|r| (r.topic.as_str(), r.partition, r.offset))
+            .chain(
+                losers
+                    .iter()
+                    .map(|l| (l.topic.as_str(), l.partition, l.offset)),
+            );
+        let mut timings = written.timings;
+        timings += resolved.timings;
+        Ok(InsertOutcome {
+            written: written.written,
+            duplicates: resolved.duplicates,
+            blocks: block_count(&block_ranges(positions)),
+            timings,
+        })
+    }
+
+    /// Writes a batch: its rows to `usage_events` and their identities to `usage_copies`
+    /// (one INSERT each, LZ4-compressed, nothing asked first), then recomputes the roll-up
+    /// blocks holding its rows (one INSERT ... SELECT per roll-up), counting every row not
+    /// already known to lose ([`USAGE_LOSERS`]). A row whose identity has another copy counts
+    /// until [`resolve`](Self::resolve) passes over its offsets. The work grows with the batch
+    /// (its rows, at most a block of stored rows per partition it touches), not with the
+    /// table: nothing is looked up.
+    pub async fn write(&self, rows: &[RatedRow]) -> Result<InsertOutcome, AnalyticsError> {
+        if rows.is_empty() {
+            return Ok(InsertOutcome::default());
+        }
         let client = &self.client;
+        let mut timings = StatementTimes::default();
         let started = Instant::now();
         run_timed("insert usage_events", INSERT_TIMEOUT, async move {
             let mut insert = client.insert::<RatedRow>(USAGE_EVENTS).await?;
@@ -720,7 +795,7 @@ impl AnalyticsSink {
             insert.end().await
         })
         .await?;
-        let events = started.elapsed();
+        timings.events = started.elapsed();
         let started = Instant::now();
         run_timed("insert usage_copies", INSERT_TIMEOUT, async move {
             let mut insert = client.insert::<IdentityRow>(USAGE_COPIES).await?;
@@ -739,26 +814,50 @@ impl AnalyticsSink {
             insert.end().await
         })
         .await?;
-        let identities = started.elapsed();
+        timings.identities = started.elapsed();
         fail::fail_point!("analytics-before-rollups", |_| std::process::abort());
-        let mut outcome = self.recompute(rows).await?;
-        outcome.timings.events = events;
-        outcome.timings.identities = identities;
-        Ok(outcome)
-    }
-
-    /// Recomputes the roll-up blocks of `rows` (stored already) and of the other stored copies
-    /// of their identities.
-    pub async fn recompute(&self, rows: &[RatedRow]) -> Result<InsertOutcome, AnalyticsError> {
-        let batch = batch_ranges(
+        let blocks = block_ranges(
             rows.iter()
                 .map(|r| (r.topic.as_str(), r.partition, r.offset)),
         );
+        self.recompute_blocks(&blocks, &mut timings).await?;
+        Ok(InsertOutcome {
+            written: rows.len(),
+            duplicates: 0,
+            blocks: block_count(&blocks),
+            timings,
+        })
+    }
+
+    /// Resolves the identities of the rows stored in `ranges` (written by
+    /// [`write`](Self::write), by this instance or another): finds every identity with
+    /// another stored copy, records the copies that lose ([`USAGE_LOSERS`]: all but the one
+    /// with the highest admission) and recomputes the roll-up blocks holding them. Returns
+    /// the losers found in `ranges` as `duplicates` and the blocks recomputed.
+    ///
+    /// The lookup reads the `id_hash` column of `usage_copies` by its index. Random ids touch
+    /// most of its granules whatever the number of ids asked, so its time grows with the
+    /// table, not with `ranges`: the pipeline calls it once for many batches (at most every
+    /// `pipeline.analytics_resolve_every_ms`), not once per batch. Idempotent, and safe
+    /// concurrently with another instance resolving the same or other ranges: the losers are
+    /// a function of the stored copies, and whichever of two copies is stored second is seen
+    /// with the first by the resolve that follows its write.
+    pub async fn resolve(&self, ranges: &[OffsetRange]) -> Result<InsertOutcome, AnalyticsError> {
+        Ok(self.resolve_losers(ranges).await?.0)
+    }
+
+    async fn resolve_losers(
+        &self,
+        ranges: &[OffsetRange],
+    ) -> Result<(InsertOutcome, Vec<LoserRow>), AnalyticsError> {
         let mut timings = StatementTimes::default();
+        if ranges.is_empty() {
+            return Ok((InsertOutcome::default(), Vec::new()));
+        }
         let started = Instant::now();
-        // Most identities have one copy, the batch's own: find the few with more first (one
-        // narrow column), then read only their copies.
-        let sql = shared_identities_sql(&batch);
+        // Most identities have one copy: find the few with more first (one narrow column),
+        // then read only their copies.
+        let sql = shared_identities_sql(ranges);
         let shared = run_timed(
             "find shared identities",
             QUERY_TIMEOUT,
@@ -768,8 +867,8 @@ impl AnalyticsSink {
                 .fetch_all::<u64>(),
         )
         .await?;
-        // Many only when the batch was written before (a replay): its positions are stored
-        // twice until a merge. Then the copies of every identity of the batch are read in one
+        // Many only when the rows were written before (a replay): their positions are stored
+        // twice until a merge. Then the copies of every identity of the ranges are read in one
         // statement (naming that many hashes would be slower, and a server refuses a
         // statement of more than 50,000 AST elements).
         let copies = if shared.is_empty() {
@@ -778,7 +877,7 @@ impl AnalyticsSink {
             let sql = if shared.len() <= HASHES_PER_QUERY {
                 copies_sql(&shared)
             } else {
-                batch_copies_sql(&batch)
+                batch_copies_sql(ranges)
             };
             run_timed(
                 "read identity copies",
@@ -791,63 +890,7 @@ impl AnalyticsSink {
             .await?
         };
         timings.lookup = started.elapsed();
-        // The counting copy of each of the batch's identities.
-        let mut best: HashMap<(&str, &str), (u64, Position<'_>)> = HashMap::new();
-        let mut positions: Vec<Position<'_>> = Vec::with_capacity(rows.len());
-        let wanted: std::collections::HashSet<(&str, &str)> = rows
-            .iter()
-            .map(|r| (r.event_source.as_str(), r.event_id.as_str()))
-            .collect();
-        let copies_of_rows = rows.iter().map(|r| {
-            (
-                r.event_source.as_str(),
-                r.event_id.as_str(),
-                r.admission,
-                (r.topic.as_str(), r.partition, r.offset),
-            )
-        });
-        let stored = copies.iter().map(|c| {
-            (
-                c.event_source.as_str(),
-                c.event_id.as_str(),
-                c.admission,
-                (c.topic.as_str(), c.partition, c.offset),
-            )
-        });
-        for (source, id, admission, position) in copies_of_rows.clone().chain(stored.clone()) {
-            if !wanted.contains(&(source, id)) {
-                continue; // another identity with the same hash
-            }
-            positions.push(position);
-            let e = best.entry((source, id)).or_insert((admission, position));
-            if (admission, position) > *e {
-                *e = (admission, position);
-            }
-        }
-        let duplicates = rows
-            .iter()
-            .filter(|r| {
-                best.get(&(r.event_source.as_str(), r.event_id.as_str()))
-                    .is_some_and(|(_, p)| *p != (r.topic.as_str(), r.partition, r.offset))
-            })
-            .count();
-        // Every copy of these identities but the best loses (for good: ranks never change).
-        let mut losers: Vec<LoserRow> = Vec::new();
-        let mut seen: std::collections::HashSet<Position<'_>> = Default::default();
-        for (source, id, _, position) in copies_of_rows.clone().chain(stored.clone()) {
-            let Some((_, winner)) = best.get(&(source, id)) else {
-                continue;
-            };
-            if *winner != position && seen.insert(position) {
-                losers.push(LoserRow {
-                    topic: position.0.to_owned(),
-                    partition: position.1,
-                    offset: position.2,
-                    event_source: source.to_owned(),
-                    event_id: id.to_owned(),
-                });
-            }
-        }
+        let losers = losing_copies(&copies);
         if !losers.is_empty() {
             let started = Instant::now();
             let client = &self.client;
@@ -862,20 +905,47 @@ impl AnalyticsSink {
             .await?;
             timings.losers = started.elapsed();
         }
-        let blocks = block_ranges(positions);
-        let block_count = blocks
-            .iter()
-            .map(|r| ((r.last - r.first + 1) / BLOCK_OFFSETS) as usize)
-            .sum();
+        let blocks = block_ranges(
+            losers
+                .iter()
+                .map(|l| (l.topic.as_str(), l.partition, l.offset)),
+        );
+        self.recompute_blocks(&blocks, &mut timings).await?;
+        let in_ranges = |l: &&LoserRow| {
+            ranges.iter().any(|r| {
+                r.topic == l.topic
+                    && r.partition == l.partition
+                    && (r.first..=r.last).contains(&l.offset)
+            })
+        };
+        let outcome = InsertOutcome {
+            written: 0,
+            duplicates: losers.iter().filter(in_ranges).count(),
+            blocks: block_count(&blocks),
+            timings,
+        };
+        Ok((outcome, losers))
+    }
+
+    /// Recomputes the roll-up rows of `blocks` (whole blocks) from the stored rows, one
+    /// INSERT ... SELECT per roll-up.
+    async fn recompute_blocks(
+        &self,
+        blocks: &[OffsetRange],
+        timings: &mut StatementTimes,
+    ) -> Result<(), AnalyticsError> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
         for (op, sql, took) in [
             (
                 "recompute usage_daily",
-                rollup_daily_sql(Some(&blocks)),
+                rollup_daily_sql(Some(blocks)),
                 &mut timings.daily,
             ),
             (
                 "recompute usage_hourly",
-                rollup_hourly_sql(Some(&blocks)),
+                rollup_hourly_sql(Some(blocks)),
                 &mut timings.hourly,
             ),
         ] {
@@ -889,14 +959,9 @@ impl AnalyticsSink {
                     .execute(),
             )
             .await?;
-            *took = started.elapsed();
+            *took += started.elapsed();
         }
-        Ok(InsertOutcome {
-            written: rows.len(),
-            duplicates,
-            blocks: block_count,
-            timings,
-        })
+        Ok(())
     }
 
     /// Marks rows late (one INSERT; idempotent by identity).
@@ -1186,6 +1251,39 @@ mod tests {
         assert_eq!(admission_rank(1, 1), u64::MAX - (1 << 21) - 1);
         // Out-of-range inputs are clamped, never wrap.
         assert_eq!(admission_rank(-5, -1), u64::MAX);
+    }
+
+    #[test]
+    fn every_copy_but_the_first_admitted_loses() {
+        let copy = |id: &str, partition: u32, offset: u64, admission: u64| IdentityRow {
+            event_source: "src".into(),
+            event_id: id.into(),
+            topic: "usage".into(),
+            partition,
+            offset,
+            admission,
+        };
+        let copies = [
+            // x: admitted first at 0:5; re-sent at 0:40; 0:5 read twice (not merged yet).
+            copy("x", 0, 40, 90),
+            copy("x", 0, 5, 100),
+            copy("x", 0, 5, 100),
+            // y: the copy read first (1:3) was admitted after the one at 0:9000.
+            copy("y", 1, 3, 50),
+            copy("y", 0, 9000, 80),
+            // w: one copy (read because another identity shares its hash).
+            copy("w", 1, 4, 60),
+        ];
+        let losers: Vec<(String, u32, u64)> = losing_copies(&copies)
+            .into_iter()
+            .map(|l| (l.event_id, l.partition, l.offset))
+            .collect();
+        assert_eq!(losers, [("x".into(), 0, 40), ("y".into(), 1, 3)]);
+        assert!(losing_copies(&copies[5..]).is_empty());
+        assert!(
+            losing_copies(&copies[1..3]).is_empty(),
+            "one position read twice"
+        );
     }
 
     #[test]

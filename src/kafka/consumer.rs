@@ -44,6 +44,14 @@ pub type Positions = HashMap<TopicPartition, i64>;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// Sleeps until `until`, or for ever when it is None.
+async fn sleep_until_some(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The store of record for consumed positions.
 pub trait OffsetStore: Send + Sync + 'static {
     /// Next offsets for the given partitions (absent: nothing consumed yet). The future must
@@ -299,8 +307,21 @@ impl BatchConsumer {
         limits: &BatchLimits,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<Batch>, ConsumeError> {
+        self.next_batch_within(limits, None, shutdown).await
+    }
+
+    /// [`next_batch`](Self::next_batch), but when `idle` is set and no record arrived
+    /// within it, returns an empty batch (the caller has work to do when the stream is
+    /// quiet). Records are never dropped: the wait ends only between records.
+    pub async fn next_batch_within(
+        &self,
+        limits: &BatchLimits,
+        idle: Option<Duration>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Batch>, ConsumeError> {
         let mut batch = Batch::default();
         let mut deadline: Option<tokio::time::Instant> = None;
+        let idle_until = idle.map(|d| tokio::time::Instant::now() + d);
         let health = &self.consumer().context().health;
         let mut check = tokio::time::interval(HEALTH_CHECK_EVERY);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -317,6 +338,7 @@ impl BatchConsumer {
                             health.check();
                             continue;
                         }
+                        _ = sleep_until_some(idle_until) => return Ok(Some(batch)),
                         m = self.consumer().recv() => m,
                     }
                 }

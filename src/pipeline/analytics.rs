@@ -13,20 +13,22 @@
 //! header `tally.pipeline: analytics`). While ClickHouse is down the batch in hand is retried
 //! with back-off and no new batch is polled (back-pressure); nothing is skipped.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::watch;
 
 use super::{analytics_limits, limits, prepare};
 use crate::analytics::{
-    rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow, RatedRow,
+    rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow, OffsetRange,
+    RatedRow,
 };
 use crate::config::Config;
 use crate::event::Reason;
-use crate::kafka::{BatchConsumer, DeadLetter, DeadLetterProducer};
+use crate::kafka::{BatchConsumer, DeadLetter, DeadLetterProducer, Positions};
 use crate::rating::PriceTable;
 use crate::retry::{isolate, ApplyPart, Classify, Fault, Halt, Refused, Retry};
 
@@ -79,12 +81,40 @@ pub async fn run(
         "analytics pipeline started"
     );
 
+    let resolve_every = Duration::from_millis(cfg.pipeline.analytics_resolve_every_ms);
+    let resolve_max = cfg.pipeline.analytics_resolve_max_events;
+    let mut pending = Pending::default();
     while !*shutdown.borrow() {
-        let Some(batch) = consumer.next_batch(&batch_limits, &mut shutdown).await? else {
+        // With batches pending, a quiet stream (or the resolve interval) ends the wait.
+        let idle = pending.since.map(|t| {
+            resolve_every
+                .saturating_sub(t.elapsed())
+                .min(batch_limits.max_wait)
+        });
+        let Some(batch) = consumer
+            .next_batch_within(&batch_limits, idle, &mut shutdown)
+            .await?
+        else {
             break;
         };
         stats.skipped += batch.skipped as u64;
         if batch.records.is_empty() {
+            if pending.since.is_some() {
+                match resolve(
+                    &sink,
+                    &group,
+                    &consumer,
+                    &mut pending,
+                    &mut retry,
+                    &mut stats,
+                )
+                .await
+                {
+                    Ok(()) => {}
+                    Err(Halt::Shutdown) => break,
+                    Err(Halt::Failed(e)) => return Err(e),
+                }
+            }
             continue;
         }
         let started = Instant::now();
@@ -186,50 +216,174 @@ pub async fn run(
                     );
                 }
             }
-            retry
-                .run("store positions", || {
-                    sink.store_positions(&group, &batch.next_offsets)
-                })
-                .await
-                .map_err(|h| h.map(anyhow::Error::from))
+            Ok::<(), Halt<anyhow::Error>>(())
         };
         match stored.await {
             Ok(()) => {}
             Err(Halt::Shutdown) => {
                 tracing::warn!(
                     records = batch.records.len(),
-                    "shutdown while storing positions: batch left uncommitted (read again at the next start)"
+                    "shutdown while dead-lettering: batch left uncommitted (read again at the next start)"
                 );
+                pending = Pending::default();
                 break;
             }
-            Err(Halt::Failed(e)) => return Err(e.context("analytics: storing positions")),
+            Err(Halt::Failed(e)) => return Err(e.context("analytics: dead-lettering")),
         }
         crate::metrics::transaction_seconds("analytics", write.elapsed().as_secs_f64());
-        consumer.committed(&batch.next_offsets);
         crate::metrics::batch_seconds("analytics", started.elapsed().as_secs_f64());
+        pending.add(&rows, &batch.next_offsets, batch.records.len());
 
         stats.batches += 1;
         stats.records += batch.records.len() as u64;
         stats.rows += outcome.written as u64;
-        stats.duplicates += outcome.duplicates as u64;
         stats.not_usage += not_usage;
         stats.rejected += rejected;
         stats.refused += letters.len() as u64;
         tracing::debug!(
             records = batch.records.len(),
             rows = outcome.written,
-            duplicates = outcome.duplicates,
             blocks = outcome.blocks,
             not_usage,
             rejected,
             skipped = batch.skipped,
             partitions = batch.next_offsets.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "analytics batch committed"
+            "analytics batch written"
         );
+        if pending.records >= resolve_max
+            || pending.since.is_some_and(|t| t.elapsed() >= resolve_every)
+        {
+            match resolve(
+                &sink,
+                &group,
+                &consumer,
+                &mut pending,
+                &mut retry,
+                &mut stats,
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(Halt::Shutdown) => break,
+                Err(Halt::Failed(e)) => return Err(e),
+            }
+        }
+    }
+    // What was written before shutdown is resolved and its positions stored, unless
+    // ClickHouse is failing (then it is read again at the next start).
+    if pending.since.is_some() {
+        match resolve(
+            &sink,
+            &group,
+            &consumer,
+            &mut pending,
+            &mut retry,
+            &mut stats,
+        )
+        .await
+        {
+            Ok(()) | Err(Halt::Shutdown) => {}
+            Err(Halt::Failed(e)) => return Err(e),
+        }
     }
     tracing::info!(?stats, "analytics pipeline stopped");
     Ok(stats)
+}
+
+/// Batches written (rows, identities, their own roll-up blocks) whose identities are not
+/// resolved yet and whose positions are not stored yet.
+#[derive(Debug, Default)]
+struct Pending {
+    /// First and last offset written per partition.
+    ranges: BTreeMap<(String, u32), (u64, u64)>,
+    /// The positions to store once resolved (largest next offset per partition).
+    next_offsets: Positions,
+    records: usize,
+    /// When the first pending batch was written.
+    since: Option<Instant>,
+}
+
+impl Pending {
+    fn add(&mut self, rows: &[RatedRow], next_offsets: &Positions, records: usize) {
+        for r in rows {
+            let e = self
+                .ranges
+                .entry((r.topic.clone(), r.partition))
+                .or_insert((r.offset, r.offset));
+            e.0 = e.0.min(r.offset);
+            e.1 = e.1.max(r.offset);
+        }
+        for (key, &next) in next_offsets {
+            let e = self.next_offsets.entry(key.clone()).or_insert(next);
+            *e = (*e).max(next);
+        }
+        self.records += records;
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    fn ranges(&self) -> Vec<OffsetRange> {
+        self.ranges
+            .iter()
+            .map(|((topic, partition), &(first, last))| OffsetRange {
+                topic: topic.clone(),
+                partition: *partition,
+                first,
+                last,
+            })
+            .collect()
+    }
+}
+
+/// Resolves the identities of the pending batches, then stores their positions and commits
+/// them: only now may a restart skip them. Empties `pending` when done.
+async fn resolve(
+    sink: &AnalyticsSink,
+    group: &str,
+    consumer: &BatchConsumer,
+    pending: &mut Pending,
+    retry: &mut Retry,
+    stats: &mut AnalyticsStats,
+) -> Result<(), Halt<anyhow::Error>> {
+    let started = Instant::now();
+    let ranges = pending.ranges();
+    let resolved = retry
+        .run("resolve identities", || sink.resolve(&ranges))
+        .await
+        .map_err(|h| h.map(anyhow::Error::from));
+    let resolved = match resolved {
+        Err(Halt::Failed(e)) => {
+            return Err(Halt::Failed(e.context("analytics: resolving identities")))
+        }
+        other => other?,
+    };
+    fail::fail_point!("analytics-after-resolve", |_| std::process::abort());
+    let stored = retry
+        .run("store positions", || {
+            sink.store_positions(group, &pending.next_offsets)
+        })
+        .await
+        .map_err(|h| h.map(anyhow::Error::from));
+    match stored {
+        Err(Halt::Failed(e)) => {
+            return Err(Halt::Failed(e.context("analytics: storing positions")))
+        }
+        other => other?,
+    }
+    consumer.committed(&pending.next_offsets);
+    crate::metrics::resolve_seconds(started.elapsed().as_secs_f64());
+    stats.duplicates += resolved.duplicates as u64;
+    tracing::debug!(
+        records = pending.records,
+        partitions = pending.next_offsets.len(),
+        duplicates = resolved.duplicates,
+        blocks = resolved.blocks,
+        lookup_ms = resolved.timings.lookup.as_millis() as u64,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "analytics identities resolved, positions stored"
+    );
+    *pending = Pending::default();
+    Ok(())
 }
 
 /// Parts of a batch inserted each on its own ([`isolate`]).
@@ -243,7 +397,7 @@ impl ApplyPart for Parts<'_> {
     type Error = AnalyticsError;
 
     async fn apply(&mut self, part: Range<usize>) -> Result<(), AnalyticsError> {
-        let o = self.sink.insert(&self.rows[part]).await?;
+        let o = self.sink.write(&self.rows[part]).await?;
         self.total.written += o.written;
         self.total.duplicates += o.duplicates;
         self.total.blocks += o.blocks;
@@ -260,7 +414,7 @@ async fn insert(
     rows: &[RatedRow],
     retry: &mut Retry,
 ) -> Result<(InsertOutcome, Vec<Refused<AnalyticsError>>), Halt<AnalyticsError>> {
-    let refused_whole = match retry.run("insert usage_events", || sink.insert(rows)).await {
+    let refused_whole = match retry.run("insert usage_events", || sink.write(rows)).await {
         Ok(outcome) => return Ok((outcome, Vec::new())),
         Err(Halt::Failed(e)) if e.fault() == Fault::Input => e,
         Err(halt) => return Err(halt),
