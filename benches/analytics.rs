@@ -9,12 +9,13 @@
 //! 1. 100,000 events stored today (12 partitions, one heavy account holding half of them,
 //!    the rest over TALLY_BENCH_ANALYTICS_ACCOUNTS accounts, default 1,000): then 6 batches
 //!    of 50,000 new events of today written, timed (median and max per batch, events/s), and
-//!    one resolve of the 300,000.
+//!    one resolve of the 300,000; then 6 more batches each written and resolved alone (the
+//!    write path before resolves were grouped), for comparison in the same run.
 //! 2. The table grown to TALLY_BENCH_ANALYTICS_EVENTS (default 10,000,000) stored today, in
 //!    batches of TALLY_BENCH_ANALYTICS_BATCH (default 500,000) written and resolved: prints
-//!    the load rate; then 6 batches of 50,000 written and one resolve timed again, and the
-//!    ratios (10M / 100k) of the per-batch write medians, of the resolves, and of a batch
-//!    with its share of the resolve.
+//!    the load rate; then the same timed phases again, and the ratios (10M / 100k) of the
+//!    per-batch write medians, of the resolves, of a batch with its share of the resolve,
+//!    and of batches each resolved alone.
 //! 3. A batch written and resolved again (a replay).
 //! 4. The report queries' latency for the heavy account (half of the stored events): first
 //!    run, then median and max of 20 (goal: under 100 ms each); TALLY_BENCH_ANALYTICS_REPORTS=0
@@ -275,6 +276,46 @@ async fn resolve_timed(sink: &AnalyticsSink, start: u64, n: u64) -> Duration {
     d
 }
 
+/// Events per timed batch, and timed batches per phase.
+const BATCH: u64 = 50_000;
+const TIMED: u64 = 6;
+/// Events a timed phase writes ([`timed_phases`]).
+const PHASE_EVENTS: u64 = 2 * TIMED * BATCH;
+
+/// The per-batch medians of one timed phase and its resolve.
+struct Phase {
+    /// A batch written (resolved later, with the others).
+    write: Duration,
+    /// One resolve of the phase's written batches.
+    resolve: Duration,
+    /// A batch written and resolved alone.
+    each: Duration,
+}
+
+/// From `start`: TIMED batches written then resolved at once, then TIMED batches each written
+/// and resolved alone ([`PHASE_EVENTS`] events in all).
+async fn timed_phases(sink: &AnalyticsSink, start: u64, accounts: u64, today: NaiveDate) -> Phase {
+    let n = TIMED * BATCH;
+    let written = write_path(sink, start, n, BATCH, accounts, today, false).await;
+    let write = summary(
+        &format!("with {start}..{} stored", start + n - BATCH),
+        &written,
+        BATCH,
+    );
+    let resolve = resolve_timed(sink, start, n).await;
+    let alone = write_path(sink, start + n, n, BATCH, accounts, today, true).await;
+    let each = summary(
+        "    the same, each batch resolved alone (the write path before resolves were grouped)",
+        &alone,
+        BATCH,
+    );
+    Phase {
+        write,
+        resolve,
+        each,
+    }
+}
+
 fn summary(label: &str, timed: &[(Duration, StatementTimes)], rows_per_batch: u64) -> Duration {
     let times: Vec<Duration> = timed.iter().map(|t| t.0).collect();
     let mut sorted = times.clone();
@@ -365,8 +406,6 @@ async fn run() {
     let accounts = env_or("TALLY_BENCH_ANALYTICS_ACCOUNTS", 1_000);
     let load_batch = env_or("TALLY_BENCH_ANALYTICS_BATCH", 500_000);
     let small = 100_000u64.min(events);
-    const BATCH: u64 = 50_000;
-    const TIMED: u64 = 6;
     let cfg = ClickHouseConfig {
         url: std::env::var("TALLY_TEST_CLICKHOUSE_URL")
             .unwrap_or_else(|_| "http://127.0.0.1:8123".into()),
@@ -397,17 +436,11 @@ async fn run() {
         t.elapsed().as_secs_f64()
     );
     print_background(&client, &cfg.database).await;
-    let at_small = write_path(&sink, small, TIMED * BATCH, BATCH, accounts, today, false).await;
-    let median_small = summary(
-        &format!("with {small}..{} stored", small + (TIMED - 1) * BATCH),
-        &at_small,
-        BATCH,
-    );
-    let resolve_small = resolve_timed(&sink, small, TIMED * BATCH).await;
+    let small_phase = timed_phases(&sink, small, accounts, today).await;
 
     // 2. Grown to `events`, through the same write path.
     let t = Instant::now();
-    let grown_from = small + TIMED * BATCH;
+    let grown_from = small + PHASE_EVENTS;
     let loads = write_path(
         &sink,
         grown_from,
@@ -428,33 +461,30 @@ async fn run() {
     );
     print_background(&client, &cfg.database).await;
     let stored = events.max(grown_from);
-    let at_large = write_path(&sink, stored, TIMED * BATCH, BATCH, accounts, today, false).await;
-    let median_large = summary(
-        &format!("with {stored}..{} stored", stored + (TIMED - 1) * BATCH),
-        &at_large,
-        BATCH,
+    let large_phase = timed_phases(&sink, stored, accounts, today).await;
+    println!(
+        "  ratio of the per-batch medians when each batch is resolved alone: {:.2}",
+        large_phase.each.as_secs_f64() / small_phase.each.as_secs_f64()
     );
-    let resolve_large = resolve_timed(&sink, stored, TIMED * BATCH).await;
     println!(
         "  ratio of the per-batch write medians ({events} / {small} stored): {:.2}",
-        median_large.as_secs_f64() / median_small.as_secs_f64()
+        large_phase.write.as_secs_f64() / small_phase.write.as_secs_f64()
     );
     println!(
         "  ratio of the resolves of {} events: {:.2}",
         TIMED * BATCH,
-        resolve_large.as_secs_f64() / resolve_small.as_secs_f64()
+        large_phase.resolve.as_secs_f64() / small_phase.resolve.as_secs_f64()
     );
-    let per_batch = |median: Duration, resolve: Duration| median + resolve / TIMED as u32;
+    let per_batch = |p: &Phase| p.write + p.resolve / TIMED as u32;
     println!(
         "  per batch with its share of one resolve per {TIMED} batches: {:.0} ms then {:.0} ms, ratio {:.2}",
-        ms(per_batch(median_small, resolve_small)),
-        ms(per_batch(median_large, resolve_large)),
-        per_batch(median_large, resolve_large).as_secs_f64()
-            / per_batch(median_small, resolve_small).as_secs_f64()
+        ms(per_batch(&small_phase)),
+        ms(per_batch(&large_phase)),
+        per_batch(&large_phase).as_secs_f64() / per_batch(&small_phase).as_secs_f64()
     );
 
     // 3. A replay of the last timed batch.
-    let last = batch(stored + (TIMED - 1) * BATCH, BATCH, accounts, today, 7);
+    let last = batch(stored + PHASE_EVENTS - BATCH, BATCH, accounts, today, 7);
     let (outcome, d) = time(sink.insert(&last)).await;
     println!(
         "the last batch written again (a replay): {:.0} ms ({:?})",

@@ -84,7 +84,24 @@ pub async fn run(
     let resolve_every = Duration::from_millis(cfg.pipeline.analytics_resolve_every_ms);
     let resolve_max = cfg.pipeline.analytics_resolve_max_events;
     let mut pending = Pending::default();
+    let mut quiet = false;
     while !*shutdown.borrow() {
+        if pending.due(quiet, resolve_every, resolve_max) {
+            match resolve(
+                &sink,
+                &group,
+                &consumer,
+                &mut pending,
+                &mut retry,
+                &mut stats,
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(Halt::Shutdown) => break,
+                Err(Halt::Failed(e)) => return Err(e),
+            }
+        }
         // With batches pending, a quiet stream (or the resolve interval) ends the wait.
         let idle = pending.since.map(|t| {
             resolve_every
@@ -98,23 +115,8 @@ pub async fn run(
             break;
         };
         stats.skipped += batch.skipped as u64;
-        if batch.records.is_empty() {
-            if pending.since.is_some() {
-                match resolve(
-                    &sink,
-                    &group,
-                    &consumer,
-                    &mut pending,
-                    &mut retry,
-                    &mut stats,
-                )
-                .await
-                {
-                    Ok(()) => {}
-                    Err(Halt::Shutdown) => break,
-                    Err(Halt::Failed(e)) => return Err(e),
-                }
-            }
+        quiet = batch.records.is_empty();
+        if quiet {
             continue;
         }
         let started = Instant::now();
@@ -251,24 +253,6 @@ pub async fn run(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "analytics batch written"
         );
-        if pending.records >= resolve_max
-            || pending.since.is_some_and(|t| t.elapsed() >= resolve_every)
-        {
-            match resolve(
-                &sink,
-                &group,
-                &consumer,
-                &mut pending,
-                &mut retry,
-                &mut stats,
-            )
-            .await
-            {
-                Ok(()) => {}
-                Err(Halt::Shutdown) => break,
-                Err(Halt::Failed(e)) => return Err(e),
-            }
-        }
     }
     // What was written before shutdown is resolved and its positions stored, unless
     // ClickHouse is failing (then it is read again at the next start).
@@ -320,6 +304,13 @@ impl Pending {
         }
         self.records += records;
         self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Whether to resolve now: something is pending and the stream is quiet (the last wait
+    /// ended without a record), or `max` events are pending, or the first has waited `every`.
+    fn due(&self, quiet: bool, every: Duration, max: usize) -> bool {
+        self.since
+            .is_some_and(|t| quiet || self.records >= max || t.elapsed() >= every)
     }
 
     fn ranges(&self) -> Vec<OffsetRange> {
