@@ -22,7 +22,8 @@ use rdkafka::producer::FutureRecord;
 use tokio::sync::watch;
 
 use common::{test_config, TestEnv};
-use tally::demo::{self, DemoConfig, TopicKind};
+use tally::demo::{self, DemoConfig};
+use tally::event::EventKind;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -63,13 +64,13 @@ async fn run() {
     });
     let (grants, usage): (Vec<_>, Vec<_>) = records
         .iter()
-        .partition(|r| matches!(r.topic, TopicKind::Grants | TopicKind::Plans));
+        .partition(|r| matches!(r.topic, EventKind::Grant | EventKind::Plan));
     let topics = &env.cfg.kafka.topics;
     let to_send = |rs: &[&demo::DemoRecord]| -> Vec<(String, String, Vec<u8>)> {
         rs.iter()
             .map(|r| {
                 (
-                    tally::cli::topic_for(topics, r.topic).to_owned(),
+                    r.topic.topic(topics).to_owned(),
                     r.key.clone(),
                     r.payload.clone(),
                 )
@@ -158,7 +159,7 @@ async fn run() {
     });
     let live: Vec<_> = live
         .into_iter()
-        .filter(|r| !matches!(r.topic, TopicKind::Grants | TopicKind::Plans))
+        .filter(|r| !matches!(r.topic, EventKind::Grant | EventKind::Plan))
         .collect();
     let (done_tx, done_rx) = watch::channel(false);
     let poller = tokio::spawn(poll_offsets(
@@ -175,7 +176,7 @@ async fn run() {
         if due > elapsed {
             tokio::time::sleep(due - elapsed).await;
         }
-        let topic = tally::cli::topic_for(topics, r.topic);
+        let topic = r.topic.topic(topics);
         let record = FutureRecord::to(topic)
             .key(r.key.as_bytes())
             .payload(&r.payload[..]);

@@ -15,9 +15,9 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{Config, Topics};
-use crate::demo::{self, DemoConfig, Expect, TopicKind};
-use crate::event::{types, Reason};
+use crate::config::Config;
+use crate::demo::{self, DemoConfig, Expect};
+use crate::event::{EventKind, Reason};
 use crate::kafka::{self, HEADER_REASON};
 use crate::ledger::Store;
 
@@ -40,30 +40,6 @@ pub struct ProduceOptions {
     pub malformed_every: usize,
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
-}
-
-pub fn topic_for(topics: &Topics, kind: TopicKind) -> &str {
-    match kind {
-        TopicKind::Calls => &topics.calls,
-        TopicKind::ChatResponses => &topics.chat_responses,
-        TopicKind::InstanceHours => &topics.instance_hours,
-        TopicKind::Metered => &topics.metered,
-        TopicKind::Grants => &topics.grants,
-        TopicKind::Plans => &topics.plans,
-    }
-}
-
-/// The topic an event type belongs on.
-pub fn topic_for_type<'t>(topics: &'t Topics, event_type: &str) -> Option<&'t str> {
-    Some(match event_type {
-        types::CALL => &topics.calls,
-        types::CHAT_RESPONSE => &topics.chat_responses,
-        types::INSTANCE_HOURS => &topics.instance_hours,
-        types::METERED => &topics.metered,
-        types::GRANT => &topics.grants,
-        types::PLAN => &topics.plans,
-        _ => return None,
-    })
 }
 
 /// Sends (topic, key, payload, headers) records at `rate_per_second` (0 = unthrottled),
@@ -171,7 +147,7 @@ pub async fn produce_to_existing_topics(cfg: &Config, opts: &ProduceOptions) -> 
         &producer,
         records.iter().map(|r| {
             (
-                topic_for(&cfg.kafka.topics, r.topic),
+                r.topic.topic(&cfg.kafka.topics),
                 Some(r.key.as_bytes()),
                 r.payload.as_slice(),
                 None,
@@ -465,14 +441,16 @@ pub async fn replay_file(cfg: &Config, path: &Path) -> anyhow::Result<()> {
         let head: Head = serde_json::from_str(line).with_context(|| {
             format!("{}:{}: not a CloudEvent with a type", path.display(), n + 1)
         })?;
-        let topic = topic_for_type(&cfg.kafka.topics, &head.event_type).with_context(|| {
-            format!(
-                "{}:{}: unknown event type `{}`",
-                path.display(),
-                n + 1,
-                shown(&head.event_type)
-            )
-        })?;
+        let topic = EventKind::of_type(&head.event_type)
+            .map(|k| k.topic(&cfg.kafka.topics))
+            .with_context(|| {
+                format!(
+                    "{}:{}: unknown event type `{}`",
+                    path.display(),
+                    n + 1,
+                    shown(&head.event_type)
+                )
+            })?;
         let key = head.subject.map(|s| s.into_owned());
         records.push((topic, key, line.as_bytes()));
     }

@@ -9,42 +9,7 @@ use chrono::{DateTime, Datelike, Duration, Timelike, Utc};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::event::{types, Reason};
-
-/// The input a record belongs to; the caller maps it to a Kafka topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TopicKind {
-    Calls,
-    ChatResponses,
-    InstanceHours,
-    Metered,
-    Grants,
-    Plans,
-}
-
-impl TopicKind {
-    pub const ALL: [TopicKind; 6] = [
-        TopicKind::Calls,
-        TopicKind::ChatResponses,
-        TopicKind::InstanceHours,
-        TopicKind::Metered,
-        TopicKind::Grants,
-        TopicKind::Plans,
-    ];
-
-    /// The topic kind of a CloudEvents `type`, if Tally knows it.
-    pub fn of_event_type(event_type: &str) -> Option<TopicKind> {
-        Some(match event_type {
-            types::CALL => TopicKind::Calls,
-            types::CHAT_RESPONSE => TopicKind::ChatResponses,
-            types::INSTANCE_HOURS => TopicKind::InstanceHours,
-            types::METERED => TopicKind::Metered,
-            types::GRANT => TopicKind::Grants,
-            types::PLAN => TopicKind::Plans,
-            _ => return None,
-        })
-    }
-}
+use crate::event::{types, EventKind, Reason};
 
 /// What the pipeline must do with a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,7 +24,7 @@ pub enum Expect {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DemoRecord {
-    pub topic: TopicKind,
+    pub topic: EventKind,
     /// The Kafka key: the account id.
     pub key: String,
     pub payload: Vec<u8>,
@@ -321,7 +286,7 @@ impl Generator {
         j
     }
 
-    fn record(&self, topic: TopicKind, account: &str, expect: Expect) -> DemoRecord {
+    fn record(&self, topic: EventKind, account: &str, expect: Expect) -> DemoRecord {
         DemoRecord {
             topic,
             key: account.to_owned(),
@@ -357,7 +322,7 @@ impl Generator {
             .str("credits", credits);
         j.close();
         j.close();
-        self.record(TopicKind::Grants, account, Expect::Valid)
+        self.record(EventKind::Grant, account, Expect::Valid)
     }
 
     fn plan(&mut self, account: &str, time: DateTime<Utc>) -> DemoRecord {
@@ -382,7 +347,7 @@ impl Generator {
             .raw("allowance_alert_percents", "[50,80,100]");
         j.close();
         j.close();
-        self.record(TopicKind::Plans, account, Expect::Valid)
+        self.record(EventKind::Plan, account, Expect::Valid)
     }
 
     fn draw(&mut self, time: DateTime<Utc>) -> Draw {
@@ -495,23 +460,19 @@ impl Generator {
         time: DateTime<Utc>,
         draw: &Draw,
         flaw: Flaw,
-    ) -> TopicKind {
+    ) -> EventKind {
         let id = self.next_event_id();
         let subject = (flaw != Flaw::NoSubject).then_some(account);
-        let (topic, source, event_type) = match draw {
-            Draw::Call { .. } => (TopicKind::Calls, SOURCE_CALLS, types::CALL),
-            Draw::Chat { .. } => (TopicKind::ChatResponses, SOURCE_CHAT, types::CHAT_RESPONSE),
-            Draw::Instance { .. } => (
-                TopicKind::InstanceHours,
-                SOURCE_INSTANCES,
-                types::INSTANCE_HOURS,
-            ),
-            Draw::Metered { .. } => (TopicKind::Metered, SOURCE_METERED, types::METERED),
+        let (topic, source) = match draw {
+            Draw::Call { .. } => (EventKind::Call, SOURCE_CALLS),
+            Draw::Chat { .. } => (EventKind::ChatResponse, SOURCE_CHAT),
+            Draw::Instance { .. } => (EventKind::InstanceHours, SOURCE_INSTANCES),
+            Draw::Metered { .. } => (EventKind::Metered, SOURCE_METERED),
         };
         let event_type = if flaw == Flaw::UnknownType {
             "tally.usage.sms.v1"
         } else {
-            event_type
+            topic.event_type()
         };
         let mut j = Self::envelope(&mut self.buf, &id, source, event_type, subject, time);
         j.open_data();
@@ -706,7 +667,7 @@ impl Generator {
             _ => {
                 self.buf.clear();
                 self.buf.extend_from_slice(b"call ended after 42 seconds");
-                (TopicKind::Calls, Reason::MalformedJson)
+                (EventKind::Call, Reason::MalformedJson)
             }
         };
         self.record(topic, account, Expect::Rejected(reason))
@@ -749,11 +710,11 @@ mod tests {
         let records = generate(&c);
         let grants = records
             .iter()
-            .filter(|r| r.topic == TopicKind::Grants)
+            .filter(|r| r.topic == EventKind::Grant)
             .count();
         let plans = records
             .iter()
-            .filter(|r| r.topic == TopicKind::Plans)
+            .filter(|r| r.topic == EventKind::Plan)
             .count();
         assert_eq!(grants, 2 * c.accounts);
         assert_eq!(plans, c.accounts / 3);
@@ -797,10 +758,7 @@ mod tests {
                         panic!("{rej}: {}", String::from_utf8_lossy(&r.payload))
                     });
                     assert_eq!(e.envelope.account_id, r.key.as_str());
-                    assert_eq!(
-                        TopicKind::of_event_type(&e.envelope.event_type),
-                        Some(r.topic)
-                    );
+                    assert_eq!(EventKind::of_type(&e.envelope.event_type), Some(r.topic));
                     assert!(
                         ids.insert((e.envelope.source.to_string(), e.envelope.id.to_string())),
                         "identity reused by a valid record"

@@ -70,7 +70,8 @@ use tokio::sync::watch;
 
 use common::{actual, expected_from_demo, test_config, TestEnv};
 use model::{Account, GrantKind, Micros, NewGrant, Plan, MICROS};
-use tally::demo::{self, DemoConfig, DemoRecord, TopicKind};
+use tally::demo::{self, DemoConfig, DemoRecord};
+use tally::event::EventKind;
 
 /// The test's own price table: rates simple enough to compute by hand (model::rate).
 const PRICES: &str = r#"
@@ -1757,14 +1758,14 @@ fn demo_stream(accounts: usize, events: usize, seed: u64) -> Vec<DemoRecord> {
         duplicate_every: 50,
         malformed_every: 200,
     });
-    records.retain(|r| r.topic != TopicKind::Plans);
+    records.retain(|r| r.topic != EventKind::Plan);
     records
 }
 
 fn split(records: &[DemoRecord]) -> (Vec<&DemoRecord>, Vec<&DemoRecord>) {
     records
         .iter()
-        .partition(|r| matches!(r.topic, TopicKind::Grants | TopicKind::Plans))
+        .partition(|r| matches!(r.topic, EventKind::Grant | EventKind::Plan))
 }
 
 async fn send(env: &TestEnv, records: &[&DemoRecord]) {
@@ -1772,7 +1773,7 @@ async fn send(env: &TestEnv, records: &[&DemoRecord]) {
         .iter()
         .map(|r| {
             (
-                tally::cli::topic_for(&env.cfg.kafka.topics, r.topic).to_owned(),
+                r.topic.topic(&env.cfg.kafka.topics).to_owned(),
                 r.key.clone(),
                 r.payload.clone(),
             )

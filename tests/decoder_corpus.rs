@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
-use tally::event::{decode, types, DecodeLimits, Reason};
+use tally::event::{decode, DecodeLimits, EventKind, Reason};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -23,29 +23,27 @@ struct Schemas(BTreeMap<&'static str, jsonschema::Validator>);
 
 impl Schemas {
     fn load() -> Schemas {
-        let files = [
-            (types::CALL, "call"),
-            (types::CHAT_RESPONSE, "chat_response"),
-            (types::INSTANCE_HOURS, "instance_hours"),
-            (types::METERED, "metered"),
-            (types::GRANT, "grant"),
-            (types::PLAN, "plan"),
-        ];
         let mut out = BTreeMap::new();
-        for (event_type, name) in files {
-            let path = root().join(format!("schemas/events/{name}.schema.json"));
+        for kind in EventKind::ALL {
+            let path = root().join(format!("schemas/events/{}.schema.json", kind.name()));
             let schema: Value = serde_json::from_slice(&std::fs::read(&path).unwrap())
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(
+                schema,
+                serde_json::from_str::<Value>(kind.schema()).unwrap(),
+                "the registry embeds {}",
+                path.display()
+            );
             assert_eq!(
                 schema["$schema"],
                 "https://json-schema.org/draft/2020-12/schema"
             );
-            assert_eq!(schema["title"], event_type, "{}", path.display());
+            assert_eq!(schema["title"], kind.event_type(), "{}", path.display());
             let validator = jsonschema::options()
                 .should_validate_formats(true)
                 .build(&schema)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            out.insert(event_type, validator);
+            out.insert(kind.event_type(), validator);
         }
         Schemas(out)
     }
@@ -99,14 +97,7 @@ fn valid_examples_pass_the_decoder_and_the_schema() {
             .entry(event.envelope.event_type.to_string())
             .or_default() += 1;
     }
-    for event_type in [
-        types::CALL,
-        types::CHAT_RESPONSE,
-        types::INSTANCE_HOURS,
-        types::METERED,
-        types::GRANT,
-        types::PLAN,
-    ] {
+    for event_type in EventKind::ALL.map(EventKind::event_type) {
         assert!(
             per_type.get(event_type).copied().unwrap_or(0) >= 2,
             "fewer than two valid examples of {event_type}: {per_type:?}"
@@ -342,22 +333,15 @@ fn every_truncation_of_a_valid_example_is_malformed() {
 }
 
 #[test]
-fn schema_files_are_the_six_types() {
+fn schema_files_are_the_registry_kinds() {
     let names: BTreeSet<String> = files(&root().join("schemas/events"), "json")
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    let expected: BTreeSet<String> = [
-        "call",
-        "chat_response",
-        "instance_hours",
-        "metered",
-        "grant",
-        "plan",
-    ]
-    .iter()
-    .map(|n| format!("{n}.schema.json"))
-    .collect();
+    let expected: BTreeSet<String> = EventKind::ALL
+        .iter()
+        .map(|k| format!("{}.schema.json", k.name()))
+        .collect();
     assert_eq!(names, expected);
 }
 

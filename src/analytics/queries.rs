@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::sink::{client, from_mantissa6, run_timed, QUERY_TIMEOUT};
 use super::{sql, AnalyticsError};
 use crate::config::ClickHouseConfig;
+use crate::event::{KIND_CALL, KIND_INSTANCE};
 
 /// Daily roll-up table (migration 0004: one row per block of offsets, read with FINAL).
 pub const USAGE_DAILY: &str = "usage_daily";
@@ -423,11 +424,6 @@ pub struct UsageCounts {
     pub billable_instance_hours: Decimal,
     pub by_kind: Vec<KindUsage>,
 }
-
-/// The usage kinds the counts single out (Usage.kind).
-pub const KIND_CALL: &str = "call";
-pub const KIND_CHAT_RESPONSE: &str = "chat_response";
-pub const KIND_INSTANCE_HOURS: &str = "instance_hours";
 
 /// What a report is asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -890,7 +886,7 @@ impl UsageQueries {
                     counts.call_seconds += quantity;
                     counts.billable_call_seconds += r.billable_seconds;
                 }
-                KIND_INSTANCE_HOURS => {
+                KIND_INSTANCE => {
                     counts.instance_seconds += quantity;
                     billable_instance_seconds += r.billable_seconds;
                 }

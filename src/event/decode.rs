@@ -143,30 +143,6 @@ fn malformed(detail: impl Into<String>) -> Rejection {
     Rejection::new(Reason::MalformedJson, None, detail)
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Call,
-    Chat,
-    Instance,
-    Metered,
-    Grant,
-    Plan,
-}
-
-impl Kind {
-    fn of(event_type: &str) -> Option<Kind> {
-        Some(match event_type {
-            types::CALL => Kind::Call,
-            types::CHAT_RESPONSE => Kind::Chat,
-            types::INSTANCE_HOURS => Kind::Instance,
-            types::METERED => Kind::Metered,
-            types::GRANT => Kind::Grant,
-            types::PLAN => Kind::Plan,
-            _ => return None,
-        })
-    }
-}
-
 /// `data` as read by the envelope pass.
 enum DataValue<'a> {
     /// Read before its type was known, or on the slow path.
@@ -185,14 +161,14 @@ enum TypedData<'a> {
 }
 
 impl<'a> TypedData<'a> {
-    fn parse(kind: Kind, raw: &'a RawValue) -> Check<TypedData<'a>> {
+    fn parse(kind: EventKind, raw: &'a RawValue) -> Check<TypedData<'a>> {
         Ok(match kind {
-            Kind::Call => TypedData::Call(parse_data(raw)?),
-            Kind::Chat => TypedData::Chat(parse_data(raw)?),
-            Kind::Instance => TypedData::Instance(parse_data(raw)?),
-            Kind::Metered => TypedData::Metered(parse_data(raw)?),
-            Kind::Grant => TypedData::Grant(parse_data(raw)?),
-            Kind::Plan => TypedData::Plan(parse_data(raw)?),
+            EventKind::Call => TypedData::Call(parse_data(raw)?),
+            EventKind::ChatResponse => TypedData::Chat(parse_data(raw)?),
+            EventKind::InstanceHours => TypedData::Instance(parse_data(raw)?),
+            EventKind::Metered => TypedData::Metered(parse_data(raw)?),
+            EventKind::Grant => TypedData::Grant(parse_data(raw)?),
+            EventKind::Plan => TypedData::Plan(parse_data(raw)?),
         })
     }
 
@@ -233,7 +209,7 @@ fn check<'a>(
         }
     }
 
-    let Some(kind) = Kind::of(event_type.as_str()) else {
+    let Some(kind) = EventKind::of_type(event_type.as_str()) else {
         return Err(Rejection::new(
             Reason::UnknownType,
             Some("type"),
@@ -561,7 +537,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_, 'de> {
                 "data" => {
                     mark(128, "data", &mut env.duplicate);
                     let kind = match (&env.event_type, env.duplicate) {
-                        (Some(t), None) if self.typed => Kind::of(t.as_str()),
+                        (Some(t), None) if self.typed => EventKind::of_type(t.as_str()),
                         _ => None,
                     };
                     match kind {
@@ -591,7 +567,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor<'_, 'de> {
 
 /// Reads `data` (an object, or null) straight into the struct of a known type, in place.
 struct TypedSeed<'s, 'a> {
-    kind: Kind,
+    kind: EventKind,
     slot: &'s mut Option<DataValue<'a>>,
 }
 
@@ -627,12 +603,12 @@ impl<'de> Visitor<'de> for TypedSeed<'_, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
         let de = de::value::MapAccessDeserializer::new(map);
         *self.slot = Some(DataValue::Typed(match self.kind {
-            Kind::Call => TypedData::Call(CallData::deserialize(de)?),
-            Kind::Chat => TypedData::Chat(ChatData::deserialize(de)?),
-            Kind::Instance => TypedData::Instance(InstanceData::deserialize(de)?),
-            Kind::Metered => TypedData::Metered(MeteredData::deserialize(de)?),
-            Kind::Grant => TypedData::Grant(GrantData::deserialize(de)?),
-            Kind::Plan => TypedData::Plan(PlanData::deserialize(de)?),
+            EventKind::Call => TypedData::Call(CallData::deserialize(de)?),
+            EventKind::ChatResponse => TypedData::Chat(ChatData::deserialize(de)?),
+            EventKind::InstanceHours => TypedData::Instance(InstanceData::deserialize(de)?),
+            EventKind::Metered => TypedData::Metered(MeteredData::deserialize(de)?),
+            EventKind::Grant => TypedData::Grant(GrantData::deserialize(de)?),
+            EventKind::Plan => TypedData::Plan(PlanData::deserialize(de)?),
         }));
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 mod decode;
 pub mod encode;
+mod kinds;
 // The file is types.rs; `types` itself names the CloudEvents type constants.
 #[path = "types.rs"]
 mod model;
@@ -13,4 +14,5 @@ pub use decode::{
     content_mode, decode, decode_binary, decode_record, decode_serde_path, ContentMode,
     DecodeLimits,
 };
+pub use kinds::EventKind;
 pub use model::*;

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use super::EventKind;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
@@ -316,10 +317,34 @@ pub const KIND_CALL: &str = "call";
 pub const KIND_CHAT: &str = "chat_response";
 pub const KIND_INSTANCE: &str = "instance_hours";
 
+impl Payload<'_> {
+    /// Its kind in the registry ([`EventKind`]).
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Payload::Call(_) => EventKind::Call,
+            Payload::Chat(_) => EventKind::ChatResponse,
+            Payload::Instance(_) => EventKind::InstanceHours,
+            Payload::Metered(_) => EventKind::Metered,
+            Payload::Grant(_) => EventKind::Grant,
+            Payload::Plan(_) => EventKind::Plan,
+        }
+    }
+
+    /// The usage kind it is rated and stored as: the registry's, or the one a metered event
+    /// names; None for grants and plans.
+    pub fn usage_kind(&self) -> Option<&str> {
+        match self {
+            Payload::Metered(m) => Some(&m.kind),
+            other => other.kind().usage_kind(),
+        }
+    }
+}
+
 impl<'a> Event<'a> {
     /// The usage view of this event, or None for grants and plans.
     pub fn usage(&self) -> Option<Usage<'_>> {
         let time = self.envelope.time;
+        let kind = self.payload.usage_kind()?;
         match &self.payload {
             Payload::Call(c) => {
                 let mut attributes = Vec::with_capacity(4);
@@ -328,7 +353,7 @@ impl<'a> Event<'a> {
                 push_opt(&mut attributes, "model", &c.model);
                 push_opt(&mut attributes, "voice_tier", &c.voice_tier);
                 Some(Usage {
-                    kind: KIND_CALL,
+                    kind,
                     time,
                     attributes,
                     quantity: Quantity::Seconds(c.billable_seconds()),
@@ -340,20 +365,20 @@ impl<'a> Event<'a> {
                 push_opt(&mut attributes, "voice_tier", &c.voice_tier);
                 push_opt(&mut attributes, "channel", &c.channel);
                 Some(Usage {
-                    kind: KIND_CHAT,
+                    kind,
                     time,
                     attributes,
                     quantity: Quantity::Units(Decimal::from(c.responses)),
                 })
             }
             Payload::Instance(i) => Some(Usage {
-                kind: KIND_INSTANCE,
+                kind,
                 time,
                 attributes: vec![("instance_type", i.instance_type.as_ref())],
                 quantity: Quantity::Seconds((i.ended_at - i.started_at).num_seconds().max(0) as u64),
             }),
             Payload::Metered(m) => Some(Usage {
-                kind: m.kind.as_ref(),
+                kind,
                 time,
                 attributes: m
                     .attributes

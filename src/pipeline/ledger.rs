@@ -434,7 +434,7 @@ pub fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
         },
         (payload, Some(charge)) => Action::Debit(DebitInfo {
             credits: charge.credits,
-            usage_kind: usage_kind(payload),
+            usage_kind: payload.usage_kind().unwrap_or_default(),
             price_version: charge.price_version,
             rule_id: charge.rule_id,
         }),
@@ -446,16 +446,6 @@ pub fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
         account_id: &env.account_id,
         time: env.time,
         action,
-    }
-}
-
-fn usage_kind<'a>(payload: &'a Payload<'_>) -> &'a str {
-    match payload {
-        Payload::Call(_) => crate::event::KIND_CALL,
-        Payload::Chat(_) => crate::event::KIND_CHAT,
-        Payload::Instance(_) => crate::event::KIND_INSTANCE,
-        Payload::Metered(m) => &m.kind,
-        Payload::Grant(_) | Payload::Plan(_) => "",
     }
 }
 

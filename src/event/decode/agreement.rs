@@ -182,16 +182,9 @@ fn value_pool() -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     pool.extend(
-        [
-            types::CALL,
-            types::CHAT_RESPONSE,
-            types::INSTANCE_HOURS,
-            types::METERED,
-            types::GRANT,
-            types::PLAN,
-        ]
-        .iter()
-        .map(|t| format!("\"{t}\"")),
+        EventKind::ALL
+            .iter()
+            .map(|k| format!("\"{}\"", k.event_type())),
     );
     for depth in [10, 31, 32, 33, 40, 127, 130] {
         pool.push(format!("{}1{}", "[".repeat(depth), "]".repeat(depth)));

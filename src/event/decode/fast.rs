@@ -14,7 +14,8 @@ use std::borrow::Cow;
 
 use super::data::{CallData, ChatData, GrantData, InstanceData, MeteredData, PlanData};
 use super::scalar::{StringMap, Text};
-use super::{DataValue, Kind, RawEnvelope, TypedData};
+use super::{DataValue, RawEnvelope, TypedData};
+use crate::event::EventKind;
 
 /// Deepest nesting read (the envelope object is level 1); serde_json allows 128.
 const MAX_DEPTH: u32 = 32;
@@ -46,7 +47,7 @@ pub(super) fn read_envelope<'a>(text: &'a str, env: &mut RawEnvelope<'a>) -> Opt
             5 => &mut env.time,
             6 => &mut env.datacontenttype,
             _ => {
-                let kind = Kind::of(env.event_type.as_ref()?.as_str())?;
+                let kind = EventKind::of_type(env.event_type.as_ref()?.as_str())?;
                 return s.data(kind, &mut env.data);
             }
         };
@@ -391,7 +392,7 @@ impl<'a> Scanner<'a> {
 
     /// `data` (its type known) into `slot`: an object read into the struct of `kind`, in
     /// place, or null.
-    fn data(&mut self, kind: Kind, slot: &mut Option<DataValue<'a>>) -> Option<()> {
+    fn data(&mut self, kind: EventKind, slot: &mut Option<DataValue<'a>>) -> Option<()> {
         if self.peek()? == b'n' {
             *slot = None;
             return self.literal(b"null");
@@ -406,7 +407,7 @@ impl<'a> Scanner<'a> {
             };
         }
         match kind {
-            Kind::Call => read_data!(self, place!(Call, CallData), {
+            EventKind::Call => read_data!(self, place!(Call, CallData), {
                 0 "call_id" => call_id: opt_text,
                 1 "direction" => direction: opt_text,
                 2 "channel" => channel: opt_text,
@@ -417,32 +418,32 @@ impl<'a> Scanner<'a> {
                 7 "ended_at" => ended_at: opt_text,
                 8 "hold_seconds" => hold_seconds: opt_int,
             }),
-            Kind::Chat => read_data!(self, place!(Chat, ChatData), {
+            EventKind::ChatResponse => read_data!(self, place!(Chat, ChatData), {
                 0 "conversation_id" => conversation_id: opt_text,
                 1 "model" => model: opt_text,
                 2 "voice_tier" => voice_tier: opt_text,
                 3 "channel" => channel: opt_text,
                 4 "responses" => responses: opt_int,
             }),
-            Kind::Instance => read_data!(self, place!(Instance, InstanceData), {
+            EventKind::InstanceHours => read_data!(self, place!(Instance, InstanceData), {
                 0 "instance_id" => instance_id: opt_text,
                 1 "instance_type" => instance_type: opt_text,
                 2 "started_at" => started_at: opt_text,
                 3 "ended_at" => ended_at: opt_text,
             }),
-            Kind::Metered => read_data!(self, place!(Metered, MeteredData), {
+            EventKind::Metered => read_data!(self, place!(Metered, MeteredData), {
                 0 "kind" => kind: opt_text,
                 1 "quantity" => quantity: opt_text,
                 2 "attributes" => attributes: opt_string_map,
             }),
-            Kind::Grant => read_data!(self, place!(Grant, GrantData), {
+            EventKind::Grant => read_data!(self, place!(Grant, GrantData), {
                 0 "grant_id" => grant_id: opt_text,
                 1 "kind" => kind: opt_text,
                 2 "credits" => credits: opt_text,
                 3 "expires_at" => expires_at: opt_text,
                 4 "priority" => priority: opt_int,
             }),
-            Kind::Plan => read_data!(self, place!(Plan, PlanData), {
+            EventKind::Plan => read_data!(self, place!(Plan, PlanData), {
                 0 "plan_id" => plan_id: opt_text,
                 1 "monthly_allowance" => monthly_allowance: opt_text,
                 2 "billing_day" => billing_day: opt_int,
