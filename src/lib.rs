@@ -34,6 +34,8 @@
 //! - [`alerts`] — threshold detection (pure) and alert messages.
 //! - [`analytics`] — the ClickHouse sink, DDL and usage queries.
 //! - [`clock`] — time as a dependency (tests move it by hand).
+//! - [`credits`] — the one fixed-point amount: 6 places, one rounding (rating) and one cut
+//!   (reports).
 //! - [`escape`] — data-borne text made safe to print or log (control and bidi characters
 //!   escaped). Pure, a leaf.
 //! - [`fault`] — whose fault an error is (transient, input, bug): the retry policy's input.
@@ -61,6 +63,7 @@ pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod credits;
 pub mod demo;
 pub mod escape;
 pub mod event;

@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// The layers, bottom first (docs/ARCHITECTURE.md).
 const LAYERS: &[&[&str]] = &[
-    &["fault", "clock", "metrics", "config", "escape"],
+    &["fault", "clock", "metrics", "config", "escape", "credits"],
     &["event", "rating", "demo"],
     &[
         "ledger",

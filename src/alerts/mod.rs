@@ -109,9 +109,7 @@ impl Alert {
 
 /// Money in alert messages: always 6 decimal places, like the ledger.
 fn money(d: Decimal) -> String {
-    let mut d = d;
-    d.rescale(6);
-    d.to_string()
+    crate::credits::fixed(d).to_string()
 }
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -256,7 +254,7 @@ fn conditions(account: &Account, at: DateTime<Utc>, defaults: &AlertDefaults) ->
                     kind: AlertKind::ProjectedExhaustion,
                     key: format!("projected_exhaustion:{}", c.start.format("%Y-%m-%d")),
                     data: base(json!({
-                        "daily_pace": money(per_day.round_dp(6)),
+                        "daily_pace": money(per_day),
                         "projected_exhaustion_at": ts(runs_out),
                     })),
                 });

@@ -16,12 +16,13 @@ use std::collections::BTreeMap;
 
 use chrono::{Datelike, Months, NaiveDate};
 use clickhouse::{Client, Row, RowOwned, RowRead};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::sink::{client, from_mantissa6, run_timed, QUERY_TIMEOUT};
 use super::{sql, AnalyticsError};
 use crate::config::ClickHouseConfig;
+use crate::credits::{cut, Credits};
 use crate::event::{KIND_CALL, KIND_INSTANCE};
 
 /// Daily roll-up table (migration 0004: one row per block of offsets, read with FINAL).
@@ -276,11 +277,7 @@ fn run_out_day(as_of: NaiveDate, spendable: Decimal, pace: Decimal) -> Option<Na
     if spendable <= Decimal::ZERO {
         return Some(as_of);
     }
-    let micro = |d: Decimal| -> Option<i128> {
-        let mut v = d.round_dp_with_strategy(6, RoundingStrategy::ToZero);
-        v.rescale(6);
-        (v.scale() == 6).then(|| v.mantissa())
-    };
+    let micro = |d: Decimal| Credits::cut(d).map(Credits::micros);
     let (s, p) = (micro(spendable)?, micro(pace)?);
     if p <= 0 {
         return None;
@@ -633,13 +630,6 @@ struct CountsRow {
     responses: u64,
     calls: u64,
     conversations: u64,
-}
-
-/// Cut toward zero to `places` decimal places, shown with exactly that many.
-fn cut(value: Decimal, places: u32) -> Decimal {
-    let mut v = value.round_dp_with_strategy(places, RoundingStrategy::ToZero);
-    v.rescale(places);
-    v
 }
 
 fn day_of(days: u16) -> NaiveDate {

@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use clickhouse::{Client, Compression, Row};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::{sql, AnalyticsError};
 use crate::config::ClickHouseConfig;
+use crate::credits::{Credits, SCALE};
 use crate::event::{Payload, Quantity};
 use crate::kafka::{LoadError, OffsetStore, Positions, TopicPartition};
 use crate::pipeline::Prepared;
@@ -91,9 +92,6 @@ pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest one batch INSERT may take. A timed-out insert may still land: the retry writes the
 /// same keys again and recomputes the same blocks, so either outcome converges.
 pub(crate) const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Decimal columns have 6 decimal places: values travel as value × 10^6.
-const SCALE: u32 = 6;
 
 /// One `usage_events` row, in the column order of the table. Decimals, times and dates are
 /// held in their wire form; the accessors give the typed values.
@@ -311,16 +309,16 @@ pub fn rated_row(
 /// value × 10^6 as an integer (rounded half away from zero past 6 places, like credits);
 /// None when it does not fit.
 fn mantissa6(value: Decimal) -> Option<i128> {
-    let mut v = value.round_dp_with_strategy(SCALE, RoundingStrategy::MidpointAwayFromZero);
-    v.rescale(SCALE);
-    (v.scale() == SCALE).then(|| v.mantissa())
+    Credits::round(value).map(Credits::micros)
 }
 
 pub(crate) fn from_mantissa6(op: &'static str, mantissa: i128) -> Result<Decimal, AnalyticsError> {
-    Decimal::try_from_i128_with_scale(mantissa, SCALE).map_err(|_| AnalyticsError::Overflow {
-        op,
-        value: format!("{mantissa}e-6"),
-    })
+    Credits::from_micros(mantissa)
+        .map(Decimal::from)
+        .ok_or_else(|| AnalyticsError::Overflow {
+            op,
+            value: format!("{mantissa}e-6"),
+        })
 }
 
 fn unix_seconds(t: DateTime<Utc>) -> Option<u32> {

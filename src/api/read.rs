@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
 use super::auth::Principal;
@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::input::{Params, RawQuery};
 use super::{pg, AppState};
 use crate::analytics::queries::{self, Cycle, DailyUsage, DateRange, Projection};
+use crate::credits::cut;
 use crate::ledger::BalanceView;
 use crate::ledger::LedgerLine;
 
@@ -26,13 +27,6 @@ const DEFAULT_USAGE_DAYS: u64 = 30;
 /// Ledger page size: default and maximum.
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 500;
-
-/// Cut toward zero to `places`, shown with exactly that many.
-fn cut(value: Decimal, places: u32) -> Decimal {
-    let mut v = value.round_dp_with_strategy(places, RoundingStrategy::ToZero);
-    v.rescale(places);
-    v
-}
 
 /// Grants that can still be spent at `now` (an expiry the scheduler has not written yet
 /// already counts), in consumption order.

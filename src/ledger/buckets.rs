@@ -249,7 +249,7 @@ pub fn cycle_after(
     let regular_start = cycle::containing(end - Duration::seconds(1), new_day).0;
     let days = Decimal::from((end - start).num_days());
     let regular = Decimal::from((end - regular_start).num_days());
-    (end, (allowance * days / regular).round_dp(6))
+    (end, crate::credits::fixed(allowance * days / regular))
 }
 
 /// An account's credit state at event time [`Account::clock`].

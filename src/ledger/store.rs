@@ -837,8 +837,8 @@ impl Store {
             .into_iter()
             .cloned()
             .collect();
-        let mut spendable = account.spendable(now);
-        spendable.rescale(6); // as stored, also when no grant is left
+        // 6 places as stored, also when no grant is left.
+        let spendable = crate::credits::fixed(account.spendable(now));
         let next_expiry = grants
             .iter()
             .filter_map(|g| {
@@ -851,8 +851,7 @@ impl Store {
             let secs = (c.end - now).num_seconds().max(0);
             (secs + 86_399) / 86_400
         });
-        let mut overage = account.overage;
-        overage.rescale(6);
+        let overage = crate::credits::fixed(account.overage);
         Ok(Some(BalanceView {
             account_id: account.account_id,
             spendable,

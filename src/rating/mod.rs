@@ -8,9 +8,7 @@ mod rate;
 mod table;
 
 pub use check::{check, check_file, CheckReport, TableError};
-pub use rate::{
-    round6, Charge, Unpriced, UnpricedWhy, CREDITS_DP, CREDITS_ROUNDING, OUTBOUND_FREE_RULE_ID,
-};
+pub use rate::{Charge, Unpriced, UnpricedWhy, OUTBOUND_FREE_RULE_ID};
 pub use table::{PriceRule, PriceTable, PriceVersion, Unit};
 
 #[cfg(test)]

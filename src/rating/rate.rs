@@ -4,22 +4,14 @@
 use std::fmt;
 
 use chrono::{DateTime, Utc};
-use rust_decimal::{Decimal, RoundingStrategy};
+use rust_decimal::Decimal;
 
 use super::table::{same, Billing, PriceRule, PriceTable, PriceVersion, Unit, MICROS};
+use crate::credits::{Credits, SCALE};
 use crate::event::{Quantity, Usage, KIND_CALL};
-
-/// Credits and billable quantities are kept to this many decimal places.
-pub const CREDITS_DP: u32 = 6;
 
 /// Rule id reported for an outbound call no rule prices (outbound calls are free by default).
 pub const OUTBOUND_FREE_RULE_ID: &str = "builtin:outbound-free";
-
-/// How rounding to 6 dp is done: half away from zero (for the non-negative amounts here,
-/// "half up"). Increments and minimums already round the *quantity* in the seller's favour;
-/// the last digit of the credits is rounded to the nearest, so per-second pro-rata charges stay
-/// within 0.0000005 credit of the exact price, with no systematic bias.
-pub const CREDITS_ROUNDING: RoundingStrategy = RoundingStrategy::MidpointAwayFromZero;
 
 /// What a usage costs and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,8 +143,8 @@ impl PriceTable {
         match rule {
             Some(rule) => charge(version, rule, usage),
             None if outbound => Ok(Charge {
-                credits: ZERO_CREDITS,
-                billable_quantity: ZERO_CREDITS,
+                credits: Credits::ZERO.decimal(),
+                billable_quantity: Credits::ZERO.decimal(),
                 billable_seconds: 0,
                 unit: Unit::Second,
                 price_version: &version.id,
@@ -344,7 +336,7 @@ pub(crate) fn bill_decimal(rule: &PriceRule, quantity: Quantity) -> Result<Bille
         .ok_or_else(none)?;
     let quantity = billed.checked_div(per_unit).ok_or_else(none)?;
     // Amounts too large to keep 6 decimal places (beyond ~7.9e22) are refused.
-    let exact6 = |value: Decimal| Some(round6(value)).filter(|v| v.scale() == CREDITS_DP);
+    let exact6 = |value: Decimal| Credits::round(value).map(Decimal::from);
     Ok(Billed {
         credits: exact6(credits).ok_or_else(none)?,
         quantity: exact6(quantity).ok_or_else(none)?,
@@ -357,10 +349,10 @@ pub(crate) fn bill_decimal(rule: &PriceRule, quantity: Quantity) -> Result<Bille
 fn micros_ceil(units: Decimal) -> Option<u128> {
     let mantissa = units.mantissa().unsigned_abs();
     let scale = units.scale();
-    if scale <= CREDITS_DP {
-        mantissa.checked_mul(10u128.pow(CREDITS_DP - scale))
+    if scale <= SCALE {
+        mantissa.checked_mul(10u128.pow(SCALE - scale))
     } else {
-        Some(div_ceil(mantissa, 10u128.pow(scale - CREDITS_DP)))
+        Some(div_ceil(mantissa, 10u128.pow(scale - SCALE)))
     }
 }
 
@@ -389,21 +381,5 @@ fn div_ceil(x: u128, d: u128) -> u128 {
 /// Micro-credits (or micro-units) as a Decimal of scale 6; None beyond Decimal's range.
 #[inline]
 fn from_micros(micros: u128) -> Option<Decimal> {
-    Decimal::try_from_i128_with_scale(i128::try_from(micros).ok()?, CREDITS_DP).ok()
+    Credits::from_micros(i128::try_from(micros).ok()?).map(Decimal::from)
 }
-
-/// Rounds to 6 dp with [`CREDITS_ROUNDING`] and sets the scale to exactly 6 (or as close as
-/// `Decimal` allows, for values beyond ~7.9e22).
-#[inline]
-pub fn round6(value: Decimal) -> Decimal {
-    scaled(value.round_dp_with_strategy(CREDITS_DP, CREDITS_ROUNDING))
-}
-
-#[inline]
-fn scaled(mut value: Decimal) -> Decimal {
-    value.rescale(CREDITS_DP);
-    value
-}
-
-/// 0.000000
-const ZERO_CREDITS: Decimal = Decimal::from_parts(0, 0, 0, false, CREDITS_DP);

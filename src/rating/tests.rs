@@ -1139,7 +1139,7 @@ proptest! {
         // Credits: billed quantity in the unit x price, rounded half away from zero.
         let per_unit = Decimal::from(rule.unit.seconds().unwrap_or(1));
         let exact = billed * rule.credits_per_unit / per_unit;
-        prop_assert_eq!(charge.credits, round6(exact));
+        prop_assert_eq!(charge.credits, crate::credits::fixed(exact));
     }
 
     #[test]
@@ -1200,7 +1200,7 @@ proptest! {
             (Ok(charge), Some(i)) => {
                 prop_assert_eq!(charge.price_version, format!("v{i}"));
                 prop_assert_eq!(charge.rule_id, format!("r{i}"));
-                prop_assert_eq!(charge.credits, round6(Decimal::from(i + 1)));
+                prop_assert_eq!(charge.credits, crate::credits::fixed(Decimal::from(i + 1)));
                 let id = format!("v{i}");
                 prop_assert_eq!(table.version_at(time).map(PriceVersion::id), Some(id.as_str()));
             }
