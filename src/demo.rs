@@ -3,13 +3,13 @@
 //! usage of every kind in time order, with exact resends and malformed records mixed in),
 //! each tagged with what the pipeline must do with it. No IO, no clock.
 
-use std::io::Write;
-
-use chrono::{DateTime, Datelike, Duration, Timelike, Utc};
+use chrono::{DateTime, Duration, Timelike, Utc};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::event::{types, EventKind, Reason};
+use serde_json::{json, Map, Value};
+
+use crate::event::{encode, types, EventKind, Reason};
 
 /// What the pipeline must do with a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -127,78 +127,6 @@ struct Generator {
     buf: Vec<u8>,
 }
 
-/// Builds one JSON object by appending to a buffer (every value is from our own vocabulary
-/// or digits: nothing needs escaping).
-struct Json<'b> {
-    buf: &'b mut Vec<u8>,
-    first: bool,
-}
-
-impl<'b> Json<'b> {
-    fn open(buf: &'b mut Vec<u8>) -> Self {
-        buf.push(b'{');
-        Json { buf, first: true }
-    }
-
-    fn key(&mut self, key: &str) {
-        if !self.first {
-            self.buf.push(b',');
-        }
-        self.first = false;
-        self.buf.push(b'"');
-        self.buf.extend_from_slice(key.as_bytes());
-        self.buf.extend_from_slice(b"\":");
-    }
-
-    fn str(&mut self, key: &str, value: &str) -> &mut Self {
-        self.key(key);
-        self.buf.push(b'"');
-        self.buf.extend_from_slice(value.as_bytes());
-        self.buf.push(b'"');
-        self
-    }
-
-    fn int(&mut self, key: &str, value: i64) -> &mut Self {
-        self.key(key);
-        let _ = write!(self.buf, "{value}");
-        self
-    }
-
-    fn raw(&mut self, key: &str, json: &str) -> &mut Self {
-        self.key(key);
-        self.buf.extend_from_slice(json.as_bytes());
-        self
-    }
-
-    fn time(&mut self, key: &str, t: DateTime<Utc>) -> &mut Self {
-        self.key(key);
-        let _ = write!(
-            self.buf,
-            "\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z\"",
-            t.year(),
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        );
-        self
-    }
-
-    /// Opens the `data` object of an envelope.
-    fn open_data(&mut self) -> &mut Self {
-        self.key("data");
-        self.buf.push(b'{');
-        self.first = true;
-        self
-    }
-
-    fn close(&mut self) {
-        self.buf.push(b'}');
-        self.first = false;
-    }
-}
-
 /// The attributes of a usage event, drawn once and then written (valid or corrupted).
 enum Draw {
     Call {
@@ -264,26 +192,17 @@ impl Generator {
         weighted[weighted.len() - 1].0
     }
 
-    fn envelope<'b>(
-        buf: &'b mut Vec<u8>,
+    /// Encodes one event into `self.buf` (the one encoder: `event::encode`).
+    fn emit(
+        &mut self,
         id: &str,
         source: &str,
         event_type: &str,
         subject: Option<&str>,
-        time: DateTime<Utc>,
-    ) -> Json<'b> {
-        buf.clear();
-        let mut j = Json::open(buf);
-        j.str("specversion", "1.0")
-            .str("id", id)
-            .str("source", source)
-            .str("type", event_type);
-        if let Some(subject) = subject {
-            j.str("subject", subject);
-        }
-        j.time("time", time)
-            .str("datacontenttype", "application/json");
-        j
+        at: DateTime<Utc>,
+        data: Value,
+    ) {
+        self.buf = encode::structured(event_type, source, id, subject, at, &data);
     }
 
     fn record(&self, topic: EventKind, account: &str, expect: Expect) -> DemoRecord {
@@ -308,20 +227,8 @@ impl Generator {
         };
         let id = self.next_event_id();
         let grant_id = format!("grant-{}-{account}-{kind}", self.seed);
-        let mut j = Self::envelope(
-            &mut self.buf,
-            &id,
-            SOURCE_GRANTS,
-            types::GRANT,
-            Some(account),
-            time,
-        );
-        j.open_data()
-            .str("grant_id", &grant_id)
-            .str("kind", kind)
-            .str("credits", credits);
-        j.close();
-        j.close();
+        let data = json!({"grant_id": grant_id, "kind": kind, "credits": credits});
+        self.emit(&id, SOURCE_GRANTS, types::GRANT, Some(account), time, data);
         self.record(EventKind::Grant, account, Expect::Valid)
     }
 
@@ -329,24 +236,16 @@ impl Generator {
         let (plan_id, allowance) = self.pick(&[(("starter", "1000"), 2), (("pro", "5000"), 1)]);
         let billing_day = self.pick(&[(1, 3), (15, 2), (28, 1), (31, 1)]);
         let id = self.next_event_id();
-        let mut j = Self::envelope(
-            &mut self.buf,
-            &id,
-            SOURCE_PLANS,
-            types::PLAN,
-            Some(account),
-            time,
-        );
-        j.open_data()
-            .str("plan_id", plan_id)
-            .str("monthly_allowance", allowance)
-            .int("billing_day", billing_day)
-            .str("overage_policy", "bill_overage")
-            .int("top_up_validity_months", 3)
-            .str("low_balance_percent", "25")
-            .raw("allowance_alert_percents", "[50,80,100]");
-        j.close();
-        j.close();
+        let data = json!({
+            "plan_id": plan_id,
+            "monthly_allowance": allowance,
+            "billing_day": billing_day,
+            "overage_policy": "bill_overage",
+            "top_up_validity_months": 3,
+            "low_balance_percent": "25",
+            "allowance_alert_percents": [50, 80, 100],
+        });
+        self.emit(&id, SOURCE_PLANS, types::PLAN, Some(account), time, data);
         self.record(EventKind::Plan, account, Expect::Valid)
     }
 
@@ -474,8 +373,11 @@ impl Generator {
         } else {
             topic.event_type()
         };
-        let mut j = Self::envelope(&mut self.buf, &id, source, event_type, subject, time);
-        j.open_data();
+        let mut d = Map::new();
+        let mut put = |key: &str, value: Value| {
+            d.insert(key.to_owned(), value);
+        };
+        let at = |t: DateTime<Utc>| Value::String(encode::time(t));
         match *draw {
             Draw::Call {
                 inbound,
@@ -488,35 +390,28 @@ impl Generator {
                 hold_seconds,
                 null_answer,
             } => {
-                j.str("call_id", &format!("call-{}", &id[4..]))
-                    .str("direction", if inbound { "inbound" } else { "outbound" })
-                    .str("channel", channel)
-                    .str("model", model)
-                    .str("voice_tier", voice_tier)
-                    .time("started_at", started);
+                put("call_id", json!(format!("call-{}", &id[4..])));
+                put(
+                    "direction",
+                    json!(if inbound { "inbound" } else { "outbound" }),
+                );
+                put("channel", json!(channel));
+                put("model", json!(model));
+                put("voice_tier", json!(voice_tier));
+                put("started_at", at(started));
                 match (answered, flaw) {
                     (Some(_), Flaw::HangUpBeforeAnswer) => {
-                        j.time("answered_at", ended + Duration::seconds(5));
+                        put("answered_at", at(ended + Duration::seconds(5)))
                     }
-                    (Some(a), _) => {
-                        j.time("answered_at", a);
-                    }
-                    (None, _) if null_answer => {
-                        j.raw("answered_at", "null");
-                    }
+                    (Some(a), _) => put("answered_at", at(a)),
+                    (None, _) if null_answer => put("answered_at", Value::Null),
                     (None, _) => {}
                 }
-                j.time("ended_at", ended);
+                put("ended_at", at(ended));
                 match flaw {
-                    Flaw::HoldAsString => {
-                        j.str("hold_seconds", &hold_seconds.to_string());
-                    }
-                    Flaw::NegativeHold => {
-                        j.int("hold_seconds", -hold_seconds.max(1));
-                    }
-                    _ if hold_seconds > 0 => {
-                        j.int("hold_seconds", hold_seconds);
-                    }
+                    Flaw::HoldAsString => put("hold_seconds", json!(hold_seconds.to_string())),
+                    Flaw::NegativeHold => put("hold_seconds", json!(-hold_seconds.max(1))),
+                    _ if hold_seconds > 0 => put("hold_seconds", json!(hold_seconds)),
                     _ => {}
                 }
             }
@@ -527,16 +422,19 @@ impl Generator {
                 voice_tier,
                 responses,
             } => {
-                j.str("conversation_id", &format!("conv-{account}-{conversation}"))
-                    .str("model", model)
-                    .str("channel", channel);
+                put(
+                    "conversation_id",
+                    json!(format!("conv-{account}-{conversation}")),
+                );
+                put("model", json!(model));
+                put("channel", json!(channel));
                 if let Some(tier) = voice_tier {
-                    j.str("voice_tier", tier);
+                    put("voice_tier", json!(tier));
                 }
                 if flaw == Flaw::FractionalResponses {
-                    j.raw("responses", "1.5");
+                    put("responses", json!(1.5));
                 } else if responses != 1 {
-                    j.int("responses", responses);
+                    put("responses", json!(responses));
                 }
             }
             Draw::Instance {
@@ -544,30 +442,27 @@ impl Generator {
                 instance_type,
                 started,
             } => {
-                j.str("instance_id", &format!("i-{account}-{instance}"))
-                    .str("instance_type", instance_type)
-                    .time("started_at", started)
-                    .time("ended_at", time);
+                put("instance_id", json!(format!("i-{account}-{instance}")));
+                put("instance_type", json!(instance_type));
+                put("started_at", at(started));
+                put("ended_at", at(time));
             }
             Draw::Metered {
                 kind,
                 model,
                 quantity,
             } => {
-                j.str("kind", kind)
-                    .str(
-                        "quantity",
-                        if flaw == Flaw::ZeroQuantity {
-                            "0"
-                        } else {
-                            quantity
-                        },
-                    )
-                    .raw("attributes", &format!("{{\"model\":\"{model}\"}}"));
+                put("kind", json!(kind));
+                let quantity = if flaw == Flaw::ZeroQuantity {
+                    "0"
+                } else {
+                    quantity
+                };
+                put("quantity", json!(quantity));
+                put("attributes", json!({ "model": model }));
             }
         }
-        j.close();
-        j.close();
+        self.emit(&id, source, event_type, subject, time, Value::Object(d));
         topic
     }
 

@@ -1,16 +1,18 @@
-//! Typed -> bytes for the messages Tally itself publishes as inputs (grants and plans from
-//! `tally accounts` and the HTTP API). The decoder accepts everything written here.
+//! Typed -> bytes: the one CloudEvents encoder of the events Tally itself writes as inputs
+//! (grants and plans from `tally accounts` and the HTTP API, the demo stream of `tally
+//! produce`). The decoder accepts everything written here.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::Decimal;
+use serde::Serialize;
 use serde_json::json;
 
 use super::{types, GrantEvent, OveragePolicy, PlanEvent};
 
-/// Microseconds (as the ledger stores times): events published one after the other keep
-/// their order in event time instead of tying on the second (a tie is broken by source and
-/// id, which need not be the order they were sent in).
-fn ts(t: DateTime<Utc>) -> String {
+/// An RFC 3339 time in UTC with microseconds (as the ledger stores times): events published
+/// one after the other keep their order in event time instead of tying on the second (a tie
+/// is broken by source and id, which need not be the order they were sent in).
+pub fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
@@ -18,21 +20,52 @@ fn decimal(d: Decimal) -> String {
     d.normalize().to_string()
 }
 
-/// A CloudEvents 1.0 structured-mode message with `data`.
+/// A CloudEvents 1.0 structured-mode message with JSON `data`. `subject` (the account) is left
+/// out when None (the demo's broken records).
+pub fn structured(
+    event_type: &str,
+    source: &str,
+    id: &str,
+    subject: Option<&str>,
+    at: DateTime<Utc>,
+    data: &impl Serialize,
+) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Envelope<'a, D> {
+        specversion: &'static str,
+        id: &'a str,
+        source: &'a str,
+        #[serde(rename = "type")]
+        event_type: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subject: Option<&'a str>,
+        time: String,
+        datacontenttype: &'static str,
+        data: &'a D,
+    }
+    serde_json::to_vec(&Envelope {
+        specversion: "1.0",
+        id,
+        source,
+        event_type,
+        subject,
+        time: time(at),
+        datacontenttype: "application/json",
+        data,
+    })
+    .expect("JSON values serialize")
+}
+
+/// A CloudEvents 1.0 structured-mode message with `data`, for `account_id`.
 pub fn envelope(
     event_type: &str,
     source: &str,
     id: &str,
     account_id: &str,
-    time: DateTime<Utc>,
+    at: DateTime<Utc>,
     data: serde_json::Value,
 ) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "specversion": "1.0", "type": event_type, "source": source, "id": id,
-        "subject": account_id, "time": ts(time), "datacontenttype": "application/json",
-        "data": data,
-    }))
-    .expect("JSON values serialize")
+    structured(event_type, source, id, Some(account_id), at, &data)
 }
 
 /// The event id of a grant: a purchase sent twice is the same event, and two accounts may
@@ -48,7 +81,7 @@ pub fn grant(source: &str, account_id: &str, g: &GrantEvent<'_>, time: DateTime<
         "grant_id": g.grant_id, "kind": g.kind.as_str(), "credits": decimal(g.credits),
     });
     if let Some(e) = g.expires_at {
-        data["expires_at"] = json!(ts(e));
+        data["expires_at"] = json!(self::time(e));
     }
     if let Some(p) = g.priority {
         data["priority"] = json!(p);
