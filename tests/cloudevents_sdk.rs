@@ -21,9 +21,9 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use rust_decimal_macros::dec;
 use serde_json::json;
-use tokio::sync::watch;
 
-use common::{ev, repo_path, TestEnv};
+use common::{ev, repo_path, RunningTally, TestEnv};
+use tally::app::Role;
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
@@ -93,12 +93,7 @@ async fn sdk_events_in_both_content_modes_are_debited() {
     };
     let env = TestEnv::new("ce_sdk").await;
     let topics = env.cfg.kafka.topics.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = RunningTally::start_role(&env, Role::Ledger);
 
     let day = Utc::now() - chrono::Duration::days(1);
     let at = |secs: i64| {
@@ -161,8 +156,7 @@ async fn sdk_events_in_both_content_modes_are_debited() {
     assert_eq!(lines[1]["key"], "acct-sdk");
 
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
-    stop_tx.send(true).unwrap();
-    common::stopped(ledger).await.unwrap();
+    tally.stop().await;
 
     let store = env.store().await;
     // 100 - 3 - 3 - 20 = 74

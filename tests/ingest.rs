@@ -13,10 +13,10 @@ use chrono::{SecondsFormat, Utc};
 use hyper::Method;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
 use common::api::{with_tokens, Server, ACME, ADMIN, INGEST, INGEST_CHAT};
-use common::{ev, test_config, TestEnv};
+use common::{ev, test_config, RunningTally, TestEnv};
+use tally::app::Role;
 
 const SINGLE: &str = "application/cloudevents+json";
 const BATCH: &str = "application/cloudevents-batch+json";
@@ -231,15 +231,9 @@ async fn events_are_published_after_the_ack_and_debited() {
     let published: i64 = env.ends().values().sum();
     assert_eq!(published, 1 + 4, "the grant, then h-1, h-2, h-7, h-1 again");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = RunningTally::start_role(&env, Role::Ledger);
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
-    stop_tx.send(true).unwrap();
-    common::stopped(ledger).await.unwrap();
+    tally.stop().await;
     server.stop().await;
 
     // 100 - 3 (h-1, once) - 2 (h-2) - 3 (h-7) = 92

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use hyper::Method;
-use tokio::sync::watch;
 
 use common::api::{with_tokens, Server, INGEST};
-use common::{ev, repo_path, test_config, TestEnv};
+use common::{ev, repo_path, test_config, RunningTally, TestEnv};
+use tally::app::Role;
 
 /// Every PromQL expression of the dashboard and the rules, with where it comes from.
 fn expressions() -> Vec<(String, String)> {
@@ -159,12 +159,7 @@ fn expressions_are_read() {
 async fn every_metric_the_kit_names_is_exported() {
     let env = TestEnv::with_config(with_tokens(test_config("ops_kit"))).await;
     let topics = env.cfg.kafka.topics.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = RunningTally::start_role(&env, Role::Ledger);
     let server = Server::start(env.cfg.clone(), env.prices.clone()).await;
     let at = (Utc::now() - chrono::Duration::hours(1)).to_rfc3339_opts(SecondsFormat::Secs, true);
     env.send(&[
@@ -196,8 +191,7 @@ async fn every_metric_the_kit_names_is_exported() {
     // A retry needs an outage; the counter is recorded directly (the name is what is checked).
     tally::metrics::retry("ops-kit-test");
     let text = server.client().get("/metrics", None).await.text();
-    stop_tx.send(true).unwrap();
-    common::stopped(ledger).await.unwrap();
+    tally.stop().await;
     server.stop().await;
 
     let exported = exported(&text);

@@ -13,9 +13,9 @@ use std::time::Duration;
 use chrono::{SecondsFormat, Utc};
 use rust_decimal_macros::dec;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
-use common::{ev, test_config, TestEnv};
+use common::{ev, test_config, RunningTally, TestEnv};
+use tally::app::Role;
 use tally::event::Reason;
 
 fn at(secs: i64) -> String {
@@ -31,12 +31,7 @@ fn at(secs: i64) -> String {
 async fn replayed_dead_letters_apply_once_after_the_fix() {
     let env = TestEnv::new("replay").await;
     let t = env.cfg.kafka.topics.clone();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = RunningTally::start_role(&env, Role::Ledger);
     env.send(&[(
         t.grants.clone(),
         "acct-r".into(),
@@ -59,8 +54,7 @@ async fn replayed_dead_letters_apply_once_after_the_fix() {
     ])
     .await;
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
-    stop_tx.send(true).unwrap();
-    common::stopped(ledger).await.unwrap();
+    tally.stop().await;
     let store = env.store().await;
     assert_eq!(
         store.balance("acct-r").await.unwrap().unwrap().spendable,
@@ -80,12 +74,7 @@ async fn replayed_dead_letters_apply_once_after_the_fix() {
     std::fs::write(&fixed, table).unwrap();
     let prices = Arc::new(tally::rating::PriceTable::load(&fixed).unwrap());
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        prices,
-        stop_rx,
-    ));
+    let tally = RunningTally::start_with(env.cfg.clone(), prices, Role::Ledger);
     // Replaying twice (or replaying a reason with nothing to do) changes nothing more.
     tally::cli::replay_dead_letters(&env.cfg, Some(Reason::MalformedJson), false)
         .await
@@ -112,8 +101,7 @@ async fn replayed_dead_letters_apply_once_after_the_fix() {
     std::fs::write(&file, format!("{line}\n\n{line}\n")).unwrap();
     tally::cli::replay_file(&env.cfg, &file).await.unwrap();
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
-    stop_tx.send(true).unwrap();
-    common::stopped(ledger).await.unwrap();
+    tally.stop().await;
 
     // 10 - 1 (rc-2) - 4 (rc-1, replayed twice, applied once) - 3 (rc-3, sent twice) = 2
     let b = store.balance("acct-r").await.unwrap().unwrap();
@@ -171,12 +159,7 @@ async fn analytics_holds_back_while_clickhouse_is_down() {
     via_proxy.clickhouse.url = proxy(target, down.clone()).await;
     let via_proxy = Arc::new(via_proxy);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(
-        via_proxy.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = RunningTally::start_with(via_proxy.clone(), env.prices.clone(), Role::Analytics);
     let t = &env.cfg.kafka.topics;
     env.send(&[
         (
@@ -213,6 +196,5 @@ async fn analytics_holds_back_while_clickhouse_is_down() {
         sink.totals_by_account("acct-d").await.unwrap(),
         (2, dec!(3.5))
     );
-    stop_tx.send(true).unwrap();
-    common::stopped(analytics).await.unwrap();
+    tally.stop().await;
 }

@@ -27,23 +27,43 @@ pub struct TestEnv {
     pub producer: FutureProducer,
 }
 
-/// Tally running in this process the way `tally run --role all` runs it
-/// ([`tally::app::run_with_prices`]: both pipelines, the scheduler and the alert relay), without
-/// its HTTP API (tests that call the API serve it themselves, to know its address).
+/// Tally running in this process the way `tally run --role R` runs it
+/// ([`tally::app::run_with_prices`]: the ledger pipeline, the scheduler and the alert relay
+/// for `ledger`, the analytics pipeline for `analytics`), without its HTTP API (tests that
+/// call the API serve it themselves, to know its address).
 pub struct RunningTally {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tally::app::RunError>>,
 }
 
 impl RunningTally {
+    /// Every role, with the test's configuration and prices.
     pub fn start(env: &TestEnv) -> RunningTally {
-        let mut cfg = (*env.cfg).clone();
+        Self::start_role(env, tally::app::Role::All)
+    }
+
+    /// One role (or all), with the test's configuration and prices.
+    pub fn start_role(env: &TestEnv, role: tally::app::Role) -> RunningTally {
+        Self::start_with(env.cfg.clone(), env.prices.clone(), role)
+    }
+
+    /// One role (or all), with this configuration and price table.
+    pub fn start_with(
+        cfg: Arc<Config>,
+        prices: Arc<PriceTable>,
+        role: tally::app::Role,
+    ) -> RunningTally {
+        let mut cfg = (*cfg).clone();
         cfg.api.enabled = false;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let options = tally::app::RunOptions {
+            role,
+            ..tally::app::RunOptions::all()
+        };
         let task = tokio::spawn(tally::app::run_with_prices(
             Arc::new(cfg),
-            env.prices.clone(),
-            tally::app::RunOptions::all(),
+            prices,
+            options,
             async move {
                 let _ = stopped.await;
             },
