@@ -5,6 +5,8 @@
 //! a full replay of the topics by the analytics consumer after its positions are lost. Every
 //! query's result is compared with values computed here from the events themselves, by hand
 //! from tests/fixtures/prices.toml; `tally report --json` must print the same report.
+//!
+//! The stream is sent once ([`fixture`]), and each query is a named case reading it.
 
 mod common;
 
@@ -326,12 +328,49 @@ async fn run_analytics_until_caught_up(
     common::stopped(task).await.unwrap()
 }
 
-#[cfg_attr(
-    not(feature = "integration"),
-    ignore = "needs the services: scripts/test runs it"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reports_match_the_stream() {
+/// The stream every case reads, sent once through the real pipelines, with the analytics
+/// loop's statistics for its first run and for the replay from the beginning.
+struct Fixture {
+    env: TestEnv,
+    events: Vec<Ev>,
+    today: NaiveDate,
+    first_day: NaiveDate,
+    first_run: tally::pipeline::analytics::AnalyticsStats,
+    replay: tally::pipeline::analytics::AnalyticsStats,
+}
+
+/// The fixture, built by the first case that asks (on a runtime of its own, so that it
+/// outlives that case's); a failed set-up fails every case with its message.
+fn fixture() -> &'static Fixture {
+    static FIXTURE: std::sync::OnceLock<Result<Fixture, String>> = std::sync::OnceLock::new();
+    let built = FIXTURE.get_or_init(|| {
+        std::thread::spawn(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(set_up())
+        })
+        .join()
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        })
+    });
+    match built {
+        Ok(f) => f,
+        Err(why) => panic!("the shared stream could not be set up: {why}"),
+    }
+}
+
+/// Sends the stream (shuffled, with a producer retry in one batch and one across batches,
+/// then late events, today's and a plan for the other account) through the ledger and the
+/// analytics loop, then replays it from the beginning in analytics.
+async fn set_up() -> Fixture {
     let mut cfg = test_config("aq");
     // Events up to ~100 days old are admitted (the trend covers 3 months).
     cfg.pipeline.dedupe_window_days = 120;
@@ -488,9 +527,6 @@ async fn reports_match_the_stream() {
     stop_tx.send(true).unwrap();
     common::stopped(ledger).await.unwrap();
     let first_run = common::stopped(analytics).await.unwrap();
-    // Every record is a row (two are producer retries, which do not count).
-    assert_eq!(first_run.rows, events.len() as u64 + 2, "{first_run:?}");
-    assert_eq!(first_run.duplicates, 2, "{first_run:?}");
 
     // Replay: the analytics positions are lost, so the consumer reads every topic again from
     // the beginning. The rows are written again and collapse; nothing counts twice.
@@ -504,16 +540,50 @@ async fn reports_match_the_stream() {
             .unwrap();
     }
     let replay = run_analytics_until_caught_up(&env).await;
-    assert_eq!(replay.rows, events.len() as u64 + 2, "{replay:?}");
-    assert_eq!(replay.duplicates, 2, "{replay:?}");
 
-    let q = UsageQueries::new(&env.cfg.clickhouse);
-    let model = Model::new(&events, ACCOUNT);
-    let range = DateRange::new(first_day, today).unwrap();
+    Fixture {
+        env,
+        events,
+        today,
+        first_day,
+        first_run,
+        replay,
+    }
+}
 
+/// Every record is a row, in the first run and in the replay from the beginning (two are
+/// producer retries, which do not count).
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_runs_count_each_event_once() {
+    let f = fixture();
+    for run in [&f.first_run, &f.replay] {
+        assert_eq!(run.rows, f.events.len() as u64 + 2, "{run:?}");
+        assert_eq!(run.duplicates, 2, "{run:?}");
+    }
+}
+
+/// The roll-ups agree with the counting events, for both accounts.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_agree_with_the_counting_events() {
+    let f = fixture();
+    let env = &f.env;
+    let events = &f.events;
+    let today = f.today;
+    let first_day = f.first_day;
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let model = Model::new(&f.events, ACCOUNT);
+    let range = DateRange::new(f.first_day, f.today).unwrap();
     // The roll-ups agree with the counting events.
     let sink = tally::analytics::AnalyticsSink::new(&env.cfg.clickhouse);
-    for (account, m) in [(ACCOUNT, &model), (OTHER, &Model::new(&events, OTHER))] {
+    for (account, m) in [(ACCOUNT, &model), (OTHER, &Model::new(events, OTHER))] {
         let expected = (m.events.len() as u64, m.used(first_day, today));
         assert_eq!(sink.totals_by_account(account).await.unwrap(), expected);
         assert_eq!(
@@ -521,7 +591,19 @@ async fn reports_match_the_stream() {
             (expected.1, expected.0)
         );
     }
+}
 
+/// Daily series: every day, zero when empty, split by kind and model.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_series_has_every_day_by_kind_and_model() {
+    let f = fixture();
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let model = Model::new(&f.events, ACCOUNT);
+    let range = DateRange::new(f.first_day, f.today).unwrap();
     // Daily series: every day, zero when empty, split by kind and model.
     let daily = q.daily(ACCOUNT, &range).await.unwrap();
     assert_eq!(daily.len() as u32, range.len_days());
@@ -553,16 +635,28 @@ async fn reports_match_the_stream() {
         empty_days += usize::from(d.events == 0);
     }
     assert!(empty_days > 5, "the stream has empty days: {empty_days}");
+}
 
+/// This cycle: the calendar month, and a plan-like cycle with an allowance.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cycle_of_the_month_and_of_a_plan() {
+    let f = fixture();
+    let today = f.today;
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let model = Model::new(&f.events, ACCOUNT);
+    let month = Cycle::calendar_month(f.today);
+    let elapsed = (f.today - month.start).num_days() + 1;
+    let next_month = month.start.checked_add_months(Months::new(1)).unwrap();
     // This cycle: the calendar month, and a plan-like cycle with an allowance.
-    let month = Cycle::calendar_month(today);
     let c = q.cycle(ACCOUNT, &month, today).await.unwrap();
     let used = model.used(month.start, today);
-    let elapsed = (today - month.start).num_days() + 1;
     assert_eq!(c.used, used);
     assert_eq!(c.days_elapsed as i64, elapsed);
     assert_eq!(c.average_daily, cut(used / Decimal::from(elapsed), 6));
-    let next_month = month.start.checked_add_months(Months::new(1)).unwrap();
     assert_eq!(c.days_until_reset as i64, (next_month - today).num_days());
     assert_eq!(c.allowance, None);
     let plan = Cycle {
@@ -580,7 +674,19 @@ async fn reports_match_the_stream() {
     );
     assert_eq!(c.average_daily, cut(used / dec!(21), 6));
     assert_eq!(c.days_until_reset, 10);
+}
 
+/// Peak days: most credits first, ties by the earlier day.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_days_most_credits_first() {
+    let f = fixture();
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let model = Model::new(&f.events, ACCOUNT);
+    let range = DateRange::new(f.first_day, f.today).unwrap();
     // Peak days: most credits first, ties by the earlier day.
     let mut by_day: Vec<(NaiveDate, Decimal, u64)> = range
         .days()
@@ -601,7 +707,19 @@ async fn reports_match_the_stream() {
         q.peak_days(ACCOUNT, &range, DEFAULT_TOP).await.unwrap(),
         expected_peaks
     );
+}
 
+/// Busiest hours of the day: most events, then credits, then the earlier hour.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busiest_hours_most_events_first() {
+    let f = fixture();
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let model = Model::new(&f.events, ACCOUNT);
+    let range = DateRange::new(f.first_day, f.today).unwrap();
     // Busiest hours of the day: most events, then credits, then the earlier hour.
     let mut hours: BTreeMap<u8, (u64, Decimal)> = BTreeMap::new();
     for e in &model.events {
@@ -625,7 +743,19 @@ async fn reports_match_the_stream() {
         q.busiest_hours(ACCOUNT, &range, 8).await.unwrap(),
         expected_hours
     );
+}
 
+/// Trend: weeks from the Monday of the week 3 months ago, and the daily 7-day average.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trend_by_week_and_moving_average() {
+    let f = fixture();
+    let today = f.today;
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let model = Model::new(&f.events, ACCOUNT);
     // Trend: weeks from the Monday of the week 3 months ago.
     let trend = q.trend(ACCOUNT, today).await.unwrap();
     let start = monday_of(today.checked_sub_months(Months::new(3)).unwrap());
@@ -660,7 +790,24 @@ async fn reports_match_the_stream() {
         assert_eq!(d.credits, on(d.day));
         assert_eq!(d.moving_average_7d, cut(window / dec!(7), 6), "{}", d.day);
     }
+}
 
+/// Projection for the month, with the ledger's spendable balance.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_with_the_ledgers_balance() {
+    let f = fixture();
+    let env = &f.env;
+    let today = f.today;
+    let first_day = f.first_day;
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let model = Model::new(&f.events, ACCOUNT);
+    let month = Cycle::calendar_month(f.today);
+    let elapsed = (f.today - month.start).num_days() + 1;
+    let next_month = month.start.checked_add_months(Months::new(1)).unwrap();
     // Projection for the month, with the ledger's spendable balance.
     let store = env.store().await;
     let spendable = store.balance(ACCOUNT).await.unwrap().unwrap().spendable;
@@ -697,7 +844,21 @@ async fn reports_match_the_stream() {
     if pace > Decimal::ZERO {
         assert_eq!(p.runs_out_on, Some(today + chrono::Days::new(3)));
     }
+}
 
+/// Counts over the whole range.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_over_the_whole_range() {
+    let f = fixture();
+    let today = f.today;
+    let first_day = f.first_day;
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let model = Model::new(&f.events, ACCOUNT);
+    let range = DateRange::new(f.first_day, f.today).unwrap();
     // Counts over the whole range.
     let counts = q.counts(ACCOUNT, &range).await.unwrap();
     let mut calls = BTreeSet::new();
@@ -761,7 +922,26 @@ async fn reports_match_the_stream() {
         kinds,
         ["ai_analysis", "call", "chat_response", "instance_hours"]
     );
+}
 
+/// The whole report is the pieces; `tally report --json` prints it.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_is_its_pieces_and_the_cli_prints_it() {
+    let f = fixture();
+    let env = &f.env;
+    let today = f.today;
+    let first_day = f.first_day;
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let range = DateRange::new(f.first_day, f.today).unwrap();
+    let month = Cycle::calendar_month(f.today);
+    let store = env.store().await;
+    let spendable = store.balance(ACCOUNT).await.unwrap().unwrap().spendable;
+    let trend = q.trend(ACCOUNT, today).await.unwrap();
+    let counts = q.counts(ACCOUNT, &range).await.unwrap();
     // The whole report is the pieces above; `tally report --json` prints it.
     let request = ReportRequest::for_cycle(month, today, Some(spendable)).unwrap();
     let report = q.report(ACCOUNT, &request).await.unwrap();
@@ -806,7 +986,19 @@ async fn reports_match_the_stream() {
         text.contains(&format!("credits {}", counts.credits)),
         "{text}"
     );
+}
 
+/// With a plan: `tally report` uses its billing cycle (from the 15th) and allowance.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_of_a_plan_uses_its_billing_cycle() {
+    let f = fixture();
+    let env = &f.env;
+    let events = &f.events;
+    let today = f.today;
     // With a plan: its billing cycle (from the 15th) and allowance.
     let cli = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["report", OTHER, "--json"])
@@ -843,15 +1035,29 @@ async fn reports_match_the_stream() {
             c["allowance"].as_str().unwrap().parse::<Decimal>().unwrap(),
             dec!(500)
         );
-        let other = Model::new(&events, OTHER);
+        let other = Model::new(events, OTHER);
         assert_eq!(
             c["used"].as_str().unwrap().parse::<Decimal>().unwrap(),
             other.used(start, today)
         );
     }
+}
 
+/// The other account is untouched by the first one's usage; an unknown account has nothing.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_account_is_untouched() {
+    let f = fixture();
+    let events = &f.events;
+    let today = f.today;
+    let first_day = f.first_day;
+    let q = UsageQueries::new(&f.env.cfg.clickhouse);
+    let range = DateRange::new(f.first_day, f.today).unwrap();
     // The other account is untouched by all of this.
-    let other = Model::new(&events, OTHER);
+    let other = Model::new(events, OTHER);
     let oc = q.counts(OTHER, &range).await.unwrap();
     assert_eq!(
         (oc.events, oc.credits),
@@ -862,14 +1068,4 @@ async fn reports_match_the_stream() {
         0,
         "an unknown account has nothing"
     );
-
-    clickhouse::Client::default()
-        .with_url(&env.cfg.clickhouse.url)
-        .query(&format!(
-            "DROP DATABASE IF EXISTS {}",
-            env.cfg.clickhouse.database
-        ))
-        .execute()
-        .await
-        .unwrap();
 }
