@@ -3,6 +3,9 @@
 //! parameters and bodies, idempotent grants, readiness and metrics; the route list against
 //! `schemas/openapi.yaml`; and `tally run` serving the API and stopping gracefully.
 //! Every status a test sees must be declared in the OpenAPI document for its route.
+//!
+//! The routes' data is written once ([`fixture`]: a plan, grants and usage, Tally and the API
+//! left running), and each route is a named case reading it.
 
 mod common;
 
@@ -41,12 +44,49 @@ fn at_ten(days: u64) -> DateTime<Utc> {
         .and_utc()
 }
 
-#[cfg_attr(
-    not(feature = "integration"),
-    ignore = "needs the services: scripts/test runs it"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_route_with_real_data_and_token_rules() {
+/// What the cases read: the services' data after the writes and the usage below, Tally
+/// and its API still running (on the set-up's runtime, for the whole test process).
+struct Fixture {
+    env: TestEnv,
+    c: Client,
+    /// The days of the usage: two days ago, yesterday, and today just after midnight.
+    d1: DateTime<Utc>,
+    d2: DateTime<Utc>,
+    d3: DateTime<Utc>,
+    /// The top-up as written.
+    topup: Value,
+}
+
+/// The shared data, set up by the first case that asks, on a runtime of its own that keeps
+/// Tally and the API running while the cases read; a failed set-up fails every case.
+fn fixture() -> &'static Fixture {
+    static FIXTURE: std::sync::OnceLock<Option<Fixture>> = std::sync::OnceLock::new();
+    FIXTURE
+        .get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let (fixture, running) = set_up().await;
+                    let _ = tx.send(fixture);
+                    let _running = running;
+                    std::future::pending::<()>().await
+                })
+            });
+            rx.recv().ok()
+        })
+        .as_ref()
+        .expect("the shared set-up failed: see its panic above")
+}
+
+/// A plan and grants through the API (accepted, retried, the same grant id for another
+/// account, then 200 once applied and 409 with other terms), then usage of every kind
+/// through Kafka and a malformed record; waits until both pipelines caught up.
+async fn set_up() -> (Fixture, (common::RunningTally, Server)) {
     let mut cfg = with_tokens(test_config("api"));
     // The plan and grants below take effect two days back (effective_at, within the grace).
     cfg.billing.grace = Duration::from_secs(3 * 86_400);
@@ -176,7 +216,45 @@ async fn every_route_with_real_data_and_token_rules() {
     env.wait_ledger_caught_up(wait).await;
     env.wait_analytics_caught_up(wait).await;
 
-    // --- Balance -----------------------------------------------------------------------
+    (
+        Fixture {
+            env,
+            c,
+            d1,
+            d2,
+            d3,
+            topup,
+        },
+        (tally, server),
+    )
+}
+
+/// Credits per day of acme's usage, from its first day to today (by hand, from the prices of
+/// tests/fixtures/prices.toml).
+fn expected_days(f: &Fixture) -> Vec<(String, Decimal)> {
+    let (day1, today) = (f.d1.date_naive(), Utc::now().date_naive());
+    let mut expected_days = vec![
+        (day1.to_string(), dec!(6)),
+        (f.d2.date_naive().to_string(), dec!(23.75)),
+    ];
+    if f.d3.date_naive() == today {
+        expected_days.push((today.to_string(), dec!(1)));
+    } else {
+        expected_days[1].1 += dec!(1); // just after midnight: the last chat is yesterday's
+        expected_days.push((today.to_string(), dec!(0)));
+    }
+    expected_days
+}
+
+/// Balance: spendable, grants in consumption order, the plan's allowance and the next expiry.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_of_each_account() {
+    let f = fixture();
+    let c = f.c;
     let b = c.get("/v1/accounts/acme/balance", Some(ADMIN)).await;
     assert_eq!(b.status, 200, "{}", b.text());
     assert_eq!(b.headers["cache-control"], "no-store");
@@ -215,8 +293,18 @@ async fn every_route_with_real_data_and_token_rules() {
         .json();
     assert_eq!(d(&g["spendable"]), dec!(20));
     assert_eq!(g["plan"], Value::Null);
+}
 
-    // --- Usage -------------------------------------------------------------------------
+/// Usage: the daily series, totals by kind and model, counts, other granularities and the default range.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_by_day_week_and_month() {
+    let f = fixture();
+    let c = f.c;
+    let d1 = f.d1;
     let (day1, today) = (d1.date_naive(), Utc::now().date_naive());
     let r = c
         .get(
@@ -232,16 +320,7 @@ async fn every_route_with_real_data_and_token_rules() {
         .iter()
         .map(|p| (p["start"].as_str().unwrap().to_owned(), d(&p["credits"])))
         .collect();
-    let mut expected_days = vec![
-        (day1.to_string(), dec!(6)),
-        (d2.date_naive().to_string(), dec!(23.75)),
-    ];
-    if d3.date_naive() == today {
-        expected_days.push((today.to_string(), dec!(1)));
-    } else {
-        expected_days[1].1 += dec!(1); // just after midnight: the last chat is yesterday's
-        expected_days.push((today.to_string(), dec!(0)));
-    }
+    let expected_days = expected_days(f);
     assert_eq!(series, expected_days);
     assert_eq!(d(&u["totals"]["credits"]), dec!(30.75));
     assert_eq!(u["totals"]["events"], 6);
@@ -298,8 +377,20 @@ async fn every_route_with_real_data_and_token_rules() {
     assert_eq!(default["to"], today.to_string());
     assert_eq!(default["series"].as_array().unwrap().len(), 30);
     assert_eq!(d(&default["totals"]["credits"]), dec!(30.75));
+}
 
-    // --- Summary -----------------------------------------------------------------------
+/// Summary: peak days, the cycle, the average, the projection and the trend.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn summary_of_the_cycle() {
+    let f = fixture();
+    let c = f.c;
+    let d2 = f.d2;
+    let today = Utc::now().date_naive();
+    let expected_days = expected_days(f);
     let r = c.get("/v1/accounts/acme/summary", Some(ACME)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let s = r.json();
@@ -345,8 +436,17 @@ async fn every_route_with_real_data_and_token_rules() {
     assert_eq!(trend_total, dec!(30.75));
     let r = c.get("/v1/accounts/acme/summary?top=1", Some(ADMIN)).await;
     assert_eq!(r.json()["peak_days"]["days"].as_array().unwrap().len(), 1);
+}
 
-    // --- Ledger, paged -------------------------------------------------------------------
+/// Ledger: every line newest first, the same through pages of 4.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_newest_first_in_pages() {
+    let f = fixture();
+    let c = f.c;
     let all = c
         .get("/v1/accounts/acme/ledger?limit=500", Some(ACME))
         .await
@@ -381,8 +481,17 @@ async fn every_route_with_real_data_and_token_rules() {
         .map(|e| e["entry_id"].as_i64().unwrap())
         .collect();
     assert!(ids.windows(2).all(|w| w[0] > w[1]), "{ids:?}");
+}
 
-    // --- Prices --------------------------------------------------------------------------
+/// Prices: the version in force and its rules.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prices_of_the_current_version() {
+    let f = fixture();
+    let c = f.c;
     let p = c.get("/v1/prices", Some(GLOBEX)).await;
     assert_eq!(p.status, 200);
     let p = p.json();
@@ -397,8 +506,18 @@ async fn every_route_with_real_data_and_token_rules() {
     assert_eq!(premium["credits_per_unit"], "1.5");
     assert_eq!(premium["match"]["voice_tier"], "premium");
     assert_eq!(premium["unit"], "response");
+}
 
-    // --- Tokens and scopes ----------------------------------------------------------------
+/// Tokens and scopes: 401 without a valid bearer token; another account's id answers as an unknown one; account tokens never write.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_scopes() {
+    let f = fixture();
+    let c = f.c;
+    let topup = &f.topup;
     let routes = [
         "/v1/prices",
         "/v1/accounts/acme/balance",
@@ -426,7 +545,7 @@ async fn every_route_with_real_data_and_token_rules() {
         }
     }
     for token in [None, Some("wrong")] {
-        let r = c.post("/v1/accounts/acme/grants", token, &topup).await;
+        let r = c.post("/v1/accounts/acme/grants", token, topup).await;
         assert_eq!(r.status, 401);
         let r = c.put("/v1/accounts/acme/plan", token, &json!({})).await;
         assert_eq!(r.status, 401);
@@ -459,10 +578,10 @@ async fn every_route_with_real_data_and_token_rules() {
         200
     );
     // Account tokens never write: their own account 403, another 404.
-    let r = c.post("/v1/accounts/acme/grants", Some(ACME), &topup).await;
+    let r = c.post("/v1/accounts/acme/grants", Some(ACME), topup).await;
     assert_eq!((r.status, r.code()), (403, "forbidden".to_owned()));
     let r = c
-        .post("/v1/accounts/globex/grants", Some(ACME), &topup)
+        .post("/v1/accounts/globex/grants", Some(ACME), topup)
         .await;
     assert_eq!(r.status, 404);
     let plan = json!({"plan_id": "x", "monthly_allowance": "1", "billing_day": 1,
@@ -479,8 +598,20 @@ async fn every_route_with_real_data_and_token_rules() {
             .status,
         404
     );
+}
 
-    // --- Operations ----------------------------------------------------------------------
+/// Operations: health, readiness of each dependency, and the metrics (no secret in them).
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics() {
+    let f = fixture();
+    let c = f.c;
+    let topics = &f.env.cfg.kafka.topics;
+    let r = c.get("/v1/accounts/acme/balance", Some(ADMIN)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = c.get("/healthz", None).await;
     assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("ok")));
     let r = c.get("/readyz", None).await;
@@ -523,9 +654,6 @@ async fn every_route_with_real_data_and_token_rules() {
     assert!(m.contains("tally_http_requests_total{method=\"GET\",route=\"/v1/accounts/{id}/balance\",status=\"200\"}"));
     // Secrets and tokens never reach the metrics.
     assert!(!m.contains(ADMIN) && !m.contains(ACME));
-
-    server.stop().await;
-    tally.stop().await;
 }
 
 /// Parameters and bodies are checked before any store is read: each mistake answers 400
