@@ -3,8 +3,9 @@
 //! `usage_hourly`) for one account. Owns the report SQL (pure functions returning the text, so
 //! the tests run the very same statements on ClickHouse 18.16 and on a current release) and
 //! the arithmetic done in Rust (zero-filled days, week-over-week change, moving average, pace,
-//! run-out date). Knows nothing of the ledger: the allowance, the cycle bounds and the
-//! spendable balance are parameters.
+//! run-out date). Reads nothing from the ledger: the allowance, the cycle bounds and the
+//! spendable balance are parameters (a plan's cycle is computed with the ledger's pure
+//! `cycle` rules, so a report's cycle is the ledger's).
 //!
 //! Exactness: sums come from ClickHouse as Decimal(38, 6) and stay exact. Every division
 //! (averages, pace, minutes, hours, percents) is cut toward zero — to 6 decimal places for

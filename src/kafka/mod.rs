@@ -1,6 +1,11 @@
-//! Kafka client set-up: configuration pass-through, topic administration, the batching
-//! consumer with externally stored offsets, and the dead-letter producer.
-//! Owns every rdkafka call; knows nothing of prices, ledgers or ClickHouse.
+//! Kafka client set-up: configuration pass-through (the client and producer configs every
+//! rdkafka client of the crate is built from), topic administration, the one reader of
+//! partitions' watermarks, the batching consumer with externally stored offsets (the
+//! [`OffsetStore`] the ledger and analytics implement), consumer-group health, and the
+//! dead-letter producer. The pipelines consume only through it; the API's readiness probe and
+//! the CLI's dead-letter replay make plain consumers on [`client_config`], and the publishers
+//! (the alert relay, `commands`, the API's ingest, the CLI) send with rdkafka's
+//! `FutureProducer` on [`producer_config`]. Knows nothing of prices, ledgers or ClickHouse.
 
 mod consumer;
 mod dead_letter;
