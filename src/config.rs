@@ -1,46 +1,30 @@
 //! Typed settings from a TOML file plus `TALLY_*` environment overrides, validated once at
-//! start. Owns defaults and validation; never logs secrets (see [`Secret`]).
+//! start. [`Config`] composes the components' own settings, kept beside their logic
+//! (`kafka::KafkaConfig`, `event::Topics`, `ledger::PostgresConfig`,
+//! `analytics::ClickHouseConfig`: re-exported here), with those of the pipelines, alerts, the
+//! API, billing and prices defined here. Owns loading, defaults of its own sections and the
+//! validation of the whole; never logs secrets (see [`Secret`]).
 //!
 //! Environment overrides use `__` between sections and keys:
 //! `TALLY_KAFKA__BROKERS=host:9092`, `TALLY_PIPELINE__BATCH_MAX_EVENTS=2000`,
 //! `TALLY_POSTGRES__URL=...`. librdkafka properties pass through from `[kafka.properties]`
 //! (or `TALLY_KAFKA__PROPERTIES__SASL.MECHANISM=...` — keys are lower-cased).
 
-pub mod conninfo;
-
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-/// A string that is never printed: Debug and Display show `***`.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use crate::analytics::ClickHouseConfig;
+pub use crate::event::Topics;
+pub use crate::kafka::KafkaConfig;
+pub use crate::ledger::{conninfo, redact_url, PostgresConfig};
+use crate::names::valid_topic;
+pub use crate::names::{valid_account_id, valid_identifier};
+use crate::secret::redact_properties;
+pub use crate::secret::Secret;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -241,109 +225,6 @@ impl AlertsConfig {
     }
 }
 
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaConfig {
-    /// bootstrap.servers
-    pub brokers: String,
-    pub ledger_group: String,
-    pub analytics_group: String,
-    /// Partitions for topics Tally creates (existing topics are left as they are).
-    pub topic_partitions: i32,
-    pub replication_factor: i32,
-    /// A stable name for this process (e.g. the host name): when set, the consumers use static
-    /// group membership (`group.instance.id` = `<instance_id>-ledger` / `-analytics`), so on
-    /// Apache Kafka a process restarted after a crash takes the dead member's place at once.
-    /// A clean exit leaves the group either way (see `kafka::consumer`). Every running
-    /// process needs its own. Not advised on Tansu 0.6.0 (README, Operations).
-    pub instance_id: Option<String>,
-    /// A consumer group of this process (ledger or analytics) that has had no partitions
-    /// assigned for longer than this is reported: a warning in the log, 503 from `/readyz`
-    /// naming the group. Rebalances leave a group without partitions for a moment; this is
-    /// how long that may last before it counts as a fault.
-    pub unassigned_alert_ms: u64,
-    pub topics: Topics,
-    /// librdkafka properties passed through verbatim (security.protocol, sasl.*, ssl.*...).
-    /// Values of keys containing "password", "secret" or "key" are never logged.
-    pub properties: BTreeMap<String, String>,
-}
-
-impl fmt::Debug for KafkaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaConfig")
-            .field("brokers", &self.brokers)
-            .field("ledger_group", &self.ledger_group)
-            .field("analytics_group", &self.analytics_group)
-            .field("topic_partitions", &self.topic_partitions)
-            .field("replication_factor", &self.replication_factor)
-            .field("instance_id", &self.instance_id)
-            .field("unassigned_alert_ms", &self.unassigned_alert_ms)
-            .field("topics", &self.topics)
-            .field("properties", &redact_properties(&self.properties))
-            .finish()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Topics {
-    pub calls: String,
-    pub chat_responses: String,
-    pub instance_hours: String,
-    pub metered: String,
-    pub grants: String,
-    pub plans: String,
-    pub dead_letter: String,
-}
-
-impl Topics {
-    /// Every input topic the pipelines consume.
-    pub fn inputs(&self) -> Vec<&str> {
-        vec![
-            &self.calls,
-            &self.chat_responses,
-            &self.instance_hours,
-            &self.metered,
-            &self.grants,
-            &self.plans,
-        ]
-    }
-
-    /// Every topic Tally creates at migrate / start-up.
-    pub fn all(&self) -> Vec<&str> {
-        let mut all = self.inputs();
-        all.push(&self.dead_letter);
-        all
-    }
-}
-
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PostgresConfig {
-    /// libpq-style connection string or URL; may hold a password, so it is a Secret.
-    pub url: Secret,
-    /// Schema holding Tally's tables (tests use one schema each).
-    pub schema: String,
-}
-
-impl fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("url", &redact_url(self.url.expose()))
-            .field("schema", &self.schema)
-            .finish()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClickHouseConfig {
-    pub url: String,
-    pub database: String,
-    pub user: String,
-    pub password: Secret,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
@@ -390,53 +271,10 @@ pub struct PricesConfig {
     pub path: PathBuf,
 }
 
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            brokers: "127.0.0.1:9092".into(),
-            ledger_group: "tally-ledger".into(),
-            analytics_group: "tally-analytics".into(),
-            topic_partitions: 3,
-            replication_factor: 1,
-            instance_id: None,
-            unassigned_alert_ms: 30_000,
-            topics: Topics::default(),
-            properties: BTreeMap::new(),
-        }
-    }
-}
-
-impl Default for Topics {
-    fn default() -> Self {
-        Topics {
-            calls: "usage.calls".into(),
-            chat_responses: "usage.chat_responses".into(),
-            instance_hours: "usage.instance_hours".into(),
-            metered: "usage.metered".into(),
-            grants: "credit.grants".into(),
-            plans: "account.plans".into(),
-            dead_letter: "tally.dead_letter".into(),
-        }
-    }
-}
-
-impl Default for PostgresConfig {
-    fn default() -> Self {
-        PostgresConfig {
-            url: Secret::new("host=127.0.0.1 user=postgres dbname=tally"),
-            schema: "tally".into(),
-        }
-    }
-}
-
-impl Default for ClickHouseConfig {
-    fn default() -> Self {
-        ClickHouseConfig {
-            url: "http://127.0.0.1:8123".into(),
-            database: "tally".into(),
-            user: "default".into(),
-            password: Secret::default(),
-        }
+impl PipelineConfig {
+    /// The back-off of every retried store and broker call (`retry_initial_ms`, `retry_max_ms`).
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy::from_millis(self.retry_initial_ms, self.retry_max_ms)
     }
 }
 
@@ -454,8 +292,8 @@ impl Default for PipelineConfig {
             max_message_bytes: 64 * 1024,
             max_future_seconds: 300,
             dedupe_window_days: 35,
-            retry_initial_ms: 200,
-            retry_max_ms: 10_000,
+            retry_initial_ms: crate::retry::RetryPolicy::DEFAULT.initial.as_millis() as u64,
+            retry_max_ms: crate::retry::RetryPolicy::DEFAULT.max.as_millis() as u64,
             scheduler_interval_ms: 10_000,
             shutdown_timeout_ms: 30_000,
         }
@@ -834,18 +672,6 @@ impl Config {
     }
 }
 
-fn redact_properties(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    properties
-        .iter()
-        .map(|(k, v)| {
-            let secret = ["password", "secret", "key"]
-                .iter()
-                .any(|s| k.to_ascii_lowercase().contains(s));
-            (k.clone(), if secret { "***".into() } else { v.clone() })
-        })
-        .collect()
-}
-
 fn figment_error(e: figment::Error) -> String {
     e.into_iter()
         .map(|e| {
@@ -858,34 +684,6 @@ fn figment_error(e: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
-}
-
-fn valid_topic(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 249
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
-}
-
-/// An account id as events carry it (`subject`): `^[A-Za-z0-9._:-]{1,128}$`.
-pub fn valid_account_id(s: &str) -> bool {
-    (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-}
-
-/// A lower-case identifier safe to splice into SQL (schema and database names).
-pub fn valid_identifier(s: &str) -> bool {
-    let mut bytes = s.bytes();
-    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
-        && s.len() <= 63
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
-/// A PostgreSQL connection string for display: every spelling of a password replaced by
-/// `***` ([`conninfo::redact`]).
-pub fn redact_url(url: &str) -> String {
-    conninfo::redact(url)
 }
 
 #[cfg(test)]

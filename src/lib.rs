@@ -27,7 +27,8 @@
 //!
 //! ## Modules (a module has one job)
 //!
-//! - [`config`] — typed settings from a TOML file + `TALLY_*` environment, validated once.
+//! - [`config`] — typed settings from a TOML file + `TALLY_*` environment, validated once;
+//!   composes the components' own settings (each beside its logic).
 //! - [`event`] — wire format, decoder, rejection reasons. Pure.
 //! - [`rating`] — price table (effective-dated versions, rules) and rating. Pure.
 //! - [`ledger`] — credit-bucket and billing-cycle logic (pure) and the PostgreSQL store.
@@ -38,10 +39,14 @@
 //!   (reports).
 //! - [`escape`] — data-borne text made safe to print or log (control and bidi characters
 //!   escaped). Pure, a leaf.
+//! - [`secret`] — a string never printed, and librdkafka properties with secrets hidden (a
+//!   leaf).
+//! - [`names`] — the names Tally accepts: topics, account ids, SQL identifiers (a leaf).
 //! - [`fault`] — whose fault an error is (transient, input, bug): the retry policy's input.
 //! - [`retry`] — the one retry policy (back-off cut short by shutdown) and the isolation of
 //!   records a store refuses; every loop uses it.
-//! - [`kafka`] — client configuration, topic administration, dead letters.
+//! - [`kafka`] — the Kafka source: its settings, consumer and positions, topic
+//!   administration, watermarks, dead letters.
 //! - [`commands`] — account commands (a plan, a grant) built, checked by the decoder and
 //!   published as events; the CLI and the API both publish through it.
 //! - [`pipeline`] — the batch loops joining the pieces above.
@@ -71,7 +76,9 @@ pub mod fault;
 pub mod kafka;
 pub mod ledger;
 pub mod metrics;
+pub mod names;
 pub mod pipeline;
 pub mod rating;
 pub mod reconcile;
 pub mod retry;
+pub mod secret;

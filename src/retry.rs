@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::config::PipelineConfig;
 pub use crate::fault::{Classify, Fault};
 
 /// Why a retried operation did not succeed.
@@ -55,18 +54,24 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// `pipeline.retry_initial_ms` and `pipeline.retry_max_ms`.
-    pub fn from_config(cfg: &PipelineConfig) -> Self {
+    /// 200 ms doubling up to 10 s (`pipeline.retry_initial_ms`, `pipeline.retry_max_ms`).
+    pub const DEFAULT: RetryPolicy = RetryPolicy {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+    };
+
+    /// From milliseconds; the longest wait is never below the first.
+    pub fn from_millis(initial_ms: u64, max_ms: u64) -> Self {
         RetryPolicy {
-            initial: Duration::from_millis(cfg.retry_initial_ms),
-            max: Duration::from_millis(cfg.retry_max_ms.max(cfg.retry_initial_ms)),
+            initial: Duration::from_millis(initial_ms),
+            max: Duration::from_millis(max_ms.max(initial_ms)),
         }
     }
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self::from_config(&PipelineConfig::default())
+        Self::DEFAULT
     }
 }
 
@@ -80,10 +85,6 @@ pub struct Retry {
 }
 
 impl Retry {
-    pub fn new(cfg: &PipelineConfig, shutdown: watch::Receiver<bool>) -> Self {
-        Self::with_policy(RetryPolicy::from_config(cfg), shutdown)
-    }
-
     pub fn with_policy(policy: RetryPolicy, shutdown: watch::Receiver<bool>) -> Self {
         Retry {
             policy,
@@ -276,12 +277,7 @@ mod tests {
 
     fn retry() -> (watch::Sender<bool>, Retry) {
         let (tx, rx) = watch::channel(false);
-        let cfg = PipelineConfig {
-            retry_initial_ms: 1,
-            retry_max_ms: 2,
-            ..PipelineConfig::default()
-        };
-        (tx, Retry::new(&cfg, rx))
+        (tx, Retry::with_policy(RetryPolicy::from_millis(1, 2), rx))
     }
 
     /// A store that refuses parts holding a poison record, fails transiently every third call,

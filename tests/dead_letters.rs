@@ -130,7 +130,8 @@ async fn a_record_of_max_message_bytes_plus_headers_is_dead_lettered_whole() {
         other => panic!("expected MessageSizeTooLarge, got {other:?}"),
     }
 
-    let producer = DeadLetterProducer::for_config(&cfg, "ledger").unwrap();
+    let producer =
+        DeadLetterProducer::new(&cfg.kafka, cfg.pipeline.max_message_bytes, "ledger").unwrap();
     producer.send_all(&[letter]).await.expect("delivered");
 
     let seen = read_all(&cfg, &topic, 1);
@@ -176,7 +177,8 @@ async fn dead_letter_of(
         field: None,
         detail: format!("{bytes} bytes, at most 65536"),
     };
-    let producer = DeadLetterProducer::for_config(&cfg, "ledger").unwrap();
+    let producer =
+        DeadLetterProducer::new(&cfg.kafka, cfg.pipeline.max_message_bytes, "ledger").unwrap();
     producer.send_all(&[letter]).await.expect("delivered");
     let mut seen = read_all(&cfg, &topic, 1);
     assert_eq!(seen.len(), 1);

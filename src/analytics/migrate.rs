@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::sink::{client, run_timed, QUERY_TIMEOUT};
 use super::AnalyticsError;
-use crate::config::ClickHouseConfig;
+use super::ClickHouseConfig;
 
 /// (version, name, SQL with `{database}` placeholders), embedded at build time.
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
@@ -56,7 +56,7 @@ pub fn bootstrap(database: &str) -> [String; 2] {
 /// applied now (empty when the schema is up to date).
 pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, AnalyticsError> {
     let db = &cfg.database;
-    if !crate::config::valid_identifier(db) {
+    if !crate::names::valid_identifier(db) {
         return Err(AnalyticsError::InvalidDatabase(db.clone()));
     }
     // No default database: it may not exist yet. Every name below is qualified.

@@ -14,6 +14,7 @@
 //! with the same figures. Positions resume at the group's `consumer_offsets`, stored only
 //! after a batch's rows and roll-ups are written.
 
+mod config;
 mod error;
 pub mod migrate;
 pub mod queries;
@@ -21,6 +22,7 @@ pub mod reconcile;
 pub mod sink;
 pub mod sql;
 
+pub use config::ClickHouseConfig;
 pub use error::AnalyticsError;
 pub use migrate::{migrate, MIGRATIONS};
 pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};

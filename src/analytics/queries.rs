@@ -21,8 +21,8 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::sink::{client, from_mantissa6, run_timed, QUERY_TIMEOUT};
+use super::ClickHouseConfig;
 use super::{sql, AnalyticsError};
-use crate::config::ClickHouseConfig;
 use crate::credits::{cut, Credits};
 use crate::event::{KIND_CALL, KIND_INSTANCE};
 

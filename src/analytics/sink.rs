@@ -23,8 +23,8 @@ use clickhouse::{Client, Compression, Row};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use super::ClickHouseConfig;
 use super::{sql, AnalyticsError};
-use crate::config::ClickHouseConfig;
 use crate::credits::{Credits, SCALE};
 use crate::event::{Payload, Quantity};
 use crate::kafka::{LoadError, OffsetStore, Positions, TopicPartition};

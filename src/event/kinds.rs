@@ -4,8 +4,9 @@
 //! analytics read kinds from here: adding a kind starts with a row of [`EventKind::ALL`].
 //! Pure: no IO.
 
+use serde::{Deserialize, Serialize};
+
 use super::model::{types, KIND_CALL, KIND_CHAT, KIND_INSTANCE};
-use crate::config::Topics;
 
 /// A kind of event Tally consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -134,6 +135,54 @@ impl EventKind {
             EventKind::Metered => &topics.metered,
             EventKind::Grant => &topics.grants,
             EventKind::Plan => &topics.plans,
+        }
+    }
+}
+
+/// The topic of each kind, and the dead-letter topic (`[kafka.topics]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    pub calls: String,
+    pub chat_responses: String,
+    pub instance_hours: String,
+    pub metered: String,
+    pub grants: String,
+    pub plans: String,
+    pub dead_letter: String,
+}
+
+impl Topics {
+    /// Every input topic the pipelines consume.
+    pub fn inputs(&self) -> Vec<&str> {
+        vec![
+            &self.calls,
+            &self.chat_responses,
+            &self.instance_hours,
+            &self.metered,
+            &self.grants,
+            &self.plans,
+        ]
+    }
+
+    /// Every topic Tally creates at migrate / start-up.
+    pub fn all(&self) -> Vec<&str> {
+        let mut all = self.inputs();
+        all.push(&self.dead_letter);
+        all
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            calls: "usage.calls".into(),
+            chat_responses: "usage.chat_responses".into(),
+            instance_hours: "usage.instance_hours".into(),
+            metered: "usage.metered".into(),
+            grants: "credit.grants".into(),
+            plans: "account.plans".into(),
+            dead_letter: "tally.dead_letter".into(),
         }
     }
 }

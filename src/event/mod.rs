@@ -14,5 +14,5 @@ pub use decode::{
     content_mode, decode, decode_binary, decode_record, decode_serde_path, ContentMode,
     DecodeLimits,
 };
-pub use kinds::EventKind;
+pub use kinds::{EventKind, Topics};
 pub use model::*;

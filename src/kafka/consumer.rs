@@ -24,7 +24,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::groups::GroupHealth;
-use crate::config::KafkaConfig;
+use super::KafkaConfig;
 
 /// How long dropping a [`BatchConsumer`] waits for librdkafka's close (revoke, leave the
 /// group, final commits) before it abandons it: a close that cannot reach the broker must not

@@ -29,8 +29,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use super::KafkaConfig;
 use super::Record;
-use crate::config::KafkaConfig;
 use crate::event::Reason;
 
 pub const HEADER_REASON: &str = "tally.reason";
@@ -100,17 +100,9 @@ impl DeadLetterProducer {
         Self::payload_capacity(max_message_bytes) + Self::OVERHEAD_BYTES
     }
 
-    /// A producer for the configured pipeline (`cfg.pipeline.max_message_bytes`).
-    pub fn for_config(
-        cfg: &crate::config::Config,
-        pipeline: &'static str,
-    ) -> Result<Self, KafkaError> {
-        Self::with_limit(&cfg.kafka, cfg.pipeline.max_message_bytes, pipeline)
-    }
-
-    /// A producer whose dead letters carry payloads of up to the capacity for
-    /// `max_message_bytes` whole.
-    fn with_limit(
+    /// A producer for `pipeline` whose dead letters carry payloads of up to the capacity for
+    /// `max_message_bytes` (`pipeline.max_message_bytes`) whole.
+    pub fn new(
         kafka: &KafkaConfig,
         max_message_bytes: usize,
         pipeline: &'static str,

@@ -7,6 +7,7 @@
 //! (the alert relay, `commands`, the API's ingest, the CLI) send with rdkafka's
 //! `FutureProducer` on [`producer_config`]. Knows nothing of prices, ledgers or ClickHouse.
 
+mod config;
 mod consumer;
 mod dead_letter;
 pub mod groups;
@@ -21,8 +22,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::KafkaConfig;
-
+pub use config::KafkaConfig;
 pub use consumer::{
     Batch, BatchConsumer, BatchLimits, ConsumeError, LoadError, OffsetStore, Positions, Record,
     TopicPartition,

@@ -6,11 +6,14 @@
 
 pub mod book;
 pub mod buckets;
+mod config;
+pub mod conninfo;
 pub mod cycle;
 pub mod migrate;
 pub mod store;
 
 pub use buckets::{Account, Entry, EntryKind, NewGrant};
+pub use config::{redact_url, PostgresConfig};
 pub use store::{
     dedupe_cutoff, AccountBalance, Action, BalanceView, BatchOutcome, ClaimScope, DebitInfo, Item,
     LedgerLine, PgOffsetStore, PurgeOutcome, Store, StoreError, DEDUPE_PURGE_MARGIN,

@@ -10,12 +10,12 @@ use rust_decimal::Decimal;
 use tokio_postgres::types::Json;
 use tokio_postgres::{Client, Statement, Transaction};
 
-use crate::config::conninfo::{self, SslMode, TlsSettings};
+use super::conninfo::{self, SslMode, TlsSettings};
 
 use super::book::{self, Book, Event, LivePart, Placed};
 use super::buckets::{Account, ClosedCycle, Cycle, Entry, Grant, NewGrant, Plan};
+use super::PostgresConfig;
 use crate::alerts::{self, Alert, AlertDefaults, AlertState, KeyState};
-use crate::config::PostgresConfig;
 use crate::event::{GrantKind, OveragePolicy};
 use crate::fault::{Classify, Fault};
 use crate::kafka::{LoadError, OffsetStore, Positions, TopicPartition};

@@ -87,7 +87,7 @@ impl Classify for RelayError {
 pub async fn run(cfg: Arc<Config>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<u64> {
     let producer: FutureProducer = crate::kafka::producer_config(&cfg.kafka).create()?;
     let idle = Duration::from_millis(cfg.alerts.relay_interval_ms);
-    let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
+    let mut retry = Retry::with_policy(cfg.pipeline.retry_policy(), shutdown.clone());
     let mut store: Option<Store> = None;
     let mut published = 0u64;
     loop {

@@ -71,8 +71,8 @@ pub async fn run(
     let consumer = BatchConsumer::new(&cfg.kafka, &group, "analytics", &topics, offsets)?;
     let (_, admission) = limits(&cfg.pipeline);
     let batch_limits = analytics_limits(&cfg.pipeline);
-    let dead = DeadLetterProducer::for_config(&cfg, "analytics")?;
-    let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
+    let dead = DeadLetterProducer::new(&cfg.kafka, cfg.pipeline.max_message_bytes, "analytics")?;
+    let mut retry = Retry::with_policy(cfg.pipeline.retry_policy(), shutdown.clone());
     let mut stats = AnalyticsStats::default();
     tracing::info!(
         group,

@@ -62,9 +62,9 @@ pub async fn run_with_clock(
         group_id: group.clone(),
     });
     let consumer = BatchConsumer::new(&cfg.kafka, &group, "ledger", &topics, offsets)?;
-    let dead = DeadLetterProducer::for_config(&cfg, "ledger")?;
+    let dead = DeadLetterProducer::new(&cfg.kafka, cfg.pipeline.max_message_bytes, "ledger")?;
     let (batch_limits, mut admission) = limits(&cfg.pipeline);
-    let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
+    let mut retry = Retry::with_policy(cfg.pipeline.retry_policy(), shutdown.clone());
     let mut stats = LedgerStats::default();
     let mut store = match retry.run("connect to PostgreSQL", || connect(&cfg)).await {
         Ok(store) => store,

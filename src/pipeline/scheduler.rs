@@ -23,7 +23,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<u64> {
     let interval = Duration::from_millis(cfg.pipeline.scheduler_interval_ms);
-    let mut retry = Retry::new(&cfg.pipeline, shutdown.clone());
+    let mut retry = Retry::with_policy(cfg.pipeline.retry_policy(), shutdown.clone());
     let mut store: Option<Store> = None;
     let mut ticks = 0u64;
     while !*shutdown.borrow() {
