@@ -24,9 +24,10 @@ use rust_decimal::Decimal;
 use serde_json::json;
 
 use common::analytics::clickhouse_config;
-use tally::analytics::{migrate, rated_row, AnalyticsSink, ChOffsetStore, RatedRow};
+use tally::analytics::{migrate, AnalyticsSink, ChOffsetStore, RatedRow};
 use tally::config::ClickHouseConfig;
 use tally::kafka::{OffsetStore, Positions, Record};
+use tally::pipeline::analytics::rated_row;
 use tally::pipeline::prepare;
 use tally::rating::PriceTable;
 

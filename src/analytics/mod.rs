@@ -27,6 +27,6 @@ pub use error::AnalyticsError;
 pub use migrate::{migrate, MIGRATIONS};
 pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
 pub use sink::{
-    admission_rank, numeric_columns, rated_row, AnalyticsSink, ChOffsetStore, InsertOutcome,
-    LateRow, NumericColumns, OffsetRange, RatedRow, StatementTimes,
+    admission_rank, numeric_columns, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow,
+    NumericColumns, OffsetRange, RatedRow, StatementTimes,
 };

@@ -1,5 +1,6 @@
-//! The ClickHouse sink: turns a prepared (decoded and rated) event into a `usage_events` row,
-//! writes a batch (its rows, their identities, then the roll-up blocks it touched, recomputed),
+//! The ClickHouse sink: the `usage_events` row type (the analytics pipeline fills it from a
+//! prepared event: `pipeline::analytics::rated_row`) and its checked numeric columns, writes a
+//! batch (its rows, their identities, then the roll-up blocks it touched, recomputed),
 //! stores and loads consumed positions, and answers the exact-total queries tests and reports
 //! use. With `migrate`, owns every ClickHouse call of the crate.
 //!
@@ -26,9 +27,8 @@ use serde::{Deserialize, Serialize};
 use super::ClickHouseConfig;
 use super::{sql, AnalyticsError};
 use crate::credits::{Credits, SCALE};
-use crate::event::{Payload, Quantity};
+use crate::event::Quantity;
 use crate::kafka::{LoadError, OffsetStore, Positions, TopicPartition};
-use crate::pipeline::Prepared;
 
 /// Rated usage, one row per admitted record, keyed by position (migration 0004).
 pub const USAGE_EVENTS: &str = "usage_events";
@@ -172,14 +172,16 @@ impl RatedRow {
     }
 }
 
-/// The numeric columns of a usage event's `usage_events` row, checked to fit.
+/// The numeric columns of a usage event's `usage_events` row, checked to fit: made only by
+/// [`numeric_columns`] (outside the crate).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct NumericColumns {
-    quantity_e6: i128,
-    billable_quantity_e6: i64,
-    credits_e6: i64,
-    event_time_unix_seconds: u32,
-    event_date_unix_days: u16,
+    pub quantity_e6: i128,
+    pub billable_quantity_e6: i64,
+    pub credits_e6: i64,
+    pub event_time_unix_seconds: u32,
+    pub event_date_unix_days: u16,
 }
 
 /// The numeric columns of a usage event, or the error naming the value that cannot be stored
@@ -220,90 +222,6 @@ pub fn numeric_columns(
         event_time_unix_seconds,
         event_date_unix_days,
     })
-}
-
-/// The `usage_events` row of a prepared event: None for grants and plans (they carry no
-/// usage). Its numeric columns were checked by `prepare` ([`numeric_columns`]).
-pub fn rated_row(
-    p: &Prepared<'_, '_>,
-    inserted_at: DateTime<Utc>,
-) -> Result<Option<RatedRow>, AnalyticsError> {
-    let (Some(charge), Some(columns), Some(usage)) = (&p.charge, p.columns, p.event.usage()) else {
-        return Ok(None);
-    };
-    let env = &p.event.envelope;
-    let NumericColumns {
-        quantity_e6,
-        billable_quantity_e6,
-        credits_e6,
-        event_time_unix_seconds,
-        event_date_unix_days,
-    } = columns;
-    let attribute = |key: &str| -> String {
-        usage
-            .attributes
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| (*v).to_owned())
-            .unwrap_or_default()
-    };
-    let (mut call_id, mut conversation_id, mut instance_id) =
-        (String::new(), String::new(), String::new());
-    let (mut answered, mut responses) = (0u8, 0u32);
-    match &p.event.payload {
-        Payload::Call(c) => {
-            call_id = c.call_id.to_string();
-            answered = u8::from(c.answered_at.is_some());
-        }
-        Payload::Chat(c) => {
-            conversation_id = c.conversation_id.to_string();
-            responses = c.responses;
-        }
-        Payload::Instance(i) => instance_id = i.instance_id.to_string(),
-        Payload::Metered(_) | Payload::Grant(_) | Payload::Plan(_) => {}
-    }
-    let inserted_at_unix_seconds =
-        unix_seconds(inserted_at).ok_or_else(|| AnalyticsError::OutOfRange {
-            source_id: env.source.to_string(),
-            event_id: env.id.to_string(),
-            field: "inserted_at",
-            value: inserted_at.to_rfc3339(),
-        })?;
-    Ok(Some(RatedRow {
-        event_source: env.source.to_string(),
-        event_id: env.id.to_string(),
-        account_id: env.account_id.to_string(),
-        kind: usage.kind.to_owned(),
-        event_time_unix_seconds,
-        event_date_unix_days,
-        model: attribute("model"),
-        voice_tier: attribute("voice_tier"),
-        channel: attribute("channel"),
-        direction: attribute("direction"),
-        instance_type: attribute("instance_type"),
-        call_id,
-        conversation_id,
-        instance_id,
-        answered,
-        responses,
-        quantity_e6,
-        billable_seconds: charge.billable_seconds,
-        billable_quantity_e6,
-        unit: charge.unit.as_str().to_owned(),
-        credits_e6,
-        price_version: charge.price_version.to_owned(),
-        rule_id: charge.rule_id.to_owned(),
-        topic: p.record.topic.to_string(),
-        partition: u32::try_from(p.record.partition).unwrap_or_default(),
-        offset: u64::try_from(p.record.offset).unwrap_or_default(),
-        inserted_at_unix_seconds,
-        admission: admission_rank(
-            p.record
-                .timestamp_ms
-                .unwrap_or_else(|| env.time.timestamp_millis()),
-            p.record.offset,
-        ),
-    }))
 }
 
 /// value × 10^6 as an integer (rounded half away from zero past 6 places, like credits);

@@ -18,16 +18,16 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use super::{analytics_limits, limits, prepare};
+use super::{analytics_limits, limits, prepare, Prepared};
 use crate::analytics::{
-    rated_row, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow, OffsetRange,
-    RatedRow,
+    admission_rank, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow,
+    NumericColumns, OffsetRange, RatedRow,
 };
 use crate::config::Config;
-use crate::event::Reason;
+use crate::event::{Payload, Reason};
 use crate::kafka::{BatchConsumer, DeadLetter, DeadLetterProducer, Positions};
 use crate::rating::PriceTable;
 use crate::retry::{isolate, ApplyPart, Classify, Fault, Halt, Refused, Retry};
@@ -273,6 +273,91 @@ pub async fn run(
     }
     tracing::info!(?stats, "analytics pipeline stopped");
     Ok(stats)
+}
+
+/// The `usage_events` row of a prepared event: None for grants and plans (they carry no
+/// usage). Its numeric columns were checked by `prepare` (`analytics::numeric_columns`).
+pub fn rated_row(
+    p: &Prepared<'_, '_>,
+    inserted_at: DateTime<Utc>,
+) -> Result<Option<RatedRow>, AnalyticsError> {
+    let (Some(charge), Some(columns), Some(usage)) = (&p.charge, p.columns, p.event.usage()) else {
+        return Ok(None);
+    };
+    let env = &p.event.envelope;
+    let NumericColumns {
+        quantity_e6,
+        billable_quantity_e6,
+        credits_e6,
+        event_time_unix_seconds,
+        event_date_unix_days,
+        ..
+    } = columns;
+    let attribute = |key: &str| -> String {
+        usage
+            .attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| (*v).to_owned())
+            .unwrap_or_default()
+    };
+    let (mut call_id, mut conversation_id, mut instance_id) =
+        (String::new(), String::new(), String::new());
+    let (mut answered, mut responses) = (0u8, 0u32);
+    match &p.event.payload {
+        Payload::Call(c) => {
+            call_id = c.call_id.to_string();
+            answered = u8::from(c.answered_at.is_some());
+        }
+        Payload::Chat(c) => {
+            conversation_id = c.conversation_id.to_string();
+            responses = c.responses;
+        }
+        Payload::Instance(i) => instance_id = i.instance_id.to_string(),
+        Payload::Metered(_) | Payload::Grant(_) | Payload::Plan(_) => {}
+    }
+    let inserted_at_unix_seconds =
+        u32::try_from(inserted_at.timestamp()).map_err(|_| AnalyticsError::OutOfRange {
+            source_id: env.source.to_string(),
+            event_id: env.id.to_string(),
+            field: "inserted_at",
+            value: inserted_at.to_rfc3339(),
+        })?;
+    Ok(Some(RatedRow {
+        event_source: env.source.to_string(),
+        event_id: env.id.to_string(),
+        account_id: env.account_id.to_string(),
+        kind: usage.kind.to_owned(),
+        event_time_unix_seconds,
+        event_date_unix_days,
+        model: attribute("model"),
+        voice_tier: attribute("voice_tier"),
+        channel: attribute("channel"),
+        direction: attribute("direction"),
+        instance_type: attribute("instance_type"),
+        call_id,
+        conversation_id,
+        instance_id,
+        answered,
+        responses,
+        quantity_e6,
+        billable_seconds: charge.billable_seconds,
+        billable_quantity_e6,
+        unit: charge.unit.as_str().to_owned(),
+        credits_e6,
+        price_version: charge.price_version.to_owned(),
+        rule_id: charge.rule_id.to_owned(),
+        topic: p.record.topic.to_string(),
+        partition: u32::try_from(p.record.partition).unwrap_or_default(),
+        offset: u64::try_from(p.record.offset).unwrap_or_default(),
+        inserted_at_unix_seconds,
+        admission: admission_rank(
+            p.record
+                .timestamp_ms
+                .unwrap_or_else(|| env.time.timestamp_millis()),
+            p.record.offset,
+        ),
+    }))
 }
 
 /// Batches written (rows, identities, their own roll-up blocks) whose identities are not
