@@ -18,6 +18,7 @@ use super::{pg, AppState};
 use crate::analytics::queries::{self, Cycle, DailyUsage, DateRange, Projection};
 use crate::ledger::BalanceView;
 use crate::ledger::LedgerLine;
+use crate::rating::PriceVersion;
 
 /// Longest range `/usage` serves (three years and a day).
 pub const MAX_USAGE_DAYS: i64 = 1_096;
@@ -61,11 +62,20 @@ pub async fn balance(
     let id = who.read(&id)?;
     let now = Utc::now();
     let view = view(&api, id, now).await?;
-    Ok(Json(balance_document(&view, now)))
+    Ok(Json(balance_document(
+        &view,
+        api.prices.version_at(now),
+        now,
+    )))
 }
 
 /// The billing view as JSON: the body of GET /balance, and `tally balance --json`.
-pub fn balance_document(view: &BalanceView, now: DateTime<Utc>) -> Value {
+/// `prices` is the price-table version in force at `now` (its model prices are shown).
+pub fn balance_document(
+    view: &BalanceView,
+    prices: Option<&PriceVersion>,
+    now: DateTime<Utc>,
+) -> Value {
     let next_expiry = view
         .next_expiry
         .as_ref()
@@ -106,6 +116,27 @@ pub fn balance_document(view: &BalanceView, now: DateTime<Utc>) -> Value {
         })),
         "allowance": allowance,
         "days_until_reset": view.days_until_reset,
+        "purchased": {
+            "remaining": view.spendable,
+            "total": view.total_granted,
+            "grants": view.active_grants,
+        },
+        "prices": prices.map(model_prices_document),
+    })
+}
+
+/// The model prices of a price-table version, as the balance document shows them.
+pub fn model_prices_document(version: &PriceVersion) -> Value {
+    json!({
+        "version": version.id(),
+        "models": version.model_prices().iter().map(|p| json!({
+            "model": p.model,
+            "kind": p.kind,
+            "match": p.other_conditions.iter().copied().collect::<BTreeMap<_, _>>(),
+            "unit": p.unit.as_str(),
+            "credits_per_unit": p.credits_per_unit,
+            "rule_id": p.rule_id,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -181,7 +181,8 @@ enum TypedData<'a> {
     Instance(InstanceData<'a>),
     Metered(MeteredData<'a>),
     Grant(GrantData<'a>),
-    Plan(PlanData<'a>),
+    /// Boxed: plans are rare, and their fields would make every event's slot larger.
+    Plan(Box<PlanData<'a>>),
 }
 
 impl<'a> TypedData<'a> {
@@ -192,7 +193,7 @@ impl<'a> TypedData<'a> {
             Kind::Instance => TypedData::Instance(parse_data(raw)?),
             Kind::Metered => TypedData::Metered(parse_data(raw)?),
             Kind::Grant => TypedData::Grant(parse_data(raw)?),
-            Kind::Plan => TypedData::Plan(parse_data(raw)?),
+            Kind::Plan => TypedData::Plan(Box::new(parse_data(raw)?)),
         })
     }
 
@@ -632,7 +633,7 @@ impl<'de> Visitor<'de> for TypedSeed<'_, 'de> {
             Kind::Instance => TypedData::Instance(InstanceData::deserialize(de)?),
             Kind::Metered => TypedData::Metered(MeteredData::deserialize(de)?),
             Kind::Grant => TypedData::Grant(GrantData::deserialize(de)?),
-            Kind::Plan => TypedData::Plan(PlanData::deserialize(de)?),
+            Kind::Plan => TypedData::Plan(Box::new(PlanData::deserialize(de)?)),
         }));
         Ok(())
     }

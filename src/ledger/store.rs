@@ -289,6 +289,46 @@ pub struct BalanceView {
     pub allowance: Option<(Decimal, Decimal)>,
     /// Whole days until the next reset (rounded up).
     pub days_until_reset: Option<i64>,
+    /// Total purchased: the original credits (`granted`) of every grant active at the view's
+    /// time, spent out or not ([`active_grants_total`]). `spendable` is what is left of it.
+    pub total_granted: Decimal,
+    /// How many grants `total_granted` adds up.
+    pub active_grants: usize,
+}
+
+/// A grant as [`active_grants_total`] needs it: id, kind, original credits, granted at,
+/// expiry.
+pub type GrantTerms = (
+    String,
+    GrantKind,
+    Decimal,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
+/// The "total purchased" of an account at `now`: the sum of the original credits of its
+/// active grants — granted at or before `now`, not expired at `now` (no expiry, or one
+/// after `now`), of any kind, whether credits are left or not — where an allowance counts
+/// only for the current cycle (`current_allowance`: other cycles' allowances are over).
+/// `grants` may name a grant twice (the book's and the table's copy): it counts once.
+/// Returns (total, number of grants counted).
+pub fn active_grants_total(
+    grants: &[GrantTerms],
+    current_allowance: Option<&str>,
+    now: DateTime<Utc>,
+) -> (Decimal, usize) {
+    let mut seen = BTreeSet::new();
+    let mut total = Decimal::ZERO;
+    for (grant_id, kind, granted, granted_at, expires_at) in grants {
+        let active = *granted_at <= now
+            && expires_at.is_none_or(|e| e > now)
+            && (*kind != GrantKind::Allowance || current_allowance == Some(grant_id.as_str()));
+        if active && seen.insert(grant_id.as_str()) {
+            total += *granted;
+        }
+    }
+    total.rescale(6);
+    (total, seen.len())
 }
 
 /// An account's balance by grant.
@@ -853,6 +893,42 @@ impl Store {
         });
         let mut overage = account.overage;
         overage.rescale(6);
+        // The book's grants first (live terms), then the table's rows: spent-out grants leave
+        // the book but keep their row, and still count until they expire.
+        let mut terms: Vec<GrantTerms> = account
+            .grants
+            .iter()
+            .map(|g| {
+                (
+                    g.grant_id.clone(),
+                    g.kind,
+                    g.granted,
+                    g.granted_at,
+                    g.expires_at,
+                )
+            })
+            .collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT grant_id, kind, granted, granted_at, expires_at FROM grants
+                 WHERE account_id = $1 AND granted_at <= $2
+                   AND (expires_at IS NULL OR expires_at > $2)",
+                &[&account_id, &now],
+            )
+            .await?;
+        for r in &rows {
+            let kind: String = r.get(1);
+            let kind = GrantKind::parse(&kind)
+                .ok_or_else(|| StoreError::Data(format!("grant kind {kind}")))?;
+            terms.push((r.get(0), kind, r.get(2), r.get(3), r.get(4)));
+        }
+        let current_allowance = account
+            .cycle
+            .as_ref()
+            .map(|c| super::buckets::allowance_grant_id(c.start));
+        let (total_granted, active_grants) =
+            active_grants_total(&terms, current_allowance.as_deref(), now);
         Ok(Some(BalanceView {
             account_id: account.account_id,
             spendable,
@@ -863,6 +939,8 @@ impl Store {
             cycle: account.cycle,
             allowance,
             days_until_reset,
+            total_granted,
+            active_grants,
         }))
     }
 
@@ -1329,6 +1407,9 @@ fn account_from_row(r: &tokio_postgres::Row) -> Result<Account, StoreError> {
                 .into_iter()
                 .map(|p| p as u32)
                 .collect(),
+            // Not in the legacy columns: only books carry them.
+            recharge_threshold_credits: None,
+            recharge_credits: None,
         });
     }
     if let (Some(start), Some(end)) = (r.get(11), r.get(12)) {
@@ -2073,6 +2154,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn total_purchased_counts_the_original_credits_of_active_grants_once() {
+        let t = |d: u32| -> DateTime<Utc> { format!("2027-01-{d:02}T00:00:00Z").parse().unwrap() };
+        let g = |id: &str, kind, credits: i64, at, exp| -> GrantTerms {
+            (id.to_owned(), kind, Decimal::from(credits), at, exp)
+        };
+        let now = t(15);
+        let grants = vec![
+            // Counted: a package that never expires (spent out or not, its original 2,000).
+            g("pkg", GrantKind::Package, 2_000, t(1), None),
+            // Counted: a top-up valid after now.
+            g("tu-1", GrantKind::TopUp, 500, t(2), Some(t(20))),
+            // The same top-up again (the table's copy of the book's): once.
+            g("tu-1", GrantKind::TopUp, 500, t(2), Some(t(20))),
+            // Expired at now exactly: over.
+            g("promo", GrantKind::Promo, 300, t(1), Some(t(15))),
+            // Granted after now: not yet.
+            g("tu-2", GrantKind::TopUp, 70, t(16), None),
+            // The current cycle's allowance counts, another cycle's does not.
+            g(
+                "allowance:2027-01-01",
+                GrantKind::Allowance,
+                1_000,
+                t(1),
+                Some(t(31)),
+            ),
+            g(
+                "allowance:2026-12-20",
+                GrantKind::Allowance,
+                900,
+                t(1),
+                Some(t(31)),
+            ),
+        ];
+        // 2,000 + 500 + 1,000 = 3,500 over three grants.
+        assert_eq!(
+            active_grants_total(&grants, Some("allowance:2027-01-01"), now),
+            (Decimal::new(3_500_000_000, 6), 3)
+        );
+        assert_eq!(
+            active_grants_total(&grants, None, now),
+            (Decimal::new(2_500_000_000, 6), 2)
+        );
+        assert_eq!(active_grants_total(&[], None, now).1, 0);
+    }
+
+    #[test]
     fn sqlstates_are_classified_by_whose_fault_they_are() {
         for (code, fault) in [
             ("08006", Fault::Transient), // connection failure
@@ -2145,6 +2272,8 @@ mod tests {
                 low_balance_credits: None,
                 low_balance_percent: None,
                 allowance_alert_percents: vec![],
+                recharge_threshold_credits: None,
+                recharge_credits: None,
             },
             overage_policy: OveragePolicy::BillOverage,
             top_up_validity_months: 3,

@@ -11,7 +11,7 @@ pub use check::{check, check_file, CheckReport, TableError};
 pub use rate::{
     round6, Charge, Unpriced, UnpricedWhy, CREDITS_DP, CREDITS_ROUNDING, OUTBOUND_FREE_RULE_ID,
 };
-pub use table::{PriceRule, PriceTable, PriceVersion, Unit};
+pub use table::{ModelPrice, PriceRule, PriceTable, PriceVersion, Unit};
 
 #[cfg(test)]
 mod tests;
