@@ -261,7 +261,17 @@ async fn a_recharge_is_requested_once_per_crossing() {
     std::fs::write(&config, toml::to_string(&*env.cfg).unwrap()).unwrap();
     let tally = RunningTally::start(&env);
     let acct = "acct-rc";
+    let t = env.cfg.kafka.topics.clone();
 
+    // 300 credits first: a plan set while the balance is already below its threshold asks
+    // for a recharge at once (the condition holds from the plan on).
+    env.send(&[(
+        t.grants.clone(),
+        acct.to_owned(),
+        ev::grant("g-1", acct, &ts(minutes_ago(1)), "top-1", "top_up", "300"),
+    )])
+    .await;
+    env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     // A prepaid account (no allowance) asking for 500 credits whenever it falls below 100.
     let sent = tally_cli(
         &config,
@@ -293,13 +303,7 @@ async fn a_recharge_is_requested_once_per_crossing() {
     // The plan is dated when it was sent: everything after it, a second apart.
     let p = Utc.timestamp_opt(Utc::now().timestamp() + 1, 0).unwrap();
     let at = |s: i64| p + chrono::Duration::seconds(s);
-    let t = env.cfg.kafka.topics.clone();
     let phases: Vec<(String, Vec<u8>)> = vec![
-        // 300.
-        (
-            t.grants.clone(),
-            ev::grant("g-1", acct, &ts(at(0)), "top-1", "top_up", "300"),
-        ),
         // 300 - 150 = 150: above 100.
         (
             t.chat_responses.clone(),
