@@ -334,6 +334,15 @@ pub async fn show_account(
                 c.end.format("%Y-%m-%d"),
                 b.days_until_reset.unwrap_or(0)
             );
+            if let (Some(threshold), Some(credits)) =
+                (p.recharge_threshold_credits, p.recharge_credits)
+            {
+                println!(
+                    "  recharge request below {} credits: {} credits",
+                    grouped(threshold),
+                    grouped(credits)
+                );
+            }
             if let Some((granted, used)) = b.allowance {
                 println!(
                     "  allowance used {used} of {granted}; cycle usage {} (overage {})",

@@ -373,6 +373,25 @@ async fn a_recharge_is_requested_once_per_crossing() {
         .unwrap();
     assert_eq!(balance.spendable, dec!(90));
     assert_eq!(balance.total_granted, dec!(800));
+    // The settings are shown with the plan.
+    let doc: Value =
+        serde_json::from_str(&tally_cli(&config, &["balance", acct, "--json"])).unwrap();
+    assert_eq!(
+        (
+            &doc["plan"]["recharge_threshold_credits"],
+            &doc["plan"]["recharge_credits"]
+        ),
+        (&json!("100"), &json!("500"))
+    );
+    assert_eq!(
+        doc["purchased"],
+        json!({"remaining": "90.000000", "total": "800.000000", "grants": 2})
+    );
+    let text = tally_cli(&config, &["balance", acct]);
+    assert!(
+        text.contains("\n  recharge request below 100 credits: 500 credits\n"),
+        "{text}"
+    );
     tally.stop().await;
 }
 

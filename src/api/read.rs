@@ -107,6 +107,8 @@ pub fn balance_document(
             "plan_id": p.plan_id,
             "monthly_allowance": p.monthly_allowance,
             "billing_day": p.billing_day,
+            "recharge_threshold_credits": p.recharge_threshold_credits,
+            "recharge_credits": p.recharge_credits,
         })),
         "cycle": view.cycle.as_ref().map(|c| json!({
             "start": c.start,
