@@ -14,6 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use rust_decimal::Decimal;
 
 use crate::config::Config;
 use crate::demo::{self, DemoConfig, Expect};
@@ -186,12 +187,83 @@ pub async fn balance(cfg: &Config, account: &str, entries: i64, json: bool) -> a
         };
         let lines = store.entries(account, entries).await?;
         // The same document as GET /v1/accounts/{id}/balance, plus the last entries.
-        let mut doc = crate::api::balance_document(&b, Utc::now());
+        let prices = price_table(cfg);
+        let now = Utc::now();
+        let version = prices.as_ref().and_then(|t| t.version_at(now));
+        let mut doc = crate::api::balance_document(&b, version, now);
         doc["entries"] = lines.iter().map(crate::api::ledger_line_document).collect();
         println!("{}", escape::json(&serde_json::to_string_pretty(&doc)?));
         return Ok(());
     }
     show_account(cfg, account, entries, Utc::now()).await
+}
+
+/// The price table of the configuration, or None (with a warning) when it cannot be read:
+/// the balance is still shown, without prices.
+fn price_table(cfg: &Config) -> Option<crate::rating::PriceTable> {
+    match crate::rating::PriceTable::load(&cfg.prices.path) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!(
+                "warning: prices not shown: {}: {e}",
+                shown(&cfg.prices.path.display().to_string())
+            );
+            None
+        }
+    }
+}
+
+/// "109,324 / 1,000,117 credits remaining": spendable credits of the total purchased (the
+/// original credits of the active grants, `BalanceView::total_granted`).
+pub fn remaining_line(remaining: Decimal, total: Decimal) -> String {
+    format!(
+        "{} / {} credits remaining",
+        grouped(remaining),
+        grouped(total)
+    )
+}
+
+/// A decimal with its integer part in groups of three ("1,000,117", "0.5", "12,000.25"),
+/// trailing zeros of the fraction dropped.
+pub fn grouped(value: Decimal) -> String {
+    let text = value.normalize().to_string();
+    let (sign, digits) = match text.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", text.as_str()),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    let mut out = String::with_capacity(text.len() + int.len() / 3);
+    for (i, c) in int.chars().enumerate() {
+        if i > 0 && (int.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if !frac.is_empty() {
+        out.push('.');
+        out.push_str(frac);
+    }
+    format!("{sign}{out}")
+}
+
+/// "gemini-3-flash (ai_analysis): 0.5 credits per analysis"; a variant's other conditions
+/// follow the kind ("gpt-4o (chat_response, voice_tier=premium): 2.3 credits per response").
+pub fn model_price_line(p: &crate::rating::ModelPrice<'_>) -> String {
+    let mut what = p.kind.to_owned();
+    for (k, v) in &p.other_conditions {
+        what.push_str(&format!(", {k}={v}"));
+    }
+    let credits = if p.credits_per_unit == Decimal::ONE {
+        "credit"
+    } else {
+        "credits"
+    };
+    format!(
+        "{} ({what}): {} {credits} per {}",
+        p.model,
+        grouped(p.credits_per_unit),
+        p.unit
+    )
 }
 
 /// Prints the billing view: balance by grant, overage, next expiry, cycle, allowance used,
@@ -209,10 +281,17 @@ pub async fn show_account(
     let lines = store.entries(account, entries).await?;
     // Every string from the data goes through `shown`: ids may hold anything a producer sent.
     println!("account {}", shown(&b.account_id));
+    println!("  {}", remaining_line(b.spendable, b.total_granted));
     println!(
         "  spendable {:>16}   overage {:>14}",
         b.spendable, b.overage
     );
+    if let Some(version) = price_table(cfg).as_ref().and_then(|t| t.version_at(now)) {
+        println!("  prices in force (version {}):", shown(version.id()));
+        for p in version.model_prices() {
+            println!("    {}", shown(&model_price_line(&p)));
+        }
+    }
     if let Some((at, credits, grant)) = &b.next_expiry {
         println!(
             "  next expiry: {credits} credits of {} on {}",
@@ -231,6 +310,15 @@ pub async fn show_account(
                 c.end.format("%Y-%m-%d"),
                 b.days_until_reset.unwrap_or(0)
             );
+            if let (Some(threshold), Some(credits)) =
+                (p.recharge_threshold_credits, p.recharge_credits)
+            {
+                println!(
+                    "  recharge request below {} credits: {} credits",
+                    grouped(threshold),
+                    grouped(credits)
+                );
+            }
             if let Some((granted, used)) = b.allowance {
                 println!(
                     "  allowance used {used} of {granted}; cycle usage {} (overage {})",
@@ -535,5 +623,83 @@ pub async fn wait_until_idle(
             caught_up_since = None;
         }
         last_ends = ends;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn remaining_of_total_purchased_reads_as_on_the_platforms_pages() {
+        assert_eq!(
+            remaining_line(dec!(109324.000000), dec!(1000117.000000)),
+            "109,324 / 1,000,117 credits remaining"
+        );
+        assert_eq!(
+            remaining_line(dec!(0.000000), dec!(0.000000)),
+            "0 / 0 credits remaining"
+        );
+        assert_eq!(
+            remaining_line(dec!(999.500000), dec!(1000)),
+            "999.5 / 1,000 credits remaining"
+        );
+    }
+
+    #[test]
+    fn grouped_digits() {
+        for (d, want) in [
+            (dec!(1), "1"),
+            (dec!(12), "12"),
+            (dec!(123), "123"),
+            (dec!(1234), "1,234"),
+            (dec!(123456), "123,456"),
+            (dec!(1234567.891), "1,234,567.891"),
+            (dec!(-15000.25), "-15,000.25"),
+            (dec!(0.400000), "0.4"),
+        ] {
+            assert_eq!(grouped(d), want, "{d}");
+        }
+    }
+
+    #[test]
+    fn a_model_price_line_names_the_model_kind_and_variant() {
+        let one = crate::rating::ModelPrice {
+            model: "gpt-4o-mini",
+            kind: "chat_response",
+            other_conditions: vec![],
+            unit: crate::rating::Unit::Response,
+            credits_per_unit: dec!(1),
+            rule_id: "chat.gpt-4o-mini",
+        };
+        assert_eq!(
+            model_price_line(&one),
+            "gpt-4o-mini (chat_response): 1 credit per response"
+        );
+        let base = crate::rating::ModelPrice {
+            model: "gemini-3-flash",
+            kind: "ai_analysis",
+            other_conditions: vec![],
+            unit: crate::rating::Unit::Analysis,
+            credits_per_unit: dec!(0.5),
+            rule_id: "ai_analysis.gemini-3-flash",
+        };
+        assert_eq!(
+            model_price_line(&base),
+            "gemini-3-flash (ai_analysis): 0.5 credits per analysis"
+        );
+        let premium = crate::rating::ModelPrice {
+            model: "gpt-4o",
+            kind: "chat_response",
+            other_conditions: vec![("voice_tier", "premium")],
+            unit: crate::rating::Unit::Response,
+            credits_per_unit: dec!(2.3),
+            rule_id: "chat.gpt-4o.premium",
+        };
+        assert_eq!(
+            model_price_line(&premium),
+            "gpt-4o (chat_response, voice_tier=premium): 2.3 credits per response"
+        );
     }
 }

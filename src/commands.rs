@@ -273,6 +273,7 @@ mod tests {
                 low_balance_credits: None,
                 low_balance_percent: None,
                 allowance_alert_percents: Some(vec![50, 100]),
+                recharge: None,
             },
         };
         let source = event::api_source("acme");

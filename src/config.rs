@@ -165,6 +165,8 @@ pub struct AlertTopics {
     pub credits_exhausted: String,
     pub projected_exhaustion: String,
     pub credits_expiring: String,
+    /// Recharge requests for the payment system (not an alert: never resolved).
+    pub recharge_requested: String,
 }
 
 impl AlertTopics {
@@ -175,6 +177,7 @@ impl AlertTopics {
             &self.credits_exhausted,
             &self.projected_exhaustion,
             &self.credits_expiring,
+            &self.recharge_requested,
         ]
     }
 
@@ -186,6 +189,7 @@ impl AlertTopics {
             "credits_exhausted" => &self.credits_exhausted,
             "projected_exhaustion" => &self.projected_exhaustion,
             "credits_expiring" => &self.credits_expiring,
+            "recharge_requested" => &self.recharge_requested,
             _ => return None,
         })
     }
@@ -211,6 +215,7 @@ impl Default for AlertTopics {
             credits_exhausted: "tally.alerts.credits_exhausted".into(),
             projected_exhaustion: "tally.alerts.projected_exhaustion".into(),
             credits_expiring: "tally.alerts.credits_expiring".into(),
+            recharge_requested: "tally.recharge".into(),
         }
     }
 }

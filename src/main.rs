@@ -162,6 +162,13 @@ enum AccountsCommand {
         /// Allowance-used alert thresholds, e.g. 50,80,100.
         #[arg(long, value_delimiter = ',')]
         allowance_alert_percents: Option<Vec<u32>>,
+        /// Recharge request below this many spendable credits (once per crossing, on
+        /// `alerts.topics.recharge_requested`); with --recharge-credits.
+        #[arg(long, requires = "recharge_credits")]
+        recharge_threshold_credits: Option<rust_decimal::Decimal>,
+        /// Credits the recharge request asks the payment system for.
+        #[arg(long, requires = "recharge_threshold_credits")]
+        recharge_credits: Option<rust_decimal::Decimal>,
     },
     /// Add credits: a top-up, package, promo or manual grant (idempotent by grant id).
     Grant {
@@ -412,6 +419,8 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
             low_balance_credits,
             low_balance_percent,
             allowance_alert_percents,
+            recharge_threshold_credits,
+            recharge_credits,
         } => {
             let overage_policy = match overage_policy {
                 Policy::SettleFromNextGrant => OveragePolicy::SettleFromNextGrant,
@@ -428,6 +437,12 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
                     low_balance_credits,
                     low_balance_percent,
                     allowance_alert_percents,
+                    recharge: recharge_threshold_credits.zip(recharge_credits).map(
+                        |(threshold_credits, credits)| tally::event::Recharge {
+                            threshold_credits,
+                            credits,
+                        },
+                    ),
                 },
             };
             accounts::set_plan(cfg, plan, now).await

@@ -45,7 +45,7 @@
 //!
 //! Alerts: the model predicts the low-balance, allowance-used and credits-exhausted alerts
 //! (README: each fires once per crossing, re-arms when its condition stops holding, id
-//! `<account>/<key>/<n>`); projected-exhaustion and credits-expiring alerts have no documented
+//! `<account>/<key>/<n>`, and is then closed by `<account>/<key>/<n>/resolved`); projected-exhaustion and credits-expiring alerts have no documented
 //! formula, so for them the test checks only that every alert written to the outbox reached
 //! its topic, and that no alert id was ever published with two different contents.
 
@@ -524,9 +524,13 @@ mod model {
             if spendable <= 0 && (self.overage > 0 || self.seq > 0) {
                 holding.push("credits_exhausted".to_owned());
             }
-            for (key, (_, active)) in self.alert_state.iter_mut() {
+            // A fired alert whose condition stopped holding re-arms and is closed by a
+            // resolved message (README "Credits and alerts").
+            for (key, (count, active)) in self.alert_state.iter_mut() {
                 if *active && !holding.contains(key) {
                     *active = false;
+                    self.alerts
+                        .insert(format!("{}/{key}/{count}/resolved", self.id));
                 }
             }
             for key in holding {
@@ -1606,6 +1610,7 @@ async fn kills_at_every_failpoint_change_nothing() {
         &env.cfg.alerts.topics.credits_exhausted,
         &env.cfg.alerts.topics.projected_exhaustion,
         &env.cfg.alerts.topics.credits_expiring,
+        &env.cfg.alerts.topics.recharge_requested,
     ] {
         for payload in read_topic(&env, topic) {
             let v: Value = serde_json::from_slice(&payload).unwrap();
@@ -1722,10 +1727,15 @@ fn reference_model_by_hand() {
     assert_eq!(
         alerts,
         [
+            // After the reset (99 of a fresh 100 left) every one of them stopped holding.
             "a/allowance_used:100:2026-02-10/1",
+            "a/allowance_used:100:2026-02-10/1/resolved",
             "a/allowance_used:50:2026-02-10/1",
+            "a/allowance_used:50:2026-02-10/1/resolved",
             "a/credits_exhausted/1",
+            "a/credits_exhausted/1/resolved",
             "a/low_balance:percent:25/1",
+            "a/low_balance:percent:25/1/resolved",
         ]
     );
 

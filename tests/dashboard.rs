@@ -210,6 +210,12 @@ async fn dashboard_renders_the_accounts_figures_in_chromium() {
     // (docs/billing.md). The allowance and the top-up are untouched.
     assert_eq!(spendable, dec!(1500));
     assert_eq!(d(balance["overage"].as_str().unwrap()), total);
+    // Total purchased: the original credits of the active grants, by hand: this cycle's
+    // allowance 1,000 + the top-up 500 (both untouched, so all of it remains).
+    assert_eq!(
+        balance["purchased"],
+        json!({"remaining": "1500.000000", "total": "1500.000000", "grants": 2})
+    );
     let used_percent = d(balance["allowance"]["used_percent"].as_str().unwrap());
     assert_eq!(used_percent, dec!(0));
     let summary = c.get("/v1/accounts/acme/summary", Some(ACME)).await.json();
@@ -230,13 +236,32 @@ async fn dashboard_renders_the_accounts_figures_in_chromium() {
 
     let (pill, pill_text) = element(&dom, "id=\"balance-pill\"");
     assert_eq!(d(attr(pill, "data-value")), spendable);
+    assert_eq!(attr(pill, "data-total"), "1500.000000");
     assert_eq!(
         pill_text,
         format!(
-            "{} credits · overage {}",
-            shown(spendable, 2),
+            "1,500 / 1,500 credits remaining · overage {}",
             shown(total, 2)
         )
+    );
+
+    // The price of each model, from tests/fixtures/prices.toml (version t-2020), by model.
+    let (prices, _) = element(&dom, "id=\"prices\"");
+    assert_eq!(attr(prices, "data-version"), "t-2020");
+    let list = &dom[dom.find("id=\"prices\"").unwrap()..];
+    let list = &list[..list.find("</ul>").unwrap()];
+    let items: Vec<&str> = list
+        .split("<li")
+        .skip(1)
+        .map(|li| &li[li.find('>').unwrap() + 1..li.find("</li>").unwrap()])
+        .collect();
+    assert_eq!(
+        items,
+        [
+            "gemini-3-flash (ai_analysis): 0.25 credits per analysis",
+            "gpt-4o-mini (chat_response): 1 credit per response",
+            "gpt-4o-mini (chat_response, voice_tier=premium): 1.5 credits per response",
+        ]
     );
     assert_eq!(attr(pill, "data-status"), "overage");
 

@@ -118,6 +118,8 @@ fn plan(allowance: Decimal, day: u8) -> Action<'static> {
             low_balance_credits: None,
             low_balance_percent: None,
             allowance_alert_percents: vec![],
+            recharge_threshold_credits: None,
+            recharge_credits: None,
         },
         overage_policy: tally::event::OveragePolicy::BillOverage,
         top_up_validity_months: 3,

@@ -8,7 +8,8 @@
 //! - acct-q: three top-ups, each renewing the validity of the remaining top-up credits, then
 //!   expiring together; credits-expiring alerts, then low balance and credits exhausted.
 //! - acct-r: prepaid overage settled by the next top-up; low balance and credits exhausted fire
-//!   once, re-arm after the top-up, and low balance fires again.
+//!   once, are resolved by the top-up, and low balance fires again.
+//! - every fired alert whose condition stopped holding is closed by its `resolved` message.
 //!
 //! Every ledger entry and every alert message (read back from the alert topics by a Kafka
 //! consumer) is asserted exactly.
@@ -511,7 +512,15 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
             topics.allowance_used.as_str(),
         ),
         (
+            "acct-p/allowance_used:100:2026-12-31/1/resolved".into(),
+            &topics.allowance_used,
+        ),
+        (
             "acct-p/allowance_used:50:2026-12-31/1".into(),
+            &topics.allowance_used,
+        ),
+        (
+            "acct-p/allowance_used:50:2026-12-31/1/resolved".into(),
             &topics.allowance_used,
         ),
         (
@@ -519,11 +528,23 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
             &topics.allowance_used,
         ),
         (
+            "acct-p/allowance_used:80:2026-12-31/1/resolved".into(),
+            &topics.allowance_used,
+        ),
+        (
             "acct-p/low_balance:percent:25/1".into(),
             &topics.low_balance,
         ),
         (
+            "acct-p/low_balance:percent:25/1/resolved".into(),
+            &topics.low_balance,
+        ),
+        (
             "acct-p/projected_exhaustion:2026-12-31/1".into(),
+            &topics.projected_exhaustion,
+        ),
+        (
+            "acct-p/projected_exhaustion:2026-12-31/1/resolved".into(),
             &topics.projected_exhaustion,
         ),
         (
@@ -535,11 +556,23 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
             &topics.credits_expiring,
         ),
         (
+            format!("acct-q/credits_expiring:q1:{q_key}/1/resolved"),
+            &topics.credits_expiring,
+        ),
+        (
             format!("acct-q/credits_expiring:q2:{q_key}/1"),
             &topics.credits_expiring,
         ),
         (
+            format!("acct-q/credits_expiring:q2:{q_key}/1/resolved"),
+            &topics.credits_expiring,
+        ),
+        (
             format!("acct-q/credits_expiring:q3:{q_key}/1"),
+            &topics.credits_expiring,
+        ),
+        (
+            format!("acct-q/credits_expiring:q3:{q_key}/1/resolved"),
             &topics.credits_expiring,
         ),
         (
@@ -551,7 +584,15 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
             &topics.credits_exhausted,
         ),
         (
+            "acct-r/credits_exhausted/1/resolved".into(),
+            &topics.credits_exhausted,
+        ),
+        (
             "acct-r/low_balance:credits:10/1".into(),
+            &topics.low_balance,
+        ),
+        (
+            "acct-r/low_balance:credits:10/1/resolved".into(),
             &topics.low_balance,
         ),
         (
@@ -656,6 +697,38 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
     );
     assert_eq!(
         msg("acct-q/credits_exhausted/1")["time"],
+        "2027-04-25T00:00:00Z"
+    );
+
+    // Resolutions: the top-up of Feb 4 lifts acct-r to 20 - 12 - 10 + 30 - 2 (overage settled)
+    // = 28; the reset of Jan 31 gives acct-p a new cycle (100 new allowance + 20 of the
+    // package = 120) where none of the old cycle's conditions hold; acct-q's expiring credits
+    // are gone on Apr 25.
+    assert_eq!(
+        msg("acct-r/low_balance:credits:10/1/resolved"),
+        envelope(
+            "tally.alert.low_balance.resolved.v1",
+            "acct-r/low_balance:credits:10/1/resolved",
+            "acct-r",
+            day(2, 4, 0),
+            json!({"account_id": "acct-r", "spendable": "28.000000", "overage": "0.000000",
+                "resolves": "acct-r/low_balance:credits:10/1"})
+        )
+    );
+    assert_eq!(
+        msg("acct-p/low_balance:percent:25/1/resolved"),
+        envelope(
+            "tally.alert.low_balance.resolved.v1",
+            "acct-p/low_balance:percent:25/1/resolved",
+            "acct-p",
+            day(1, 31, 0),
+            json!({"account_id": "acct-p", "spendable": "120.000000", "overage": "0.000000",
+                "cycle_start": "2027-01-31T00:00:00Z", "cycle_end": "2027-02-28T00:00:00Z",
+                "resolves": "acct-p/low_balance:percent:25/1"})
+        )
+    );
+    assert_eq!(
+        msg(&format!("acct-q/credits_expiring:q2:{q_key}/1/resolved"))["time"],
         "2027-04-25T00:00:00Z"
     );
 }

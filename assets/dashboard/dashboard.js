@@ -74,9 +74,11 @@
   function renderBalance(b) {
     const pill = $("balance-pill");
     pill.dataset.value = b.spendable;
+    pill.dataset.total = b.purchased.total;
     pill.dataset.overage = b.overage;
     let state = "ok";
-    let label = fmt(b.spendable) + " credits";
+    // Remaining of total purchased (docs/api.md: the original credits of the active grants).
+    let label = fmt(b.spendable) + " / " + fmt(b.purchased.total) + " credits remaining";
     if (!isZero(b.overage)) {
       state = "overage";
       label += " · overage " + fmt(b.overage);
@@ -88,9 +90,32 @@
     pill.className = "pill " + state;
     pill.dataset.status = state;
     pill.textContent = label;
-    pill.title = "Spendable credits: " + b.spendable + (b.next_expiry
+    pill.title = "Spendable credits: " + b.spendable + " of " + b.purchased.total +
+      " purchased (" + b.purchased.grants + " active grant" + (b.purchased.grants === 1 ? "" : "s") +
+      ")" + (b.next_expiry
       ? " — next expiry " + fmt(b.next_expiry.credits) + " on " + b.next_expiry.at.slice(0, 10)
       : "");
+
+    // The price of each model in the price-table version in force.
+    const list = $("prices");
+    list.replaceChildren();
+    const models = b.prices ? b.prices.models : [];
+    list.dataset.version = b.prices ? b.prices.version : "";
+    for (const m of models) {
+      const li = document.createElement("li");
+      const variant = Object.entries(m.match).map(([k, v]) => ", " + k + "=" + v).join("");
+      const one = Number(m.credits_per_unit) === 1;
+      li.textContent = m.model + " (" + m.kind + variant + "): " + fmt(m.credits_per_unit, 6) +
+        (one ? " credit per " : " credits per ") + m.unit;
+      li.dataset.rule = m.rule_id;
+      li.dataset.value = m.credits_per_unit;
+      list.append(li);
+    }
+    if (!models.length) {
+      const li = document.createElement("li");
+      li.textContent = "No model prices in force.";
+      list.append(li);
+    }
 
     const gauge = $("gauge-value");
     if (b.allowance) {

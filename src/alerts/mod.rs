@@ -1,8 +1,11 @@
 //! Threshold alerts: pure detection ([`evaluate`]) over an account's credit state, and the
-//! CloudEvents message each alert becomes. Each condition fires once per crossing and re-arms
-//! when it stops holding (a top-up lifts the balance back above the threshold). The store
-//! writes alerts to an outbox in the same transaction as the change that caused them; the
-//! relay (`pipeline::alerts`) publishes them. No IO here.
+//! CloudEvents message each alert becomes. Each condition fires once per crossing; when it
+//! stops holding (a top-up lifts the balance back above the threshold) it re-arms and a
+//! `resolved` message closes the alert (same key, same topic). The recharge request (a plan's
+//! `recharge_threshold_credits`) fires once per downward crossing and has no resolution: it
+//! asks the payment system for a top-up, it grants nothing. The store writes alerts to an
+//! outbox in the same transaction as the change that caused them; the relay
+//! (`pipeline::alerts`) publishes them. No IO here.
 
 use std::collections::BTreeMap;
 
@@ -20,15 +23,19 @@ pub enum AlertKind {
     CreditsExhausted,
     ProjectedExhaustion,
     CreditsExpiring,
+    /// Not a threshold alert to close but a request to the payment system: spendable credits
+    /// fell below the plan's recharge threshold (on its own topic, never resolved).
+    RechargeRequested,
 }
 
 impl AlertKind {
-    pub const ALL: [AlertKind; 5] = [
+    pub const ALL: [AlertKind; 6] = [
         AlertKind::LowBalance,
         AlertKind::AllowanceUsed,
         AlertKind::CreditsExhausted,
         AlertKind::ProjectedExhaustion,
         AlertKind::CreditsExpiring,
+        AlertKind::RechargeRequested,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -38,13 +45,41 @@ impl AlertKind {
             AlertKind::CreditsExhausted => "credits_exhausted",
             AlertKind::ProjectedExhaustion => "projected_exhaustion",
             AlertKind::CreditsExpiring => "credits_expiring",
+            AlertKind::RechargeRequested => "recharge_requested",
         }
+    }
+
+    /// The kind of an alert key (every key begins with its kind's name).
+    pub fn of_key(key: &str) -> Option<AlertKind> {
+        AlertKind::ALL.into_iter().find(|k| {
+            key.strip_prefix(k.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+        })
+    }
+
+    /// Whether a fired alert of this kind is closed by a `resolved` message when its
+    /// condition stops holding (every kind but the recharge request).
+    pub fn resolves(self) -> bool {
+        self != AlertKind::RechargeRequested
     }
 
     /// The CloudEvents `type` of the alert message.
     pub fn event_type(self) -> String {
         format!("tally.alert.{}.v1", self.as_str())
     }
+
+    /// The CloudEvents `type` of the message that closes an alert of this kind.
+    pub fn resolved_event_type(self) -> String {
+        format!("tally.alert.{}.resolved.v1", self.as_str())
+    }
+}
+
+/// Whether a message opens an alert (its condition now holds) or closes one (it stopped
+/// holding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlertStatus {
+    Fired,
+    Resolved,
 }
 
 /// Thresholds that apply when the account's plan does not set its own.
@@ -83,7 +118,9 @@ pub type AlertState = BTreeMap<String, KeyState>;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alert {
     pub kind: AlertKind,
-    /// Stable: the same crossing always gets the same id (consumers dedupe by it).
+    pub status: AlertStatus,
+    /// Stable: the same crossing always gets the same id (consumers dedupe by it):
+    /// `<account>/<key>/<n>` when fired, `<account>/<key>/<n>/resolved` when closed.
     pub alert_id: String,
     pub account_id: String,
     pub at: DateTime<Utc>,
@@ -96,7 +133,10 @@ impl Alert {
     pub fn to_cloud_event(&self) -> serde_json::Value {
         json!({
             "specversion": "1.0",
-            "type": self.kind.event_type(),
+            "type": match self.status {
+                AlertStatus::Fired => self.kind.event_type(),
+                AlertStatus::Resolved => self.kind.resolved_event_type(),
+            },
             "source": "tally",
             "id": self.alert_id,
             "subject": self.account_id,
@@ -123,8 +163,9 @@ struct Holding {
     data: serde_json::Value,
 }
 
-/// Evaluates every alert condition for `account` at `at`; returns the alerts that fire now
-/// (conditions that hold and were armed) and re-arms conditions that no longer hold.
+/// Evaluates every alert condition for `account` at `at`. Conditions that no longer hold are
+/// re-armed, and each fired alert among them is closed by a `resolved` message (in key
+/// order, first); then the conditions that hold and were armed fire (in evaluation order).
 pub fn evaluate(
     account: &Account,
     at: DateTime<Utc>,
@@ -132,11 +173,25 @@ pub fn evaluate(
     state: &mut AlertState,
 ) -> Vec<Alert> {
     let holding = conditions(account, at, defaults);
-    let mut fired = Vec::new();
+    let mut out = Vec::new();
     for (key, s) in state.iter_mut() {
         if s.active && !holding.iter().any(|h| &h.key == key) {
             s.active = false;
             s.dirty = true;
+            let Some(kind) = AlertKind::of_key(key).filter(|k| k.resolves()) else {
+                continue;
+            };
+            let fired_id = format!("{}/{key}/{}", account.account_id, s.fired_count);
+            let mut data = base_data(account, at);
+            data["resolves"] = json!(fired_id);
+            out.push(Alert {
+                kind,
+                status: AlertStatus::Resolved,
+                alert_id: format!("{fired_id}/resolved"),
+                account_id: account.account_id.clone(),
+                at,
+                data,
+            });
         }
     }
     for h in holding {
@@ -147,15 +202,31 @@ pub fn evaluate(
         s.active = true;
         s.fired_count += 1;
         s.dirty = true;
-        fired.push(Alert {
+        out.push(Alert {
             kind: h.kind,
+            status: AlertStatus::Fired,
             alert_id: format!("{}/{}/{}", account.account_id, h.key, s.fired_count),
             account_id: account.account_id.clone(),
             at,
             data: h.data,
         });
     }
-    fired
+    out
+}
+
+/// What every alert message's data holds: the account, its spendable credits and overage at
+/// `at`, and its current cycle when it has a plan.
+fn base_data(account: &Account, at: DateTime<Utc>) -> serde_json::Value {
+    let mut data = json!({
+        "account_id": account.account_id,
+        "spendable": money(account.spendable(at)),
+        "overage": money(account.overage),
+    });
+    if let Some(c) = &account.cycle {
+        data["cycle_start"] = json!(ts(c.start));
+        data["cycle_end"] = json!(ts(c.end));
+    }
+    data
 }
 
 fn conditions(account: &Account, at: DateTime<Utc>, defaults: &AlertDefaults) -> Vec<Holding> {
@@ -163,15 +234,7 @@ fn conditions(account: &Account, at: DateTime<Utc>, defaults: &AlertDefaults) ->
     let overage = account.overage;
     let mut out = Vec::new();
     let base = |extra: serde_json::Value| -> serde_json::Value {
-        let mut data = json!({
-            "account_id": account.account_id,
-            "spendable": money(spendable),
-            "overage": money(overage),
-        });
-        if let Some(c) = &account.cycle {
-            data["cycle_start"] = json!(ts(c.start));
-            data["cycle_end"] = json!(ts(c.end));
-        }
+        let mut data = base_data(account, at);
         if let (Some(d), Some(e)) = (data.as_object_mut(), extra.as_object()) {
             d.extend(e.clone());
         }
@@ -202,6 +265,23 @@ fn conditions(account: &Account, at: DateTime<Utc>, defaults: &AlertDefaults) ->
                 data: base(json!({
                     "threshold": pct.normalize().to_string(), "threshold_unit": "percent_of_allowance",
                     "threshold_credits": money(limit),
+                })),
+            });
+        }
+    }
+
+    // Recharge request: spendable credits below the plan's recharge threshold (once per
+    // downward crossing; the payment system answers with a grant, or not).
+    if let Some((threshold, credits)) =
+        plan.and_then(|p| p.recharge_threshold_credits.zip(p.recharge_credits))
+    {
+        if spendable < threshold {
+            out.push(Holding {
+                kind: AlertKind::RechargeRequested,
+                key: format!("recharge_requested:{}", threshold.normalize()),
+                data: base(json!({
+                    "threshold": money(threshold), "threshold_unit": "credits",
+                    "recharge_credits": money(credits),
                 })),
             });
         }
@@ -341,13 +421,204 @@ mod tests {
             vec![(AlertKind::CreditsExhausted, "a/credits_exhausted/1".into())]
         );
         a.grant(&top_up("t2", dec!(50)), t(1, 4), &mut out);
-        assert!(evaluate(&a, t(1, 4), &defaults, &mut state).is_empty());
+        // Both close (in key order), nothing fires.
+        assert_eq!(
+            kinds(&evaluate(&a, t(1, 4), &defaults, &mut state)),
+            vec![
+                (
+                    AlertKind::CreditsExhausted,
+                    "a/credits_exhausted/1/resolved".into()
+                ),
+                (
+                    AlertKind::LowBalance,
+                    "a/low_balance:credits:10/1/resolved".into()
+                ),
+            ]
+        );
         assert!(state.values().all(|s| !s.active), "re-armed: {state:?}");
         a.debit(dec!(45), t(1, 5), false, &mut out);
         assert_eq!(
             kinds(&evaluate(&a, t(1, 5), &defaults, &mut state)),
             vec![(AlertKind::LowBalance, "a/low_balance:credits:10/2".into())]
         );
+    }
+
+    #[test]
+    fn an_alert_fires_then_resolves_then_fires_again_with_the_next_number() {
+        let defaults = AlertDefaults {
+            low_balance_credits: Some(dec!(100)),
+            ..Default::default()
+        };
+        let mut a = Account::new("acct-7");
+        let mut state = AlertState::new();
+        let mut out = vec![];
+        // 250 granted; 170 used -> 80 left, below 100: fires.
+        a.grant(&top_up("t1", dec!(250)), t(1, 0), &mut out);
+        assert!(evaluate(&a, t(1, 0), &defaults, &mut state).is_empty());
+        a.debit(dec!(170), t(1, 1), false, &mut out);
+        let fired = evaluate(&a, t(1, 1), &defaults, &mut state);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].status, AlertStatus::Fired);
+        assert_eq!(
+            fired[0].to_cloud_event(),
+            json!({"specversion": "1.0", "type": "tally.alert.low_balance.v1", "source": "tally",
+                   "id": "acct-7/low_balance:credits:100/1", "subject": "acct-7",
+                   "time": "2027-01-01T01:00:00Z", "datacontenttype": "application/json",
+                   "data": {"account_id": "acct-7", "spendable": "80.000000",
+                            "overage": "0.000000", "threshold": "100.000000",
+                            "threshold_unit": "credits"}})
+        );
+        // Still below (80 - 30 = 50): nothing more.
+        a.debit(dec!(30), t(1, 2), false, &mut out);
+        assert!(evaluate(&a, t(1, 2), &defaults, &mut state).is_empty());
+        // A top-up of 60 -> 110, not below 100: the alert closes, same key, next to it.
+        a.grant(&top_up("t2", dec!(60)), t(1, 3), &mut out);
+        let resolved = evaluate(&a, t(1, 3), &defaults, &mut state);
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(
+            (resolved[0].kind, resolved[0].status),
+            (AlertKind::LowBalance, AlertStatus::Resolved)
+        );
+        assert_eq!(
+            resolved[0].to_cloud_event(),
+            json!({"specversion": "1.0", "type": "tally.alert.low_balance.resolved.v1",
+                   "source": "tally", "id": "acct-7/low_balance:credits:100/1/resolved",
+                   "subject": "acct-7", "time": "2027-01-01T03:00:00Z",
+                   "datacontenttype": "application/json",
+                   "data": {"account_id": "acct-7", "spendable": "110.000000",
+                            "overage": "0.000000",
+                            "resolves": "acct-7/low_balance:credits:100/1"}})
+        );
+        assert_eq!(
+            state["low_balance:credits:100"],
+            KeyState {
+                fired_count: 1,
+                active: false,
+                dirty: true
+            }
+        );
+        // Resolved once: the next evaluation above the threshold says nothing.
+        assert!(evaluate(&a, t(1, 4), &defaults, &mut state).is_empty());
+        // 110 - 20 = 90: the second crossing fires as number 2.
+        a.debit(dec!(20), t(1, 5), false, &mut out);
+        assert_eq!(
+            kinds(&evaluate(&a, t(1, 5), &defaults, &mut state)),
+            vec![(
+                AlertKind::LowBalance,
+                "acct-7/low_balance:credits:100/2".into()
+            )]
+        );
+        // Exactly at the threshold is not below it: 90 + 10 = 100 resolves number 2.
+        a.grant(&top_up("t3", dec!(10)), t(1, 6), &mut out);
+        assert_eq!(
+            kinds(&evaluate(&a, t(1, 6), &defaults, &mut state)),
+            vec![(
+                AlertKind::LowBalance,
+                "acct-7/low_balance:credits:100/2/resolved".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_recharge_request_goes_once_per_downward_crossing_and_is_never_resolved() {
+        let defaults = AlertDefaults::default();
+        let mut a = Account::new("acct-r");
+        let mut state = AlertState::new();
+        let mut out = vec![];
+        // A prepaid account: no allowance, a recharge of 500 asked below 100 credits.
+        let plan = Plan {
+            plan_id: "prepaid".into(),
+            monthly_allowance: dec!(0),
+            billing_day: 1,
+            low_balance_credits: None,
+            low_balance_percent: None,
+            allowance_alert_percents: vec![],
+            recharge_threshold_credits: Some(dec!(100)),
+            recharge_credits: Some(dec!(500)),
+        };
+        a.set_plan(
+            plan,
+            OveragePolicy::SettleFromNextGrant,
+            3,
+            t(1, 0),
+            t(1, 0),
+            &mut out,
+        );
+        let recharges = |alerts: Vec<Alert>| -> Vec<Alert> {
+            alerts
+                .into_iter()
+                .filter(|a| a.kind == AlertKind::RechargeRequested)
+                .collect()
+        };
+        a.grant(&top_up("t1", dec!(300)), t(1, 0), &mut out);
+        assert!(recharges(evaluate(&a, t(1, 0), &defaults, &mut state)).is_empty());
+        // 300 - 150 = 150: above.
+        a.debit(dec!(150), t(1, 1), false, &mut out);
+        assert!(recharges(evaluate(&a, t(1, 1), &defaults, &mut state)).is_empty());
+        // 150 - 60 = 90: below 100, the first request.
+        a.debit(dec!(60), t(1, 2), false, &mut out);
+        let first = recharges(evaluate(&a, t(1, 2), &defaults, &mut state));
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            first[0].to_cloud_event(),
+            json!({"specversion": "1.0", "type": "tally.alert.recharge_requested.v1",
+                   "source": "tally", "id": "acct-r/recharge_requested:100/1",
+                   "subject": "acct-r", "time": "2027-01-01T02:00:00Z",
+                   "datacontenttype": "application/json",
+                   "data": {"account_id": "acct-r", "spendable": "90.000000",
+                            "overage": "0.000000", "cycle_start": "2027-01-01T00:00:00Z",
+                            "cycle_end": "2027-02-01T00:00:00Z", "threshold": "100.000000",
+                            "threshold_unit": "credits", "recharge_credits": "500.000000"}})
+        );
+        // Still below (90 - 80 = 10), and at zero with overage: no second request.
+        a.debit(dec!(80), t(1, 3), false, &mut out);
+        assert!(recharges(evaluate(&a, t(1, 3), &defaults, &mut state)).is_empty());
+        a.debit(dec!(25), t(1, 4), false, &mut out);
+        assert!(recharges(evaluate(&a, t(1, 4), &defaults, &mut state)).is_empty());
+        // The payment system's top-up of 500 settles the 15 of overage: 485, above. The
+        // request re-arms without any message of its own.
+        a.grant(&top_up("t2", dec!(500)), t(1, 5), &mut out);
+        let after_top_up = evaluate(&a, t(1, 5), &defaults, &mut state);
+        assert!(
+            after_top_up
+                .iter()
+                .all(|x| x.kind != AlertKind::RechargeRequested),
+            "{after_top_up:?}"
+        );
+        assert!(!state["recharge_requested:100"].active);
+        // 485 - 400 = 85: the second crossing, the second request.
+        a.debit(dec!(400), t(1, 6), false, &mut out);
+        let second = recharges(evaluate(&a, t(1, 6), &defaults, &mut state));
+        assert_eq!(
+            kinds(&second),
+            vec![(
+                AlertKind::RechargeRequested,
+                "acct-r/recharge_requested:100/2".into()
+            )]
+        );
+        assert_eq!(second[0].data["spendable"], "85.000000");
+    }
+
+    #[test]
+    fn an_alert_key_names_its_kind() {
+        assert_eq!(
+            AlertKind::of_key("credits_exhausted"),
+            Some(AlertKind::CreditsExhausted)
+        );
+        assert_eq!(
+            AlertKind::of_key("low_balance:percent:25"),
+            Some(AlertKind::LowBalance)
+        );
+        assert_eq!(
+            AlertKind::of_key("allowance_used:80:2027-01-01"),
+            Some(AlertKind::AllowanceUsed)
+        );
+        assert_eq!(
+            AlertKind::of_key("recharge_requested:100"),
+            Some(AlertKind::RechargeRequested)
+        );
+        assert_eq!(AlertKind::of_key("credits_exhaustedx"), None);
+        assert_eq!(AlertKind::of_key("other"), None);
     }
 
     #[test]
@@ -363,6 +634,8 @@ mod tests {
             low_balance_credits: None,
             low_balance_percent: Some(dec!(25)),
             allowance_alert_percents: vec![50, 80, 100],
+            recharge_threshold_credits: None,
+            recharge_credits: None,
         };
         a.set_plan(
             plan,

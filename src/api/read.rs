@@ -19,6 +19,7 @@ use crate::analytics::queries::{self, Cycle, DailyUsage, DateRange, Projection};
 use crate::credits::cut;
 use crate::ledger::BalanceView;
 use crate::ledger::LedgerLine;
+use crate::rating::PriceVersion;
 
 /// Longest range `/usage` serves (three years and a day).
 pub const MAX_USAGE_DAYS: i64 = 1_096;
@@ -55,11 +56,20 @@ pub async fn balance(
     let id = who.read(&id)?;
     let now = Utc::now();
     let view = view(&api, id, now).await?;
-    Ok(Json(balance_document(&view, now)))
+    Ok(Json(balance_document(
+        &view,
+        api.prices.version_at(now),
+        now,
+    )))
 }
 
 /// The billing view as JSON: the body of GET /balance, and `tally balance --json`.
-pub fn balance_document(view: &BalanceView, now: DateTime<Utc>) -> Value {
+/// `prices` is the price-table version in force at `now` (its model prices are shown).
+pub fn balance_document(
+    view: &BalanceView,
+    prices: Option<&PriceVersion>,
+    now: DateTime<Utc>,
+) -> Value {
     let next_expiry = view
         .next_expiry
         .as_ref()
@@ -91,6 +101,8 @@ pub fn balance_document(view: &BalanceView, now: DateTime<Utc>) -> Value {
             "plan_id": p.plan_id,
             "monthly_allowance": p.monthly_allowance,
             "billing_day": p.billing_day,
+            "recharge_threshold_credits": p.recharge_threshold_credits,
+            "recharge_credits": p.recharge_credits,
         })),
         "cycle": view.cycle.as_ref().map(|c| json!({
             "start": c.start,
@@ -100,6 +112,27 @@ pub fn balance_document(view: &BalanceView, now: DateTime<Utc>) -> Value {
         })),
         "allowance": allowance,
         "days_until_reset": view.days_until_reset,
+        "purchased": {
+            "remaining": view.spendable,
+            "total": view.total_granted,
+            "grants": view.active_grants,
+        },
+        "prices": prices.map(model_prices_document),
+    })
+}
+
+/// The model prices of a price-table version, as the balance document shows them.
+pub fn model_prices_document(version: &PriceVersion) -> Value {
+    json!({
+        "version": version.id(),
+        "models": version.model_prices().iter().map(|p| json!({
+            "model": p.model,
+            "kind": p.kind,
+            "match": p.other_conditions.iter().copied().collect::<BTreeMap<_, _>>(),
+            "unit": p.unit.as_str(),
+            "credits_per_unit": p.credits_per_unit,
+            "rule_id": p.rule_id,
+        })).collect::<Vec<_>>(),
     })
 }
 

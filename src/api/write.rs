@@ -112,6 +112,10 @@ pub struct PlanRequest {
     low_balance_percent: Option<String>,
     #[serde(default)]
     allowance_alert_percents: Option<Vec<JsonInt>>,
+    #[serde(default)]
+    recharge_threshold_credits: Option<String>,
+    #[serde(default)]
+    recharge_credits: Option<String>,
     /// RFC 3339: when the plan takes effect (its event time); absent: now.
     #[serde(default)]
     effective_at: Option<String>,
@@ -296,6 +300,12 @@ pub async fn plan(
     if let Some(v) = &req.allowance_alert_percents {
         data["allowance_alert_percents"] = json!(v);
     }
+    if let Some(v) = &req.recharge_threshold_credits {
+        data["recharge_threshold_credits"] = json!(v);
+    }
+    if let Some(v) = &req.recharge_credits {
+        data["recharge_credits"] = json!(v);
+    }
     let raw = encode::envelope(types::PLAN, &source, &event_id, id, time, data);
     let Payload::Plan(p) = check(&raw, now, &limits(&api))?.payload else {
         return Err(ApiError::Internal("a plan decoded as another type".into()));
@@ -311,6 +321,7 @@ pub async fn plan(
             low_balance_credits: p.low_balance_credits,
             low_balance_percent: p.low_balance_percent,
             allowance_alert_percents: p.allowance_alert_percents.clone(),
+            recharge: p.recharge,
         },
     };
     let sent = commands::publish_plan(

@@ -157,7 +157,8 @@ enum TypedData<'a> {
     Instance(InstanceData<'a>),
     Metered(MeteredData<'a>),
     Grant(GrantData<'a>),
-    Plan(PlanData<'a>),
+    /// Boxed: plans are rare, and their fields would make every event's slot larger.
+    Plan(Box<PlanData<'a>>),
 }
 
 impl<'a> TypedData<'a> {
@@ -168,7 +169,7 @@ impl<'a> TypedData<'a> {
             EventKind::InstanceHours => TypedData::Instance(parse_data(raw)?),
             EventKind::Metered => TypedData::Metered(parse_data(raw)?),
             EventKind::Grant => TypedData::Grant(parse_data(raw)?),
-            EventKind::Plan => TypedData::Plan(parse_data(raw)?),
+            EventKind::Plan => TypedData::Plan(Box::new(parse_data(raw)?)),
         })
     }
 
@@ -608,7 +609,7 @@ impl<'de> Visitor<'de> for TypedSeed<'_, 'de> {
             EventKind::InstanceHours => TypedData::Instance(InstanceData::deserialize(de)?),
             EventKind::Metered => TypedData::Metered(MeteredData::deserialize(de)?),
             EventKind::Grant => TypedData::Grant(GrantData::deserialize(de)?),
-            EventKind::Plan => TypedData::Plan(PlanData::deserialize(de)?),
+            EventKind::Plan => TypedData::Plan(Box::new(PlanData::deserialize(de)?)),
         }));
         Ok(())
     }

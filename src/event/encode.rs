@@ -124,6 +124,10 @@ pub fn plan(
     if let Some(a) = &p.allowance_alert_percents {
         data["allowance_alert_percents"] = json!(a);
     }
+    if let Some(r) = &p.recharge {
+        data["recharge_threshold_credits"] = json!(decimal(r.threshold_credits));
+        data["recharge_credits"] = json!(decimal(r.credits));
+    }
     envelope(types::PLAN, source, event_id, account_id, time, data)
 }
 
@@ -168,6 +172,10 @@ mod tests {
                 low_balance_credits: Some(dec!(50)),
                 low_balance_percent: None,
                 allowance_alert_percents: Some(vec![50, 100]),
+                recharge: Some(crate::event::Recharge {
+                    threshold_credits: dec!(100),
+                    credits: dec!(2000.5),
+                }),
             },
             now,
         );
@@ -178,6 +186,10 @@ mod tests {
         assert_eq!(
             (pl.billing_day, pl.allowance_alert_percents),
             (31, Some(vec![50, 100]))
+        );
+        assert_eq!(
+            pl.recharge.map(|r| (r.threshold_credits, r.credits)),
+            Some((dec!(100), dec!(2000.5)))
         );
     }
 }

@@ -258,6 +258,18 @@ pub struct PlanEvent<'a> {
     pub low_balance_percent: Option<Decimal>,
     /// Allowance-used alert thresholds in percent (default 50, 80, 100).
     pub allowance_alert_percents: Option<Vec<u32>>,
+    /// The optional recharge request (`recharge_threshold_credits` and `recharge_credits`).
+    pub recharge: Option<Recharge>,
+}
+
+/// A plan's recharge request: when spendable credits fall below `threshold_credits`, Tally
+/// publishes one `recharge_requested` message per crossing asking the payment system for
+/// `credits` (Tally grants nothing itself: the grant event does).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recharge {
+    pub threshold_credits: Decimal,
+    /// More than 0.
+    pub credits: Decimal,
 }
 
 #[derive(Debug, Clone, PartialEq)]

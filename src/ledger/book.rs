@@ -553,6 +553,8 @@ mod tests {
                 low_balance_credits: None,
                 low_balance_percent: None,
                 allowance_alert_percents: vec![],
+                recharge_threshold_credits: None,
+                recharge_credits: None,
             },
             overage_policy: policy,
             top_up_validity_months: 3,

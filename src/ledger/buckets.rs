@@ -174,6 +174,12 @@ pub struct Plan {
     pub low_balance_percent: Option<Decimal>,
     /// Allowance-used alert thresholds in percent.
     pub allowance_alert_percents: Vec<u32>,
+    /// A recharge request is published when spendable credits fall below this (once per
+    /// crossing), asking the payment system for `recharge_credits`. Both or neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recharge_threshold_credits: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recharge_credits: Option<Decimal>,
 }
 
 /// The current billing cycle [start, end).
@@ -912,6 +918,8 @@ mod tests {
                             low_balance_credits: None,
                             low_balance_percent: Some(Decimal::from(25)),
                             allowance_alert_percents: vec![50, 100],
+                            recharge_threshold_credits: None,
+                            recharge_credits: None,
                         };
                         let policy = if bill_overage { OveragePolicy::BillOverage } else { OveragePolicy::SettleFromNextGrant };
                         a.set_plan(plan, policy, 3, at, at, &mut out);

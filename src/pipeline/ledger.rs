@@ -426,6 +426,8 @@ pub fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
                 low_balance_credits: plan.low_balance_credits,
                 low_balance_percent: plan.low_balance_percent,
                 allowance_alert_percents: plan.allowance_alert_percents.clone().unwrap_or_default(),
+                recharge_threshold_credits: plan.recharge.map(|r| r.threshold_credits),
+                recharge_credits: plan.recharge.map(|r| r.credits),
             },
             overage_policy: plan.overage_policy,
             top_up_validity_months: plan

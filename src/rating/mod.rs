@@ -9,7 +9,7 @@ mod table;
 
 pub use check::{check, check_file, CheckReport, TableError};
 pub use rate::{Charge, Unpriced, UnpricedWhy, OUTBOUND_FREE_RULE_ID};
-pub use table::{PriceRule, PriceTable, PriceVersion, Unit};
+pub use table::{ModelPrice, PriceRule, PriceTable, PriceVersion, Unit};
 
 #[cfg(test)]
 mod tests;

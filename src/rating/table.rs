@@ -400,6 +400,19 @@ impl KindIndex {
     }
 }
 
+/// A model's price in a version ([`PriceVersion::model_prices`]): "gemini-3-flash
+/// (ai_analysis): 0.5 credits per analysis".
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelPrice<'a> {
+    pub model: &'a str,
+    pub kind: &'a str,
+    /// The rule's other `match` pairs (e.g. `voice_tier = premium`), in file order.
+    pub other_conditions: Vec<(&'a str, &'a str)>,
+    pub unit: Unit,
+    pub credits_per_unit: Decimal,
+    pub rule_id: &'a str,
+}
+
 /// One effective-dated version of the table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PriceVersion {
@@ -454,6 +467,37 @@ impl PriceVersion {
     /// Rules in file order.
     pub fn rules(&self) -> &[PriceRule] {
         &self.rules
+    }
+
+    /// The price of each model in this version: every rule whose `match` names a `model`,
+    /// by (model, kind, then the fewest other conditions first: the model's base price
+    /// before its variants such as a premium voice), file order among equals. Rules without
+    /// a model (calls by channel, instances by type) are not model prices.
+    pub fn model_prices(&self) -> Vec<ModelPrice<'_>> {
+        let mut out: Vec<ModelPrice<'_>> = self
+            .rules
+            .iter()
+            .filter_map(|r| {
+                let model = r.conditions().find(|(k, _)| *k == "model")?.1;
+                Some(ModelPrice {
+                    model,
+                    kind: r.kind(),
+                    other_conditions: r.conditions().filter(|(k, _)| *k != "model").collect(),
+                    unit: r.unit(),
+                    credits_per_unit: r.credits_per_unit(),
+                    rule_id: r.id(),
+                })
+            })
+            .collect();
+        // Stable: file order among equals.
+        out.sort_by(|a, b| {
+            (a.model, a.kind, a.other_conditions.len()).cmp(&(
+                b.model,
+                b.kind,
+                b.other_conditions.len(),
+            ))
+        });
+        out
     }
 
     /// The usage kinds this version prices.

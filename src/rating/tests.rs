@@ -724,6 +724,78 @@ fn default_table_checks_clean() {
     assert_eq!(ids, ["2025-01", "2026-07"]);
 }
 
+#[test]
+fn model_prices_of_the_shipped_table_in_force_from_july_2026() {
+    let table = table(DEFAULT_TABLE);
+    let v = table.version_at(at("2026-12-01T00:00:00Z")).unwrap();
+    assert_eq!(v.id(), "2026-07");
+    type Line<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, &'a str, Decimal);
+    let got: Vec<Line<'_>> = v
+        .model_prices()
+        .into_iter()
+        .map(|p| {
+            (
+                p.model,
+                p.kind,
+                p.other_conditions,
+                p.unit.as_str(),
+                p.credits_per_unit,
+            )
+        })
+        .collect();
+    let premium = || vec![("voice_tier", "premium")];
+    // Read off prices/default.toml's 2026-07 version: every rule matching a model.
+    assert_eq!(
+        got,
+        vec![
+            (
+                "claude-sonnet",
+                "chat_response",
+                vec![],
+                "response",
+                dec("1")
+            ),
+            (
+                "claude-sonnet",
+                "chat_response",
+                premium(),
+                "response",
+                dec("1.5")
+            ),
+            (
+                "gemini-3-flash",
+                "ai_analysis",
+                vec![],
+                "analysis",
+                dec("0.4")
+            ),
+            ("gpt-4o", "ai_analysis", vec![], "analysis", dec("2")),
+            ("gpt-4o", "chat_response", vec![], "response", dec("1.8")),
+            ("gpt-4o", "chat_response", premium(), "response", dec("2.3")),
+            ("gpt-4o-mini", "chat_response", vec![], "response", dec("1")),
+            (
+                "gpt-4o-mini",
+                "chat_response",
+                premium(),
+                "response",
+                dec("1.5")
+            ),
+            ("image-v2", "media_generation", vec![], "image", dec("4")),
+        ]
+    );
+    // Before July 2026 the first version's: Gemini analyses cost 0.5.
+    let first = table.version_at(at("2026-06-30T23:59:59Z")).unwrap();
+    let gemini = first
+        .model_prices()
+        .into_iter()
+        .find(|p| p.model == "gemini-3-flash")
+        .unwrap();
+    assert_eq!(
+        (gemini.credits_per_unit, gemini.unit, gemini.rule_id),
+        (dec("0.5"), Unit::Analysis, "ai_analysis.gemini-3-flash")
+    );
+}
+
 /// Every usage the shared vocabulary can produce, as (kind, attributes, quantity).
 type Attributes = Vec<(&'static str, &'static str)>;
 

@@ -160,6 +160,7 @@ pub fn test_config(name: &str) -> Config {
         &mut a.credits_exhausted,
         &mut a.projected_exhaustion,
         &mut a.credits_expiring,
+        &mut a.recharge_requested,
     ] {
         *topic = format!("{id}.{topic}");
     }

@@ -231,6 +231,8 @@ const KEY_POOL: &[&str] = &[
     "low_balance_credits",
     "low_balance_percent",
     "allowance_alert_percents",
+    "recharge_threshold_credits",
+    "recharge_credits",
     "traceparent",
     "x",
     "Type",

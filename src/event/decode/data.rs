@@ -10,7 +10,8 @@ use serde::Deserialize;
 use super::scalar::{parse_decimal, parse_rfc3339, StringMap, Text};
 use crate::event::{
     CallUsage, ChatUsage, Direction, GrantEvent, GrantKind, InstanceUsage, MeteredUsage,
-    OveragePolicy, Payload, PlanEvent, Reason, Rejection, KIND_CALL, KIND_CHAT, KIND_INSTANCE,
+    OveragePolicy, Payload, PlanEvent, Reason, Recharge, Rejection, KIND_CALL, KIND_CHAT,
+    KIND_INSTANCE,
 };
 
 /// Longest id (`call_id`, `grant_id`...), in bytes.
@@ -493,6 +494,10 @@ pub(crate) struct PlanData<'a> {
     #[serde(borrow)]
     pub(super) low_balance_percent: Option<Text<'a>>,
     pub(super) allowance_alert_percents: Option<Vec<i64>>,
+    #[serde(borrow)]
+    pub(super) recharge_threshold_credits: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) recharge_credits: Option<Text<'a>>,
 }
 
 impl<'a> PlanData<'a> {
@@ -569,6 +574,29 @@ impl<'a> PlanData<'a> {
                 Some(out)
             }
         };
+        // Both or neither: a threshold without an amount asks for nothing.
+        let recharge = match (
+            self.recharge_threshold_credits.take(),
+            self.recharge_credits.take(),
+        ) {
+            (None, None) => None,
+            (Some(t), Some(c)) => Some(Recharge {
+                threshold_credits: decimal(&t, "data.recharge_threshold_credits")?,
+                credits: positive_decimal(&c, "data.recharge_credits")?,
+            }),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "data.recharge_credits",
+                    "required with recharge_threshold_credits",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "data.recharge_threshold_credits",
+                    "required with recharge_credits",
+                ))
+            }
+        };
         Ok(Payload::Plan(PlanEvent {
             plan_id,
             monthly_allowance,
@@ -578,6 +606,7 @@ impl<'a> PlanData<'a> {
             low_balance_credits,
             low_balance_percent,
             allowance_alert_percents,
+            recharge,
         }))
     }
 }

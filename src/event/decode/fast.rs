@@ -405,6 +405,12 @@ impl<'a> Scanner<'a> {
                     _ => unreachable!("just put there"),
                 }
             };
+            ($variant:ident, boxed $ty:ident) => {
+                match slot.insert(DataValue::Typed(TypedData::$variant(Box::<$ty>::default()))) {
+                    DataValue::Typed(TypedData::$variant(d)) => &mut **d,
+                    _ => unreachable!("just put there"),
+                }
+            };
         }
         match kind {
             EventKind::Call => read_data!(self, place!(Call, CallData), {
@@ -443,7 +449,7 @@ impl<'a> Scanner<'a> {
                 3 "expires_at" => expires_at: opt_text,
                 4 "priority" => priority: opt_int,
             }),
-            EventKind::Plan => read_data!(self, place!(Plan, PlanData), {
+            EventKind::Plan => read_data!(self, place!(Plan, boxed PlanData), {
                 0 "plan_id" => plan_id: opt_text,
                 1 "monthly_allowance" => monthly_allowance: opt_text,
                 2 "billing_day" => billing_day: opt_int,
@@ -452,6 +458,8 @@ impl<'a> Scanner<'a> {
                 5 "low_balance_credits" => low_balance_credits: opt_text,
                 6 "low_balance_percent" => low_balance_percent: opt_text,
                 7 "allowance_alert_percents" => allowance_alert_percents: opt_int_list,
+                8 "recharge_threshold_credits" => recharge_threshold_credits: opt_text,
+                9 "recharge_credits" => recharge_credits: opt_text,
             }),
         }
     }

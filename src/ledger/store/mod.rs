@@ -546,6 +546,52 @@ mod tests {
     use crate::event::GrantKind;
 
     #[test]
+    fn total_purchased_counts_the_original_credits_of_active_grants_once() {
+        let t = |d: u32| -> DateTime<Utc> { format!("2027-01-{d:02}T00:00:00Z").parse().unwrap() };
+        let g = |id: &str, kind, credits: i64, at, exp| -> GrantTerms {
+            (id.to_owned(), kind, Decimal::from(credits), at, exp)
+        };
+        let now = t(15);
+        let grants = vec![
+            // Counted: a package that never expires (spent out or not, its original 2,000).
+            g("pkg", GrantKind::Package, 2_000, t(1), None),
+            // Counted: a top-up valid after now.
+            g("tu-1", GrantKind::TopUp, 500, t(2), Some(t(20))),
+            // The same top-up again (the table's copy of the book's): once.
+            g("tu-1", GrantKind::TopUp, 500, t(2), Some(t(20))),
+            // Expired at now exactly: over.
+            g("promo", GrantKind::Promo, 300, t(1), Some(t(15))),
+            // Granted after now: not yet.
+            g("tu-2", GrantKind::TopUp, 70, t(16), None),
+            // The current cycle's allowance counts, another cycle's does not.
+            g(
+                "allowance:2027-01-01",
+                GrantKind::Allowance,
+                1_000,
+                t(1),
+                Some(t(31)),
+            ),
+            g(
+                "allowance:2026-12-20",
+                GrantKind::Allowance,
+                900,
+                t(1),
+                Some(t(31)),
+            ),
+        ];
+        // 2,000 + 500 + 1,000 = 3,500 over three grants.
+        assert_eq!(
+            active_grants_total(&grants, Some("allowance:2027-01-01"), now),
+            (Decimal::new(3_500_000_000, 6), 3)
+        );
+        assert_eq!(
+            active_grants_total(&grants, None, now),
+            (Decimal::new(2_500_000_000, 6), 2)
+        );
+        assert_eq!(active_grants_total(&[], None, now).1, 0);
+    }
+
+    #[test]
     fn sqlstates_are_classified_by_whose_fault_they_are() {
         for (code, fault) in [
             ("08006", Fault::Transient), // connection failure
@@ -618,6 +664,8 @@ mod tests {
                 low_balance_credits: None,
                 low_balance_percent: None,
                 allowance_alert_percents: vec![],
+                recharge_threshold_credits: None,
+                recharge_credits: None,
             },
             overage_policy: OveragePolicy::BillOverage,
             top_up_validity_months: 3,

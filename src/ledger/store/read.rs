@@ -1,6 +1,8 @@
 //! The read models (balances, the balance view, books, ledger lines, charges by day, grants)
 //! and the row mappers they use.
 
+use std::collections::BTreeSet;
+
 use chrono::{DateTime, NaiveDate, Utc};
 use rust_decimal::Decimal;
 use tokio_postgres::types::Json;
@@ -116,6 +118,42 @@ impl Store {
             (secs + 86_399) / 86_400
         });
         let overage = crate::credits::fixed(account.overage);
+        // The book's grants first (live terms), then the table's rows: spent-out grants leave
+        // the book but keep their row, and still count until they expire.
+        let mut terms: Vec<GrantTerms> = account
+            .grants
+            .iter()
+            .map(|g| {
+                (
+                    g.grant_id.clone(),
+                    g.kind,
+                    g.granted,
+                    g.granted_at,
+                    g.expires_at,
+                )
+            })
+            .collect();
+        let rows = self
+            .client
+            .query(
+                "SELECT grant_id, kind, granted, granted_at, expires_at FROM grants
+                 WHERE account_id = $1 AND granted_at <= $2
+                   AND (expires_at IS NULL OR expires_at > $2)",
+                &[&account_id, &now],
+            )
+            .await?;
+        for r in &rows {
+            let kind: String = r.get(1);
+            let kind = GrantKind::parse(&kind)
+                .ok_or_else(|| StoreError::Data(format!("grant kind {kind}")))?;
+            terms.push((r.get(0), kind, r.get(2), r.get(3), r.get(4)));
+        }
+        let current_allowance = account
+            .cycle
+            .as_ref()
+            .map(|c| crate::ledger::buckets::allowance_grant_id(c.start));
+        let (total_granted, active_grants) =
+            active_grants_total(&terms, current_allowance.as_deref(), now);
         Ok(Some(BalanceView {
             account_id: account.account_id,
             spendable,
@@ -126,6 +164,8 @@ impl Store {
             cycle: account.cycle,
             allowance,
             days_until_reset,
+            total_granted,
+            active_grants,
         }))
     }
 
@@ -353,6 +393,45 @@ pub struct BalanceView {
     pub allowance: Option<(Decimal, Decimal)>,
     /// Whole days until the next reset (rounded up).
     pub days_until_reset: Option<i64>,
+    /// Total purchased: the original credits (`granted`) of every grant active at the view's
+    /// time, spent out or not ([`active_grants_total`]). `spendable` is what is left of it.
+    pub total_granted: Decimal,
+    /// How many grants `total_granted` adds up.
+    pub active_grants: usize,
+}
+
+/// A grant as [`active_grants_total`] needs it: id, kind, original credits, granted at,
+/// expiry.
+pub type GrantTerms = (
+    String,
+    GrantKind,
+    Decimal,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
+/// The "total purchased" of an account at `now`: the sum of the original credits of its
+/// active grants — granted at or before `now`, not expired at `now` (no expiry, or one
+/// after `now`), of any kind, whether credits are left or not — where an allowance counts
+/// only for the current cycle (`current_allowance`: other cycles' allowances are over).
+/// `grants` may name a grant twice (the book's and the table's copy): it counts once.
+/// Returns (total, number of grants counted).
+pub fn active_grants_total(
+    grants: &[GrantTerms],
+    current_allowance: Option<&str>,
+    now: DateTime<Utc>,
+) -> (Decimal, usize) {
+    let mut seen = BTreeSet::new();
+    let mut total = Decimal::ZERO;
+    for (grant_id, kind, granted, granted_at, expires_at) in grants {
+        let active = *granted_at <= now
+            && expires_at.is_none_or(|e| e > now)
+            && (*kind != GrantKind::Allowance || current_allowance == Some(grant_id.as_str()));
+        if active && seen.insert(grant_id.as_str()) {
+            total += *granted;
+        }
+    }
+    (crate::credits::fixed(total), seen.len())
 }
 
 /// An account's balance by grant.
@@ -418,6 +497,9 @@ pub(super) fn account_from_row(r: &tokio_postgres::Row) -> Result<Account, Store
                 .into_iter()
                 .map(|p| p as u32)
                 .collect(),
+            // Not in the legacy columns: only books carry them.
+            recharge_threshold_credits: None,
+            recharge_credits: None,
         });
     }
     if let (Some(start), Some(end)) = (r.get(11), r.get(12)) {
