@@ -13,6 +13,9 @@
 //!
 //! Every ledger entry and every alert message (read back from the alert topics by a Kafka
 //! consumer) is asserted exactly.
+//!
+//! The story runs once ([`fixture`]); each account's ledger, the billing view and the alerts
+//! are named cases reading it.
 
 mod common;
 
@@ -145,12 +148,43 @@ fn read_alerts(env: &TestEnv) -> Vec<(String, Value)> {
     out
 }
 
-#[cfg_attr(
-    not(feature = "integration"),
-    ignore = "needs the services: scripts/test runs it"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plans_cycles_top_ups_overage_and_every_alert() {
+/// The story every case reads: the events of all three accounts sent in phases with the
+/// pipeline's clock at each phase's time, the scheduler's ticks at chosen times, and every
+/// alert relayed once; with the number of alerts relayed.
+struct Fixture {
+    env: TestEnv,
+    published: usize,
+}
+
+/// The fixture, built by the first case that asks (on a runtime of its own, so that it
+/// outlives that case's); a failed set-up fails every case with its message.
+fn fixture() -> &'static Fixture {
+    static FIXTURE: std::sync::OnceLock<Result<Fixture, String>> = std::sync::OnceLock::new();
+    let built = FIXTURE.get_or_init(|| {
+        std::thread::spawn(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(set_up())
+        })
+        .join()
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        })
+    });
+    match built {
+        Ok(f) => f,
+        Err(why) => panic!("the shared story could not be set up: {why}"),
+    }
+}
+
+async fn set_up() -> Fixture {
     let mut cfg = test_config("life");
     cfg.alerts.low_balance_credits = Some(dec!(10));
     let env = TestEnv::with_config(cfg).await;
@@ -355,6 +389,19 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
         0
     );
 
+    Fixture { env, published }
+}
+
+/// acct-p: plan, package, usage, three resets (Jan 31, Feb 28 — billing day 31 — Mar 31).
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_package_usage_and_three_resets() {
+    let f = fixture();
+    let env = &f.env;
+    let store = env.store().await;
     // acct-p: plan, package, usage, three resets (Jan 31, Feb 28 — billing day 31 — Mar 31).
     let (a1, a2, a3, a4) = (
         "allowance:2026-12-31",
@@ -364,7 +411,7 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
     );
     let z = Decimal::ZERO;
     assert_eq!(
-        lines(&env, "acct-p").await,
+        lines(env, "acct-p").await,
         vec![
             line("grant", Some(a1), dec!(100), dec!(100), z, day(1, 10, 0)),
             line(
@@ -426,11 +473,22 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
     );
     let (_, cycle) = store.plan("acct-p").await.unwrap().unwrap();
     assert_eq!((cycle.start, cycle.end), (day(3, 31, 0), day(4, 30, 0)));
+}
 
+/// acct-q: three top-ups renewing each other's validity, then expiring together.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_ups_renew_each_other_then_expire_together() {
+    let f = fixture();
+    let env = &f.env;
+    let z = Decimal::ZERO;
     // acct-q: three top-ups renewing each other's validity, then expiring together.
     let q_exp = day(4, 25, 0);
     assert_eq!(
-        lines(&env, "acct-q").await,
+        lines(env, "acct-q").await,
         vec![
             line("grant", Some("q1"), dec!(20), dec!(20), z, day(1, 10, 0)),
             line("grant", Some("q2"), dec!(10), dec!(30), z, day(1, 20, 0)),
@@ -444,10 +502,21 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
             line("expiry", Some("q3"), dec!(-5), dec!(0), z, q_exp),
         ]
     );
+}
 
+/// acct-r: overage settled from the next top-up first.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overage_settled_from_the_next_top_up() {
+    let f = fixture();
+    let env = &f.env;
+    let z = Decimal::ZERO;
     // acct-r: overage settled from the next top-up first.
     assert_eq!(
-        lines(&env, "acct-r").await,
+        lines(env, "acct-r").await,
         vec![
             line("grant", Some("r1"), dec!(20), dec!(20), z, day(2, 1, 0)),
             line("debit", Some("r1"), dec!(-12), dec!(8), z, day(2, 2, 0)),
@@ -465,7 +534,20 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
             line("debit", Some("r2"), dec!(-20), dec!(8), z, day(2, 5, 0)),
         ]
     );
+}
 
+/// The billing view of acct-p at the last tick.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn billing_view_at_the_last_tick() {
+    let f = fixture();
+    let env = &f.env;
+    let store = env.store().await;
+    let a4 = "allowance:2027-03-31";
+    let z = Decimal::ZERO;
     // The billing view at the last tick.
     let view = store
         .balance_view("acct-p", day(4, 25, 0))
@@ -481,9 +563,20 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
     );
     let order: Vec<&str> = view.grants.iter().map(|g| g.grant_id.as_str()).collect();
     assert_eq!(order, vec![a4, "pkg-1"], "consumption order");
+}
 
+/// Every alert, once per crossing, on its topic, keyed by account, valid by its schema; each resolved once its condition stopped holding.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_alert_once_per_crossing_then_resolved() {
+    let f = fixture();
+    let env = &f.env;
+    let published = f.published;
     // Every alert, once per crossing, on its topic, keyed by account, valid by its schema.
-    let alerts = read_alerts(&env);
+    let alerts = read_alerts(env);
     assert_eq!(alerts.len(), published);
     let schema: Value = serde_json::from_str(
         &std::fs::read_to_string(common::repo_path("schemas/alerts/alert.schema.json")).unwrap(),
@@ -505,6 +598,7 @@ async fn plans_cycles_top_ups_overage_and_every_alert() {
         .into_iter()
         .map(|(topic, v)| (v["id"].as_str().unwrap().to_owned(), (topic, v)))
         .collect();
+    let q_exp = day(4, 25, 0);
     let q_key = q_exp.timestamp();
     let expected_ids: Vec<(String, &str)> = vec![
         (
