@@ -363,6 +363,12 @@ async fn a_recharge_is_requested_once_per_crossing() {
         )
     };
     assert_eq!(got, vec![request(1, at(2)), request(2, at(5))]);
+    // The balance below is read as of now (the API's and the CLI's "now"): wait until every
+    // event above, dated up to 6 s after the plan, is in the past, or the top-up of at(4)
+    // would not be granted yet.
+    while Utc::now() <= at(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Tally granted nothing itself: 300 + 500 - 150 - 60 - 80 - 420 = 90.
     let balance = env
         .store()
