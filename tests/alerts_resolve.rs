@@ -13,8 +13,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, SecondsFormat, TimeZone, Utc};
@@ -233,22 +231,6 @@ async fn a_top_up_resolves_the_alerts_the_usage_fired() {
     tally.stop().await;
 }
 
-fn tally_cli(config: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run tally");
-    assert!(
-        out.status.success(),
-        "tally {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[cfg_attr(
     not(feature = "integration"),
     ignore = "needs the services: scripts/test runs it"
@@ -257,8 +239,7 @@ fn tally_cli(config: &Path, args: &[&str]) -> String {
 async fn a_recharge_is_requested_once_per_crossing() {
     let env = TestEnv::new("recharge").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tally.toml");
-    std::fs::write(&config, toml::to_string(&*env.cfg).unwrap()).unwrap();
+    let config = common::config_file(&env, dir.path());
     let tally = RunningTally::start(&env);
     let acct = "acct-rc";
     let t = env.cfg.kafka.topics.clone();
@@ -273,7 +254,7 @@ async fn a_recharge_is_requested_once_per_crossing() {
     .await;
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     // A prepaid account (no allowance) asking for 500 credits whenever it falls below 100.
-    let sent = tally_cli(
+    let sent = common::tally_cli(
         &config,
         &[
             "accounts",
@@ -381,7 +362,7 @@ async fn a_recharge_is_requested_once_per_crossing() {
     assert_eq!(balance.total_granted, dec!(800));
     // The settings are shown with the plan.
     let doc: Value =
-        serde_json::from_str(&tally_cli(&config, &["balance", acct, "--json"])).unwrap();
+        serde_json::from_str(&common::tally_cli(&config, &["balance", acct, "--json"])).unwrap();
     assert_eq!(
         (
             &doc["plan"]["recharge_threshold_credits"],
@@ -393,7 +374,7 @@ async fn a_recharge_is_requested_once_per_crossing() {
         doc["purchased"],
         json!({"remaining": "90.000000", "total": "800.000000", "grants": 2})
     );
-    let text = tally_cli(&config, &["balance", acct]);
+    let text = common::tally_cli(&config, &["balance", acct]);
     assert!(
         text.contains("\n  recharge request below 100 credits: 500 credits\n"),
         "{text}"
@@ -409,8 +390,7 @@ async fn a_recharge_is_requested_once_per_crossing() {
 async fn remaining_of_total_purchased_and_model_prices() {
     let env = TestEnv::with_config(with_tokens(test_config("purchased"))).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tally.toml");
-    std::fs::write(&config, toml::to_string(&*env.cfg).unwrap()).unwrap();
+    let config = common::config_file(&env, dir.path());
     let tally = RunningTally::start(&env);
     let server = Server::start(env.cfg.clone(), env.prices.clone()).await;
     let c = server.client();
@@ -473,7 +453,7 @@ async fn remaining_of_total_purchased_and_model_prices() {
     );
 
     // `tally balance`: the same figures as text.
-    let text = tally_cli(&config, &["balance", acct]);
+    let text = common::tally_cli(&config, &["balance", acct]);
     assert!(
         text.contains("\n  800 / 1,500 credits remaining\n"),
         "{text}"
@@ -486,7 +466,7 @@ async fn remaining_of_total_purchased_and_model_prices() {
     );
     // `tally balance --json` is the API's document.
     let json_doc: Value =
-        serde_json::from_str(&tally_cli(&config, &["balance", acct, "--json"])).unwrap();
+        serde_json::from_str(&common::tally_cli(&config, &["balance", acct, "--json"])).unwrap();
     assert_eq!(json_doc["purchased"], doc["purchased"]);
     assert_eq!(json_doc["prices"], doc["prices"]);
 

@@ -57,30 +57,11 @@ struct Fixture {
     topup: Value,
 }
 
-/// The shared data, set up by the first case that asks, on a runtime of its own that keeps
-/// Tally and the API running while the cases read; a failed set-up fails every case.
+/// The shared data, set up once by the first case that asks ([`common::set_up_once`]), Tally
+/// and the API kept running while the cases read it.
 fn fixture() -> &'static Fixture {
     static FIXTURE: std::sync::OnceLock<Option<Fixture>> = std::sync::OnceLock::new();
-    FIXTURE
-        .get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                runtime.block_on(async move {
-                    let (fixture, running) = set_up().await;
-                    let _ = tx.send(fixture);
-                    let _running = running;
-                    std::future::pending::<()>().await
-                })
-            });
-            rx.recv().ok()
-        })
-        .as_ref()
-        .expect("the shared set-up failed: see its panic above")
+    common::set_up_once(&FIXTURE, set_up)
 }
 
 /// A plan and grants through the API (accepted, retried, the same grant id for another

@@ -9,34 +9,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
 use rust_decimal_macros::dec;
 
 use common::{ev, RunningTally, TestEnv};
-
-fn tally(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tally"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run tally")
-}
-
-fn ok(config: &Path, args: &[&str]) -> String {
-    let out = tally(config, args);
-    assert!(
-        out.status.success(),
-        "tally {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 #[cfg_attr(
     not(feature = "integration"),
@@ -46,10 +24,9 @@ fn ok(config: &Path, args: &[&str]) -> String {
 async fn grants_and_plans_from_the_cli_are_applied_once() {
     let env = TestEnv::new("cli_accounts").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tally.toml");
-    std::fs::write(&config, toml::to_string(&*env.cfg).unwrap()).unwrap();
+    let config = common::config_file(&env, dir.path());
 
-    let sent = ok(
+    let sent = common::tally_cli(
         &config,
         &[
             "accounts",
@@ -69,7 +46,7 @@ async fn grants_and_plans_from_the_cli_are_applied_once() {
     );
     assert!(sent.contains(r#""id":"grant:acct-c:pkg-1""#), "{sent}");
     for _ in 0..2 {
-        ok(
+        common::tally_cli(
             &config,
             &[
                 "accounts",
@@ -84,7 +61,7 @@ async fn grants_and_plans_from_the_cli_are_applied_once() {
             ],
         );
     }
-    let sent = ok(
+    let sent = common::tally_cli(
         &config,
         &[
             "accounts",
@@ -104,7 +81,7 @@ async fn grants_and_plans_from_the_cli_are_applied_once() {
     );
 
     // Refused before anything is sent: the decoder's reason, naming the field.
-    let refused = tally(
+    let refused = common::tally_cli_output(
         &config,
         &[
             "accounts",

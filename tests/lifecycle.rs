@@ -156,32 +156,10 @@ struct Fixture {
     published: usize,
 }
 
-/// The fixture, built by the first case that asks (on a runtime of its own, so that it
-/// outlives that case's); a failed set-up fails every case with its message.
+/// The fixture, built once by the first case that asks ([`common::set_up_once`]).
 fn fixture() -> &'static Fixture {
-    static FIXTURE: std::sync::OnceLock<Result<Fixture, String>> = std::sync::OnceLock::new();
-    let built = FIXTURE.get_or_init(|| {
-        std::thread::spawn(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(set_up())
-        })
-        .join()
-        .map_err(|panic| {
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default()
-        })
-    });
-    match built {
-        Ok(f) => f,
-        Err(why) => panic!("the shared story could not be set up: {why}"),
-    }
+    static FIXTURE: std::sync::OnceLock<Option<Fixture>> = std::sync::OnceLock::new();
+    common::set_up_once(&FIXTURE, || async { (set_up().await, ()) })
 }
 
 async fn set_up() -> Fixture {

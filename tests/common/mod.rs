@@ -617,3 +617,67 @@ pub async fn actual(
     }
     out
 }
+
+/// A value a test binary's cases share, set up once by the first case that asks on a runtime
+/// of its own: `set_up` returns the value and what must keep running while the cases read it
+/// (Tally, an API server, or `()`), and that runtime lives as long as the test process. A
+/// set-up that panics fails every case that asks (its panic is printed above).
+pub fn set_up_once<T, K, F, S>(
+    cell: &'static std::sync::OnceLock<Option<T>>,
+    set_up: S,
+) -> &'static T
+where
+    T: Send + Sync + 'static,
+    K: 'static,
+    F: std::future::Future<Output = (T, K)> + 'static,
+    S: FnOnce() -> F + Send + 'static,
+{
+    cell.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let (value, running) = set_up().await;
+                let _ = tx.send(value);
+                let _running = running;
+                std::future::pending::<()>().await
+            })
+        });
+        rx.recv().ok()
+    })
+    .as_ref()
+    .expect("the shared set-up failed: see its panic above")
+}
+
+/// `env`'s configuration as a TOML file in `dir`, for the `tally` binary (`--config`).
+pub fn config_file(env: &TestEnv, dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("tally.toml");
+    std::fs::write(&path, toml::to_string(&*env.cfg).unwrap()).unwrap();
+    path
+}
+
+/// The `tally` binary run with `--config config` and `args` (logs at warn).
+pub fn tally_cli_output(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tally")
+}
+
+/// [`tally_cli_output`] that must succeed: its standard output.
+pub fn tally_cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = tally_cli_output(config, args);
+    assert!(
+        out.status.success(),
+        "tally {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
