@@ -1,9 +1,12 @@
 //! Typed settings from a TOML file plus `TALLY_*` environment overrides, validated once at
-//! start. [`Config`] composes the components' own settings, kept beside their logic
-//! (`kafka::KafkaConfig`, `event::Topics`, `ledger::PostgresConfig`,
-//! `analytics::ClickHouseConfig`: re-exported here), with those of the pipelines, alerts, the
-//! API, billing and prices defined here. Owns loading, defaults of its own sections and the
-//! validation of the whole; never logs secrets (see [`Secret`]).
+//! start. [`Config`] composes the components' own settings, each kept beside its logic and
+//! validating its own section (`kafka::KafkaConfig`, `event::Topics`,
+//! `ledger::{PostgresConfig, BillingConfig}`, `analytics::ClickHouseConfig`,
+//! `alerts::AlertsConfig`, `rating::PricesConfig`: re-exported here), with the two sections
+//! defined here: the pipelines' (`[pipeline]`) and the API's (`[api]`, an entry point above
+//! this module). Owns loading, and the checks that span sections (topic names unique across
+//! kafka and alerts, dead-letter size against librdkafka's limit, the grace against the
+//! dedupe window); never logs secrets (see [`Secret`]).
 //!
 //! Environment overrides use `__` between sections and keys:
 //! `TALLY_KAFKA__BROKERS=host:9092`, `TALLY_PIPELINE__BATCH_MAX_EVENTS=2000`,
@@ -17,14 +20,17 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub use crate::alerts::{AlertTopics, AlertsConfig};
 pub use crate::analytics::ClickHouseConfig;
 pub use crate::event::Topics;
 pub use crate::kafka::KafkaConfig;
-pub use crate::ledger::{conninfo, redact_url, PostgresConfig};
+pub use crate::ledger::{conninfo, redact_url, BillingConfig, PostgresConfig};
 use crate::names::valid_topic;
 pub use crate::names::{valid_account_id, valid_identifier};
+pub use crate::rating::PricesConfig;
 use crate::secret::redact_properties;
 pub use crate::secret::Secret;
+use crate::settings::Invalid;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -39,33 +45,8 @@ pub struct Config {
     pub billing: BillingConfig,
 }
 
-/// Billing semantics (docs/billing.md).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BillingConfig {
-    /// How long after its event time an event may arrive and still be billed in event-time
-    /// order ("24h", "90m", "2d"): a reset or an expiry is final only this long after it, and
-    /// usage arriving later is charged at the account's current time and marked late.
-    #[serde(with = "humantime_serde")]
-    pub grace: std::time::Duration,
-}
-
-impl Default for BillingConfig {
-    fn default() -> Self {
-        BillingConfig {
-            grace: std::time::Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-impl BillingConfig {
-    /// The grace as a signed duration (validated to fit).
-    pub fn grace(&self) -> chrono::Duration {
-        chrono::Duration::from_std(self.grace).unwrap_or(chrono::Duration::MAX)
-    }
-}
-
-/// The HTTP API and dashboard served by `tally run` (see `src/api`).
+/// The HTTP API and dashboard served by `tally run` (see `src/api`). Kept here, not in
+/// `api/`: the API is an entry point above this module, and arrows only point down.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
@@ -140,96 +121,6 @@ impl Default for ApiConfig {
     }
 }
 
-/// Threshold alerts: where they are published and the defaults for accounts whose plan does
-/// not set its own thresholds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AlertsConfig {
-    pub topics: AlertTopics,
-    /// Low-balance alert below this many credits for every account (a decimal string);
-    /// unset: only plans with their own threshold get low-balance alerts.
-    pub low_balance_credits: Option<rust_decimal::Decimal>,
-    /// Allowance-used thresholds in percent, for plans that do not set their own.
-    pub allowance_percents: Vec<u32>,
-    /// Credits-expiring alerts this many days before a grant expires.
-    pub expiring_within_days: i64,
-    /// How often the relay looks for unpublished alerts when idle.
-    pub relay_interval_ms: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AlertTopics {
-    pub low_balance: String,
-    pub allowance_used: String,
-    pub credits_exhausted: String,
-    pub projected_exhaustion: String,
-    pub credits_expiring: String,
-    /// Recharge requests for the payment system (not an alert: never resolved).
-    pub recharge_requested: String,
-}
-
-impl AlertTopics {
-    pub fn all(&self) -> Vec<&str> {
-        vec![
-            &self.low_balance,
-            &self.allowance_used,
-            &self.credits_exhausted,
-            &self.projected_exhaustion,
-            &self.credits_expiring,
-            &self.recharge_requested,
-        ]
-    }
-
-    /// The topic of an alert kind (`AlertKind::as_str`).
-    pub fn for_kind(&self, kind: &str) -> Option<&str> {
-        Some(match kind {
-            "low_balance" => &self.low_balance,
-            "allowance_used" => &self.allowance_used,
-            "credits_exhausted" => &self.credits_exhausted,
-            "projected_exhaustion" => &self.projected_exhaustion,
-            "credits_expiring" => &self.credits_expiring,
-            "recharge_requested" => &self.recharge_requested,
-            _ => return None,
-        })
-    }
-}
-
-impl Default for AlertsConfig {
-    fn default() -> Self {
-        AlertsConfig {
-            topics: AlertTopics::default(),
-            low_balance_credits: None,
-            allowance_percents: vec![50, 80, 100],
-            expiring_within_days: 7,
-            relay_interval_ms: 200,
-        }
-    }
-}
-
-impl Default for AlertTopics {
-    fn default() -> Self {
-        AlertTopics {
-            low_balance: "tally.alerts.low_balance".into(),
-            allowance_used: "tally.alerts.allowance_used".into(),
-            credits_exhausted: "tally.alerts.credits_exhausted".into(),
-            projected_exhaustion: "tally.alerts.projected_exhaustion".into(),
-            credits_expiring: "tally.alerts.credits_expiring".into(),
-            recharge_requested: "tally.recharge".into(),
-        }
-    }
-}
-
-impl AlertsConfig {
-    pub fn defaults(&self) -> crate::alerts::AlertDefaults {
-        crate::alerts::AlertDefaults {
-            low_balance_credits: self.low_balance_credits,
-            allowance_percents: self.allowance_percents.clone(),
-            expiring_within: chrono::Duration::days(self.expiring_within_days),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
@@ -270,12 +161,6 @@ pub struct PipelineConfig {
     pub shutdown_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PricesConfig {
-    pub path: PathBuf,
-}
-
 impl PipelineConfig {
     /// The back-off of every retried store and broker call (`retry_initial_ms`, `retry_max_ms`).
     pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
@@ -305,14 +190,6 @@ impl Default for PipelineConfig {
     }
 }
 
-impl Default for PricesConfig {
-    fn default() -> Self {
-        PricesConfig {
-            path: PathBuf::from("prices/default.toml"),
-        }
-    }
-}
-
 /// Largest `pipeline.max_message_bytes` accepted (16 MiB).
 pub const MAX_MESSAGE_BYTES_LIMIT: usize = 16 * 1024 * 1024;
 
@@ -328,6 +205,15 @@ pub enum ConfigError {
     Parse(String),
     #[error("configuration key `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+}
+
+impl From<Invalid> for ConfigError {
+    fn from(e: Invalid) -> Self {
+        ConfigError::Invalid {
+            key: e.key,
+            message: e.message,
+        }
+    }
 }
 
 impl Config {
@@ -368,38 +254,11 @@ impl Config {
                 message: message.into(),
             }
         }
-        if self.kafka.brokers.trim().is_empty() {
-            return Err(invalid("kafka.brokers", "must not be empty"));
-        }
-        if self.kafka.ledger_group.is_empty() || self.kafka.analytics_group.is_empty() {
-            return Err(invalid("kafka.ledger_group", "group ids must not be empty"));
-        }
-        if self.kafka.ledger_group == self.kafka.analytics_group {
-            return Err(invalid(
-                "kafka.analytics_group",
-                "must differ from kafka.ledger_group (the pipelines track offsets separately)",
-            ));
-        }
-        if !(1..=1024).contains(&self.kafka.topic_partitions) {
-            return Err(invalid("kafka.topic_partitions", "must be 1..=1024"));
-        }
-        if let Some(id) = &self.kafka.instance_id {
-            if id.is_empty() || !valid_topic(id) {
-                return Err(invalid(
-                    "kafka.instance_id",
-                    "must be 1..249 characters of [A-Za-z0-9._-]",
-                ));
-            }
-        }
-        if !(100..=86_400_000).contains(&self.kafka.unassigned_alert_ms) {
-            return Err(invalid(
-                "kafka.unassigned_alert_ms",
-                "must be 100..=86400000 (0.1 s to a day)",
-            ));
-        }
-        if self.kafka.replication_factor < 1 {
-            return Err(invalid("kafka.replication_factor", "must be >= 1"));
-        }
+        self.kafka.validate()?;
+        self.postgres.validate()?;
+        self.clickhouse.validate()?;
+        self.alerts.validate()?;
+        self.billing.validate()?;
         let mut topics = self.kafka.topics.all();
         topics.extend(self.alerts.topics.all());
         for (i, t) in topics.iter().enumerate() {
@@ -412,29 +271,6 @@ impl Config {
             if topics[..i].contains(t) {
                 return Err(invalid("kafka.topics", format!("`{t}` is used twice")));
             }
-        }
-        if self.postgres.url.expose().trim().is_empty() {
-            return Err(invalid("postgres.url", "must not be empty"));
-        }
-        if !valid_identifier(&self.postgres.schema) {
-            return Err(invalid(
-                "postgres.schema",
-                "must be a lower-case SQL identifier ([a-z_][a-z0-9_]{0,62})",
-            ));
-        }
-        if !self.clickhouse.url.starts_with("http://")
-            && !self.clickhouse.url.starts_with("https://")
-        {
-            return Err(invalid(
-                "clickhouse.url",
-                "must start with http:// or https://",
-            ));
-        }
-        if !valid_identifier(&self.clickhouse.database) {
-            return Err(invalid(
-                "clickhouse.database",
-                "must be a lower-case identifier ([a-z_][a-z0-9_]{0,62})",
-            ));
         }
         let p = &self.pipeline;
         if !(1..=100_000).contains(&p.batch_max_events) {
@@ -510,12 +346,6 @@ impl Config {
             return Err(invalid("pipeline.dedupe_window_days", "must be 1..=3650"));
         }
         let grace = self.billing.grace;
-        if grace > std::time::Duration::from_secs(30 * 86_400) {
-            return Err(invalid(
-                "billing.grace",
-                "must be at most 30 days (the open window is replayed on every out-of-order event)",
-            ));
-        }
         if grace.as_secs() >= p.dedupe_window_days as u64 * 86_400 {
             return Err(invalid(
                 "billing.grace",
@@ -540,24 +370,6 @@ impl Config {
                 "must be 1..=3600000",
             ));
         }
-        let a = &self.alerts;
-        if a.low_balance_credits
-            .is_some_and(|c| c < rust_decimal::Decimal::ZERO)
-        {
-            return Err(invalid("alerts.low_balance_credits", "must be >= 0"));
-        }
-        if a.allowance_percents.iter().any(|p| !(1..=1000).contains(p)) {
-            return Err(invalid(
-                "alerts.allowance_percents",
-                "each must be 1..=1000",
-            ));
-        }
-        if !(0..=366).contains(&a.expiring_within_days) {
-            return Err(invalid("alerts.expiring_within_days", "must be 0..=366"));
-        }
-        if !(1..=60_000).contains(&a.relay_interval_ms) {
-            return Err(invalid("alerts.relay_interval_ms", "must be 1..=60000"));
-        }
         self.validate_api()
     }
 
@@ -567,9 +379,6 @@ impl Config {
                 key,
                 message: message.into(),
             }
-        }
-        if let Err(e) = conninfo::parse(self.postgres.url.expose()) {
-            return Err(invalid("postgres.url", e.to_string()));
         }
         let api = &self.api;
         if api.listen.parse::<std::net::SocketAddr>().is_err() {

@@ -42,6 +42,8 @@
 //! - [`secret`] — a string never printed, and librdkafka properties with secrets hidden (a
 //!   leaf).
 //! - [`names`] — the names Tally accepts: topics, account ids, SQL identifiers (a leaf).
+//! - [`settings`] — what a component's settings check reports: the key and the fault (a
+//!   leaf).
 //! - [`fault`] — whose fault an error is (transient, input, bug): the retry policy's input.
 //! - [`retry`] — the one retry policy (back-off cut short by shutdown) and the isolation of
 //!   records a store refuses; every loop uses it.
@@ -82,3 +84,4 @@ pub mod rating;
 pub mod reconcile;
 pub mod retry;
 pub mod secret;
+pub mod settings;

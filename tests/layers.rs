@@ -11,7 +11,7 @@ use std::path::Path;
 /// The layers, bottom first (docs/ARCHITECTURE.md).
 const LAYERS: &[&[&str]] = &[
     &[
-        "fault", "clock", "metrics", "escape", "credits", "secret", "names",
+        "fault", "clock", "metrics", "escape", "credits", "secret", "names", "settings",
     ],
     &["event", "rating", "demo"],
     &["ledger", "alerts", "analytics", "kafka", "retry"],

@@ -7,6 +7,8 @@
 //! outbox in the same transaction as the change that caused them; the relay
 //! (`pipeline::alerts`) publishes them. No IO here.
 
+mod config;
+
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
@@ -15,6 +17,8 @@ use serde_json::json;
 
 use crate::event::GrantKind;
 use crate::ledger::buckets::Account;
+
+pub use config::{AlertTopics, AlertsConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AlertKind {

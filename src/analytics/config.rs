@@ -2,7 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::names::valid_identifier;
 use crate::secret::Secret;
+use crate::settings::{invalid, Invalid};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -21,5 +23,21 @@ impl Default for ClickHouseConfig {
             user: "default".into(),
             password: Secret::default(),
         }
+    }
+}
+
+impl ClickHouseConfig {
+    /// Checks the section's own values.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !self.url.starts_with("http://") && !self.url.starts_with("https://") {
+            return invalid("clickhouse.url", "must start with http:// or https://");
+        }
+        if !valid_identifier(&self.database) {
+            return invalid(
+                "clickhouse.database",
+                "must be a lower-case identifier ([a-z_][a-z0-9_]{0,62})",
+            );
+        }
+        Ok(())
     }
 }

@@ -203,12 +203,15 @@ pub fn numeric_columns(
         Quantity::Seconds(s) => Decimal::from(s),
         Quantity::Units(u) => u,
     };
-    let quantity_e6 =
-        mantissa6(quantity).ok_or_else(|| out_of_range("quantity", quantity.to_string()))?;
-    let billable_quantity_e6 = mantissa6(charge.billable_quantity)
+    let quantity_e6 = Credits::round(quantity)
+        .map(Credits::micros)
+        .ok_or_else(|| out_of_range("quantity", quantity.to_string()))?;
+    let billable_quantity_e6 = Credits::round(charge.billable_quantity)
+        .map(Credits::micros)
         .and_then(|m| i64::try_from(m).ok())
         .ok_or_else(|| out_of_range("billable_quantity", charge.billable_quantity.to_string()))?;
-    let credits_e6 = mantissa6(charge.credits)
+    let credits_e6 = Credits::round(charge.credits)
+        .map(Credits::micros)
         .and_then(|m| i64::try_from(m).ok())
         .ok_or_else(|| out_of_range("credits", charge.credits.to_string()))?;
     let event_time_unix_seconds =
@@ -222,12 +225,6 @@ pub fn numeric_columns(
         event_time_unix_seconds,
         event_date_unix_days,
     })
-}
-
-/// value × 10^6 as an integer (rounded half away from zero past 6 places, like credits);
-/// None when it does not fit.
-fn mantissa6(value: Decimal) -> Option<i128> {
-    Credits::round(value).map(Credits::micros)
 }
 
 pub(crate) fn from_mantissa6(op: &'static str, mantissa: i128) -> Result<Decimal, AnalyticsError> {
@@ -1085,6 +1082,8 @@ mod tests {
     #[test]
     fn mantissas_are_exact() {
         let d = |s: &str| Decimal::from_str(s).unwrap();
+        // What the rows carry: the amount at scale 6, as its mantissa.
+        let mantissa6 = |v: Decimal| Credits::round(v).map(Credits::micros);
         assert_eq!(mantissa6(d("1.5")), Some(1_500_000));
         assert_eq!(mantissa6(d("0.000001")), Some(1));
         assert_eq!(

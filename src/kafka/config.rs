@@ -8,7 +8,9 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::event::Topics;
+use crate::names::valid_topic;
 use crate::secret::redact_properties;
+use crate::settings::{invalid, Invalid};
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -66,5 +68,44 @@ impl Default for KafkaConfig {
             topics: Topics::default(),
             properties: BTreeMap::new(),
         }
+    }
+}
+
+impl KafkaConfig {
+    /// Checks the section's own values (topic names across sections are `config`'s).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.brokers.trim().is_empty() {
+            return invalid("kafka.brokers", "must not be empty");
+        }
+        if self.ledger_group.is_empty() || self.analytics_group.is_empty() {
+            return invalid("kafka.ledger_group", "group ids must not be empty");
+        }
+        if self.ledger_group == self.analytics_group {
+            return invalid(
+                "kafka.analytics_group",
+                "must differ from kafka.ledger_group (the pipelines track offsets separately)",
+            );
+        }
+        if !(1..=1024).contains(&self.topic_partitions) {
+            return invalid("kafka.topic_partitions", "must be 1..=1024");
+        }
+        if let Some(id) = &self.instance_id {
+            if id.is_empty() || !valid_topic(id) {
+                return invalid(
+                    "kafka.instance_id",
+                    "must be 1..249 characters of [A-Za-z0-9._-]",
+                );
+            }
+        }
+        if !(100..=86_400_000).contains(&self.unassigned_alert_ms) {
+            return invalid(
+                "kafka.unassigned_alert_ms",
+                "must be 100..=86400000 (0.1 s to a day)",
+            );
+        }
+        if self.replication_factor < 1 {
+            return invalid("kafka.replication_factor", "must be >= 1");
+        }
+        Ok(())
     }
 }

@@ -13,7 +13,7 @@ pub mod migrate;
 pub mod store;
 
 pub use buckets::{Account, Entry, EntryKind, NewGrant};
-pub use config::{redact_url, PostgresConfig};
+pub use config::{redact_url, BillingConfig, PostgresConfig};
 pub use store::{
     dedupe_cutoff, AccountBalance, Action, BalanceView, BatchOutcome, ClaimScope, DebitInfo, Item,
     LedgerLine, PgOffsetStore, PurgeOutcome, Store, StoreError, DEDUPE_PURGE_MARGIN,
