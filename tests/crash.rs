@@ -60,9 +60,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Datelike, Months, NaiveDate, SecondsFormat, TimeZone, Utc};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
@@ -1324,35 +1322,14 @@ async fn drive(
     }
 }
 
-/// Every message of `topic`: (key, payload).
+/// Every message of `topic`: its payload.
 fn read_topic(env: &TestEnv, topic: &str) -> Vec<Vec<u8>> {
-    let mut cc = tally::kafka::client_config(&env.cfg.kafka);
-    cc.set("group.id", common::unique("crash-reader"));
-    let consumer: BaseConsumer = cc.create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0;
-    for p in 0..env.cfg.kafka.topic_partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .unwrap();
-        remaining += high - low;
-        tpl.add_partition_offset(topic, p, Offset::Offset(low))
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let started = Instant::now();
-    while remaining > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "reading {topic}"
-        );
-        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
-            out.push(m.unwrap().payload().unwrap_or_default().to_vec());
-            remaining -= 1;
-        }
-    }
-    out
+    let (messages, complete) = common::read_topics(&env.cfg, &[topic], Duration::from_secs(60));
+    assert!(complete, "reading {topic}");
+    messages
+        .iter()
+        .map(|m| m.payload().unwrap_or_default().to_vec())
+        .collect()
 }
 
 /// The tests here run Tally processes at full speed: one at a time, so that on a small

@@ -24,9 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use serde_json::{json, Value};
@@ -108,27 +106,11 @@ async fn lines(env: &TestEnv, account: &str) -> Vec<Line> {
 
 /// Every message on the alert topics: (topic, parsed CloudEvent).
 fn read_alerts(env: &TestEnv) -> Vec<(String, Value)> {
-    let mut cc = tally::kafka::client_config(&env.cfg.kafka);
-    cc.set("group.id", common::unique("alert-reader"));
-    let consumer: BaseConsumer = cc.create().unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0;
-    for topic in env.cfg.alerts.topics.all() {
-        for p in 0..env.cfg.kafka.topic_partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap();
-            remaining += high - low;
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))
-                .unwrap();
-        }
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let started = std::time::Instant::now();
-    while remaining > 0 && started.elapsed() < Duration::from_secs(30) {
-        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
-            let m = m.unwrap();
+    let topics = env.cfg.alerts.topics.all();
+    let (messages, _) = common::read_topics(&env.cfg, &topics, Duration::from_secs(30));
+    messages
+        .iter()
+        .map(|m| {
             assert_eq!(
                 m.key(),
                 Some(
@@ -138,14 +120,12 @@ fn read_alerts(env: &TestEnv) -> Vec<(String, Value)> {
                         .as_bytes()
                 )
             );
-            out.push((
+            (
                 m.topic().to_owned(),
                 serde_json::from_slice(m.payload().unwrap()).unwrap(),
-            ));
-            remaining -= 1;
-        }
-    }
-    out
+            )
+        })
+        .collect()
 }
 
 /// The story every case reads: the events of all three accounts sent in phases with the

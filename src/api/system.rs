@@ -169,7 +169,7 @@ fn consumer_groups(api: &AppState) -> (Vec<Value>, Vec<String>) {
 /// (low, high) watermarks of every partition of the input topics.
 fn watermarks(api: &AppState) -> Result<BTreeMap<TopicPartition, (i64, i64)>, String> {
     let topics = api.cfg.kafka.topics.inputs();
-    crate::kafka::watermarks(&api.probe, &topics, PROBE_TIMEOUT).map_err(|e| e.to_string())
+    crate::kafka::watermarks(&*api.probe, &topics, PROBE_TIMEOUT).map_err(|e| e.to_string())
 }
 
 /// Sets `tally_consumer_lag` for both pipelines: high watermark − stored position (a

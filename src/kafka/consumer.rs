@@ -504,17 +504,20 @@ impl BatchConsumer {
             .unwrap_or_default()
     }
 
-    /// Consumer lag per assigned partition (high watermark − stored position).
+    /// Consumer lag per assigned partition (high watermark − stored position); none when the
+    /// broker does not answer within 2 s.
     pub fn lag(&self) -> Vec<(TopicPartition, i64)> {
         let positions = self.positions.lock().expect("positions lock").clone();
+        let mut topics: Vec<&str> = positions.keys().map(|(t, _)| t.as_str()).collect();
+        topics.dedup();
+        let Ok(marks) = super::watermarks(self.consumer(), &topics, Duration::from_secs(2)) else {
+            return Vec::new();
+        };
         positions
-            .into_iter()
-            .filter_map(|((t, p), pos)| {
-                let (_, high) = self
-                    .consumer()
-                    .fetch_watermarks(&t, p, Duration::from_secs(2))
-                    .ok()?;
-                Some(((t, p), (high - pos).max(0)))
+            .iter()
+            .filter_map(|(tp, pos)| {
+                let (_, high) = marks.get(tp)?;
+                Some((tp.clone(), (high - pos).max(0)))
             })
             .collect()
     }

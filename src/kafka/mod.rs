@@ -78,8 +78,8 @@ pub type Watermarks = std::collections::BTreeMap<TopicPartition, (i64, i64)>;
 /// The (low, high) watermarks of every partition of `topics`, as the broker's metadata lists
 /// them: the one place Tally reads them (the API's lag metric, idle exit, dead-letter replay).
 /// Blocking: each call waits at most `timeout` for the broker.
-pub fn watermarks<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
+pub fn watermarks<C: ConsumerContext, K: Consumer<C>>(
+    consumer: &K,
     topics: &[&str],
     timeout: Duration,
 ) -> Result<Watermarks, KafkaError> {

@@ -251,16 +251,15 @@ impl TestEnv {
         let consumer: BaseConsumer = tally::kafka::client_config(&self.cfg.kafka)
             .create()
             .unwrap();
-        let mut ends = HashMap::new();
-        for topic in self.cfg.kafka.topics.inputs() {
-            for p in 0..self.cfg.kafka.topic_partitions {
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(10))
-                    .unwrap();
-                ends.insert((topic.to_owned(), p), high);
-            }
-        }
-        ends
+        tally::kafka::watermarks(
+            &consumer,
+            &self.cfg.kafka.topics.inputs(),
+            Duration::from_secs(10),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(tp, (_, high))| (tp, high))
+        .collect()
     }
 
     /// Waits until the ledger group's stored offsets reach every input partition's end.
@@ -326,31 +325,16 @@ impl TestEnv {
     /// Every record of the dead-letter topic: (reason header, source topic header, payload).
     pub fn dead_letters(&self) -> Vec<DeadLetterSeen> {
         let topic = &self.cfg.kafka.topics.dead_letter;
-        let mut cc = tally::kafka::client_config(&self.cfg.kafka);
-        cc.set("group.id", unique("dlq-reader"));
-        let consumer: BaseConsumer = cc.create().unwrap();
-        let mut tpl = TopicPartitionList::new();
-        let mut remaining = 0;
-        for p in 0..self.cfg.kafka.topic_partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap();
-            remaining += high - low;
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        let mut out = Vec::new();
-        let started = Instant::now();
-        while remaining > 0 && started.elapsed() < Duration::from_secs(30) {
-            if let Some(m) = consumer.poll(Duration::from_millis(500)) {
-                let m = m.unwrap();
+        read_topics(&self.cfg, &[topic], Duration::from_secs(30))
+            .0
+            .iter()
+            .map(|m| {
                 let header = |name: &str| {
                     m.headers()
                         .and_then(|hs| hs.iter().find(|h| h.key == name).and_then(|h| h.value))
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                 };
-                out.push(DeadLetterSeen {
+                DeadLetterSeen {
                     reason: header(tally::kafka::HEADER_REASON).unwrap_or_default(),
                     field: header(tally::kafka::HEADER_FIELD),
                     detail: header(tally::kafka::HEADER_DETAIL).unwrap_or_default(),
@@ -366,12 +350,41 @@ impl TestEnv {
                                 .collect()
                         })
                         .unwrap_or_default(),
-                });
-                remaining -= 1;
-            }
-        }
-        out
+                }
+            })
+            .collect()
     }
+}
+
+/// Every message on `topics` from the low watermark to the high one at the call
+/// (`tally::kafka::watermarks`), read by a fresh consumer outside any group's positions; and
+/// whether all of them were read within `timeout`.
+pub fn read_topics(
+    cfg: &Config,
+    topics: &[&str],
+    timeout: Duration,
+) -> (Vec<rdkafka::message::OwnedMessage>, bool) {
+    let mut cc = tally::kafka::client_config(&cfg.kafka);
+    cc.set("group.id", unique("topic-reader"));
+    let consumer: BaseConsumer = cc.create().unwrap();
+    let marks = tally::kafka::watermarks(&consumer, topics, Duration::from_secs(10)).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0;
+    for ((topic, p), (low, high)) in &marks {
+        remaining += high - low;
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*low))
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let started = Instant::now();
+    while remaining > 0 && started.elapsed() < timeout {
+        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
+            out.push(m.unwrap().detach());
+            remaining -= 1;
+        }
+    }
+    (out, remaining == 0)
 }
 
 #[derive(Debug, Clone)]
