@@ -12,6 +12,11 @@ impl Store {
     /// resets and expiries as entries, closed cycles made final), and accounts whose grants
     /// expire within the alert window get their alerts, even without traffic. Returns the
     /// accounts touched.
+    ///
+    /// An account another transaction holds (a ledger batch, another instance's tick) is
+    /// skipped (`FOR UPDATE SKIP LOCKED`), not waited for: it stays due, and the next tick
+    /// takes it. So N instances' schedulers split the due accounts and never queue behind
+    /// each other or behind the ledger.
     pub async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
         self.prepare().await?;
         let st = self.stmts.as_ref().expect("prepared above");
@@ -22,15 +27,17 @@ impl Store {
         let horizon = now + self.alert_defaults.expiring_within;
         let rows = tx
             .query(
-                "(SELECT account_id FROM accounts WHERE due_at <= $1 ORDER BY due_at LIMIT 1000)
-                 UNION
-                 SELECT g.account_id FROM grants g
-                 WHERE g.remaining > 0 AND g.expires_at <= $3 AND g.expires_at > $2
-                   AND g.kind <> 'allowance' AND NOT EXISTS (
-                        SELECT 1 FROM alert_state s WHERE s.account_id = g.account_id
-                          AND s.alert_key = 'credits_expiring:' || g.grant_id || ':'
-                                            || extract(epoch FROM g.expires_at)::bigint)
-                 ORDER BY 1",
+                "SELECT account_id FROM accounts WHERE account_id IN (
+                    (SELECT account_id FROM accounts WHERE due_at <= $1 ORDER BY due_at LIMIT 1000)
+                    UNION
+                    SELECT g.account_id FROM grants g
+                    WHERE g.remaining > 0 AND g.expires_at <= $3 AND g.expires_at > $2
+                      AND g.kind <> 'allowance' AND NOT EXISTS (
+                           SELECT 1 FROM alert_state s WHERE s.account_id = g.account_id
+                             AND s.alert_key = 'credits_expiring:' || g.grant_id || ':'
+                                               || extract(epoch FROM g.expires_at)::bigint))
+                 ORDER BY account_id
+                 FOR UPDATE SKIP LOCKED",
                 &[&until, &now, &horizon],
             )
             .await?;
@@ -79,6 +86,8 @@ impl Store {
     /// uses): the stored horizon moves to `now - window - margin` ([`dedupe_cutoff`]; never
     /// backwards), then claims of events dated before the stored horizon are deleted, in
     /// statements of [`DEDUPE_PURGE_CHUNK_ROWS`] each, at most about `max_rows` per call.
+    /// Each chunk skips the claims another instance's purge is deleting (`SKIP LOCKED`), so
+    /// N instances purging at once share the work instead of queueing on the same rows.
     ///
     /// The horizon is committed first, under the advisory lock every claiming transaction
     /// holds shared ([`claim`]): transactions that read the old horizon have committed when
@@ -114,7 +123,8 @@ impl Store {
                 .client
                 .execute(
                     "DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
-                         SELECT ctid FROM processed_events WHERE event_time < $1 LIMIT $2))",
+                         SELECT ctid FROM processed_events WHERE event_time < $1 LIMIT $2
+                         FOR UPDATE SKIP LOCKED))",
                     &[&horizon, &DEDUPE_PURGE_CHUNK_ROWS],
                 )
                 .await?;
