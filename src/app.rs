@@ -62,6 +62,31 @@ impl RunOptions {
     }
 }
 
+/// What a clean run did: the totals of the pipelines it ran (None for a role it did not).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunReport {
+    pub ledger: Option<crate::pipeline::ledger::LedgerStats>,
+    pub analytics: Option<crate::pipeline::analytics::AnalyticsStats>,
+}
+
+/// How a task of a run ended.
+enum TaskEnd {
+    Ledger(crate::pipeline::ledger::LedgerStats),
+    Analytics(crate::pipeline::analytics::AnalyticsStats),
+    /// Any other task: what it did, for the log.
+    Done(String),
+}
+
+impl TaskEnd {
+    fn summary(&self) -> String {
+        match self {
+            TaskEnd::Ledger(s) => format!("ledger: {s:?}"),
+            TaskEnd::Analytics(s) => format!("analytics: {s:?}"),
+            TaskEnd::Done(s) => s.clone(),
+        }
+    }
+}
+
 /// How a run ended when it did not end cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -86,7 +111,7 @@ pub async fn run(
     cfg: Arc<Config>,
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
+) -> Result<RunReport, RunError> {
     let prices = Arc::new(
         PriceTable::load(&cfg.prices.path)
             .map_err(|r| anyhow::anyhow!("{r}"))
@@ -102,7 +127,7 @@ pub async fn run_with_prices(
     prices: Arc<PriceTable>,
     options: RunOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
+) -> Result<RunReport, RunError> {
     let role = options.role;
     tokio::pin!(shutdown);
     // Nothing is in hand yet: a signal while the broker is slow to answer stops at once.
@@ -120,7 +145,7 @@ pub async fn run_with_prices(
         }
         _ = &mut shutdown => {
             tracing::info!("shutdown requested during start-up");
-            return Ok(());
+            return Ok(RunReport::default());
         }
     }
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -130,19 +155,19 @@ pub async fn run_with_prices(
         tasks.spawn("ledger pipeline", async move {
             crate::pipeline::ledger::run(c, p, stop)
                 .await
-                .map(|s| format!("ledger: {s:?}"))
+                .map(TaskEnd::Ledger)
         });
         let (c, stop) = (cfg.clone(), stop_rx.clone());
         tasks.spawn("scheduler", async move {
             crate::pipeline::scheduler::run(c, Arc::new(crate::clock::SystemClock), stop)
                 .await
-                .map(|ticks| format!("scheduler: {ticks} ticks"))
+                .map(|ticks| TaskEnd::Done(format!("scheduler: {ticks} ticks")))
         });
         let (c, stop) = (cfg.clone(), stop_rx.clone());
         tasks.spawn("alert relay", async move {
             crate::pipeline::alerts::run(c, stop)
                 .await
-                .map(|n| format!("alert relay: {n} alerts published"))
+                .map(|n| TaskEnd::Done(format!("alert relay: {n} alerts published")))
         });
     }
     if role.analytics() {
@@ -150,12 +175,14 @@ pub async fn run_with_prices(
         tasks.spawn("analytics pipeline", async move {
             crate::pipeline::analytics::run(c, p, stop)
                 .await
-                .map(|s| format!("analytics: {s:?}"))
+                .map(TaskEnd::Analytics)
         });
     }
     if cfg.api.enabled {
         let (c, p, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
-        tasks.spawn("HTTP API", async move { crate::api::run(c, p, stop).await });
+        tasks.spawn("HTTP API", async move {
+            crate::api::run(c, p, stop).await.map(TaskEnd::Done)
+        });
     }
     if let Some(quiet) = options.idle_exit {
         let stop = stop_tx.clone();
@@ -168,9 +195,9 @@ pub async fn run_with_prices(
                     idle?;
                     tracing::info!(quiet_s = quiet.as_secs(), "idle: every group holds partitions and is caught up");
                     let _ = stop.send(true);
-                    Ok("idle exit".to_owned())
+                    Ok(TaskEnd::Done("idle exit".to_owned()))
                 }
-                _ = stopped.wait_for(|&s| s) => Ok("idle watch stopped".to_owned()),
+                _ = stopped.wait_for(|&s| s) => Ok(TaskEnd::Done("idle watch stopped".to_owned())),
             }
         });
     }
@@ -179,6 +206,7 @@ pub async fn run_with_prices(
     let mut stopping = stop_tx.subscribe();
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut failure: Option<anyhow::Error> = None;
+    let mut report = RunReport::default();
     loop {
         tokio::select! {
             _ = &mut shutdown, if !*stop_tx.borrow() => {
@@ -205,7 +233,14 @@ pub async fn run_with_prices(
             }
             done = tasks.join_next() => match done {
                 None => break,
-                Some((_, Ok(Ok(summary)))) => tracing::info!(summary, "task finished"),
+                Some((_, Ok(Ok(end)))) => {
+                    tracing::info!(summary = end.summary(), "task finished");
+                    match end {
+                        TaskEnd::Ledger(s) => report.ledger = Some(s),
+                        TaskEnd::Analytics(s) => report.analytics = Some(s),
+                        TaskEnd::Done(_) => {}
+                    }
+                }
                 Some((name, Ok(Err(e)))) => {
                     tracing::error!(task = name, error = format!("{e:#}"), "task failed: stopping the others");
                     let _ = stop_tx.send(true);
@@ -222,7 +257,7 @@ pub async fn run_with_prices(
     tracing::info!(elapsed_s = started.elapsed().as_secs(), "stopped");
     match failure {
         Some(e) => Err(RunError::Failed(e)),
-        None => Ok(()),
+        None => Ok(report),
     }
 }
 
@@ -309,20 +344,20 @@ pub async fn dev(
     };
     let result = run(Arc::new(cfg), run_options, shutdown).await;
     drop(broker);
-    result
+    result.map(|_| ())
 }
 
 /// The tasks of a run, each with a name for the log when it fails or does not stop.
 #[derive(Default)]
 struct Tasks {
-    set: tokio::task::JoinSet<anyhow::Result<String>>,
+    set: tokio::task::JoinSet<anyhow::Result<TaskEnd>>,
     names: std::collections::BTreeMap<tokio::task::Id, &'static str>,
 }
 
 impl Tasks {
     fn spawn<F>(&mut self, name: &'static str, task: F)
     where
-        F: Future<Output = anyhow::Result<String>> + Send + 'static,
+        F: Future<Output = anyhow::Result<TaskEnd>> + Send + 'static,
     {
         let id = self.set.spawn(task).id();
         self.names.insert(id, name);
@@ -333,7 +368,7 @@ impl Tasks {
         &mut self,
     ) -> Option<(
         &'static str,
-        Result<anyhow::Result<String>, tokio::task::JoinError>,
+        Result<anyhow::Result<TaskEnd>, tokio::task::JoinError>,
     )> {
         let (id, result) = match self.set.join_next_with_id().await? {
             Ok((id, r)) => (id, Ok(r)),

@@ -336,7 +336,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 idle_exit: idle_exit_secs.map(Duration::from_secs),
                 create_topics: true,
             };
-            Ok(tally::app::run(cfg, options, shutdown_signal()?).await?)
+            tally::app::run(cfg, options, shutdown_signal()?).await?;
+            Ok(())
         }
         Command::Produce(args) => tally::cli::produce(&cfg, &args.into()).await,
         Command::Balance {

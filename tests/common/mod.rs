@@ -33,7 +33,7 @@ pub struct TestEnv {
 /// call the API serve it themselves, to know its address).
 pub struct RunningTally {
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), tally::app::RunError>>,
+    task: tokio::task::JoinHandle<Result<tally::app::RunReport, tally::app::RunError>>,
 }
 
 impl RunningTally {
@@ -73,9 +73,15 @@ impl RunningTally {
 
     /// Asks it to stop and waits (within [`STOP_WITHIN`]) until it has, cleanly.
     pub async fn stop(self) {
+        self.stop_report().await;
+    }
+
+    /// [`stop`](Self::stop), and what its pipelines did.
+    pub async fn stop_report(self) -> tally::app::RunReport {
         let _ = self.stop.send(());
-        if let Err(e) = stopped(self.task).await {
-            panic!("tally did not stop cleanly: {e:#}");
+        match stopped(self.task).await {
+            Ok(report) => report,
+            Err(e) => panic!("tally did not stop cleanly: {e:#}"),
         }
     }
 }
