@@ -715,6 +715,24 @@ mod tests {
     }
 
     #[test]
+    fn corrections_survive_the_open_window_as_json() {
+        // The store keeps placed events as JSON (open_events.placed) and replays them.
+        for action in [void("promo"), adjust("t-1", dec!(-12.5))] {
+            let placed = Placed {
+                at: at(1, 2, 0),
+                late: false,
+                event: ev("x", at(1, 2, 0), action),
+            };
+            let json = serde_json::to_string(&placed).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Placed>(&json).unwrap(),
+                placed,
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
     fn a_void_removes_what_is_left_and_what_it_paid_stays_paid() {
         // Package 100 and promo 50 (consumed first); 70 used; the promo voided; 40 used.
         let mut h = Harness::new();
