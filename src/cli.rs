@@ -381,6 +381,13 @@ pub async fn show_account(
             escape::shown_or(l.grant_id.as_deref(), "-"),
             escape::shown_or(l.rule_id.as_deref(), "")
         );
+        if let (Some(actor), Some(reason)) = (&l.actor, &l.reason) {
+            println!(
+                "              by {}: {}",
+                escape::shown(actor),
+                escape::shown(reason)
+            );
+        }
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
-//! Account commands: a plan or a grant, typed, turned into the one event the ledger applies
-//! (on its topic, keyed by account, so it is applied exactly once and in order with usage).
-//! `tally accounts set-plan|grant` and `PUT /v1/accounts/{id}/plan` /
-//! `POST /v1/accounts/{id}/grants` both come here: one encoding, one event-id scheme, one
+//! Account commands: a plan, a grant, a grant's void or a manual adjustment, typed, turned
+//! into the one event the ledger applies (on its topic, keyed by account, so it is applied
+//! exactly once and in order with usage). `tally accounts set-plan|grant|void-grant|adjust`
+//! and `PUT /v1/accounts/{id}/plan`, `POST /v1/accounts/{id}/grants`,
+//! `POST /v1/accounts/{id}/grants/{grant_id}/void`, `POST /v1/accounts/{id}/adjustments` all
+//! come here: one encoding, one event-id scheme, one
 //! check (the decoder the pipeline runs, so a mistake is reported to the caller instead of
 //! dead-lettered), one publish with a bound on the broker's acknowledgement.
 //!
@@ -14,7 +16,10 @@ use chrono::{DateTime, Utc};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::config::Config;
-use crate::event::{self, encode, types, DecodeLimits, GrantEvent, PlanEvent, Rejection};
+use crate::event::{
+    self, encode, types, AdjustmentEvent, DecodeLimits, GrantEvent, PlanEvent, Rejection,
+    VoidGrantEvent,
+};
 
 /// A plan to give an account (a change takes effect from the next reset).
 #[derive(Debug, Clone)]
@@ -28,6 +33,20 @@ pub struct PlanCommand {
 pub struct GrantCommand {
     pub account: String,
     pub grant: GrantEvent<'static>,
+}
+
+/// A grant to void (idempotent: its event id is derived from account and grant id).
+#[derive(Debug, Clone)]
+pub struct VoidGrantCommand {
+    pub account: String,
+    pub void: VoidGrantEvent<'static>,
+}
+
+/// A manual adjustment (idempotent by adjustment id: its event id is derived from it).
+#[derive(Debug, Clone)]
+pub struct AdjustmentCommand {
+    pub account: String,
+    pub adjustment: AdjustmentEvent<'static>,
 }
 
 /// An event built from a command, checked, ready to publish (and, once published, what the
@@ -118,6 +137,58 @@ impl GrantCommand {
     }
 }
 
+impl VoidGrantCommand {
+    /// The void event from `source`, effective at `time`, checked as the pipeline will check
+    /// it at `now`.
+    pub fn event(
+        &self,
+        cfg: &Config,
+        source: &str,
+        time: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<CommandEvent, CommandError> {
+        let payload = encode::void_grant(source, &self.account, &self.void, time);
+        checked(
+            cfg,
+            now,
+            CommandEvent {
+                topic: cfg.kafka.topics.grants.clone(),
+                key: self.account.clone(),
+                event_type: types::GRANT_VOID,
+                source: source.to_owned(),
+                id: encode::void_event_id(&self.account, &self.void.grant_id),
+                payload,
+            },
+        )
+    }
+}
+
+impl AdjustmentCommand {
+    /// The adjustment event from `source`, effective at `time`, checked as the pipeline will
+    /// check it at `now`.
+    pub fn event(
+        &self,
+        cfg: &Config,
+        source: &str,
+        time: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<CommandEvent, CommandError> {
+        let payload = encode::adjustment(source, &self.account, &self.adjustment, time);
+        checked(
+            cfg,
+            now,
+            CommandEvent {
+                topic: cfg.kafka.topics.grants.clone(),
+                key: self.account.clone(),
+                event_type: types::ADJUSTMENT,
+                source: source.to_owned(),
+                id: encode::adjustment_event_id(&self.account, &self.adjustment.adjustment_id),
+                payload,
+            },
+        )
+    }
+}
+
 /// The decoder's verdict on the event, with the pipeline's limits.
 fn checked(
     cfg: &Config,
@@ -182,6 +253,35 @@ pub async fn publish_grant(
     published(
         producer,
         grant.event(cfg, source, time, Utc::now()),
+        timeout,
+    )
+    .await
+}
+
+/// Builds, checks and publishes a grant's void.
+pub async fn publish_void_grant(
+    producer: &FutureProducer,
+    cfg: &Config,
+    source: &str,
+    void: &VoidGrantCommand,
+    time: DateTime<Utc>,
+    timeout: Duration,
+) -> Result<CommandEvent, CommandError> {
+    published(producer, void.event(cfg, source, time, Utc::now()), timeout).await
+}
+
+/// Builds, checks and publishes a manual adjustment.
+pub async fn publish_adjustment(
+    producer: &FutureProducer,
+    cfg: &Config,
+    source: &str,
+    adjustment: &AdjustmentCommand,
+    time: DateTime<Utc>,
+    timeout: Duration,
+) -> Result<CommandEvent, CommandError> {
+    published(
+        producer,
+        adjustment.event(cfg, source, time, Utc::now()),
         timeout,
     )
     .await
@@ -256,6 +356,58 @@ mod tests {
             panic!("a grant of 0 credits was accepted");
         };
         assert_eq!(r.field.as_deref(), Some("data.credits"), "{r}");
+    }
+
+    #[test]
+    fn voids_and_adjustments_ride_the_grants_topic_with_ids_their_keys_fix() {
+        let cfg = Config::default();
+        let now = at("2026-03-01T10:00:00Z");
+        let source = event::api_source("acme");
+        let v = VoidGrantCommand {
+            account: "acme".into(),
+            void: VoidGrantEvent {
+                grant_id: "order-7".into(),
+                reason: "charged back".into(),
+                actor: Some("billing-backend".into()),
+            },
+        }
+        .event(&cfg, &source, now, now)
+        .unwrap();
+        assert_eq!(
+            (v.topic.as_str(), v.event_type, v.id.as_str()),
+            ("credit.grants", "tally.credit.void.v1", "void:acme:order-7")
+        );
+        let json: serde_json::Value = serde_json::from_slice(&v.payload).unwrap();
+        assert_eq!(
+            json["data"],
+            serde_json::json!({"grant_id": "order-7", "reason": "charged back", "actor": "billing-backend"})
+        );
+        let a = AdjustmentCommand {
+            account: "acme".into(),
+            adjustment: AdjustmentEvent {
+                adjustment_id: "t-1".into(),
+                credits: dec!(-20.50),
+                reason: "double count".into(),
+                actor: None,
+            },
+        };
+        let e = a.event(&cfg, &source, now, now).unwrap();
+        assert_eq!(
+            (e.topic.as_str(), e.event_type, e.id.as_str()),
+            (
+                "credit.grants",
+                "tally.credit.adjustment.v1",
+                "adjustment:acme:t-1"
+            )
+        );
+        let json: serde_json::Value = serde_json::from_slice(&e.payload).unwrap();
+        assert_eq!(json["data"]["credits"], "-20.5");
+        let mut empty = a.clone();
+        empty.adjustment.reason = "".into();
+        let Err(CommandError::Invalid(r)) = empty.event(&cfg, &source, now, now) else {
+            panic!("an adjustment without a reason was accepted");
+        };
+        assert_eq!(r.field.as_deref(), Some("data.reason"), "{r}");
     }
 
     #[test]

@@ -185,6 +185,34 @@ enum AccountsCommand {
         #[arg(long)]
         priority: Option<i32>,
     },
+    /// Void a grant: its remaining credits are removed by a `void` entry (what it paid
+    /// stays paid); it no longer counts as purchased. Idempotent: a grant is voided once.
+    VoidGrant {
+        account: String,
+        #[arg(long)]
+        grant_id: String,
+        /// Why (written on the ledger line).
+        #[arg(long)]
+        reason: String,
+        /// Who asks (written on the ledger line); default: the CLI's source, //tally/cli.
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// A manual adjustment, plus or minus, with a reason (idempotent by adjustment id).
+    Adjust {
+        account: String,
+        #[arg(long)]
+        adjustment_id: String,
+        /// Credits added (e.g. 25) or taken (e.g. -25).
+        #[arg(long, allow_hyphen_values = true)]
+        credits: rust_decimal::Decimal,
+        /// Why (written on the ledger lines).
+        #[arg(long)]
+        reason: String,
+        /// Who asks (written on the ledger lines); default: the CLI's source, //tally/cli.
+        #[arg(long)]
+        by: Option<String>,
+    },
     /// The billing view: balance by grant, cycle, allowance used, days until reset, closed
     /// cycles and last entries.
     Show {
@@ -474,6 +502,40 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
                 },
             };
             accounts::grant(cfg, grant, now).await
+        }
+        AccountsCommand::VoidGrant {
+            account,
+            grant_id,
+            reason,
+            by,
+        } => {
+            let void = tally::commands::VoidGrantCommand {
+                account,
+                void: tally::event::VoidGrantEvent {
+                    grant_id: grant_id.into(),
+                    reason: reason.into(),
+                    actor: by.map(Into::into),
+                },
+            };
+            accounts::void_grant(cfg, void, now).await
+        }
+        AccountsCommand::Adjust {
+            account,
+            adjustment_id,
+            credits,
+            reason,
+            by,
+        } => {
+            let adjustment = tally::commands::AdjustmentCommand {
+                account,
+                adjustment: tally::event::AdjustmentEvent {
+                    adjustment_id: adjustment_id.into(),
+                    credits,
+                    reason: reason.into(),
+                    actor: by.map(Into::into),
+                },
+            };
+            accounts::adjust(cfg, adjustment, now).await
         }
     }
 }

@@ -23,6 +23,9 @@ pub enum ApiError {
     /// No such route or file.
     #[error("not found")]
     NotFound,
+    /// The ledger holds no such grant (a void names one it holds).
+    #[error("the ledger holds no grant {0:?} for this account")]
+    GrantNotFound(String),
     /// A parameter or body field is wrong; `field` names it.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
@@ -61,7 +64,9 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::AccountNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::AccountNotFound | ApiError::NotFound | ApiError::GrantNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -78,6 +83,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::AccountNotFound => "account_not_found",
             ApiError::NotFound => "not_found",
+            ApiError::GrantNotFound(_) => "grant_not_found",
             ApiError::Invalid { .. } => "invalid_request",
             ApiError::TooLarge { .. } => "body_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -130,6 +136,7 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Invalid { field, .. } => error["field"] = json!(field),
             ApiError::Conflict { field, .. } => error["field"] = json!(field),
+            ApiError::GrantNotFound(_) => error["field"] = json!("grant_id"),
             _ => {}
         }
         let mut response = (status, axum::Json(json!({ "error": error }))).into_response();

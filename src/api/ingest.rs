@@ -167,7 +167,10 @@ pub async fn events(
                 Payload::Chat(_) => &topics.chat_responses,
                 Payload::Instance(_) => &topics.instance_hours,
                 Payload::Metered(_) => &topics.metered,
-                Payload::Grant(_) | Payload::Plan(_) => return Err(Refusal::NotUsage),
+                Payload::Grant(_)
+                | Payload::Plan(_)
+                | Payload::VoidGrant(_)
+                | Payload::Adjustment(_) => return Err(Refusal::NotUsage),
             };
             let env = &event.envelope;
             who.ingest(&env.source).map_err(|r| match r {

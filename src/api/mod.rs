@@ -252,6 +252,20 @@ fn routes() -> Vec<Route> {
             post(write::grant),
         ),
         route(
+            "POST",
+            "/v1/accounts/{id}/grants/{grant_id}/void",
+            true,
+            &[200, 202, 400, 401, 403, 404, 413, 415, 500, 503],
+            post(write::void_grant),
+        ),
+        route(
+            "POST",
+            "/v1/accounts/{id}/adjustments",
+            true,
+            &[200, 202, 400, 401, 403, 404, 409, 413, 415, 500, 503],
+            post(write::adjustment),
+        ),
+        route(
             "PUT",
             "/v1/accounts/{id}/plan",
             true,

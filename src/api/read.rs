@@ -406,8 +406,11 @@ pub fn ledger_line_document(l: &LedgerLine) -> Value {
         "balance_after": l.balance_after,
         "overage_after": l.overage_after,
         "effective_at": l.effective_at,
+        "event_source": l.event_source,
         "event_id": l.event_id,
         "rule_id": l.rule_id,
+        "actor": l.actor,
+        "reason": l.reason,
     })
 }
 

@@ -1,6 +1,8 @@
-//! The write routes (admin tokens only): grants and plans. Neither touches the ledger: each
-//! becomes a CloudEvent on its Kafka topic (`tally.credit.grant.v1` on the grants topic,
-//! `tally.account.plan.v1` on the plans topic), keyed by account, so the ledger pipeline
+//! The write routes (admin tokens only): grants, plans, and the corrections — a grant's void
+//! and a manual adjustment. None touches the ledger: each becomes a CloudEvent on its Kafka
+//! topic (`tally.credit.grant.v1`, `tally.credit.void.v1` and `tally.credit.adjustment.v1` on
+//! the grants topic, `tally.account.plan.v1` on the plans topic), keyed by account, so the
+//! ledger pipeline
 //! applies it exactly once and in order with the account's usage — the same path as grants
 //! from a billing system. The request is first checked by the very decoder the pipeline
 //! uses, so what the API accepts is never dead-lettered; the event is written by the shared
@@ -12,6 +14,9 @@
 //! event identity, which the ledger claims once (and the ledger ignores a grant id it already
 //! has, whatever its source). Before publishing, a grant id the ledger already holds answers
 //! at once: 200 when the terms match (a retry of an applied grant), 409 when they differ.
+//! A void's event id is `void:{account}:{grant_id}` (a grant is voided once), an adjustment's
+//! `adjustment:{account}:{adjustment_id}`; both carry the token's name as `actor`, written
+//! on the ledger lines they cause with their `reason`.
 //! A plan is not idempotent by content (A, B, A again must end at A): each PUT is a new
 //! event; repeating one re-applies the same plan, which changes nothing.
 
@@ -30,9 +35,12 @@ use super::auth::Principal;
 use super::error::ApiError;
 use super::input::{json_body, JsonInt};
 use super::{pg, AppState};
-use crate::commands::{self, CommandError, GrantCommand, PlanCommand};
+use crate::commands::{
+    self, AdjustmentCommand, CommandError, GrantCommand, PlanCommand, VoidGrantCommand,
+};
 use crate::event::{
-    self, encode, types, DecodeLimits, Event, GrantEvent, GrantKind, Payload, PlanEvent, Rejection,
+    self, encode, types, AdjustmentEvent, DecodeLimits, Event, GrantEvent, GrantKind, Payload,
+    PlanEvent, Rejection, VoidGrantEvent,
 };
 
 /// How long the API waits for Kafka to acknowledge an event before answering 503.
@@ -95,6 +103,36 @@ impl WritableGrantKind {
         }
     }
 }
+
+/// POST /v1/accounts/{id}/grants/{grant_id}/void body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoidRequest {
+    /// Why (1..=512 bytes), written on the ledger line.
+    reason: String,
+    /// RFC 3339: when the void takes effect (its event time); absent: now.
+    #[serde(default)]
+    effective_at: Option<String>,
+}
+
+/// POST /v1/accounts/{id}/adjustments body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustmentRequest {
+    /// The idempotency key: the same adjustment id is applied once.
+    adjustment_id: String,
+    /// Decimal string, not 0, `-` for a deduction; at most 6 decimal places.
+    credits: String,
+    /// Why (1..=512 bytes), written on the ledger lines.
+    reason: String,
+    /// RFC 3339: when the adjustment takes effect (its event time); absent: now.
+    #[serde(default)]
+    effective_at: Option<String>,
+}
+
+/// Longest adjustment id (as a grant id: `adjustment:{account}:{id}` fits the 256-byte
+/// event id with the longest account id).
+const MAX_ADJUSTMENT_ID_CHARS: usize = 110;
 
 /// PUT /v1/accounts/{id}/plan body: the fields of `tally.account.plan.v1`'s data.
 #[derive(Debug, Deserialize)]
@@ -342,4 +380,126 @@ pub async fn plan(
             "event": {"type": sent.event_type, "source": sent.source, "id": sent.id},
         })),
     ))
+}
+
+/// POST /v1/accounts/{id}/grants/{grant_id}/void
+pub async fn void_grant(
+    State(api): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path((id, grant_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = who.write(&id, "void grants")?;
+    let req: VoidRequest = json_body(&headers, body, api.cfg.api.max_body_bytes)?;
+    identifier(&grant_id, MAX_GRANT_ID_CHARS, "grant_id")?;
+    let now = Utc::now();
+    let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
+    let source = source_for(id);
+    let event_id = encode::void_event_id(id, &grant_id);
+    let data = json!({"grant_id": grant_id, "reason": req.reason, "actor": who.name()});
+    let raw = encode::envelope(types::GRANT_VOID, &source, &event_id, id, time, data);
+    let Payload::VoidGrant(v) = check(&raw, now, &limits(&api))?.payload else {
+        return Err(ApiError::Internal("a void decoded as another type".into()));
+    };
+    let answer = |status: &str| {
+        json!({
+            "account_id": id, "grant_id": grant_id, "status": status,
+            "event": {"type": types::GRANT_VOID, "source": source, "id": event_id},
+        })
+    };
+    let store = api.store().await?;
+    match pg(store.grant(id, &grant_id)).await? {
+        None => return Err(ApiError::GrantNotFound(grant_id.clone())),
+        Some(g) if g.voided_at.is_some() => return Ok((StatusCode::OK, Json(answer("applied")))),
+        Some(_) => {}
+    }
+    let command = VoidGrantCommand {
+        account: id.to_owned(),
+        void: VoidGrantEvent {
+            grant_id: v.grant_id.to_string().into(),
+            reason: v.reason.to_string().into(),
+            actor: Some(who.name().to_owned().into()),
+        },
+    };
+    commands::publish_void_grant(
+        &api.producer,
+        &api.cfg,
+        &source,
+        &command,
+        time,
+        PUBLISH_TIMEOUT,
+    )
+    .await
+    .map_err(command_error)?;
+    tracing::info!(account_id = id, grant_id = %grant_id, by = who.name(), "grant void published");
+    Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
+}
+
+/// POST /v1/accounts/{id}/adjustments
+pub async fn adjustment(
+    State(api): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = who.write(&id, "adjust credits")?;
+    let req: AdjustmentRequest = json_body(&headers, body, api.cfg.api.max_body_bytes)?;
+    identifier(&req.adjustment_id, MAX_ADJUSTMENT_ID_CHARS, "adjustment_id")?;
+    let now = Utc::now();
+    let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
+    let source = source_for(id);
+    let event_id = encode::adjustment_event_id(id, &req.adjustment_id);
+    let data = json!({
+        "adjustment_id": req.adjustment_id, "credits": req.credits, "reason": req.reason,
+        "actor": who.name(),
+    });
+    let raw = encode::envelope(types::ADJUSTMENT, &source, &event_id, id, time, data);
+    let Payload::Adjustment(a) = check(&raw, now, &limits(&api))?.payload else {
+        return Err(ApiError::Internal(
+            "an adjustment decoded as another type".into(),
+        ));
+    };
+    let answer = |status: &str| {
+        json!({
+            "account_id": id, "adjustment_id": req.adjustment_id, "credits": a.credits,
+            "status": status,
+            "event": {"type": types::ADJUSTMENT, "source": source, "id": event_id},
+        })
+    };
+    let store = api.store().await?;
+    if let Some(moved) = pg(store.adjustment_applied(id, &source, &event_id)).await? {
+        if moved == a.credits {
+            return Ok((StatusCode::OK, Json(answer("applied"))));
+        }
+        return Err(ApiError::Conflict {
+            field: "adjustment_id",
+            message: format!(
+                "adjustment `{}` was already applied with {} credits",
+                req.adjustment_id, moved
+            ),
+        });
+    }
+    let command = AdjustmentCommand {
+        account: id.to_owned(),
+        adjustment: AdjustmentEvent {
+            adjustment_id: a.adjustment_id.to_string().into(),
+            credits: a.credits,
+            reason: a.reason.to_string().into(),
+            actor: Some(who.name().to_owned().into()),
+        },
+    };
+    commands::publish_adjustment(
+        &api.producer,
+        &api.cfg,
+        &source,
+        &command,
+        time,
+        PUBLISH_TIMEOUT,
+    )
+    .await
+    .map_err(command_error)?;
+    tracing::info!(account_id = id, adjustment_id = %req.adjustment_id, credits = %a.credits, by = who.name(), "adjustment published");
+    Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
 }

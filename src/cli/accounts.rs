@@ -1,11 +1,13 @@
-//! `tally accounts set-plan` and `tally accounts grant`: the account commands
+//! `tally accounts set-plan`, `grant`, `void-grant` and `adjust`: the account commands
 //! ([`crate::commands`]) published from the CLI, with what was sent printed for the operator.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::commands::{self, CommandEvent, GrantCommand, PlanCommand};
+use crate::commands::{
+    self, AdjustmentCommand, CommandEvent, GrantCommand, PlanCommand, VoidGrantCommand,
+};
 use crate::config::Config;
 
 /// The event source of what the CLI publishes.
@@ -27,6 +29,33 @@ pub async fn grant(cfg: &Config, grant: GrantCommand, now: DateTime<Utc>) -> any
     let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
     let sent =
         commands::publish_grant(&producer, cfg, SOURCE, &grant, now, PUBLISH_TIMEOUT).await?;
+    print_sent(&sent);
+    Ok(())
+}
+
+/// Publishes the grant's void, effective `now`; prints what was sent.
+pub async fn void_grant(
+    cfg: &Config,
+    void: VoidGrantCommand,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
+    let sent =
+        commands::publish_void_grant(&producer, cfg, SOURCE, &void, now, PUBLISH_TIMEOUT).await?;
+    print_sent(&sent);
+    Ok(())
+}
+
+/// Publishes the manual adjustment, effective `now`; prints what was sent.
+pub async fn adjust(
+    cfg: &Config,
+    adjustment: AdjustmentCommand,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
+    let sent =
+        commands::publish_adjustment(&producer, cfg, SOURCE, &adjustment, now, PUBLISH_TIMEOUT)
+            .await?;
     print_sent(&sent);
     Ok(())
 }

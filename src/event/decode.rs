@@ -33,8 +33,8 @@ use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, Vis
 use serde_json::value::RawValue;
 
 use self::data::{
-    clip, id, invalid, printable, required, timestamp, CallData, ChatData, Check, GrantData,
-    InstanceData, MeteredData, PlanData,
+    clip, id, invalid, printable, required, timestamp, AdjustmentData, CallData, ChatData, Check,
+    GrantData, InstanceData, MeteredData, PlanData, VoidGrantData,
 };
 use self::scalar::{is_well_formed, Text, WellFormed};
 use super::*;
@@ -159,6 +159,9 @@ enum TypedData<'a> {
     Grant(GrantData<'a>),
     /// Boxed: plans are rare, and their fields would make every event's slot larger.
     Plan(Box<PlanData<'a>>),
+    /// Boxed, as rare as plans.
+    GrantVoid(Box<VoidGrantData<'a>>),
+    Adjustment(Box<AdjustmentData<'a>>),
 }
 
 impl<'a> TypedData<'a> {
@@ -170,6 +173,8 @@ impl<'a> TypedData<'a> {
             EventKind::Metered => TypedData::Metered(parse_data(raw)?),
             EventKind::Grant => TypedData::Grant(parse_data(raw)?),
             EventKind::Plan => TypedData::Plan(Box::new(parse_data(raw)?)),
+            EventKind::GrantVoid => TypedData::GrantVoid(Box::new(parse_data(raw)?)),
+            EventKind::Adjustment => TypedData::Adjustment(Box::new(parse_data(raw)?)),
         })
     }
 
@@ -183,6 +188,8 @@ impl<'a> TypedData<'a> {
             TypedData::Metered(d) => d.check(),
             TypedData::Grant(d) => d.check(),
             TypedData::Plan(d) => d.check(),
+            TypedData::GrantVoid(d) => d.check(),
+            TypedData::Adjustment(d) => d.check(),
         }
     }
 }
@@ -285,8 +292,9 @@ fn check<'a>(
 }
 
 /// Events under the API's source prefix ([`API_SOURCE_PREFIX`]) must have the shape the API
-/// gives its own: the source names the event's account, a grant's id is derived from the
-/// account and grant id, a plan's id begins `plan:`, and there is no usage. Kafka does not
+/// gives its own: the source names the event's account, a grant's (a void's, an
+/// adjustment's) id is derived from the account and grant (adjustment) id, a plan's id begins
+/// `plan:`, and there is no usage. Kafka does not
 /// say who wrote a record, so this cannot tell the API from a producer; it makes whatever is
 /// written there the same event the API would publish, so no producer can take the identity
 /// of an API grant with other terms (a grant is idempotent by account and grant id).
@@ -315,6 +323,24 @@ fn api_namespace(
                 return Err(invalid(
                     "id",
                     format!("a grant under {API_SOURCE_PREFIX:?} has the id {:?}", clip(&expected)),
+                ));
+            }
+        }
+        Payload::VoidGrant(v) => {
+            let expected = encode::void_event_id(account_id, &v.grant_id);
+            if event_id != expected {
+                return Err(invalid(
+                    "id",
+                    format!("a grant void under {API_SOURCE_PREFIX:?} has the id {:?}", clip(&expected)),
+                ));
+            }
+        }
+        Payload::Adjustment(a) => {
+            let expected = encode::adjustment_event_id(account_id, &a.adjustment_id);
+            if event_id != expected {
+                return Err(invalid(
+                    "id",
+                    format!("an adjustment under {API_SOURCE_PREFIX:?} has the id {:?}", clip(&expected)),
                 ));
             }
         }
@@ -610,6 +636,10 @@ impl<'de> Visitor<'de> for TypedSeed<'_, 'de> {
             EventKind::Metered => TypedData::Metered(MeteredData::deserialize(de)?),
             EventKind::Grant => TypedData::Grant(GrantData::deserialize(de)?),
             EventKind::Plan => TypedData::Plan(Box::new(PlanData::deserialize(de)?)),
+            EventKind::GrantVoid => TypedData::GrantVoid(Box::new(VoidGrantData::deserialize(de)?)),
+            EventKind::Adjustment => {
+                TypedData::Adjustment(Box::new(AdjustmentData::deserialize(de)?))
+            }
         }));
         Ok(())
     }

@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{types, GrantEvent, OveragePolicy, PlanEvent};
+use super::{types, AdjustmentEvent, GrantEvent, OveragePolicy, PlanEvent, VoidGrantEvent};
 
 /// An RFC 3339 time in UTC with microseconds (as the ledger stores times): events published
 /// one after the other keep their order in event time instead of tying on the second (a tie
@@ -90,6 +90,61 @@ pub fn grant(source: &str, account_id: &str, g: &GrantEvent<'_>, time: DateTime<
         types::GRANT,
         source,
         &grant_event_id(account_id, &g.grant_id),
+        account_id,
+        time,
+        data,
+    )
+}
+
+/// The event id of a grant's void: a grant is voided once, so a retried void is the same
+/// event.
+pub fn void_event_id(account_id: &str, grant_id: &str) -> String {
+    format!("void:{account_id}:{grant_id}")
+}
+
+/// The event id of a manual adjustment: the adjustment id is its idempotency key.
+pub fn adjustment_event_id(account_id: &str, adjustment_id: &str) -> String {
+    format!("adjustment:{account_id}:{adjustment_id}")
+}
+
+/// A grant's void (event id [`void_event_id`]).
+pub fn void_grant(
+    source: &str,
+    account_id: &str,
+    v: &VoidGrantEvent<'_>,
+    time: DateTime<Utc>,
+) -> Vec<u8> {
+    let mut data = json!({"grant_id": v.grant_id, "reason": v.reason});
+    if let Some(a) = &v.actor {
+        data["actor"] = json!(a);
+    }
+    envelope(
+        types::GRANT_VOID,
+        source,
+        &void_event_id(account_id, &v.grant_id),
+        account_id,
+        time,
+        data,
+    )
+}
+
+/// A manual adjustment (event id [`adjustment_event_id`]); `credits` signed.
+pub fn adjustment(
+    source: &str,
+    account_id: &str,
+    a: &AdjustmentEvent<'_>,
+    time: DateTime<Utc>,
+) -> Vec<u8> {
+    let mut data = json!({
+        "adjustment_id": a.adjustment_id, "credits": decimal(a.credits), "reason": a.reason,
+    });
+    if let Some(who) = &a.actor {
+        data["actor"] = json!(who);
+    }
+    envelope(
+        types::ADJUSTMENT,
+        source,
+        &adjustment_event_id(account_id, &a.adjustment_id),
         account_id,
         time,
         data,
@@ -191,5 +246,49 @@ mod tests {
             pl.recharge.map(|r| (r.threshold_credits, r.credits)),
             Some((dec!(100), dec!(2000.5)))
         );
+
+        let source = crate::event::api_source("acct-1");
+        let v = void_grant(
+            &source,
+            "acct-1",
+            &VoidGrantEvent {
+                grant_id: "g-1".into(),
+                reason: "charged back".into(),
+                actor: Some("ops".into()),
+            },
+            now,
+        );
+        let e = decode(&v, now, &DecodeLimits::default()).unwrap();
+        assert_eq!(e.envelope.id, "void:acct-1:g-1");
+        let Payload::VoidGrant(vo) = e.payload else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (
+                vo.grant_id.as_ref(),
+                vo.reason.as_ref(),
+                vo.actor.as_deref()
+            ),
+            ("g-1", "charged back", Some("ops"))
+        );
+        for credits in [dec!(-12.5), dec!(3)] {
+            let a = adjustment(
+                &source,
+                "acct-1",
+                &AdjustmentEvent {
+                    adjustment_id: "adj-1".into(),
+                    credits,
+                    reason: "goodwill".into(),
+                    actor: None,
+                },
+                now,
+            );
+            let e = decode(&a, now, &DecodeLimits::default()).unwrap();
+            assert_eq!(e.envelope.id, "adjustment:acct-1:adj-1");
+            let Payload::Adjustment(ad) = e.payload else {
+                panic!("{e:?}")
+            };
+            assert_eq!((ad.credits, ad.actor), (credits, None));
+        }
     }
 }

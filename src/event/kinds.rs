@@ -19,6 +19,10 @@ pub enum EventKind {
     Metered,
     Grant,
     Plan,
+    /// A grant voided (corrections travel on the grants topic, in order with grants).
+    GrantVoid,
+    /// A manual adjustment.
+    Adjustment,
 }
 
 /// What the registry knows of one kind.
@@ -33,7 +37,7 @@ struct Entry {
 }
 
 /// Rows in the order of [`EventKind::ALL`].
-const ENTRIES: [Entry; 6] = [
+const ENTRIES: [Entry; 8] = [
     Entry {
         event_type: types::CALL,
         name: "call",
@@ -76,17 +80,33 @@ const ENTRIES: [Entry; 6] = [
         usage: false,
         schema: include_str!("../../schemas/events/plan.schema.json"),
     },
+    Entry {
+        event_type: types::GRANT_VOID,
+        name: "grant_void",
+        usage_kind: None,
+        usage: false,
+        schema: include_str!("../../schemas/events/grant_void.schema.json"),
+    },
+    Entry {
+        event_type: types::ADJUSTMENT,
+        name: "adjustment",
+        usage_kind: None,
+        usage: false,
+        schema: include_str!("../../schemas/events/adjustment.schema.json"),
+    },
 ];
 
 impl EventKind {
     /// Every kind, usage first, in the order of [`Topics::inputs`].
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Call,
         EventKind::ChatResponse,
         EventKind::InstanceHours,
         EventKind::Metered,
         EventKind::Grant,
         EventKind::Plan,
+        EventKind::GrantVoid,
+        EventKind::Adjustment,
     ];
 
     fn entry(self) -> &'static Entry {
@@ -104,6 +124,8 @@ impl EventKind {
             types::METERED => EventKind::Metered,
             types::GRANT => EventKind::Grant,
             types::PLAN => EventKind::Plan,
+            types::GRANT_VOID => EventKind::GrantVoid,
+            types::ADJUSTMENT => EventKind::Adjustment,
             _ => return None,
         })
     }
@@ -143,6 +165,9 @@ impl EventKind {
             EventKind::Metered => &topics.metered,
             EventKind::Grant => &topics.grants,
             EventKind::Plan => &topics.plans,
+            // Corrections of credits ride the grants topic: in order with the grants they
+            // correct, through the one path grants take.
+            EventKind::GrantVoid | EventKind::Adjustment => &topics.grants,
         }
     }
 }
@@ -213,7 +238,13 @@ mod tests {
     #[test]
     fn kinds_are_routed_to_the_input_topics_in_order() {
         let topics = Topics::default();
-        let routed: Vec<&str> = EventKind::ALL.iter().map(|k| k.topic(&topics)).collect();
+        let routed: Vec<&str> = EventKind::ALL[..6]
+            .iter()
+            .map(|k| k.topic(&topics))
+            .collect();
         assert_eq!(routed, topics.inputs());
+        for k in [EventKind::GrantVoid, EventKind::Adjustment] {
+            assert_eq!(k.topic(&topics), topics.grants);
+        }
     }
 }

@@ -111,6 +111,10 @@ pub mod types {
     pub const METERED: &str = "tally.usage.metered.v1";
     pub const GRANT: &str = "tally.credit.grant.v1";
     pub const PLAN: &str = "tally.account.plan.v1";
+    /// A grant voided: its remaining credits removed (a correction, never an edit).
+    pub const GRANT_VOID: &str = "tally.credit.void.v1";
+    /// A manual adjustment of an account's credits, plus or minus, with a reason.
+    pub const ADJUSTMENT: &str = "tally.credit.adjustment.v1";
 }
 
 /// The CloudEvents attributes Tally uses. (`source`, `id`) is the event's identity;
@@ -231,6 +235,32 @@ pub struct GrantEvent<'a> {
     pub priority: Option<i32>,
 }
 
+/// Longest `reason` of a correction, in bytes.
+pub const MAX_REASON_BYTES: usize = 512;
+
+/// A grant voided (`tally.credit.void.v1`): its remaining credits are removed at the event's
+/// time. Idempotent: a grant is voided once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoidGrantEvent<'a> {
+    pub grant_id: Cow<'a, str>,
+    /// Why (1..=512 bytes, printable).
+    pub reason: Cow<'a, str>,
+    /// Who asked for it (the API token's name); absent: the event's `source` is.
+    pub actor: Option<Cow<'a, str>>,
+}
+
+/// A manual adjustment (`tally.credit.adjustment.v1`): credits added or taken, with a reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdjustmentEvent<'a> {
+    /// The idempotency key (with the account: its event id and its bucket's grant id).
+    pub adjustment_id: Cow<'a, str>,
+    /// Not zero, at most 6 decimal places: positive adds, negative takes.
+    pub credits: Decimal,
+    pub reason: Cow<'a, str>,
+    /// Who asked for it (the API token's name); absent: the event's `source` is.
+    pub actor: Option<Cow<'a, str>>,
+}
+
 /// What happens to usage once an account's grants are spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -280,6 +310,8 @@ pub enum Payload<'a> {
     Metered(MeteredUsage<'a>),
     Grant(GrantEvent<'a>),
     Plan(PlanEvent<'a>),
+    VoidGrant(VoidGrantEvent<'a>),
+    Adjustment(AdjustmentEvent<'a>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -311,6 +343,10 @@ pub enum Quantity {
 /// producer's grant may not use them, so a generated grant can never collide with one.
 pub const RESERVED_GRANT_PREFIX: &str = "allowance:";
 
+/// Grant ids of the buckets positive adjustments credit (`adjustment:{adjustment_id}`): a
+/// producer's grant may not use them either.
+pub const ADJUSTMENT_GRANT_PREFIX: &str = "adjustment:";
+
 /// Sources Tally's HTTP API publishes under: only `//tally/api/accounts/{account}`, with
 /// grants (event id [`grant_event_id`](crate::event::encode::grant_event_id)) and plans
 /// (event id `plan:...`). An event under this prefix of any other shape is refused, so
@@ -339,6 +375,8 @@ impl Payload<'_> {
             Payload::Metered(_) => EventKind::Metered,
             Payload::Grant(_) => EventKind::Grant,
             Payload::Plan(_) => EventKind::Plan,
+            Payload::VoidGrant(_) => EventKind::GrantVoid,
+            Payload::Adjustment(_) => EventKind::Adjustment,
         }
     }
 
@@ -399,7 +437,10 @@ impl<'a> Event<'a> {
                     .collect(),
                 quantity: Quantity::Units(m.quantity),
             }),
-            Payload::Grant(_) | Payload::Plan(_) => None,
+            Payload::Grant(_)
+            | Payload::Plan(_)
+            | Payload::VoidGrant(_)
+            | Payload::Adjustment(_) => None,
         }
     }
 }

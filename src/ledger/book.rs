@@ -38,6 +38,15 @@ pub enum Action {
         overage_policy: OveragePolicy,
         top_up_validity_months: u32,
     },
+    /// A grant voided: its remaining credits removed ([`Account::void_grant`]).
+    VoidGrant {
+        grant_id: String,
+    },
+    /// A manual adjustment, plus or minus ([`Account::adjust`]).
+    Adjust {
+        adjustment_id: String,
+        credits: Decimal,
+    },
 }
 
 /// One event for the ledger: its identity, its own time and its effect.
@@ -96,6 +105,11 @@ impl Placed {
                 at,
                 out,
             ),
+            Action::VoidGrant { grant_id } => account.void_grant(grant_id, at, out),
+            Action::Adjust {
+                adjustment_id,
+                credits,
+            } => account.adjust(adjustment_id, *credits, at, out),
         }
     }
 }
@@ -433,7 +447,13 @@ pub fn corrections(from: &Account, to: &Account, at: DateTime<Utc>) -> Vec<Entry
         };
         let granted = get(t, |g| g.granted) - get(f, |g| g.granted);
         if f.is_none() {
-            deltas.push((EntryKind::Grant, None, Some(id.to_owned()), granted));
+            // A positive adjustment's bucket is added by an adjustment entry.
+            let added = if id.starts_with(crate::event::ADJUSTMENT_GRANT_PREFIX) {
+                EntryKind::Adjustment
+            } else {
+                EntryKind::Grant
+            };
+            deltas.push((added, None, Some(id.to_owned()), granted));
         } else if !granted.is_zero() {
             deltas.push((
                 EntryKind::Correction,
@@ -449,6 +469,8 @@ pub fn corrections(from: &Account, to: &Account, at: DateTime<Utc>) -> Vec<Entry
             ),
             (EntryKind::Settle, |g| g.settled),
             (EntryKind::Expiry, |g| g.expired),
+            (EntryKind::Void, |g| g.voided),
+            (EntryKind::Adjustment, |g| g.adjusted),
         ] {
             let d = get(t, pick) - get(f, pick);
             if !d.is_zero() {
@@ -663,6 +685,200 @@ mod tests {
     }
 
     use std::collections::BTreeMap;
+
+    fn void(grant_id: &str) -> Action {
+        Action::VoidGrant {
+            grant_id: grant_id.into(),
+        }
+    }
+
+    fn adjust(id: &str, credits: Decimal) -> Action {
+        Action::Adjust {
+            adjustment_id: id.into(),
+            credits,
+        }
+    }
+
+    /// (kind, grant, amount, balance after) of each line.
+    fn rows(lines: &[Entry]) -> Vec<(&'static str, Option<&str>, Decimal, Decimal)> {
+        lines
+            .iter()
+            .map(|e| {
+                (
+                    e.kind.as_str(),
+                    e.grant_id.as_deref(),
+                    e.amount,
+                    e.balance_after,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn corrections_survive_the_open_window_as_json() {
+        // The store keeps placed events as JSON (open_events.placed) and replays them.
+        for action in [void("promo"), adjust("t-1", dec!(-12.5))] {
+            let placed = Placed {
+                at: at(1, 2, 0),
+                late: false,
+                event: ev("x", at(1, 2, 0), action),
+            };
+            let json = serde_json::to_string(&placed).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Placed>(&json).unwrap(),
+                placed,
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_void_removes_what_is_left_and_what_it_paid_stays_paid() {
+        // Package 100 and promo 50 (consumed first); 70 used; the promo voided; 40 used.
+        let mut h = Harness::new();
+        h.deliver(&[
+            ev(
+                "pkg",
+                at(1, 1, 0),
+                grant("pkg", GrantKind::Package, dec!(100), None),
+            ),
+            ev(
+                "promo",
+                at(1, 1, 1),
+                grant("promo", GrantKind::Promo, dec!(50), None),
+            ),
+        ]);
+        h.deliver(&[ev("u1", at(1, 2, 0), debit(dec!(30)))]);
+        h.deliver(&[ev("v", at(1, 3, 0), void("promo"))]);
+        // Voided again (another source): nothing more.
+        h.deliver(&[Event {
+            source: "other".into(),
+            ..ev("v2", at(1, 3, 1), void("promo"))
+        }]);
+        h.deliver(&[ev("u2", at(1, 4, 0), debit(dec!(40)))]);
+        assert_eq!(
+            rows(&h.lines),
+            vec![
+                ("grant", Some("pkg"), dec!(100), dec!(100)),
+                ("grant", Some("promo"), dec!(50), dec!(150)),
+                ("debit", Some("promo"), dec!(-30), dec!(120)),
+                ("void", Some("promo"), dec!(-20), dec!(100)),
+                ("debit", Some("pkg"), dec!(-40), dec!(60)),
+            ]
+        );
+        let promo = &h.book().live.grants[1];
+        assert_eq!(
+            (
+                promo.remaining,
+                promo.debited,
+                promo.voided,
+                promo.voided_at
+            ),
+            (dec!(0), dec!(30), dec!(20), Some(at(1, 3, 0)))
+        );
+        // A void of a grant the account does not hold changes nothing.
+        let a = h.deliver(&[ev("v3", at(1, 5, 0), void("nope"))]);
+        assert!(a.lines.is_empty());
+        let (balance, _, per_grant) = explain(&h.lines);
+        assert_eq!((balance, per_grant["promo"]), (dec!(60), dec!(0)));
+    }
+
+    #[test]
+    fn adjustments_add_a_bucket_or_take_in_consumption_order_never_below_zero() {
+        // Prepaid: 20 of overage; +50 settles it first (30 left in its bucket); -45 takes
+        // the promo's 10 then 35 of the package (promo 20, package 40, manual 50); -500 takes
+        // what is left and no more (a deduction creates no overage).
+        let mut h = Harness::new();
+        h.deliver(&[ev("u0", at(1, 1, 0), debit(dec!(20)))]);
+        h.deliver(&[ev("plus", at(1, 1, 1), adjust("t-1", dec!(50)))]);
+        h.deliver(&[
+            ev(
+                "promo",
+                at(1, 1, 2),
+                grant("promo", GrantKind::Promo, dec!(10), None),
+            ),
+            ev(
+                "pkg",
+                at(1, 1, 3),
+                grant("pkg", GrantKind::Package, dec!(100), None),
+            ),
+        ]);
+        h.deliver(&[ev("minus", at(1, 2, 0), adjust("t-2", dec!(-45)))]);
+        assert_eq!(
+            rows(&h.lines),
+            vec![
+                ("overage", None, dec!(-20), dec!(0)),
+                ("adjustment", Some("adjustment:t-1"), dec!(50), dec!(50)),
+                ("settle", Some("adjustment:t-1"), dec!(-20), dec!(30)),
+                ("grant", Some("promo"), dec!(10), dec!(40)),
+                ("grant", Some("pkg"), dec!(100), dec!(140)),
+                ("adjustment", Some("promo"), dec!(-10), dec!(130)),
+                ("adjustment", Some("pkg"), dec!(-35), dec!(95)),
+            ]
+        );
+        h.lines.clear();
+        h.deliver(&[ev("all", at(1, 3, 0), adjust("t-3", dec!(-500)))]);
+        assert_eq!(
+            rows(&h.lines),
+            vec![
+                ("adjustment", Some("pkg"), dec!(-65), dec!(30)),
+                ("adjustment", Some("adjustment:t-1"), dec!(-30), dec!(0)),
+            ]
+        );
+        let live = &h.book().live;
+        assert_eq!((live.balance(), live.overage), (dec!(0), dec!(0)));
+    }
+
+    #[test]
+    fn a_void_dated_before_usage_it_missed_corrects_as_if_in_order() {
+        // The void (dated 03:00) arrives after usage dated 04:00: in event-time order the
+        // promo had 50 left to void, and the usage is paid by the package.
+        let events = [
+            ev(
+                "pkg",
+                at(1, 1, 0),
+                grant("pkg", GrantKind::Package, dec!(100), None),
+            ),
+            ev(
+                "promo",
+                at(1, 1, 1),
+                grant("promo", GrantKind::Promo, dec!(50), None),
+            ),
+            ev("v", at(1, 1, 3), void("promo")),
+            ev("u", at(1, 1, 4), debit(dec!(30))),
+            ev("adj", at(1, 1, 2), adjust("a", dec!(-5))),
+        ];
+        let mut in_order = Harness::new();
+        let mut sorted = events.to_vec();
+        sorted.sort_by_key(|e| e.time);
+        for e in &sorted {
+            in_order.deliver(std::slice::from_ref(e));
+        }
+        let mut late = Harness::new();
+        for i in [0, 1, 3, 2, 4] {
+            late.deliver(std::slice::from_ref(&events[i]));
+        }
+        assert_eq!(in_order.book().live, late.book().live);
+        let promo = &late.book().live.grants[1];
+        assert_eq!(
+            (promo.adjusted, promo.voided, promo.debited),
+            (dec!(5), dec!(45), dec!(0))
+        );
+        let (balance, overage, per_grant) = explain(&late.lines);
+        assert_eq!((balance, overage), (dec!(70), dec!(0)));
+        assert_eq!((per_grant["pkg"], per_grant["promo"]), (dec!(70), dec!(0)));
+        // The corrections name the kinds they correct.
+        let corrected: Vec<(Option<EntryKind>, Option<&str>, Decimal)> = late
+            .lines
+            .iter()
+            .filter(|e| e.kind == EntryKind::Correction)
+            .map(|e| (e.corrects, e.grant_id.as_deref(), e.amount))
+            .collect();
+        assert!(
+            corrected.contains(&(Some(EntryKind::Void), Some("promo"), dec!(-30))),
+            "{corrected:?}"
+        );
+    }
 
     #[test]
     fn late_usage_inside_the_grace_uses_the_old_cycle_allowance() {
@@ -890,6 +1106,9 @@ mod tests {
         Grant(u8, i64, Option<u16>),
         Debit(i64),
         Plan(i64, u8, bool),
+        /// Voids the grant of the event with this index (if it is a grant).
+        Void(u8),
+        Adjust(i64),
     }
 
     fn gen_event() -> impl Strategy<Value = (u32, Gen, u32)> {
@@ -899,6 +1118,8 @@ mod tests {
                 .prop_map(|(k, c, e)| Gen::Grant(k, c, e)),
             8 => (0i64..20_000_000).prop_map(Gen::Debit),
             1 => (0i64..60_000_000, 1u8..=31, any::<bool>()).prop_map(|(a, d, b)| Gen::Plan(a, d, b)),
+            1 => (0u8..60).prop_map(Gen::Void),
+            1 => (-30_000_000i64..30_000_000).prop_map(Gen::Adjust),
         ];
         // Dense (out-of-order arrivals are frequent) or spread over months (cycles close).
         let minute = prop_oneof![
@@ -940,6 +1161,8 @@ mod tests {
                             OveragePolicy::SettleFromNextGrant
                         },
                     ),
+                    Gen::Void(k) => void(&format!("g{k}")),
+                    Gen::Adjust(c) => adjust(&format!("a{i}"), Decimal::new(*c, 6)),
                 };
                 // Ids share their time's order only by chance: ties break by (source, id).
                 let source = if i % 3 == 0 { "x" } else { "y" };

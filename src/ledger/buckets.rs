@@ -27,7 +27,7 @@ pub fn default_priority(kind: GrantKind) -> i32 {
 }
 
 /// A credit bucket. Its credits are always accounted for:
-/// `granted = debited + settled + expired + remaining`.
+/// `granted = debited + settled + expired + voided + adjusted + remaining`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Grant {
     pub grant_id: String,
@@ -48,6 +48,16 @@ pub struct Grant {
     /// Credits lost at the expiry.
     #[serde(default)]
     pub expired: Decimal,
+    /// Credits removed when the grant was voided (a `void` entry).
+    #[serde(default, skip_serializing_if = "Decimal::is_zero")]
+    pub voided: Decimal,
+    /// Credits taken by negative manual adjustments (`adjustment` entries).
+    #[serde(default, skip_serializing_if = "Decimal::is_zero")]
+    pub adjusted: Decimal,
+    /// When the grant was voided (event time): it is no longer spendable, and no longer
+    /// counts in the total purchased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voided_at: Option<DateTime<Utc>>,
 }
 
 impl Grant {
@@ -67,7 +77,13 @@ impl Grant {
     }
 
     fn conserved(&self) -> bool {
-        self.granted == self.debited + self.settled + self.expired + self.remaining
+        self.granted
+            == self.debited
+                + self.settled
+                + self.expired
+                + self.voided
+                + self.adjusted
+                + self.remaining
             && self.remaining >= Decimal::ZERO
     }
 }
@@ -94,6 +110,11 @@ pub enum EntryKind {
     /// wrote and what the events give in event-time order, for one kind (`corrects`) of
     /// one grant (or of the overage). Nothing is ever edited in place.
     Correction,
+    /// A grant was voided: its remaining credits removed (a mistake corrected by an entry).
+    Void,
+    /// A manual adjustment: credits added (a bucket of their own, `adjustment:{id}`) or taken
+    /// from the live grants in consumption order, with a reason.
+    Adjustment,
 }
 
 impl EntryKind {
@@ -107,6 +128,8 @@ impl EntryKind {
             EntryKind::Renewal => "renewal",
             EntryKind::Reset => "reset",
             EntryKind::Correction => "correction",
+            EntryKind::Void => "void",
+            EntryKind::Adjustment => "adjustment",
         }
     }
 
@@ -120,6 +143,8 @@ impl EntryKind {
             EntryKind::Renewal,
             EntryKind::Reset,
             EntryKind::Correction,
+            EntryKind::Void,
+            EntryKind::Adjustment,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -129,7 +154,7 @@ impl EntryKind {
 /// One line of the ledger. `amount` is signed. How a line moves the two running figures
 /// (`balance_after`: the spendable balance, `overage_after`: the unsettled overage), by the
 /// kind it has or, for a correction, the kind it corrects:
-/// - grant, debit, expiry, renewal: balance += amount;
+/// - grant, debit, expiry, renewal, void, adjustment: balance += amount;
 /// - settle: balance += amount and overage += amount (a negative amount pays overage);
 /// - overage, reset: overage -= amount (overage is recorded negative, a reset bills it).
 #[derive(Debug, Clone, PartialEq)]
@@ -230,6 +255,12 @@ pub fn allowance_grant_id(cycle_start: DateTime<Utc>) -> String {
         crate::event::RESERVED_GRANT_PREFIX,
         cycle_start.format("%Y-%m-%d")
     )
+}
+
+/// The grant id of a positive manual adjustment's bucket: deterministic, so an adjustment
+/// is credited once.
+pub fn adjustment_grant_id(adjustment_id: &str) -> String {
+    format!("{}{adjustment_id}", crate::event::ADJUSTMENT_GRANT_PREFIX)
 }
 
 /// The shortest cycle a billing-day change may cut.
@@ -504,8 +535,92 @@ impl Account {
         self.check();
     }
 
+    /// Voids grant `grant_id` at event time `at`: its remaining credits are removed (a `void`
+    /// entry, 0 when it is spent out) and it no longer counts as purchased. What it paid
+    /// before stays paid. A grant the account does not hold at `at` (unknown, or spent out
+    /// and final) or one already voided: nothing changes.
+    pub fn void_grant(&mut self, grant_id: &str, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+        self.advance(at, out);
+        let Some(g) = self
+            .grants
+            .iter_mut()
+            .find(|g| g.grant_id == grant_id && g.voided_at.is_none())
+        else {
+            return;
+        };
+        let amount = g.remaining;
+        g.remaining = Decimal::ZERO;
+        g.voided += amount;
+        g.voided_at = Some(at);
+        out.push(self.entry(EntryKind::Void, Some(grant_id.to_owned()), -amount, at));
+        self.check();
+    }
+
+    /// A manual adjustment at event time `at`. Plus: a bucket of its own,
+    /// `adjustment:{adjustment_id}` (kind manual, never expires; under
+    /// `settle_from_next_grant` it pays unsettled overage first, like any grant). Minus:
+    /// taken from the grants live at `at` in consumption order, at most what they hold: a
+    /// deduction never creates overage (overage is usage no grant paid, and stays only that,
+    /// so corrections of usage always net to zero). An adjustment bucket the account already
+    /// holds: nothing changes.
+    pub fn adjust(
+        &mut self,
+        adjustment_id: &str,
+        credits: Decimal,
+        at: DateTime<Utc>,
+        out: &mut Vec<Entry>,
+    ) {
+        self.advance(at, out);
+        if credits > Decimal::ZERO {
+            let bucket = NewGrant {
+                grant_id: adjustment_grant_id(adjustment_id),
+                kind: GrantKind::Manual,
+                credits,
+                expires_at: None,
+                priority: None,
+            };
+            self.add_grant_as(&bucket, EntryKind::Adjustment, at, out);
+        } else if credits < Decimal::ZERO {
+            let mut left = -credits;
+            for i in self.live_in_order(at) {
+                if left.is_zero() {
+                    break;
+                }
+                let g = &mut self.grants[i];
+                let take = left.min(g.remaining);
+                g.remaining -= take;
+                g.adjusted += take;
+                left -= take;
+                let grant_id = g.grant_id.clone();
+                out.push(self.entry(EntryKind::Adjustment, Some(grant_id), -take, at));
+            }
+        }
+        self.check();
+    }
+
+    /// Indices of the grants live at `at`, in consumption order.
+    fn live_in_order(&self, at: DateTime<Utc>) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.grants.len())
+            .filter(|&i| self.grants[i].live_at(at))
+            .collect();
+        order.sort_by_key(|&i| self.grants[i].order_key());
+        order
+    }
+
     /// Adds a grant without bringing the account to `at` first (the caller did).
     fn add_grant(&mut self, new: &NewGrant, at: DateTime<Utc>, out: &mut Vec<Entry>) {
+        self.add_grant_as(new, EntryKind::Grant, at, out)
+    }
+
+    /// [`Account::add_grant`], its first entry of kind `kind` (a grant, or a positive
+    /// adjustment's bucket).
+    fn add_grant_as(
+        &mut self,
+        new: &NewGrant,
+        kind: EntryKind,
+        at: DateTime<Utc>,
+        out: &mut Vec<Entry>,
+    ) {
         if self.grants.iter().any(|g| g.grant_id == new.grant_id) {
             return;
         }
@@ -529,13 +644,11 @@ impl Account {
             debited: Decimal::ZERO,
             settled: Decimal::ZERO,
             expired: Decimal::ZERO,
+            voided: Decimal::ZERO,
+            adjusted: Decimal::ZERO,
+            voided_at: None,
         });
-        out.push(self.entry(
-            EntryKind::Grant,
-            Some(new.grant_id.clone()),
-            new.credits,
-            at,
-        ));
+        out.push(self.entry(kind, Some(new.grant_id.clone()), new.credits, at));
         // Each new top-up renews the validity of every remaining live top-up credit.
         if new.kind == GrantKind::TopUp {
             if let Some(new_expiry) = expires_at {
@@ -585,13 +698,7 @@ impl Account {
                 c.late_used += credits;
             }
         }
-        let order: Vec<usize> = {
-            let mut order: Vec<usize> = (0..self.grants.len())
-                .filter(|&i| self.grants[i].live_at(at))
-                .collect();
-            order.sort_by_key(|&i| self.grants[i].order_key());
-            order
-        };
+        let order = self.live_in_order(at);
         let mut left = credits;
         for i in order {
             if left.is_zero() {

@@ -314,7 +314,11 @@ pub fn rated_row(
             responses = c.responses;
         }
         Payload::Instance(i) => instance_id = i.instance_id.to_string(),
-        Payload::Metered(_) | Payload::Grant(_) | Payload::Plan(_) => {}
+        Payload::Metered(_)
+        | Payload::Grant(_)
+        | Payload::Plan(_)
+        | Payload::VoidGrant(_)
+        | Payload::Adjustment(_) => {}
     }
     let inserted_at_unix_seconds =
         u32::try_from(inserted_at.timestamp()).map_err(|_| AnalyticsError::OutOfRange {

@@ -18,7 +18,7 @@ use crate::kafka::{self, BatchConsumer, DeadLetter, DeadLetterProducer, Record};
 
 use crate::ledger::buckets::Plan;
 use crate::ledger::{
-    Action, BatchOutcome, DebitInfo, Item, NewGrant, PgOffsetStore, Store, StoreError,
+    Action, BatchOutcome, Correction, DebitInfo, Item, NewGrant, PgOffsetStore, Store, StoreError,
 };
 use crate::rating::PriceTable;
 
@@ -106,6 +106,8 @@ pub async fn run_with_clock(
                 Action::Debit(d) => d.usage_kind,
                 Action::Grant(_) => "grant",
                 Action::Plan { .. } => "plan",
+                Action::VoidGrant { .. } => "grant_void",
+                Action::Adjust { .. } => "adjustment",
             }),
         );
         // Dead letters are acknowledged before the offsets that skip them are stored.
@@ -433,6 +435,21 @@ pub fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
             top_up_validity_months: plan
                 .top_up_validity_months
                 .unwrap_or(crate::ledger::buckets::DEFAULT_TOP_UP_VALIDITY_MONTHS),
+        },
+        (Payload::VoidGrant(v), _) => Action::VoidGrant {
+            grant_id: v.grant_id.to_string(),
+            why: Correction {
+                actor: v.actor.as_deref().unwrap_or(&env.source),
+                reason: &v.reason,
+            },
+        },
+        (Payload::Adjustment(a), _) => Action::Adjust {
+            adjustment_id: a.adjustment_id.to_string(),
+            credits: a.credits,
+            why: Correction {
+                actor: a.actor.as_deref().unwrap_or(&env.source),
+                reason: &a.reason,
+            },
         },
         (payload, Some(charge)) => Action::Debit(DebitInfo {
             credits: charge.credits,

@@ -9,9 +9,10 @@ use serde::Deserialize;
 
 use super::scalar::{parse_decimal, parse_rfc3339, StringMap, Text};
 use crate::event::{
-    CallUsage, ChatUsage, Direction, GrantEvent, GrantKind, InstanceUsage, MeteredUsage,
-    OveragePolicy, Payload, PlanEvent, Reason, Recharge, Rejection, KIND_CALL, KIND_CHAT,
-    KIND_INSTANCE,
+    AdjustmentEvent, CallUsage, ChatUsage, Direction, GrantEvent, GrantKind, InstanceUsage,
+    MeteredUsage, OveragePolicy, Payload, PlanEvent, Reason, Recharge, Rejection, VoidGrantEvent,
+    ADJUSTMENT_GRANT_PREFIX, KIND_CALL, KIND_CHAT, KIND_INSTANCE, MAX_REASON_BYTES,
+    RESERVED_GRANT_PREFIX,
 };
 
 /// Longest id (`call_id`, `grant_id`...), in bytes.
@@ -438,12 +439,19 @@ impl<'a> GrantData<'a> {
         let kind = required(self.kind.take(), "data.kind")?;
         let credits = required(self.credits.take(), "data.credits")?;
         let grant_id = id(grant_id, "data.grant_id")?;
-        if grant_id.starts_with(crate::event::RESERVED_GRANT_PREFIX) {
+        if grant_id.starts_with(RESERVED_GRANT_PREFIX) {
             return Err(invalid(
                 "data.grant_id",
                 format!(
-                    "grant ids beginning with {:?} are reserved for the allowances Tally grants at each cycle reset",
-                    crate::event::RESERVED_GRANT_PREFIX
+                    "grant ids beginning with {RESERVED_GRANT_PREFIX:?} are reserved for the allowances Tally grants at each cycle reset",
+                ),
+            ));
+        }
+        if grant_id.starts_with(ADJUSTMENT_GRANT_PREFIX) {
+            return Err(invalid(
+                "data.grant_id",
+                format!(
+                    "grant ids beginning with {ADJUSTMENT_GRANT_PREFIX:?} are reserved for the credits of manual adjustments",
                 ),
             ));
         }
@@ -474,6 +482,110 @@ impl<'a> GrantData<'a> {
             credits,
             expires_at,
             priority,
+        }))
+    }
+}
+
+/// A correction's `reason`: 1..=512 bytes, printable.
+fn reason<'a>(value: Text<'a>, field: &str) -> Check<Cow<'a, str>> {
+    let len = value.0.len();
+    if len == 0 || len > MAX_REASON_BYTES {
+        return Err(invalid(
+            field,
+            format!("{len} bytes, expected 1..={MAX_REASON_BYTES}"),
+        ));
+    }
+    printable(&value.0, field)?;
+    Ok(value.0)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VoidGrantData<'a> {
+    #[serde(borrow)]
+    pub(super) grant_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) reason: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) actor: Option<Text<'a>>,
+}
+
+impl<'a> VoidGrantData<'a> {
+    pub(crate) fn check(&mut self) -> Check<Payload<'a>> {
+        let grant_id = required(self.grant_id.take(), "data.grant_id")?;
+        let why = required(self.reason.take(), "data.reason")?;
+        let grant_id = id(grant_id, "data.grant_id")?;
+        if grant_id.starts_with(RESERVED_GRANT_PREFIX) {
+            return Err(invalid(
+                "data.grant_id",
+                "an allowance is not voided: it follows the plan (change the plan instead)",
+            ));
+        }
+        let reason = reason(why, "data.reason")?;
+        let actor = self
+            .actor
+            .take()
+            .map(|a| name(a, "data.actor"))
+            .transpose()?;
+        Ok(Payload::VoidGrant(VoidGrantEvent {
+            grant_id,
+            reason,
+            actor,
+        }))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdjustmentData<'a> {
+    #[serde(borrow)]
+    pub(super) adjustment_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) credits: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) reason: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) actor: Option<Text<'a>>,
+}
+
+impl<'a> AdjustmentData<'a> {
+    pub(crate) fn check(&mut self) -> Check<Payload<'a>> {
+        let adjustment_id = required(self.adjustment_id.take(), "data.adjustment_id")?;
+        let credits = required(self.credits.take(), "data.credits")?;
+        let why = required(self.reason.take(), "data.reason")?;
+        let adjustment_id = id(adjustment_id, "data.adjustment_id")?;
+        // The bucket's grant id (`adjustment:{id}`) must fit an id too.
+        if adjustment_id.len() + ADJUSTMENT_GRANT_PREFIX.len() > MAX_ID_BYTES {
+            return Err(invalid(
+                "data.adjustment_id",
+                format!(
+                    "{} bytes, at most {}",
+                    adjustment_id.len(),
+                    MAX_ID_BYTES - ADJUSTMENT_GRANT_PREFIX.len()
+                ),
+            ));
+        }
+        let (negative, magnitude) = match credits.as_str().strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, credits.as_str()),
+        };
+        let magnitude = parse_decimal(magnitude)
+            .map_err(|e| invalid("data.credits", format!("{e}: {:?}", clip(credits.as_str()))))?;
+        if magnitude.is_zero() {
+            return Err(invalid("data.credits", "must not be 0"));
+        }
+        let credits = if negative { -magnitude } else { magnitude };
+        let reason = reason(why, "data.reason")?;
+        let actor = self
+            .actor
+            .take()
+            .map(|a| name(a, "data.actor"))
+            .transpose()?;
+        Ok(Payload::Adjustment(AdjustmentEvent {
+            adjustment_id,
+            credits,
+            reason,
+            actor,
         }))
     }
 }

@@ -12,7 +12,10 @@
 
 use std::borrow::Cow;
 
-use super::data::{CallData, ChatData, GrantData, InstanceData, MeteredData, PlanData};
+use super::data::{
+    AdjustmentData, CallData, ChatData, GrantData, InstanceData, MeteredData, PlanData,
+    VoidGrantData,
+};
 use super::scalar::{StringMap, Text};
 use super::{DataValue, RawEnvelope, TypedData};
 use crate::event::EventKind;
@@ -460,6 +463,17 @@ impl<'a> Scanner<'a> {
                 7 "allowance_alert_percents" => allowance_alert_percents: opt_int_list,
                 8 "recharge_threshold_credits" => recharge_threshold_credits: opt_text,
                 9 "recharge_credits" => recharge_credits: opt_text,
+            }),
+            EventKind::GrantVoid => read_data!(self, place!(GrantVoid, boxed VoidGrantData), {
+                0 "grant_id" => grant_id: opt_text,
+                1 "reason" => reason: opt_text,
+                2 "actor" => actor: opt_text,
+            }),
+            EventKind::Adjustment => read_data!(self, place!(Adjustment, boxed AdjustmentData), {
+                0 "adjustment_id" => adjustment_id: opt_text,
+                1 "credits" => credits: opt_text,
+                2 "reason" => reason: opt_text,
+                3 "actor" => actor: opt_text,
             }),
         }
     }

@@ -572,6 +572,9 @@ pub(super) struct EntryRows<'a> {
     pub(super) usage_kind: Vec<Option<&'a str>>,
     pub(super) price_version: Vec<Option<&'a str>>,
     pub(super) rule_id: Vec<Option<&'a str>>,
+    /// Who made a correction (void, adjustment) and why.
+    pub(super) actor: Vec<Option<&'a str>>,
+    pub(super) reason: Vec<Option<&'a str>>,
 }
 
 impl<'a> EntryRows<'a> {
@@ -604,6 +607,9 @@ impl<'a> EntryRows<'a> {
         self.usage_kind.push(debit.map(|d| d.usage_kind));
         self.price_version.push(debit.map(|d| d.price_version));
         self.rule_id.push(debit.map(|d| d.rule_id));
+        let why = item.and_then(|i| i.action.correction());
+        self.actor.push(why.map(|w| w.actor));
+        self.reason.push(why.map(|w| w.reason));
     }
 
     /// The rows by binary COPY: no statement text or arrays to parse, rows inserted in
@@ -632,6 +638,8 @@ impl<'a> EntryRows<'a> {
                 Type::TEXT,
                 Type::TEXT,
                 Type::TIMESTAMPTZ,
+                Type::TEXT,
+                Type::TEXT,
             ],
         );
         futures::pin_mut!(writer);
@@ -654,6 +662,8 @@ impl<'a> EntryRows<'a> {
                     &self.price_version[i],
                     &self.rule_id[i],
                     &self.event_time[i],
+                    &self.actor[i],
+                    &self.reason[i],
                 ])
                 .await?;
         }
@@ -698,6 +708,7 @@ pub(super) async fn write_grants(
     let mut expires_at = Vec::new();
     let mut granted_at = Vec::new();
     let mut seq = Vec::new();
+    let mut voided_at = Vec::new();
     for (id, b) in &locked.books {
         let before = locked.loaded.get(id);
         let gone = gone.get(id.as_str()).into_iter().flatten();
@@ -714,6 +725,7 @@ pub(super) async fn write_grants(
             expires_at.push(g.expires_at);
             granted_at.push(g.granted_at);
             seq.push(g.seq);
+            voided_at.push(g.voided_at);
         }
     }
     if account_id.is_empty() {
@@ -731,6 +743,7 @@ pub(super) async fn write_grants(
             &expires_at,
             &granted_at,
             &seq,
+            &voided_at,
         ],
     )
     .await?;

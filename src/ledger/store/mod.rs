@@ -143,16 +143,48 @@ pub enum Action<'a> {
         overage_policy: OveragePolicy,
         top_up_validity_months: u32,
     },
+    /// A grant voided: its remaining credits removed.
+    VoidGrant {
+        grant_id: String,
+        why: Correction<'a>,
+    },
+    /// A manual adjustment (credits signed).
+    Adjust {
+        adjustment_id: String,
+        credits: Decimal,
+        why: Correction<'a>,
+    },
+}
+
+/// Who made a correction and why: written on every ledger line it causes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Correction<'a> {
+    /// The API token's name, or the producer's CloudEvents `source`.
+    pub actor: &'a str,
+    pub reason: &'a str,
+}
+
+impl<'a> Action<'a> {
+    /// Who made it and why, for a correction.
+    pub fn correction(&self) -> Option<&Correction<'a>> {
+        match self {
+            Action::VoidGrant { why, .. } | Action::Adjust { why, .. } => Some(why),
+            _ => None,
+        }
+    }
 }
 
 impl Action<'_> {
     /// The dedupe scope of the event's identity: a usage event, a grant and a plan with the
     /// same (source, id) are three events, so usage can never claim a grant's or a plan's
-    /// identity.
+    /// identity. Voids and adjustments are claimed with the grants (they travel on the
+    /// grants topic; the API's ids, `void:`/`adjustment:`, never meet a grant's `grant:`).
     pub fn scope(&self) -> ClaimScope {
         match self {
             Action::Debit(_) => ClaimScope::Usage,
-            Action::Grant(_) => ClaimScope::Grant,
+            Action::Grant(_) | Action::VoidGrant { .. } | Action::Adjust { .. } => {
+                ClaimScope::Grant
+            }
             Action::Plan { .. } => ClaimScope::Plan,
         }
     }
@@ -230,6 +262,17 @@ impl Item<'_> {
                     plan: plan.clone(),
                     overage_policy: *overage_policy,
                     top_up_validity_months: *top_up_validity_months,
+                },
+                Action::VoidGrant { grant_id, .. } => book::Action::VoidGrant {
+                    grant_id: grant_id.clone(),
+                },
+                Action::Adjust {
+                    adjustment_id,
+                    credits,
+                    ..
+                } => book::Action::Adjust {
+                    adjustment_id: adjustment_id.clone(),
+                    credits: *credits,
                 },
             },
         }
@@ -370,7 +413,7 @@ impl Store {
 macro_rules! grant_columns {
     () => {
         "SELECT account_id, grant_id, kind, priority, granted, remaining, expires_at, granted_at, \
-         seq FROM grants"
+         seq, voided_at FROM grants"
     };
 }
 
@@ -469,16 +512,17 @@ const INSERT_OPEN_EVENTS: &str = "INSERT INTO open_events (account_id, at, at_na
 
 const DELETE_REVISABLE_CYCLES: &str = "DELETE FROM cycles WHERE account_id = ANY($1) AND NOT final";
 
-const WRITE_GRANTS: &str = "INSERT INTO grants (account_id, grant_id, kind, priority, granted, remaining, expires_at, granted_at, seq)
+const WRITE_GRANTS: &str = "INSERT INTO grants (account_id, grant_id, kind, priority, granted, remaining, expires_at, granted_at, seq, voided_at)
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::numeric[], $6::numeric[],
-                          $7::timestamptz[], $8::timestamptz[], $9::bigint[])
+                          $7::timestamptz[], $8::timestamptz[], $9::bigint[], $10::timestamptz[])
      ON CONFLICT (account_id, grant_id) DO UPDATE
        SET remaining = EXCLUDED.remaining, expires_at = EXCLUDED.expires_at,
-           granted = EXCLUDED.granted, granted_at = EXCLUDED.granted_at, seq = EXCLUDED.seq";
+           granted = EXCLUDED.granted, granted_at = EXCLUDED.granted_at, seq = EXCLUDED.seq,
+           voided_at = EXCLUDED.voided_at";
 
 const COPY_ENTRIES: &str = "COPY ledger_entries (account_id, kind, corrects, grant_id, amount,
          balance_after, overage_after, effective_at, late, event_source, event_id, usage_kind,
-         price_version, rule_id, event_time)
+         price_version, rule_id, event_time, actor, reason)
      FROM STDIN (FORMAT binary)";
 
 const WRITE_ACCOUNTS: &str = "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,

@@ -120,9 +120,11 @@ impl Store {
         let overage = crate::credits::fixed(account.overage);
         // The book's grants first (live terms), then the table's rows: spent-out grants leave
         // the book but keep their row, and still count until they expire.
+        // A voided grant counts nowhere: neither the book's copy nor the table's.
         let mut terms: Vec<GrantTerms> = account
             .grants
             .iter()
+            .filter(|g| g.voided_at.is_none())
             .map(|g| {
                 (
                     g.grant_id.clone(),
@@ -137,7 +139,7 @@ impl Store {
             .client
             .query(
                 "SELECT grant_id, kind, granted, granted_at, expires_at FROM grants
-                 WHERE account_id = $1 AND granted_at <= $2
+                 WHERE account_id = $1 AND granted_at <= $2 AND voided_at IS NULL
                    AND (expires_at IS NULL OR expires_at > $2)",
                 &[&account_id, &now],
             )
@@ -227,7 +229,8 @@ impl Store {
             .client
             .query(
                 "SELECT entry_id, kind, grant_id, amount, balance_after, overage_after,
-                        effective_at, event_id, rule_id, corrects, late
+                        effective_at, event_id, rule_id, corrects, late, event_source, actor,
+                        reason
                  FROM ledger_entries WHERE account_id = $1 AND entry_id < $2
                  ORDER BY entry_id DESC LIMIT $3",
                 &[&account_id, &before.unwrap_or(i64::MAX), &limit],
@@ -247,6 +250,9 @@ impl Store {
                 rule_id: r.get(8),
                 corrects: r.get(9),
                 late: r.get(10),
+                event_source: r.get(11),
+                actor: r.get(12),
+                reason: r.get(13),
             })
             .collect())
     }
@@ -322,6 +328,28 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// The credits an adjustment event (its source and id) moved, by its own lines
+    /// (`adjustment` and `overage`, not corrections): None when the ledger has no line of it.
+    pub async fn adjustment_applied(
+        &self,
+        account_id: &str,
+        event_source: &str,
+        event_id: &str,
+    ) -> Result<Option<Decimal>, StoreError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(*), COALESCE(sum(amount) FILTER (
+                            WHERE kind IN ('adjustment', 'overage') AND corrects IS NULL), 0)
+                 FROM ledger_entries
+                 WHERE account_id = $1 AND event_source = $2 AND event_id = $3",
+                &[&account_id, &event_source, &event_id],
+            )
+            .await?;
+        let lines: i64 = row.get(0);
+        Ok((lines > 0).then(|| row.get(1)))
+    }
+
     /// One grant of an account, whatever its remaining credits (None: never granted).
     pub async fn grant(
         &self,
@@ -373,6 +401,13 @@ pub struct LedgerLine {
     pub effective_at: DateTime<Utc>,
     pub event_id: Option<String>,
     pub rule_id: Option<String>,
+    /// The source of the event that caused the line.
+    pub event_source: Option<String>,
+    /// A correction's (void, adjustment) author: the API token's name, or the producer's
+    /// `source`.
+    pub actor: Option<String>,
+    /// A correction's reason.
+    pub reason: Option<String>,
 }
 
 /// What an account's billing page shows: spendable credits by grant, overage, next expiry,
@@ -459,6 +494,9 @@ pub(super) fn grant_from_row(r: &tokio_postgres::Row) -> Result<Grant, StoreErro
         debited: r.get::<_, Decimal>(4) - r.get::<_, Decimal>(5),
         settled: Decimal::ZERO,
         expired: Decimal::ZERO,
+        voided: Decimal::ZERO,
+        adjusted: Decimal::ZERO,
+        voided_at: r.get(9),
     })
 }
 
