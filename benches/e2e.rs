@@ -2,8 +2,9 @@
 //!
 //! 1. Preloads N demo events (TALLY_BENCH_EVENTS, default 100000) into fresh topics.
 //! 2. Measures the broker's raw consume rate over those topics (plain rdkafka consumer).
-//! 3. Runs the ledger pipeline alone over the backlog: events/s to committed balances.
-//! 4. Runs the analytics pipeline alone over the backlog: events/s to ClickHouse.
+//! 3. Runs the ledger role alone over the backlog (as `tally run --role ledger` does, through
+//!    `tally::app`): events/s to committed balances.
+//! 4. Runs the analytics role alone over the backlog: events/s to ClickHouse.
 //! 5. Produces at a fixed rate (TALLY_BENCH_RATE, default 10000 events/s, for
 //!    TALLY_BENCH_SECONDS, default 15) with the ledger running, and reports p50/p90/p99/max
 //!    latency from produce (send) to committed balance (offset stored in PostgreSQL).
@@ -21,7 +22,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
 use tokio::sync::watch;
 
-use common::{test_config, TestEnv};
+use common::{test_config, RunningTally, TestEnv};
+use tally::app::Role;
 use tally::demo::{self, DemoConfig};
 use tally::event::EventKind;
 
@@ -112,14 +114,10 @@ async fn run() {
     );
     drop(raw);
 
-    // Ledger pipeline alone over the backlog.
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // The ledger role alone over the backlog (`tally run --role ledger`: the ledger
+    // pipeline, the scheduler and the alert relay).
     let t = Instant::now();
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx.clone(),
-    ));
+    let ledger = RunningTally::start_role(&env, Role::Ledger);
     env.wait_ledger_caught_up(Duration::from_secs(1800)).await;
     let ledger_rate = total as f64 / t.elapsed().as_secs_f64();
     println!(
@@ -128,14 +126,9 @@ async fn run() {
         100.0 * ledger_rate / raw_rate
     );
 
-    // Analytics pipeline alone over the backlog.
-    let (astop_tx, astop_rx) = watch::channel(false);
+    // The analytics role alone over the backlog.
     let t = Instant::now();
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        astop_rx,
-    ));
+    let analytics = RunningTally::start_role(&env, Role::Analytics);
     env.wait_analytics_caught_up(Duration::from_secs(1800))
         .await;
     let analytics_rate = total as f64 / t.elapsed().as_secs_f64();
@@ -144,8 +137,7 @@ async fn run() {
         t.elapsed().as_secs_f64(),
         100.0 * analytics_rate / raw_rate
     );
-    astop_tx.send(true).unwrap();
-    analytics.await.unwrap().unwrap();
+    analytics.stop().await;
 
     // Latency at a fixed produce rate, ledger running.
     let live = demo::generate(&DemoConfig {
@@ -202,8 +194,7 @@ async fn run() {
     env.wait_ledger_caught_up(Duration::from_secs(600)).await;
     done_tx.send(true).unwrap();
     let snapshots = poller.await.unwrap();
-    stop_tx.send(true).unwrap();
-    ledger.await.unwrap().unwrap();
+    ledger.stop().await;
 
     // Per partition: (next_offset, first time seen), both increasing.
     let mut timeline: HashMap<(String, i32), Vec<(i64, Instant)>> = HashMap::new();

@@ -19,7 +19,6 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::{Decimal, RoundingStrategy};
 use rust_decimal_macros::dec;
 use serde_json::json;
-use tokio::sync::watch;
 
 use common::{ev, test_config, TestEnv};
 use tally::analytics::queries::{
@@ -317,15 +316,13 @@ fn monday_of(d: NaiveDate) -> NaiveDate {
 async fn run_analytics_until_caught_up(
     env: &TestEnv,
 ) -> tally::pipeline::analytics::AnalyticsStats {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(tally::pipeline::analytics::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = common::RunningTally::start_role(env, tally::app::Role::Analytics);
     env.wait_analytics_caught_up(Duration::from_secs(90)).await;
-    stop_tx.send(true).unwrap();
-    common::stopped(task).await.unwrap()
+    tally
+        .stop_report()
+        .await
+        .analytics
+        .expect("the analytics pipeline ran")
 }
 
 /// The stream every case reads, sent once through the real pipelines, with the analytics
@@ -429,17 +426,7 @@ async fn set_up() -> Fixture {
         }
     }
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx.clone(),
-    ));
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let tally = common::RunningTally::start(&env);
 
     // A package that never expires, older than any usage: the spendable balance.
     let grant_time = ts(first_day.and_hms_opt(0, 0, 1).unwrap().and_utc());
@@ -502,9 +489,11 @@ async fn set_up() -> Fixture {
     env.send(&phase2).await;
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     env.wait_analytics_caught_up(Duration::from_secs(60)).await;
-    stop_tx.send(true).unwrap();
-    common::stopped(ledger).await.unwrap();
-    let first_run = common::stopped(analytics).await.unwrap();
+    let first_run = tally
+        .stop_report()
+        .await
+        .analytics
+        .expect("the analytics pipeline ran");
 
     // Replay: the analytics positions are lost, so the consumer reads every topic again from
     // the beginning. The rows are written again and collapse; nothing counts twice.

@@ -64,7 +64,6 @@ use rdkafka::message::Message;
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
 use common::{actual, expected_from_demo, test_config, TestEnv};
 use model::{Account, GrantKind, Micros, NewGrant, Plan, MICROS};
@@ -1790,37 +1789,23 @@ async fn two_instances_split_partitions_with_same_results() {
     let (grants, usage) = split(&records);
     let expected = expected_from_demo(&records, &env.prices);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let spawn_ledger = || {
-        tokio::spawn(tally::pipeline::ledger::run(
-            env.cfg.clone(),
-            env.prices.clone(),
-            stop_rx.clone(),
-        ))
-    };
-    let spawn_analytics = || {
-        tokio::spawn(tally::pipeline::analytics::run(
-            env.cfg.clone(),
-            env.prices.clone(),
-            stop_rx.clone(),
-        ))
-    };
-    let ledgers = [spawn_ledger(), spawn_ledger()];
-    let analytics = [spawn_analytics(), spawn_analytics()];
+    // Two instances, as two `tally run` processes would run.
+    let instances = [
+        common::RunningTally::start(&env),
+        common::RunningTally::start(&env),
+    ];
 
     send(&env, &grants).await;
     env.wait_ledger_caught_up(Duration::from_secs(120)).await;
     send(&env, &usage).await;
     env.wait_ledger_caught_up(Duration::from_secs(300)).await;
     env.wait_analytics_caught_up(Duration::from_secs(300)).await;
-    stop_tx.send(true).unwrap();
 
     let mut per_instance = Vec::new();
-    for l in ledgers {
-        per_instance.push(common::stopped(l).await.unwrap().records);
-    }
-    for a in analytics {
-        common::stopped(a).await.unwrap();
+    for instance in instances {
+        let report = instance.stop_report().await;
+        assert!(report.analytics.is_some(), "each instance ran analytics");
+        per_instance.push(report.ledger.expect("each instance ran the ledger").records);
     }
     assert!(
         per_instance.iter().all(|&n| n > 0),

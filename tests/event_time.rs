@@ -339,17 +339,7 @@ async fn late_usage_inside_and_beyond_the_grace() {
     cfg.billing.grace = Duration::from_secs(30 * 3600);
     let env = TestEnv::with_config(cfg).await;
     let t = env.cfg.kafka.topics.clone();
-    let (tx, rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        rx.clone(),
-    ));
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        rx,
-    ));
+    let tally = common::RunningTally::start(&env);
     let wait = Duration::from_secs(120);
     let plan = ev::envelope(
         "tally.account.plan.v1",
@@ -384,9 +374,7 @@ async fn late_usage_inside_and_beyond_the_grace() {
     .await;
     env.wait_ledger_caught_up(wait).await;
     env.wait_analytics_caught_up(wait).await;
-    tx.send(true).unwrap();
-    common::stopped(ledger).await.unwrap();
-    common::stopped(analytics).await.unwrap();
+    tally.stop().await;
 
     // The closed cycle: u2 used 25 of its 100; 75 expired at the boundary (not 100).
     let cycles = store.cycles("acct-l").await.unwrap();

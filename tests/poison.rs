@@ -113,12 +113,7 @@ async fn poison_records_are_dead_lettered_and_the_rest_applied() {
     ])
     .await;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        stop_rx,
-    ));
+    let ledger = common::RunningTally::start_role(&env, tally::app::Role::Ledger);
     env.wait_ledger_caught_up(Duration::from_secs(60)).await;
     assert_eq!(spendable(&env, "acct-a").await, dec!(95)); // 100 - 2 - 3
     assert_eq!(spendable(&env, "acct-b").await, dec!(96)); // 100 - 4
@@ -173,12 +168,11 @@ async fn poison_records_are_dead_lettered_and_the_rest_applied() {
         );
     }
 
-    stop_tx.send(true).unwrap();
-    let stats = tokio::time::timeout(Duration::from_secs(30), ledger)
+    let stats = ledger
+        .stop_report()
         .await
-        .expect("the ledger stops on shutdown")
-        .unwrap()
-        .unwrap();
+        .ledger
+        .expect("the ledger pipeline ran");
     assert_eq!(stats.dead_letters, 4);
     assert_eq!(stats.applied, 6);
 }

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
 use rust_decimal_macros::dec;
-use tokio::sync::watch;
 
 use common::{ev, test_config, TestEnv};
 use tally::analytics::DateRange;
@@ -67,18 +66,7 @@ async fn reconcile_finds_no_difference_then_exactly_the_corruptions() {
     let d1 = (now - chrono::Duration::days(4)).date_naive();
     let d2 = d1 + Days::new(1);
 
-    let (ledger_stop, ledger_rx) = watch::channel(false);
-    let ledger = tokio::spawn(tally::pipeline::ledger::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        ledger_rx,
-    ));
-    let (analytics_stop, analytics_rx) = watch::channel(false);
-    let analytics = tokio::spawn(tally::pipeline::analytics::run(
-        env.cfg.clone(),
-        env.prices.clone(),
-        analytics_rx,
-    ));
+    let tally = common::RunningTally::start(&env);
 
     // Usage first. acct-r1 on d1: a 90 s inbound call (2 started minutes: 2 credits), chats of
     // 3 standard responses (3) and 2 premium (3); on d2: an unanswered call (0 credits, still
@@ -167,10 +155,7 @@ async fn reconcile_finds_no_difference_then_exactly_the_corruptions() {
     .await;
     env.wait_ledger_caught_up(Duration::from_secs(120)).await;
     env.wait_analytics_caught_up(Duration::from_secs(120)).await;
-    ledger_stop.send(true).unwrap();
-    analytics_stop.send(true).unwrap();
-    common::stopped(ledger).await.unwrap();
-    common::stopped(analytics).await.unwrap();
+    tally.stop().await;
 
     let count = |q: &'static str| {
         let store = &store;

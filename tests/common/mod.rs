@@ -76,6 +76,11 @@ impl RunningTally {
         self.stop_report().await;
     }
 
+    /// Whether it has ended (it runs until asked to stop, unless a task fails).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// [`stop`](Self::stop), and what its pipelines did.
     pub async fn stop_report(self) -> tally::app::RunReport {
         let _ = self.stop.send(());
