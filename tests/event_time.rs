@@ -13,13 +13,11 @@ use chrono::{DateTime, Datelike, Utc};
 use rand::{seq::SliceRandom, SeedableRng};
 use rust_decimal::Decimal;
 use serde_json::json;
-use tokio::sync::watch;
 
 use common::{ev, test_config, TestEnv};
+use tally::app::Role;
 use tally::ledger::buckets::ClosedCycle;
 use tally::ledger::store::{AccountBalance, BalanceView};
-use tally::pipeline::analytics::AnalyticsStats;
-use tally::pipeline::ledger::LedgerStats;
 
 const ACCOUNTS: [&str; 4] = ["acct-a", "acct-b", "acct-c", "acct-d"];
 
@@ -120,14 +118,10 @@ fn stream(now: DateTime<Utc>) -> (Vec<Record>, Vec<Record>) {
 
 struct Delivery {
     env: TestEnv,
-    ledger: Option<(
-        watch::Sender<bool>,
-        tokio::task::JoinHandle<anyhow::Result<LedgerStats>>,
-    )>,
-    analytics: (
-        watch::Sender<bool>,
-        tokio::task::JoinHandle<anyhow::Result<AnalyticsStats>>,
-    ),
+    /// `tally run --role ledger`, stopped and started again mid-stream.
+    ledger: Option<common::RunningTally>,
+    /// `tally run --role analytics`, throughout.
+    analytics: common::RunningTally,
 }
 
 impl Delivery {
@@ -135,35 +129,22 @@ impl Delivery {
         let mut cfg = test_config(name);
         cfg.billing.grace = Duration::from_secs(12 * 86_400);
         let env = TestEnv::with_config(cfg).await;
-        let (tx, rx) = watch::channel(false);
-        let analytics = tokio::spawn(tally::pipeline::analytics::run(
-            env.cfg.clone(),
-            env.prices.clone(),
-            rx,
-        ));
+        let analytics = common::RunningTally::start_role(&env, Role::Analytics);
         let mut d = Delivery {
             env,
             ledger: None,
-            analytics: (tx, analytics),
+            analytics,
         };
         d.start_ledger();
         d
     }
 
     fn start_ledger(&mut self) {
-        let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(tally::pipeline::ledger::run(
-            self.env.cfg.clone(),
-            self.env.prices.clone(),
-            rx,
-        ));
-        self.ledger = Some((tx, task));
+        self.ledger = Some(common::RunningTally::start_role(&self.env, Role::Ledger));
     }
 
     async fn stop_ledger(&mut self) {
-        let (tx, task) = self.ledger.take().expect("running");
-        tx.send(true).unwrap();
-        common::stopped(task).await.unwrap();
+        self.ledger.take().expect("running").stop().await;
     }
 
     async fn send(&self, records: &[Record]) {
@@ -194,8 +175,7 @@ impl Delivery {
             .wait_analytics_caught_up(Duration::from_secs(120))
             .await;
         self.stop_ledger().await;
-        self.analytics.0.send(true).unwrap();
-        common::stopped(self.analytics.1).await.unwrap();
+        self.analytics.stop().await;
         let store = self.env.store().await;
         let sink = tally::analytics::AnalyticsSink::new(&self.env.cfg.clickhouse);
         let mut seen = Seen::default();
