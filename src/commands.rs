@@ -84,25 +84,41 @@ pub fn plan_event_id(now: DateTime<Utc>) -> String {
     )
 }
 
-impl PlanCommand {
-    /// The plan event from `source`, effective at `time`, checked as the pipeline will check
-    /// it at `now`.
-    pub fn event(
+/// What each command is: its topic and type, its event id, its payload. The rest — the
+/// check and the publish — is one implementation for all ([`Command::event`],
+/// [`publish_command`]).
+pub trait Command {
+    /// The account the event is keyed by.
+    fn account(&self) -> &str;
+    /// Its topic (the grants topic for grants, voids and adjustments, the plans topic for
+    /// plans).
+    fn topic(cfg: &Config) -> &str;
+    /// Its CloudEvents type.
+    const TYPE: &'static str;
+    /// Its event id at `now`: derived from the command's own id where the command is
+    /// idempotent (grant, void, adjustment), unique per change for a plan.
+    fn event_id(&self, now: DateTime<Utc>) -> String;
+    /// The structured CloudEvent.
+    fn payload(&self, source: &str, id: &str, time: DateTime<Utc>) -> Vec<u8>;
+
+    /// The event from `source`, effective at `time`, checked as the pipeline will check it at
+    /// `now`.
+    fn event(
         &self,
         cfg: &Config,
         source: &str,
         time: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<CommandEvent, CommandError> {
-        let id = plan_event_id(now);
-        let payload = encode::plan(source, &id, &self.account, &self.plan, time);
+        let id = self.event_id(now);
+        let payload = self.payload(source, &id, time);
         checked(
             cfg,
             now,
             CommandEvent {
-                topic: cfg.kafka.topics.plans.clone(),
-                key: self.account.clone(),
-                event_type: types::PLAN,
+                topic: Self::topic(cfg).to_owned(),
+                key: self.account().to_owned(),
+                event_type: Self::TYPE,
                 source: source.to_owned(),
                 id,
                 payload,
@@ -111,81 +127,67 @@ impl PlanCommand {
     }
 }
 
-impl GrantCommand {
-    /// The grant event from `source`, effective at `time`, checked as the pipeline will
-    /// check it at `now`.
-    pub fn event(
-        &self,
-        cfg: &Config,
-        source: &str,
-        time: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<CommandEvent, CommandError> {
-        let payload = encode::grant(source, &self.account, &self.grant, time);
-        checked(
-            cfg,
-            now,
-            CommandEvent {
-                topic: cfg.kafka.topics.grants.clone(),
-                key: self.account.clone(),
-                event_type: types::GRANT,
-                source: source.to_owned(),
-                id: encode::grant_event_id(&self.account, &self.grant.grant_id),
-                payload,
-            },
-        )
+impl Command for PlanCommand {
+    const TYPE: &'static str = types::PLAN;
+    fn account(&self) -> &str {
+        &self.account
+    }
+    fn topic(cfg: &Config) -> &str {
+        &cfg.kafka.topics.plans
+    }
+    fn event_id(&self, now: DateTime<Utc>) -> String {
+        plan_event_id(now)
+    }
+    fn payload(&self, source: &str, id: &str, time: DateTime<Utc>) -> Vec<u8> {
+        encode::plan(source, id, &self.account, &self.plan, time)
     }
 }
 
-impl VoidGrantCommand {
-    /// The void event from `source`, effective at `time`, checked as the pipeline will check
-    /// it at `now`.
-    pub fn event(
-        &self,
-        cfg: &Config,
-        source: &str,
-        time: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<CommandEvent, CommandError> {
-        let payload = encode::void_grant(source, &self.account, &self.void, time);
-        checked(
-            cfg,
-            now,
-            CommandEvent {
-                topic: cfg.kafka.topics.grants.clone(),
-                key: self.account.clone(),
-                event_type: types::GRANT_VOID,
-                source: source.to_owned(),
-                id: encode::void_event_id(&self.account, &self.void.grant_id),
-                payload,
-            },
-        )
+impl Command for GrantCommand {
+    const TYPE: &'static str = types::GRANT;
+    fn account(&self) -> &str {
+        &self.account
+    }
+    fn topic(cfg: &Config) -> &str {
+        &cfg.kafka.topics.grants
+    }
+    fn event_id(&self, _: DateTime<Utc>) -> String {
+        encode::grant_event_id(&self.account, &self.grant.grant_id)
+    }
+    fn payload(&self, source: &str, _: &str, time: DateTime<Utc>) -> Vec<u8> {
+        encode::grant(source, &self.account, &self.grant, time)
     }
 }
 
-impl AdjustmentCommand {
-    /// The adjustment event from `source`, effective at `time`, checked as the pipeline will
-    /// check it at `now`.
-    pub fn event(
-        &self,
-        cfg: &Config,
-        source: &str,
-        time: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<CommandEvent, CommandError> {
-        let payload = encode::adjustment(source, &self.account, &self.adjustment, time);
-        checked(
-            cfg,
-            now,
-            CommandEvent {
-                topic: cfg.kafka.topics.grants.clone(),
-                key: self.account.clone(),
-                event_type: types::ADJUSTMENT,
-                source: source.to_owned(),
-                id: encode::adjustment_event_id(&self.account, &self.adjustment.adjustment_id),
-                payload,
-            },
-        )
+impl Command for VoidGrantCommand {
+    const TYPE: &'static str = types::GRANT_VOID;
+    fn account(&self) -> &str {
+        &self.account
+    }
+    fn topic(cfg: &Config) -> &str {
+        &cfg.kafka.topics.grants
+    }
+    fn event_id(&self, _: DateTime<Utc>) -> String {
+        encode::void_event_id(&self.account, &self.void.grant_id)
+    }
+    fn payload(&self, source: &str, _: &str, time: DateTime<Utc>) -> Vec<u8> {
+        encode::void_grant(source, &self.account, &self.void, time)
+    }
+}
+
+impl Command for AdjustmentCommand {
+    const TYPE: &'static str = types::ADJUSTMENT;
+    fn account(&self) -> &str {
+        &self.account
+    }
+    fn topic(cfg: &Config) -> &str {
+        &cfg.kafka.topics.grants
+    }
+    fn event_id(&self, _: DateTime<Utc>) -> String {
+        encode::adjustment_event_id(&self.account, &self.adjustment.adjustment_id)
+    }
+    fn payload(&self, source: &str, _: &str, time: DateTime<Utc>) -> Vec<u8> {
+        encode::adjustment(source, &self.account, &self.adjustment, time)
     }
 }
 
@@ -229,59 +231,19 @@ pub async fn publish(
     }
 }
 
-/// Builds, checks and publishes a plan change.
-pub async fn publish_plan(
+/// Builds, checks and publishes a command (a plan, a grant, a void, an adjustment); the
+/// event, once the broker acknowledged it.
+pub async fn publish_command<C: Command>(
     producer: &FutureProducer,
     cfg: &Config,
     source: &str,
-    plan: &PlanCommand,
-    time: DateTime<Utc>,
-    timeout: Duration,
-) -> Result<CommandEvent, CommandError> {
-    published(producer, plan.event(cfg, source, time, Utc::now()), timeout).await
-}
-
-/// Builds, checks and publishes a grant.
-pub async fn publish_grant(
-    producer: &FutureProducer,
-    cfg: &Config,
-    source: &str,
-    grant: &GrantCommand,
+    command: &C,
     time: DateTime<Utc>,
     timeout: Duration,
 ) -> Result<CommandEvent, CommandError> {
     published(
         producer,
-        grant.event(cfg, source, time, Utc::now()),
-        timeout,
-    )
-    .await
-}
-
-/// Builds, checks and publishes a grant's void.
-pub async fn publish_void_grant(
-    producer: &FutureProducer,
-    cfg: &Config,
-    source: &str,
-    void: &VoidGrantCommand,
-    time: DateTime<Utc>,
-    timeout: Duration,
-) -> Result<CommandEvent, CommandError> {
-    published(producer, void.event(cfg, source, time, Utc::now()), timeout).await
-}
-
-/// Builds, checks and publishes a manual adjustment.
-pub async fn publish_adjustment(
-    producer: &FutureProducer,
-    cfg: &Config,
-    source: &str,
-    adjustment: &AdjustmentCommand,
-    time: DateTime<Utc>,
-    timeout: Duration,
-) -> Result<CommandEvent, CommandError> {
-    published(
-        producer,
-        adjustment.event(cfg, source, time, Utc::now()),
+        command.event(cfg, source, time, Utc::now()),
         timeout,
     )
     .await

@@ -293,7 +293,7 @@ pub async fn grant(
             priority: g.priority,
         },
     };
-    commands::publish_grant(
+    commands::publish_command(
         &api.producer,
         &api.cfg,
         &source,
@@ -362,7 +362,7 @@ pub async fn plan(
             recharge: p.recharge,
         },
     };
-    let sent = commands::publish_plan(
+    let sent = commands::publish_command(
         &api.producer,
         &api.cfg,
         &source,
@@ -422,7 +422,7 @@ pub async fn void_grant(
             actor: Some(who.name().to_owned().into()),
         },
     };
-    commands::publish_void_grant(
+    commands::publish_command(
         &api.producer,
         &api.cfg,
         &source,
@@ -490,7 +490,7 @@ pub async fn adjustment(
             actor: Some(who.name().to_owned().into()),
         },
     };
-    commands::publish_adjustment(
+    commands::publish_command(
         &api.producer,
         &api.cfg,
         &source,

@@ -19,7 +19,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Publishes the plan event, effective `now`; prints what was sent.
 pub async fn set_plan(cfg: &Config, plan: PlanCommand, now: DateTime<Utc>) -> anyhow::Result<()> {
     let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
-    let sent = commands::publish_plan(&producer, cfg, SOURCE, &plan, now, PUBLISH_TIMEOUT).await?;
+    let sent =
+        commands::publish_command(&producer, cfg, SOURCE, &plan, now, PUBLISH_TIMEOUT).await?;
     print_sent(&sent);
     Ok(())
 }
@@ -28,7 +29,7 @@ pub async fn set_plan(cfg: &Config, plan: PlanCommand, now: DateTime<Utc>) -> an
 pub async fn grant(cfg: &Config, grant: GrantCommand, now: DateTime<Utc>) -> anyhow::Result<()> {
     let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
     let sent =
-        commands::publish_grant(&producer, cfg, SOURCE, &grant, now, PUBLISH_TIMEOUT).await?;
+        commands::publish_command(&producer, cfg, SOURCE, &grant, now, PUBLISH_TIMEOUT).await?;
     print_sent(&sent);
     Ok(())
 }
@@ -41,7 +42,7 @@ pub async fn void_grant(
 ) -> anyhow::Result<()> {
     let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
     let sent =
-        commands::publish_void_grant(&producer, cfg, SOURCE, &void, now, PUBLISH_TIMEOUT).await?;
+        commands::publish_command(&producer, cfg, SOURCE, &void, now, PUBLISH_TIMEOUT).await?;
     print_sent(&sent);
     Ok(())
 }
@@ -53,9 +54,8 @@ pub async fn adjust(
     now: DateTime<Utc>,
 ) -> anyhow::Result<()> {
     let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
-    let sent =
-        commands::publish_adjustment(&producer, cfg, SOURCE, &adjustment, now, PUBLISH_TIMEOUT)
-            .await?;
+    let sent = commands::publish_command(&producer, cfg, SOURCE, &adjustment, now, PUBLISH_TIMEOUT)
+        .await?;
     print_sent(&sent);
     Ok(())
 }
