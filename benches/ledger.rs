@@ -378,45 +378,6 @@ async fn through_store(
     run
 }
 
-/// Batches through the store while another connection purges the dedupe claims of the
-/// oldest days of the preload (a purge at now + 3 days with the 35-day window: the days
-/// before now - 32 days, about 4/35 of the claims), as an instance's hourly purge does
-/// beside another's batches. Prints the batch latencies during it against the median.
-async fn purge_under_load(
-    cfg: &PostgresConfig,
-    store: &mut Store,
-    w: &Workload,
-    order: &[u32],
-    batch: usize,
-    offsets: &mut Offsets,
-) {
-    let mut purger = connect(cfg).await;
-    let purge = tokio::spawn(async move {
-        let t = Instant::now();
-        let o = purger
-            .purge_dedupe(
-                Utc::now() + chrono::TimeDelta::days(3),
-                chrono::TimeDelta::days(35),
-                u64::MAX,
-            )
-            .await
-            .expect("purge");
-        (o, t.elapsed())
-    });
-    let r = through_store(store, w, order, batch, offsets).await;
-    let (o, took) = purge.await.unwrap();
-    let (p50, p99, max) = percentiles(r.latencies.clone());
-    println!(
-        "  purge beside {} batches: {} claims of whole days dropped in {:.2} s (horizon {}); \
-         batches p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms: worst / median {:.2}",
-        r.latencies.len(),
-        o.deleted,
-        took.as_secs_f64(),
-        o.horizon,
-        max / p50.max(1e-9)
-    );
-}
-
 fn rate(events: usize, d: Duration) -> f64 {
     events as f64 / d.as_secs_f64()
 }
@@ -436,10 +397,8 @@ async fn run() {
         "more events than accounts: one grant each, then debits"
     );
 
-    // The measured events, then the profiled ones after them (same accounts, later times),
-    // then those of the batches that run during a purge (claims stored only).
-    let purge_batches = profile_batches.max(10);
-    let total = events + profile_batches * batch + purge_batches * batch;
+    // The measured events, then the profiled ones after them (same accounts, later times).
+    let total = events + profile_batches * batch;
     let t = Instant::now();
     let w = Workload::generate(total, accounts, partitions, 1);
     let in_order: Vec<u32> = (0..total as u32).collect();
@@ -589,10 +548,6 @@ async fn run() {
             r.outcome.replayed
         );
         pg.sizes(&schema).await;
-        if claims > 0 {
-            let from = events + profile_batches * batch;
-            purge_under_load(&cfg, &mut store, &w, &order[from..], batch, &mut offsets).await;
-        }
         if profile_batches > 0 {
             let mut profiled = connect(&PostgresConfig {
                 url: Secret::new(proxy.url.clone()),
@@ -600,8 +555,7 @@ async fn run() {
             })
             .await;
             proxy.take();
-            let profiled_order = &order[events..events + profile_batches * batch];
-            let p = through_store(&mut profiled, &w, profiled_order, batch, &mut offsets).await;
+            let p = through_store(&mut profiled, &w, &order[events..], batch, &mut offsets).await;
             let trips = proxy.take();
             let batches = p.latencies.len().max(1) as f64;
             let in_trips: Duration = trips.values().map(|(_, d)| *d).sum();
@@ -686,31 +640,19 @@ impl PgConnect {
     }
 
     /// `claims` usage claims with random UUIDs, dated over the 35 days before the events,
-    /// each in its day's partition (made first, as the ledger does), in one statement; then
-    /// ANALYZE, as autovacuum would.
+    /// in one statement; then ANALYZE, as autovacuum would.
     async fn preload(&self, schema: &str, claims: u64, accounts: usize) {
         let t = Instant::now();
-        self.0
-            .batch_execute(&format!(
-                "SET search_path TO {schema};
-                 SELECT dedupe_day_partition(d::date)
-                 FROM generate_series(now() - interval '37 days', now(), interval '1 day') AS d;
-                 RESET search_path"
-            ))
-            .await
-            .unwrap();
         let n = self
             .0
             .execute(
                 &format!(
                     "INSERT INTO {schema}.processed_events
-                         (scope, event_source, event_id, account_id, event_time, event_day)
+                         (scope, event_source, event_id, account_id, event_time)
                      SELECT 'usage', $1::text, gen_random_uuid()::text,
-                            'acct-' || lpad((g % $2::bigint)::text, 5, '0'), t,
-                            (t AT TIME ZONE 'UTC')::date
-                     FROM generate_series(1::bigint, $3::bigint) AS g,
-                          LATERAL (SELECT now() - interval '36 days'
-                                          + g * (interval '35 days' / $3::bigint) AS t) AS x"
+                            'acct-' || lpad((g % $2::bigint)::text, 5, '0'),
+                            now() - interval '36 days' + g * (interval '35 days' / $3::bigint)
+                     FROM generate_series(1::bigint, $3::bigint) AS g"
                 ),
                 &[&SOURCE, &(accounts as i64), &(claims as i64)],
             )
@@ -736,15 +678,12 @@ impl PgConnect {
         let rows = self
             .0
             .query(
-                "SELECT CASE WHEN c.relname LIKE 'processed\\_events%' THEN 'processed_events'
-                             ELSE c.relname END AS name,
-                        sum(c.reltuples)::bigint,
-                        sum(pg_table_size(c.oid))::bigint, sum(pg_indexes_size(c.oid))::bigint
+                "SELECT c.relname, c.reltuples::bigint,
+                        pg_table_size(c.oid), pg_indexes_size(c.oid)
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE n.nspname = $1 AND c.relkind = 'r'
-                   AND (c.relname IN ('ledger_entries', 'open_events', 'accounts')
-                        OR c.relname LIKE 'processed\\_events%')
-                 GROUP BY 1 ORDER BY 1",
+                   AND c.relname IN ('processed_events', 'ledger_entries', 'open_events', 'accounts')
+                 ORDER BY 1",
                 &[&schema],
             )
             .await
