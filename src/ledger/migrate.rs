@@ -66,11 +66,6 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "corrections",
         include_str!("../../schemas/postgres/0012_corrections.sql"),
     ),
-    (
-        14,
-        "dedupe_by_day",
-        include_str!("../../schemas/postgres/0014_dedupe_by_day.sql"),
-    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

@@ -31,10 +31,6 @@ impl Store {
         items: &[Item<'_>],
         next_offsets: &Positions,
     ) -> Result<BatchOutcome, StoreError> {
-        let mut days: Vec<chrono::NaiveDate> = items.iter().map(|i| i.time.date_naive()).collect();
-        days.sort_unstable();
-        days.dedup();
-        self.ensure_claim_days(days).await?;
         self.prepare().await?;
         let st = self.stmts.as_ref().expect("prepared above");
         let tx = self.client.transaction().await?;

@@ -214,10 +214,6 @@ impl ClaimScope {
 /// enlarged after a purge, is caught by the stored horizon: see [`Store::purge_dedupe`].)
 pub const DEDUPE_PURGE_MARGIN: chrono::TimeDelta = chrono::TimeDelta::hours(1);
 
-/// How long a purge's drop of a day of claims waits for `processed_events`' lock (held by the
-/// batches in flight) before it gives up until after the next batch.
-pub const DEDUPE_DROP_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// Claims deleted per purge statement: each is its own short transaction.
 pub const DEDUPE_PURGE_CHUNK_ROWS: i64 = 10_000;
 
@@ -307,9 +303,6 @@ pub struct Store {
     /// How long after its event time an event may still arrive and be billed in order
     /// (`billing.grace`): the final point is `now - grace`.
     pub grace: chrono::Duration,
-    /// Days whose dedupe partition this connection made or found
-    /// ([`Store::ensure_claim_days`]).
-    claim_days: std::collections::HashSet<chrono::NaiveDate>,
 }
 
 /// The default `billing.grace`.
@@ -387,34 +380,7 @@ impl Store {
             schema: cfg.schema.clone(),
             alert_defaults: AlertDefaults::default(),
             grace: DEFAULT_GRACE,
-            claim_days: Default::default(),
         })
-    }
-
-    /// Makes the dedupe partitions of `days` (the UTC days of event time claims are made in)
-    /// that this connection has not seen yet, each in its own short statement, outside any
-    /// batch's transaction: creating a partition takes a lock on `processed_events` for a
-    /// moment. A day whose claims the default partition already holds stays there
-    /// (`dedupe_day_partition` answers false) and is purged by chunks.
-    pub async fn ensure_claim_days(
-        &mut self,
-        days: impl IntoIterator<Item = chrono::NaiveDate>,
-    ) -> Result<(), StoreError> {
-        for day in days {
-            if self.claim_days.contains(&day) {
-                continue;
-            }
-            let made: bool = self
-                .client
-                .query_one("SELECT dedupe_day_partition($1)", &[&day])
-                .await?
-                .get(0);
-            if !made {
-                tracing::warn!(%day, "dedupe claims of this day stay in the default partition (it held some already); they are purged by chunks");
-            }
-            self.claim_days.insert(day);
-        }
-        Ok(())
     }
 
     pub fn schema(&self) -> &str {
@@ -508,11 +474,9 @@ const PREPARED: [&str; 17] = [
 
 const CLAIM_HORIZON: &str = "SELECT dedupe_claim_horizon()";
 
-const CLAIM: &str = "INSERT INTO processed_events
-         (scope, event_source, event_id, account_id, event_time, event_day)
-     SELECT s, src, id, acc, t, (t AT TIME ZONE 'UTC')::date
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-         AS u(s, src, id, acc, t)
+const CLAIM: &str =
+    "INSERT INTO processed_events (scope, event_source, event_id, account_id, event_time)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
      ORDER BY 1, 2, 3
      ON CONFLICT DO NOTHING
      RETURNING scope, event_source, event_id";

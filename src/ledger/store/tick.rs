@@ -84,25 +84,15 @@ impl Store {
 
     /// Purges dedupe claims by event time, with Tally's clock (`now`, the clock admission
     /// uses): the stored horizon moves to `now - window - margin` ([`dedupe_cutoff`]; never
-    /// backwards), then every day partition of claims whose whole day is before the stored
-    /// horizon is dropped, and the claims of the default partition dated before it are
-    /// deleted in statements of [`DEDUPE_PURGE_CHUNK_ROWS`] each, at most about `max_rows`
-    /// per call. The days from yesterday to the day after tomorrow get their partitions
-    /// first, so claims rarely wait for one to be made.
+    /// backwards), then claims of events dated before the stored horizon are deleted, in
+    /// statements of [`DEDUPE_PURGE_CHUNK_ROWS`] each, at most about `max_rows` per call.
+    /// Each chunk skips the claims another instance's purge is deleting (`SKIP LOCKED`), so
+    /// N instances purging at once share the work instead of queueing on the same rows.
     ///
     /// The horizon is committed first, under the advisory lock every claiming transaction
     /// holds shared ([`claim`]): transactions that read the old horizon have committed when
-    /// the drops and deletes start, and every later one refuses events dated before the new
-    /// horizon. So no event whose claim is purged can be claimed again, whatever the window
-    /// is later.
-    ///
-    /// A drop takes `processed_events`' lock for a moment: it waits (at most
-    /// [`DEDUPE_DROP_LOCK_TIMEOUT`]) for the batches in flight, and batches wait for it; past
-    /// that it gives up and the purge is not done (the ledger calls again after its next
-    /// batch). Each chunk skips the claims another instance's purge is deleting (`SKIP
-    /// LOCKED`), so N instances purging at once share the work instead of queueing.
-    /// `deleted` counts the claims removed: those of a dropped day exactly, unless the
-    /// planner's statistics put it over a million (then their estimate, to spare a scan).
+    /// the deletes start, and every later one refuses events dated before the new horizon.
+    /// So no event whose claim is deleted can be claimed again, whatever the window is later.
     pub async fn purge_dedupe(
         &mut self,
         now: DateTime<Utc>,
@@ -127,65 +117,17 @@ impl Store {
             .await?
             .get(0);
         tx.commit().await?;
-        let today = now.date_naive();
-        self.ensure_claim_days((-1..=2).map(|d| today + chrono::TimeDelta::days(d)))
-            .await?;
         let mut deleted = 0;
-        let mut done = true;
-        for (day, part) in self.claim_partitions().await? {
-            // Every claim of `day` is dated before the next midnight (UTC).
-            let next = (day + chrono::TimeDelta::days(1))
-                .and_hms_opt(0, 0, 0)
-                .expect("midnight")
-                .and_utc();
-            if next > horizon {
-                continue;
-            }
-            let counted = self.claims_in(&part).await?;
-            let tx = self.client.transaction().await?;
-            tx.batch_execute(&format!(
-                "SET LOCAL lock_timeout = '{}ms'",
-                DEDUPE_DROP_LOCK_TIMEOUT.as_millis()
-            ))
-            .await?;
-            match tx
-                .batch_execute(&format!("DROP TABLE IF EXISTS \"{part}\""))
-                .await
-            {
-                Ok(()) => {
-                    tx.commit().await?;
-                    self.claim_days.remove(&day);
-                    deleted += counted;
-                    tracing::info!(%day, claims = counted, "dropped a day of dedupe claims");
-                }
-                Err(e)
-                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
-                {
-                    tracing::info!(%day, "dropping a day of dedupe claims waited too long for the batches in flight; again after the next batch");
-                    done = false;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !done {
-            return Ok(PurgeOutcome {
-                deleted,
-                horizon,
-                done,
-            });
-        }
-        let mut chunked = 0;
         loop {
             let n = self
                 .client
                 .execute(
-                    "DELETE FROM processed_events_default WHERE ctid = ANY(ARRAY(
-                         SELECT ctid FROM processed_events_default WHERE event_time < $1 LIMIT $2
+                    "DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
+                         SELECT ctid FROM processed_events WHERE event_time < $1 LIMIT $2
                          FOR UPDATE SKIP LOCKED))",
                     &[&horizon, &DEDUPE_PURGE_CHUNK_ROWS],
                 )
                 .await?;
-            chunked += n;
             deleted += n;
             if n < DEDUPE_PURGE_CHUNK_ROWS as u64 {
                 return Ok(PurgeOutcome {
@@ -194,7 +136,7 @@ impl Store {
                     done: true,
                 });
             }
-            if chunked >= max_rows {
+            if deleted >= max_rows {
                 return Ok(PurgeOutcome {
                     deleted,
                     horizon,
@@ -202,53 +144,6 @@ impl Store {
                 });
             }
         }
-    }
-
-    /// The day partitions of `processed_events`: (day, table name), oldest first.
-    async fn claim_partitions(&self) -> Result<Vec<(chrono::NaiveDate, String)>, StoreError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                 WHERE i.inhparent = 'processed_events'::regclass
-                   AND c.relname LIKE 'processed\\_events\\_d%'
-                 ORDER BY 1",
-                &[],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| {
-                let name: String = r.get(0);
-                let day = chrono::NaiveDate::parse_from_str(
-                    name.strip_prefix("processed_events_d")?,
-                    "%Y%m%d",
-                )
-                .ok()?;
-                Some((day, name))
-            })
-            .collect())
-    }
-
-    /// The claims a partition holds: counted, unless the statistics say over a million.
-    async fn claims_in(&self, part: &str) -> Result<u64, StoreError> {
-        let estimate: f32 = self
-            .client
-            .query_one(
-                "SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)",
-                &[&part],
-            )
-            .await?
-            .get(0);
-        if estimate > 1e6 {
-            return Ok(estimate as u64);
-        }
-        let n: i64 = self
-            .client
-            .query_one(&format!("SELECT count(*) FROM \"{part}\""), &[])
-            .await?
-            .get(0);
-        Ok(n as u64)
     }
 
     /// The stored dedupe horizon (None: nothing purged by event time yet).
