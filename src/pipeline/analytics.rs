@@ -318,7 +318,8 @@ pub fn rated_row(
         | Payload::Grant(_)
         | Payload::Plan(_)
         | Payload::VoidGrant(_)
-        | Payload::Adjustment(_) => {}
+        | Payload::Adjustment(_)
+        | Payload::UsageVoid(_) => {}
     }
     let inserted_at_unix_seconds =
         u32::try_from(inserted_at.timestamp()).map_err(|_| AnalyticsError::OutOfRange {

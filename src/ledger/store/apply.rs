@@ -51,6 +51,7 @@ impl Store {
         let fresh = fresh?;
         let mut locked = locked?;
         let known = known?;
+        let charged = charged_usage(&tx, &fresh).await?;
         outcome.applied = fresh.len();
         outcome.duplicates = items.len() - fresh.len();
         if !fresh.is_empty() {
@@ -66,9 +67,25 @@ impl Store {
                         continue;
                     }
                 }
+                let credits = match &item.action {
+                    Action::VoidUsage {
+                        event_source,
+                        event_id,
+                        ..
+                    } => charged
+                        .get(&(item.account_id, *event_source, *event_id))
+                        .copied()
+                        .ok_or_else(|| StoreError::UsageNotCharged {
+                            void_id: item.id.to_owned(),
+                            account_id: item.account_id.to_owned(),
+                            event_source: (*event_source).to_owned(),
+                            event_id: (*event_id).to_owned(),
+                        })?,
+                    _ => Decimal::ZERO,
+                };
                 let (items, events) = batches.entry(item.account_id).or_default();
                 items.push(item);
-                events.push(item.to_event());
+                events.push(item.to_event_with(credits));
             }
             let need: Vec<&str> = batches
                 .iter()
@@ -154,9 +171,10 @@ pub(super) async fn claim<'i, 'a>(
     if items.is_empty() {
         return Ok(Vec::new());
     }
-    let scopes: Vec<&str> = items.iter().map(|i| i.action.scope().as_str()).collect();
-    let sources: Vec<&str> = items.iter().map(|i| i.source).collect();
-    let ids: Vec<&str> = items.iter().map(|i| i.id).collect();
+    let keys: Vec<(ClaimScope, &str, &str)> = items.iter().map(Item::claim_key).collect();
+    let scopes: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let sources: Vec<&str> = keys.iter().map(|k| k.1).collect();
+    let ids: Vec<&str> = keys.iter().map(|k| k.2).collect();
     let accounts: Vec<&str> = items.iter().map(|i| i.account_id).collect();
     let times: Vec<DateTime<Utc>> = items.iter().map(|i| i.time).collect();
     // Both sent at once: the horizon is read (under the shared purge lock) before the
@@ -184,13 +202,64 @@ pub(super) async fn claim<'i, 'a>(
     Ok(items
         .iter()
         .filter(|i| {
-            claimed.remove(&(
-                i.action.scope().as_str().to_owned(),
-                i.source.to_owned(),
-                i.id.to_owned(),
-            ))
+            let (scope, source, id) = i.claim_key();
+            claimed.remove(&(scope.as_str().to_owned(), source.to_owned(), id.to_owned()))
         })
         .collect())
+}
+
+/// The credits the ledger charged each usage event the batch's fresh voids name, by (account,
+/// source, id): the original's own `debit` and `overage` lines (what it was charged,
+/// whoever paid; corrections only move a charge), found through its usage claim (which says
+/// its account and event time, the key of the entries' event-time index); or, for an
+/// original in this same batch, its rated credits. An original not claimed for the void's
+/// account is missing (the caller refuses the void). Voids are rare: one statement each.
+pub(super) async fn charged_usage<'a>(
+    tx: &Transaction<'_>,
+    fresh: &[&Item<'a>],
+) -> Result<BTreeMap<(&'a str, &'a str, &'a str), Decimal>, StoreError> {
+    let mut charged = BTreeMap::new();
+    for item in fresh {
+        let Action::VoidUsage {
+            event_source,
+            event_id,
+            ..
+        } = &item.action
+        else {
+            continue;
+        };
+        let key = (item.account_id, *event_source, *event_id);
+        let in_batch = fresh.iter().find_map(|u| match &u.action {
+            Action::Debit(d)
+                if u.account_id == item.account_id
+                    && u.source == *event_source
+                    && u.id == *event_id =>
+            {
+                Some(d.credits.max(Decimal::ZERO))
+            }
+            _ => None,
+        });
+        if let Some(credits) = in_batch {
+            charged.insert(key, credits);
+            continue;
+        }
+        let row = tx
+            .query_opt(
+                "SELECT (SELECT COALESCE(-sum(e.amount), 0) FROM ledger_entries e
+                          WHERE e.event_time = p.event_time AND e.account_id = p.account_id
+                            AND e.event_source = p.event_source AND e.event_id = p.event_id
+                            AND e.kind IN ('debit', 'overage'))
+                 FROM processed_events p
+                 WHERE p.scope = 'usage' AND p.event_source = $1 AND p.event_id = $2
+                   AND p.account_id = $3",
+                &[event_source, event_id, &item.account_id],
+            )
+            .await?;
+        if let Some(r) = row {
+            charged.insert(key, r.get::<_, Decimal>(0));
+        }
+    }
+    Ok(charged)
 }
 
 /// The first item dated before the dedupe horizon, if any.
@@ -575,6 +644,9 @@ pub(super) struct EntryRows<'a> {
     /// Who made a correction (void, adjustment) and why.
     pub(super) actor: Vec<Option<&'a str>>,
     pub(super) reason: Vec<Option<&'a str>>,
+    /// The usage event a reversal line gives back.
+    pub(super) reverses_source: Vec<Option<&'a str>>,
+    pub(super) reverses_id: Vec<Option<&'a str>>,
 }
 
 impl<'a> EntryRows<'a> {
@@ -610,6 +682,16 @@ impl<'a> EntryRows<'a> {
         let why = item.and_then(|i| i.action.correction());
         self.actor.push(why.map(|w| w.actor));
         self.reason.push(why.map(|w| w.reason));
+        let reverses = item.and_then(|i| match &i.action {
+            Action::VoidUsage {
+                event_source,
+                event_id,
+                ..
+            } if e.kind == EntryKind::Reversal => Some((*event_source, *event_id)),
+            _ => None,
+        });
+        self.reverses_source.push(reverses.map(|r| r.0));
+        self.reverses_id.push(reverses.map(|r| r.1));
     }
 
     /// The rows by binary COPY: no statement text or arrays to parse, rows inserted in
@@ -640,6 +722,8 @@ impl<'a> EntryRows<'a> {
                 Type::TIMESTAMPTZ,
                 Type::TEXT,
                 Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
             ],
         );
         futures::pin_mut!(writer);
@@ -664,6 +748,8 @@ impl<'a> EntryRows<'a> {
                     &self.event_time[i],
                     &self.actor[i],
                     &self.reason[i],
+                    &self.reverses_source[i],
+                    &self.reverses_id[i],
                 ])
                 .await?;
         }

@@ -55,6 +55,18 @@ pub enum StoreError {
         time: DateTime<Utc>,
         horizon: DateTime<Utc>,
     },
+    /// A usage void names usage the ledger has not charged to the void's account (not
+    /// arrived yet, another account's, or its claim purged): the input's fault, dead-lettered
+    /// (`refused_by_store`) and replayable once the usage is in.
+    #[error(
+        "usage void {void_id:?} of account {account_id:?}: the ledger has not charged usage event (source {event_source:?}, id {event_id:?}) to this account"
+    )]
+    UsageNotCharged {
+        void_id: String,
+        account_id: String,
+        event_source: String,
+        event_id: String,
+    },
 }
 
 impl StoreError {
@@ -86,7 +98,7 @@ impl Classify for StoreError {
                 Some(code) => sqlstate_fault(code.code()),
             },
             StoreError::Data(_) | StoreError::Config(_) => Fault::Bug,
-            StoreError::BeforeHorizon { .. } => Fault::Input,
+            StoreError::BeforeHorizon { .. } | StoreError::UsageNotCharged { .. } => Fault::Input,
         }
     }
 }
@@ -154,6 +166,13 @@ pub enum Action<'a> {
         credits: Decimal,
         why: Correction<'a>,
     },
+    /// A usage event voided: the store looks up the credits its own ledger charged it and
+    /// gives them back.
+    VoidUsage {
+        event_source: &'a str,
+        event_id: &'a str,
+        why: Correction<'a>,
+    },
 }
 
 /// Who made a correction and why: written on every ledger line it causes.
@@ -168,7 +187,9 @@ impl<'a> Action<'a> {
     /// Who made it and why, for a correction.
     pub fn correction(&self) -> Option<&Correction<'a>> {
         match self {
-            Action::VoidGrant { why, .. } | Action::Adjust { why, .. } => Some(why),
+            Action::VoidGrant { why, .. }
+            | Action::Adjust { why, .. }
+            | Action::VoidUsage { why, .. } => Some(why),
             _ => None,
         }
     }
@@ -186,6 +207,7 @@ impl Action<'_> {
                 ClaimScope::Grant
             }
             Action::Plan { .. } => ClaimScope::Plan,
+            Action::VoidUsage { .. } => ClaimScope::UsageVoid,
         }
     }
 }
@@ -196,6 +218,9 @@ pub enum ClaimScope {
     Usage,
     Grant,
     Plan,
+    /// A usage event's void, claimed by the ORIGINAL's identity: a usage event is voided
+    /// once, whatever the void's own id.
+    UsageVoid,
 }
 
 impl ClaimScope {
@@ -204,6 +229,7 @@ impl ClaimScope {
             ClaimScope::Usage => "usage",
             ClaimScope::Grant => "grant",
             ClaimScope::Plan => "plan",
+            ClaimScope::UsageVoid => "usage_void",
         }
     }
 }
@@ -244,9 +270,30 @@ pub struct Item<'a> {
     pub action: Action<'a>,
 }
 
+impl<'a> Item<'a> {
+    /// The identity the event is claimed by, in its scope ([`Action::scope`]): its own, or
+    /// for a usage void the original's.
+    pub fn claim_key(&self) -> (ClaimScope, &'a str, &'a str) {
+        match &self.action {
+            Action::VoidUsage {
+                event_source,
+                event_id,
+                ..
+            } => (ClaimScope::UsageVoid, event_source, event_id),
+            action => (action.scope(), self.source, self.id),
+        }
+    }
+}
+
 impl Item<'_> {
-    /// The event as the ledger's core sees it.
+    /// The event as the ledger's core sees it. A usage void's credits are not known here
+    /// (0): the store resolves them ([`Item::to_event_with`]).
     pub fn to_event(&self) -> Event {
+        self.to_event_with(Decimal::ZERO)
+    }
+
+    /// [`Item::to_event`], a usage void giving back `charged` credits.
+    pub fn to_event_with(&self, charged: Decimal) -> Event {
         Event {
             time: self.time,
             source: self.source.to_owned(),
@@ -273,6 +320,15 @@ impl Item<'_> {
                 } => book::Action::Adjust {
                     adjustment_id: adjustment_id.clone(),
                     credits: *credits,
+                },
+                Action::VoidUsage {
+                    event_source,
+                    event_id,
+                    ..
+                } => book::Action::VoidUsage {
+                    event_source: (*event_source).to_owned(),
+                    event_id: (*event_id).to_owned(),
+                    credits: charged,
                 },
             },
         }
@@ -522,7 +578,7 @@ const WRITE_GRANTS: &str = "INSERT INTO grants (account_id, grant_id, kind, prio
 
 const COPY_ENTRIES: &str = "COPY ledger_entries (account_id, kind, corrects, grant_id, amount,
          balance_after, overage_after, effective_at, late, event_source, event_id, usage_kind,
-         price_version, rule_id, event_time, actor, reason)
+         price_version, rule_id, event_time, actor, reason, reverses_source, reverses_id)
      FROM STDIN (FORMAT binary)";
 
 const WRITE_ACCOUNTS: &str = "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,
