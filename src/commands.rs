@@ -1,9 +1,10 @@
-//! Account commands: a plan, a grant, a grant's void or a manual adjustment, typed, turned
+//! Account commands: a plan, a grant, a grant's void, a manual adjustment or a usage
+//! event's void, typed, turned
 //! into the one event the ledger applies (on its topic, keyed by account, so it is applied
 //! exactly once and in order with usage). `tally accounts set-plan|grant|void-grant|adjust`
 //! and `PUT /v1/accounts/{id}/plan`, `POST /v1/accounts/{id}/grants`,
-//! `POST /v1/accounts/{id}/grants/{grant_id}/void`, `POST /v1/accounts/{id}/adjustments` all
-//! come here: one encoding, one event-id scheme, one
+//! `POST /v1/accounts/{id}/grants/{grant_id}/void`, `POST /v1/accounts/{id}/adjustments`,
+//! `tally accounts void-usage` and `POST /v1/accounts/{id}/usage/void` all come here: one encoding, one event-id scheme, one
 //! check (the decoder the pipeline runs, so a mistake is reported to the caller instead of
 //! dead-lettered), one publish with a bound on the broker's acknowledgement.
 //!
@@ -18,7 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::config::Config;
 use crate::event::{
     self, encode, types, AdjustmentEvent, DecodeLimits, GrantEvent, PlanEvent, Rejection,
-    VoidGrantEvent,
+    UsageVoidEvent, VoidGrantEvent,
 };
 
 /// A plan to give an account (a change takes effect from the next reset).
@@ -47,6 +48,14 @@ pub struct VoidGrantCommand {
 pub struct AdjustmentCommand {
     pub account: String,
     pub adjustment: AdjustmentEvent<'static>,
+}
+
+/// A usage event to void (idempotent: its event id is derived from the account and the
+/// original's source and id, and the ledger voids an original once).
+#[derive(Debug, Clone)]
+pub struct UsageVoidCommand {
+    pub account: String,
+    pub void: UsageVoidEvent<'static>,
 }
 
 /// An event built from a command, checked, ready to publish (and, once published, what the
@@ -189,6 +198,36 @@ impl AdjustmentCommand {
     }
 }
 
+impl UsageVoidCommand {
+    /// The usage void event from `source`, effective at `time`, checked as the pipeline
+    /// will check it at `now`. It rides the grants topic, with the other corrections.
+    pub fn event(
+        &self,
+        cfg: &Config,
+        source: &str,
+        time: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<CommandEvent, CommandError> {
+        let payload = encode::usage_void(source, &self.account, &self.void, time);
+        checked(
+            cfg,
+            now,
+            CommandEvent {
+                topic: cfg.kafka.topics.grants.clone(),
+                key: self.account.clone(),
+                event_type: types::USAGE_VOID,
+                source: source.to_owned(),
+                id: encode::usage_void_event_id(
+                    &self.account,
+                    &self.void.event_source,
+                    &self.void.event_id,
+                ),
+                payload,
+            },
+        )
+    }
+}
+
 /// The decoder's verdict on the event, with the pipeline's limits.
 fn checked(
     cfg: &Config,
@@ -264,6 +303,18 @@ pub async fn publish_void_grant(
     cfg: &Config,
     source: &str,
     void: &VoidGrantCommand,
+    time: DateTime<Utc>,
+    timeout: Duration,
+) -> Result<CommandEvent, CommandError> {
+    published(producer, void.event(cfg, source, time, Utc::now()), timeout).await
+}
+
+/// Builds, checks and publishes a usage event's void.
+pub async fn publish_usage_void(
+    producer: &FutureProducer,
+    cfg: &Config,
+    source: &str,
+    void: &UsageVoidCommand,
     time: DateTime<Utc>,
     timeout: Duration,
 ) -> Result<CommandEvent, CommandError> {
