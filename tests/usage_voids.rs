@@ -28,7 +28,8 @@
 //! events; u2 and u3 count nowhere. Then, on account `lateco`, a void that arrives before
 //! its usage: dead-lettered by the ledger (`refused_by_store`), already recorded by
 //! analytics; once the usage is in, `tally replay dead-letters` applies it and both stores
-//! agree.
+//! agree. Last, on account `clico`, a void from the CLI (`tally accounts void-usage`) paying
+//! back the overage its usage left.
 
 mod common;
 
@@ -507,6 +508,54 @@ async fn a_voided_usage_gives_its_credits_back_and_counts_nowhere() {
                 Some("reversal://chat.test:u9".into()),
                 dec!(4),
                 dec!(10)
+            ),
+        ]
+    );
+    // From the CLI (account `clico`, no grant): u7 (5) is all overage; its void pays the
+    // overage back (a reversal line without a grant), by the CLI's source.
+    const CLI: &str = "clico";
+    env.send(&[(
+        t.chat_responses.clone(),
+        CLI.into(),
+        ev::chat("u7", CLI, &ts(at(100)), "gpt-4o-mini", "standard", 5),
+    )])
+    .await;
+    caught_up().await;
+    let sent = common::tally_cli(
+        &config,
+        &[
+            "accounts",
+            "void-usage",
+            CLI,
+            "--event-source",
+            CHAT,
+            "--event-id",
+            "u7",
+            "--reason",
+            "load test",
+        ],
+    );
+    let cli_void_id = tally::event::encode::usage_void_event_id(CLI, CHAT, "u7");
+    assert!(sent.contains(&format!(r#""id":"{cli_void_id}""#)), "{sent}");
+    caught_up().await;
+    env.wait_analytics_caught_up(Duration::from_secs(120)).await;
+    let cli: Vec<(String, Decimal, Decimal, Decimal, Option<String>)> = store
+        .entries(CLI, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.kind, l.amount, l.balance_after, l.overage_after, l.actor))
+        .collect();
+    assert_eq!(
+        cli,
+        vec![
+            ("overage".into(), dec!(-5), dec!(0), dec!(5), None),
+            (
+                "reversal".into(),
+                dec!(5),
+                dec!(0),
+                dec!(0),
+                Some("//tally/cli".into())
             ),
         ]
     );
