@@ -215,8 +215,8 @@ enum AccountsCommand {
     },
     /// Void a usage event: the credits the ledger charged it come back (unsettled overage
     /// first, the rest into a bucket of their own), and analytics leaves it out. Idempotent:
-    /// a usage event is voided once. Usage the ledger has not charged to the account is
-    /// dead-lettered (refused_by_store).
+    /// a usage event is voided once. A void of usage the ledger has not charged yet waits
+    /// for it.
     VoidUsage {
         account: String,
         /// The usage event's CloudEvents source.

@@ -26,9 +26,9 @@
 //! bucket of their own. u3 was charged 5 (all overage, paid back by line 5): its void gives
 //! the 5 back as credits. Usage charged and counted in ClickHouse: u1 30 + u4 8 = 38 over 2
 //! events; u2 and u3 count nowhere. Then, on account `lateco`, a void that arrives before
-//! its usage: dead-lettered by the ledger (`refused_by_store`), already recorded by
-//! analytics; once the usage is in, `tally replay dead-letters` applies it and both stores
-//! agree. Last, on account `clico`, a void from the CLI (`tally accounts void-usage`) paying
+//! its usage: it waits in the ledger (no line, no dead letter) and analytics records it at
+//! once; when the usage arrives, the ledger charges it and gives it back in the same
+//! transaction, at the void's time, and both stores agree. Last, on account `clico`, a void from the CLI (`tally accounts void-usage`) paying
 //! back the overage its usage left.
 
 mod common;
@@ -444,37 +444,32 @@ async fn a_voided_usage_gives_its_credits_back_and_counts_nowhere() {
     assert_eq!(wait_total((dec!(38), 2)).await, (dec!(38), 2));
 
     // A void that arrives before its usage (account `lateco`): the ledger has not charged u9
-    // yet and dead-letters the void (replayable); analytics records it at once.
+    // yet, so the void waits (no line, no dead letter; sent twice, it is claimed once);
+    // analytics records it at once.
     const LATE: &str = "lateco";
+    let void_u9 = ev::envelope(
+        "tally.usage.void.v1",
+        "//support.test/desk",
+        "evt-void-u9",
+        LATE,
+        &ts(at(200)),
+        json!({"event_source": CHAT, "event_id": "u9", "reason": "never happened"}),
+    );
     env.send(&[
         (
             t.grants.clone(),
             LATE.into(),
             ev::grant("g-late", LATE, &ts(at(0)), "pkg-9", "package", "10"),
         ),
-        (
-            t.grants.clone(),
-            LATE.into(),
-            ev::envelope(
-                "tally.usage.void.v1",
-                "//support.test/desk",
-                "evt-void-u9",
-                LATE,
-                &ts(at(200)),
-                json!({"event_source": CHAT, "event_id": "u9", "reason": "never happened"}),
-            ),
-        ),
+        (t.grants.clone(), LATE.into(), void_u9.clone()),
     ])
     .await;
     caught_up().await;
-    let dead = env.dead_letters();
-    assert!(
-        dead.iter()
-            .any(|d| d.reason == "refused_by_store" && d.detail.contains("u9")),
-        "{dead:?}"
-    );
-    // The usage arrives (dated before the void): the ledger charges it, analytics leaves it
-    // out; then the dead letter is replayed and the ledger gives it back at the void's time.
+    env.send(&[(t.grants.clone(), LATE.into(), void_u9)]).await;
+    caught_up().await;
+    assert_eq!(store.entries(LATE, 100).await.unwrap().len(), 1);
+    // The usage arrives (dated before the void): the ledger charges it and, in the same
+    // transaction, applies the waiting void at its own time; analytics leaves it out.
     env.send(&[(
         t.chat_responses.clone(),
         LATE.into(),
@@ -482,32 +477,37 @@ async fn a_voided_usage_gives_its_credits_back_and_counts_nowhere() {
     )])
     .await;
     caught_up().await;
+    env.wait_analytics_caught_up(Duration::from_secs(120)).await;
+    let dead = env.dead_letters();
+    assert!(dead.is_empty(), "{dead:?}");
     let dir = tempfile::tempdir().unwrap();
     let config = common::config_file(&env, dir.path());
-    common::tally_cli(
-        &config,
-        &["replay", "dead-letters", "--reason", "refused_by_store"],
-    );
-    caught_up().await;
-    env.wait_analytics_caught_up(Duration::from_secs(120)).await;
-    let late: Vec<(String, Option<String>, Decimal, Decimal)> = store
+    type LateRow = (String, Option<String>, Decimal, Decimal, Option<String>);
+    let late: Vec<LateRow> = store
         .entries(LATE, 100)
         .await
         .unwrap()
         .into_iter()
-        .map(|l| (l.kind, l.grant_id, l.amount, l.balance_after))
+        .map(|l| (l.kind, l.grant_id, l.amount, l.balance_after, l.event_id))
         .collect();
     let pkg = Some("pkg-9".to_owned());
     assert_eq!(
         late,
         vec![
-            ("grant".into(), pkg.clone(), dec!(10), dec!(10)),
-            ("debit".into(), pkg, dec!(-4), dec!(6)),
+            (
+                "grant".into(),
+                pkg.clone(),
+                dec!(10),
+                dec!(10),
+                Some("g-late".into())
+            ),
+            ("debit".into(), pkg, dec!(-4), dec!(6), Some("u9".into())),
             (
                 "reversal".into(),
                 Some("reversal://chat.test:u9".into()),
                 dec!(4),
-                dec!(10)
+                dec!(10),
+                Some("evt-void-u9".into())
             ),
         ]
     );

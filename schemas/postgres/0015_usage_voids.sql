@@ -33,3 +33,19 @@ ALTER TABLE ledger_entries
 -- Reversals are few: reconcile leaves the usage they reverse out of the ledger's charges.
 CREATE INDEX ledger_entries_reversals ON ledger_entries (account_id)
     WHERE kind = 'reversal';
+
+-- Voids whose usage the ledger has not charged yet (it arrives later, on another topic):
+-- kept here, their claim taken, and applied at their own time in the transaction that
+-- charges the usage, so the ledger ends the same whichever of the two arrives first.
+CREATE TABLE pending_usage_voids (
+    account_id   text NOT NULL,
+    event_source text NOT NULL,
+    event_id     text NOT NULL,
+    void_source  text NOT NULL,
+    void_id      text NOT NULL,
+    void_time    timestamptz NOT NULL,
+    actor        text NOT NULL,
+    reason       text NOT NULL,
+    received_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (account_id, event_source, event_id)
+);

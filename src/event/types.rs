@@ -265,7 +265,8 @@ pub struct AdjustmentEvent<'a> {
 
 /// A usage event voided (`tally.usage.void.v1`): the credits the original (its `source` and
 /// `id`, of the same account) was charged are given back at the void's time, and analytics
-/// leaves the original out. Idempotent per original: a usage event is voided once.
+/// leaves the original out. Idempotent per original: a usage event is voided once. It may
+/// arrive before the original: the ledger keeps it until the original is charged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageVoidEvent<'a> {
     /// The original usage event's CloudEvents `source`.

@@ -43,15 +43,37 @@ impl Store {
         // Every account of the batch is created and locked with the claims, in the same
         // round trip (a batch of duplicates only locks accounts it then leaves unchanged).
         let ids: Vec<&str> = items.iter().map(|i| i.account_id).collect();
-        let (fresh, locked, known) = futures::join!(
+        // The pending voids are read after the locks (same connection, in order): a void
+        // made pending by another transaction on the account has committed.
+        let (fresh, locked, known, waiting) = futures::join!(
             claim(&tx, st, items),
             lock_accounts(&tx, st, &ids),
             known_grants(&tx, st, items),
+            pending_voids(&tx, st, items),
         );
         let fresh = fresh?;
         let mut locked = locked?;
         let known = known?;
+        let waiting = waiting?;
         let charged = charged_usage(&tx, &fresh).await?;
+        // Voids that waited for usage charged now: applied with it, at their own time.
+        let woken: Vec<(Item<'_>, Decimal)> = waiting
+            .iter()
+            .filter_map(|w| {
+                let credits = fresh.iter().find_map(|u| match &u.action {
+                    Action::Debit(d)
+                        if u.account_id == w.account_id
+                            && u.source == w.event_source
+                            && u.id == w.event_id =>
+                    {
+                        Some(d.credits.max(Decimal::ZERO))
+                    }
+                    _ => None,
+                })?;
+                Some((w.item(), credits))
+            })
+            .collect();
+        let mut waits = PendingRows::default();
         outcome.applied = fresh.len();
         outcome.duplicates = items.len() - fresh.len();
         if !fresh.is_empty() {
@@ -72,20 +94,24 @@ impl Store {
                         event_source,
                         event_id,
                         ..
-                    } => charged
-                        .get(&(item.account_id, *event_source, *event_id))
-                        .copied()
-                        .ok_or_else(|| StoreError::UsageNotCharged {
-                            void_id: item.id.to_owned(),
-                            account_id: item.account_id.to_owned(),
-                            event_source: (*event_source).to_owned(),
-                            event_id: (*event_id).to_owned(),
-                        })?,
+                    } => match charged.get(&(item.account_id, *event_source, *event_id)) {
+                        Some(c) => *c,
+                        None => {
+                            // Not charged yet: it waits for its usage.
+                            waits.push(item);
+                            continue;
+                        }
+                    },
                     _ => Decimal::ZERO,
                 };
                 let (items, events) = batches.entry(item.account_id).or_default();
                 items.push(item);
                 events.push(item.to_event_with(credits));
+            }
+            for (item, credits) in &woken {
+                let (items, events) = batches.entry(item.account_id).or_default();
+                items.push(item);
+                events.push(item.to_event_with(*credits));
             }
             let need: Vec<&str> = batches
                 .iter()
@@ -138,16 +164,18 @@ impl Store {
                 }
                 Ok::<(), StoreError>(())
             };
-            let (a, b, c, d) = futures::join!(
+            let (a, b, c, d, e) = futures::join!(
                 open.insert(&tx, st),
                 delete_cycles,
                 write_back(&tx, st, &locked, &rows, &fired, &[]),
+                waits.write(&tx, st, &woken),
                 store_offsets(&tx, st, group_id, next_offsets),
             );
             a?;
             b?;
             c?;
             d?;
+            e?;
         } else {
             store_offsets(&tx, st, group_id, next_offsets).await?;
         }
@@ -208,12 +236,163 @@ pub(super) async fn claim<'i, 'a>(
         .collect())
 }
 
+/// A void waiting for its usage (`pending_usage_voids`).
+pub(super) struct PendingVoid {
+    account_id: String,
+    event_source: String,
+    event_id: String,
+    void_source: String,
+    void_id: String,
+    void_time: DateTime<Utc>,
+    actor: String,
+    reason: String,
+}
+
+impl PendingVoid {
+    /// The void as the item it was when it arrived.
+    fn item(&self) -> Item<'_> {
+        Item {
+            source: &self.void_source,
+            id: &self.void_id,
+            account_id: &self.account_id,
+            time: self.void_time,
+            action: Action::VoidUsage {
+                event_source: &self.event_source,
+                event_id: &self.event_id,
+                why: super::Correction {
+                    actor: &self.actor,
+                    reason: &self.reason,
+                },
+            },
+        }
+    }
+}
+
+/// The pending voids of the batch's usage events (any account: usually none).
+pub(super) async fn pending_voids(
+    tx: &Transaction<'_>,
+    st: &Stmts,
+    items: &[Item<'_>],
+) -> Result<Vec<PendingVoid>, StoreError> {
+    let mut keys: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+    for i in items {
+        if let Action::Debit(_) = i.action {
+            keys.0.push(i.account_id);
+            keys.1.push(i.source);
+            keys.2.push(i.id);
+        }
+    }
+    if keys.0.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = tx
+        .query(st.get(PENDING_VOIDS), &[&keys.0, &keys.1, &keys.2])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PendingVoid {
+            account_id: r.get(0),
+            event_source: r.get(1),
+            event_id: r.get(2),
+            void_source: r.get(3),
+            void_id: r.get(4),
+            void_time: r.get(5),
+            actor: r.get(6),
+            reason: r.get(7),
+        })
+        .collect())
+}
+
+/// Voids to keep until their usage is charged, gathered for one insert.
+#[derive(Default)]
+pub(super) struct PendingRows<'a> {
+    account_id: Vec<&'a str>,
+    event_source: Vec<&'a str>,
+    event_id: Vec<&'a str>,
+    void_source: Vec<&'a str>,
+    void_id: Vec<&'a str>,
+    void_time: Vec<DateTime<Utc>>,
+    actor: Vec<&'a str>,
+    reason: Vec<&'a str>,
+}
+
+impl<'a> PendingRows<'a> {
+    fn push(&mut self, item: &Item<'a>) {
+        if let Action::VoidUsage {
+            event_source,
+            event_id,
+            why,
+        } = &item.action
+        {
+            self.account_id.push(item.account_id);
+            self.event_source.push(event_source);
+            self.event_id.push(event_id);
+            self.void_source.push(item.source);
+            self.void_id.push(item.id);
+            self.void_time.push(item.time);
+            self.actor.push(why.actor);
+            self.reason.push(why.reason);
+        }
+    }
+
+    /// Inserts the new pending voids and deletes those `woken` (applied now).
+    async fn write(
+        &self,
+        tx: &Transaction<'_>,
+        st: &Stmts,
+        woken: &[(Item<'_>, Decimal)],
+    ) -> Result<(), StoreError> {
+        let insert = async {
+            if !self.account_id.is_empty() {
+                tx.execute(
+                    st.get(INSERT_PENDING_VOIDS),
+                    &[
+                        &self.account_id,
+                        &self.event_source,
+                        &self.event_id,
+                        &self.void_source,
+                        &self.void_id,
+                        &self.void_time,
+                        &self.actor,
+                        &self.reason,
+                    ],
+                )
+                .await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        let delete = async {
+            let mut keys: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+            for (item, _) in woken {
+                if let Action::VoidUsage {
+                    event_source,
+                    event_id,
+                    ..
+                } = &item.action
+                {
+                    keys.0.push(item.account_id);
+                    keys.1.push(event_source);
+                    keys.2.push(event_id);
+                }
+            }
+            if !keys.0.is_empty() {
+                tx.execute(st.get(DELETE_PENDING_VOIDS), &[&keys.0, &keys.1, &keys.2])
+                    .await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        let (a, b) = futures::join!(insert, delete);
+        a?;
+        b
+    }
+}
+
 /// The credits the ledger charged each usage event the batch's fresh voids name, by (account,
 /// source, id): the original's own `debit` and `overage` lines (what it was charged,
 /// whoever paid; corrections only move a charge), found through its usage claim (which says
 /// its account and event time, the key of the entries' event-time index); or, for an
 /// original in this same batch, its rated credits. An original not claimed for the void's
-/// account is missing (the caller refuses the void). Voids are rare: one statement each.
+/// account is missing (the void then waits for it). Voids are rare: one statement each.
 pub(super) async fn charged_usage<'a>(
     tx: &Transaction<'_>,
     fresh: &[&Item<'a>],

@@ -55,18 +55,6 @@ pub enum StoreError {
         time: DateTime<Utc>,
         horizon: DateTime<Utc>,
     },
-    /// A usage void names usage the ledger has not charged to the void's account (not
-    /// arrived yet, another account's, or its claim purged): the input's fault, dead-lettered
-    /// (`refused_by_store`) and replayable once the usage is in.
-    #[error(
-        "usage void {void_id:?} of account {account_id:?}: the ledger has not charged usage event (source {event_source:?}, id {event_id:?}) to this account"
-    )]
-    UsageNotCharged {
-        void_id: String,
-        account_id: String,
-        event_source: String,
-        event_id: String,
-    },
 }
 
 impl StoreError {
@@ -98,7 +86,7 @@ impl Classify for StoreError {
                 Some(code) => sqlstate_fault(code.code()),
             },
             StoreError::Data(_) | StoreError::Config(_) => Fault::Bug,
-            StoreError::BeforeHorizon { .. } | StoreError::UsageNotCharged { .. } => Fault::Input,
+            StoreError::BeforeHorizon { .. } => Fault::Input,
         }
     }
 }
@@ -167,7 +155,8 @@ pub enum Action<'a> {
         why: Correction<'a>,
     },
     /// A usage event voided: the store looks up the credits its own ledger charged it and
-    /// gives them back.
+    /// gives them back; when it has not charged it yet, the void waits (`pending_usage_voids`)
+    /// for the usage and is applied, at its own time, with it.
     VoidUsage {
         event_source: &'a str,
         event_id: &'a str,
@@ -508,7 +497,7 @@ impl Stmts {
 }
 
 /// Every statement [`Stmts`] prepares.
-const PREPARED: [&str; 17] = [
+const PREPARED: [&str; 20] = [
     CLAIM_HORIZON,
     CLAIM,
     CREATE_ACCOUNTS,
@@ -516,6 +505,9 @@ const PREPARED: [&str; 17] = [
     ALERT_STATES,
     LEGACY_GRANTS,
     KNOWN_GRANTS,
+    PENDING_VOIDS,
+    INSERT_PENDING_VOIDS,
+    DELETE_PENDING_VOIDS,
     LOAD_WINDOWS,
     INSERT_OPEN_EVENTS,
     DELETE_REVISABLE_CYCLES,
@@ -529,6 +521,25 @@ const PREPARED: [&str; 17] = [
 ];
 
 const CLAIM_HORIZON: &str = "SELECT dedupe_claim_horizon()";
+
+/// The pending voids of the batch's usage (account, source, id): usually none.
+const PENDING_VOIDS: &str = "SELECT p.account_id, p.event_source, p.event_id, p.void_source,
+            p.void_id, p.void_time, p.actor, p.reason
+     FROM pending_usage_voids p
+     JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(account_id, event_source, event_id)
+       ON p.account_id = u.account_id AND p.event_source = u.event_source
+      AND p.event_id = u.event_id";
+
+const INSERT_PENDING_VOIDS: &str = "INSERT INTO pending_usage_voids (account_id, event_source,
+            event_id, void_source, void_id, void_time, actor, reason)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                          $6::timestamptz[], $7::text[], $8::text[])
+     ON CONFLICT DO NOTHING";
+
+const DELETE_PENDING_VOIDS: &str = "DELETE FROM pending_usage_voids p
+     USING unnest($1::text[], $2::text[], $3::text[]) AS u(account_id, event_source, event_id)
+     WHERE p.account_id = u.account_id AND p.event_source = u.event_source
+       AND p.event_id = u.event_id";
 
 const CLAIM: &str =
     "INSERT INTO processed_events (scope, event_source, event_id, account_id, event_time)
