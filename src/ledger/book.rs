@@ -47,8 +47,9 @@ pub enum Action {
         adjustment_id: String,
         credits: Decimal,
     },
-    /// A usage event voided: the `credits` it was charged (looked up by the store in its
-    /// own ledger lines when the void arrived) given back ([`Account::reverse_usage`]).
+    /// A usage event voided: the `credits` it was charged (resolved by the store from its
+    /// own ledger lines, or from the usage itself when the void waited for it) given back
+    /// ([`Account::reverse_usage`]).
     VoidUsage {
         event_source: String,
         event_id: String,
@@ -936,9 +937,9 @@ mod tests {
     #[test]
     fn a_voided_usage_gives_the_same_ledger_in_any_arrival_order() {
         // The set: a package, a promo, two usages, the void of the first (its credits as the
-        // store resolved them) and a top-up dated between them. Every arrival order (the
-        // void arriving before usage dated earlier, or before the original: the book does
-        // not care, the store refuses a void whose original it has not charged) gives the
+        // store resolved them) and a promo dated between them. Every arrival order (the
+        // void arriving before usage dated earlier, or before the original: the store keeps
+        // such a void until the original is charged, then hands both to the book) gives the
         // same state, and every ledger explains itself line by line.
         let events = [
             ev(
@@ -956,7 +957,7 @@ mod tests {
             ev("v1", at(1, 1, 5), void_usage("u1", dec!(80))),
         ];
         let mut expected: Option<Account> = None;
-        let mut orders = vec![vec![0usize, 1, 2, 3, 4]];
+        let mut orders: Vec<Vec<usize>> = Vec::new();
         // Every permutation (120).
         fn permute(k: usize, a: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
             if k == a.len() {
@@ -983,10 +984,9 @@ mod tests {
                 Some(e) => assert_eq!(&live, e, "order {order:?}"),
             }
         }
-        // In event-time order: u1 takes the package's 50 and 30 of overage; the promo settles
-        // 20 of it; u2 (15) is overage (10 left after... ) — computed by hand:
-        // pkg 50 -> u1: pkg 0, overage 30; promo +20 settles 20: promo 0, overage 10;
-        // u2: overage 25; v1 gives 80 back: 25 pay the overage, 55 into reversal:s:u1.
+        // By hand, in event-time order: u1 (80) takes the package's 50, 30 are overage; the
+        // promo (20) settles 20 of it (overage 10); u2 (15) is overage (25); v1 gives u1's
+        // 80 back: 25 pay the overage, 55 go into reversal:s:u1.
         let live = expected.unwrap();
         assert_eq!((live.balance(), live.overage), (dec!(55), dec!(0)));
         let bucket = live
