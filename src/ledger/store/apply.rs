@@ -49,7 +49,7 @@ impl Store {
             claim(&tx, st, items),
             lock_accounts(&tx, st, &ids),
             known_grants(&tx, st, items),
-            pending_voids(&tx, st, items),
+            pending_voids(&tx, st, &ids),
         );
         let fresh = fresh?;
         let mut locked = locked?;
@@ -268,26 +268,17 @@ impl PendingVoid {
     }
 }
 
-/// The pending voids of the batch's usage events (any account: usually none).
+/// The pending voids of the batch's accounts (usually none; the caller matches them to
+/// the batch's usage).
 pub(super) async fn pending_voids(
     tx: &Transaction<'_>,
     st: &Stmts,
-    items: &[Item<'_>],
+    ids: &[&str],
 ) -> Result<Vec<PendingVoid>, StoreError> {
-    let mut keys: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
-    for i in items {
-        if let Action::Debit(_) = i.action {
-            keys.0.push(i.account_id);
-            keys.1.push(i.source);
-            keys.2.push(i.id);
-        }
-    }
-    if keys.0.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rows = tx
-        .query(st.get(PENDING_VOIDS), &[&keys.0, &keys.1, &keys.2])
-        .await?;
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = tx.query(st.get(PENDING_VOIDS), &[&ids]).await?;
     Ok(rows
         .iter()
         .map(|r| PendingVoid {

@@ -522,13 +522,11 @@ const PREPARED: [&str; 20] = [
 
 const CLAIM_HORIZON: &str = "SELECT dedupe_claim_horizon()";
 
-/// The pending voids of the batch's usage (account, source, id): usually none.
-const PENDING_VOIDS: &str = "SELECT p.account_id, p.event_source, p.event_id, p.void_source,
-            p.void_id, p.void_time, p.actor, p.reason
-     FROM pending_usage_voids p
-     JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(account_id, event_source, event_id)
-       ON p.account_id = u.account_id AND p.event_source = u.event_source
-      AND p.event_id = u.event_id";
+/// The pending voids of the batch's accounts: usually none (the caller matches them to the
+/// batch's usage). By account, not by identity: a short array, and a table nearly empty.
+const PENDING_VOIDS: &str = "SELECT account_id, event_source, event_id, void_source, void_id,
+            void_time, actor, reason
+     FROM pending_usage_voids WHERE account_id = ANY($1)";
 
 const INSERT_PENDING_VOIDS: &str = "INSERT INTO pending_usage_voids (account_id, event_source,
             event_id, void_source, void_id, void_time, actor, reason)
