@@ -567,3 +567,147 @@ async fn a_voided_usage_gives_its_credits_back_and_counts_nowhere() {
     server.stop().await;
     running.stop().await;
 }
+
+/// The store alone (PostgreSQL, no broker): the same events — a package of 20, usage u of 50
+/// (20 from the package, 30 overage), a promo of 10 (settles 10 of the overage) and the void
+/// of u — give the same account in every arrival order the store can see: the void after the
+/// usage (resolved from the ledger's lines), in the same batch, or before it (it waits, and
+/// the usage's transaction applies it). By hand, in event-time order (T + minutes):
+///
+/// | event (time)         | effect                                           | balance | overage |
+/// |----------------------|--------------------------------------------------|---------|---------|
+/// | grant pkg 20 (T)     | +20                                              | 20      | 0       |
+/// | usage u 50 (T+1)     | pkg −20, overage 30                              | 0       | 30      |
+/// | grant promo 10 (T+2) | settles 10 of the overage                        | 0       | 20      |
+/// | void of u (T+3)      | 50 back: 20 pay the overage, 30 into reversal:…  | 30      | 0       |
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test]
+async fn the_store_gives_the_same_account_whichever_arrives_first() {
+    use tally::event::GrantKind;
+    use tally::ledger::store::{Action, Correction, DebitInfo};
+    use tally::ledger::{Item, NewGrant, Store};
+
+    let cfg = test_config("usage_voids_store");
+    let mut store = Store::connect(&cfg.postgres).await.unwrap();
+    store.migrate().await.unwrap();
+    let now = Utc::now();
+    let base = DateTime::from_timestamp(now.timestamp() - 3600, 0).unwrap();
+    let at = |m: i64| base + chrono::Duration::minutes(m);
+    // Each order on its own account.
+    let orders: [(&str, &[&[usize]]); 4] = [
+        ("in-order", &[&[0], &[1], &[2], &[3]]),
+        ("void-with-usage", &[&[0], &[2], &[3, 1]]),
+        ("void-first", &[&[3], &[0], &[2], &[1]]),
+        ("void-twice-first", &[&[3, 3], &[0, 2], &[3], &[1], &[3]]),
+    ];
+    for (account, batches) in orders {
+        // Identities are global (claims): each account's events have their own.
+        let own =
+            |id: &str| -> &'static str { Box::leak(format!("{account}-{id}").into_boxed_str()) };
+        let usage_id = own("u");
+        let grant = |id: &'static str, kind, credits, m| Item {
+            source: "//billing.test",
+            id,
+            account_id: account,
+            time: at(m),
+            action: Action::Grant(NewGrant {
+                grant_id: id.to_owned(),
+                kind,
+                credits,
+                expires_at: None,
+                priority: None,
+            }),
+        };
+        let events = [
+            grant(own("pkg"), GrantKind::Package, dec!(20), 0),
+            Item {
+                source: CHAT,
+                id: usage_id,
+                account_id: account,
+                time: at(1),
+                action: Action::Debit(DebitInfo {
+                    credits: dec!(50),
+                    usage_kind: "chat_response",
+                    price_version: "v1",
+                    rule_id: "r",
+                }),
+            },
+            grant(own("promo"), GrantKind::Promo, dec!(10), 2),
+            Item {
+                source: "//support.test",
+                id: own("v"),
+                account_id: account,
+                time: at(3),
+                action: Action::VoidUsage {
+                    event_source: CHAT,
+                    event_id: usage_id,
+                    why: Correction {
+                        actor: "ops",
+                        reason: "test traffic",
+                    },
+                },
+            },
+        ];
+        let none = Default::default();
+        for batch in batches {
+            let items: Vec<Item<'_>> = batch.iter().map(|&i| events[i].clone()).collect();
+            store.apply_batch("g", &items, &none).await.unwrap();
+        }
+        let view = store.balance_view(account, now).await.unwrap().unwrap();
+        let grants: Vec<(String, Decimal)> = view
+            .grants
+            .iter()
+            .map(|g| (g.grant_id.clone(), g.remaining))
+            .collect();
+        assert_eq!(
+            (view.spendable, view.overage),
+            (dec!(30), dec!(0)),
+            "{account}"
+        );
+        assert_eq!(
+            grants,
+            vec![(format!("reversal://chat.test:{usage_id}"), dec!(30))],
+            "{account}"
+        );
+        // The lines explain it, and the reversal lines carry the void's author and what
+        // they reverse.
+        let lines = store.entries(account, 100).await.unwrap();
+        let last = lines.last().unwrap();
+        assert_eq!(
+            (last.balance_after, last.overage_after),
+            (dec!(30), dec!(0)),
+            "{account}: {lines:#?}"
+        );
+        let reversed: Decimal = lines
+            .iter()
+            .filter(|l| l.kind == "reversal")
+            .inspect(|l| {
+                assert_eq!(
+                    (
+                        l.actor.as_deref(),
+                        l.reverses_source.as_deref(),
+                        l.reverses_id.as_deref()
+                    ),
+                    (Some("ops"), Some(CHAT), Some(usage_id)),
+                    "{account}"
+                )
+            })
+            .map(|l| l.amount)
+            .sum();
+        assert_eq!(reversed, dec!(50), "{account}: {lines:#?}");
+        // What `tally reconcile` reads from the ledger: u left out.
+        let day = base.date_naive();
+        let charged = store
+            .charged_by_day(
+                day.pred_opt().unwrap(),
+                day.succ_opt().unwrap(),
+                Some(account),
+            )
+            .await
+            .unwrap();
+        assert!(charged.is_empty(), "{account}: {charged:?}");
+    }
+}
