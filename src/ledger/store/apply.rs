@@ -1,6 +1,6 @@
 //! A batch applied in ONE transaction: dedupe claims, account locks (in account_id order, so
 //! instances never deadlock on accounts), the books' effects, entries, grants, cycles, alerts
-//! to the outbox and the consumed offsets.
+//! to the outbox, usage voids waiting for their usage, and the consumed offsets.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
