@@ -388,6 +388,13 @@ pub async fn show_account(
                 escape::shown(reason)
             );
         }
+        if let (Some(source), Some(id)) = (&l.reverses_source, &l.reverses_id) {
+            println!(
+                "              reverses usage {} {}",
+                escape::shown(source),
+                escape::shown(id)
+            );
+        }
     }
     Ok(())
 }

@@ -1,9 +1,10 @@
-//! Account commands: a plan, a grant, a grant's void or a manual adjustment, typed, turned
+//! Account commands: a plan, a grant, a grant's void, a manual adjustment or a usage
+//! event's void, typed, turned
 //! into the one event the ledger applies (on its topic, keyed by account, so it is applied
 //! exactly once and in order with usage). `tally accounts set-plan|grant|void-grant|adjust`
 //! and `PUT /v1/accounts/{id}/plan`, `POST /v1/accounts/{id}/grants`,
-//! `POST /v1/accounts/{id}/grants/{grant_id}/void`, `POST /v1/accounts/{id}/adjustments` all
-//! come here: one encoding, one event-id scheme, one
+//! `POST /v1/accounts/{id}/grants/{grant_id}/void`, `POST /v1/accounts/{id}/adjustments`,
+//! `tally accounts void-usage` and `POST /v1/accounts/{id}/usage/void` all come here: one encoding, one event-id scheme, one
 //! check (the decoder the pipeline runs, so a mistake is reported to the caller instead of
 //! dead-lettered), one publish with a bound on the broker's acknowledgement.
 //!
@@ -18,7 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use crate::config::Config;
 use crate::event::{
     self, encode, types, AdjustmentEvent, DecodeLimits, GrantEvent, PlanEvent, Rejection,
-    VoidGrantEvent,
+    UsageVoidEvent, VoidGrantEvent,
 };
 
 /// A plan to give an account (a change takes effect from the next reset).
@@ -47,6 +48,14 @@ pub struct VoidGrantCommand {
 pub struct AdjustmentCommand {
     pub account: String,
     pub adjustment: AdjustmentEvent<'static>,
+}
+
+/// A usage event to void (idempotent: its event id is derived from the account and the
+/// original's source and id, and the ledger voids an original once).
+#[derive(Debug, Clone)]
+pub struct UsageVoidCommand {
+    pub account: String,
+    pub void: UsageVoidEvent<'static>,
 }
 
 /// An event built from a command, checked, ready to publish (and, once published, what the
@@ -191,6 +200,23 @@ impl Command for AdjustmentCommand {
     }
 }
 
+impl Command for UsageVoidCommand {
+    // It rides the grants topic, with the other corrections.
+    const TYPE: &'static str = types::USAGE_VOID;
+    fn account(&self) -> &str {
+        &self.account
+    }
+    fn topic(cfg: &Config) -> &str {
+        &cfg.kafka.topics.grants
+    }
+    fn event_id(&self, _: DateTime<Utc>) -> String {
+        encode::usage_void_event_id(&self.account, &self.void.event_source, &self.void.event_id)
+    }
+    fn payload(&self, source: &str, _: &str, time: DateTime<Utc>) -> Vec<u8> {
+        encode::usage_void(source, &self.account, &self.void, time)
+    }
+}
+
 /// The decoder's verdict on the event, with the pipeline's limits.
 fn checked(
     cfg: &Config,
@@ -231,7 +257,8 @@ pub async fn publish(
     }
 }
 
-/// Builds, checks and publishes a command (a plan, a grant, a void, an adjustment); the
+/// Builds, checks and publishes a command (a plan, a grant, a void, an adjustment, a usage
+/// void); the
 /// event, once the broker acknowledged it.
 pub async fn publish_command<C: Command>(
     producer: &FutureProducer,

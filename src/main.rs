@@ -213,6 +213,25 @@ enum AccountsCommand {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Void a usage event: the credits the ledger charged it come back (unsettled overage
+    /// first, the rest into a bucket of their own), and analytics leaves it out. Idempotent:
+    /// a usage event is voided once. A void of usage the ledger has not charged yet waits
+    /// for it.
+    VoidUsage {
+        account: String,
+        /// The usage event's CloudEvents source.
+        #[arg(long)]
+        event_source: String,
+        /// The usage event's CloudEvents id.
+        #[arg(long)]
+        event_id: String,
+        /// Why (written on the ledger lines).
+        #[arg(long)]
+        reason: String,
+        /// Who asks (written on the ledger lines); default: the CLI's source, //tally/cli.
+        #[arg(long)]
+        by: Option<String>,
+    },
     /// The billing view: balance by grant, cycle, allowance used, days until reset, closed
     /// cycles and last entries.
     Show {
@@ -536,6 +555,24 @@ async fn accounts(cfg: &Config, command: AccountsCommand) -> anyhow::Result<()> 
                 },
             };
             accounts::adjust(cfg, adjustment, now).await
+        }
+        AccountsCommand::VoidUsage {
+            account,
+            event_source,
+            event_id,
+            reason,
+            by,
+        } => {
+            let void = tally::commands::UsageVoidCommand {
+                account,
+                void: tally::event::UsageVoidEvent {
+                    event_source: event_source.into(),
+                    event_id: event_id.into(),
+                    reason: reason.into(),
+                    actor: by.map(Into::into),
+                },
+            };
+            accounts::void_usage(cfg, void, now).await
         }
     }
 }

@@ -192,7 +192,7 @@ fn rows(records: &[Record], prices: &PriceTable, inserted_at: DateTime<Utc>) -> 
 #[tokio::test]
 async fn migrate_is_idempotent() {
     let cfg = clickhouse_config("migrate");
-    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(migrate(&cfg).await.unwrap(), vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(migrate(&cfg).await.unwrap(), Vec::<u32>::new());
     // Each run again after a half-applied migration: the statements are IF NOT EXISTS.
     raw(&cfg)
@@ -233,7 +233,8 @@ async fn migrate_is_idempotent() {
             "usage_events",
             "usage_hourly",
             "usage_identities",
-            "usage_losers"
+            "usage_losers",
+            "usage_voids"
         ]
     );
     drop_database(&cfg).await;
@@ -469,7 +470,7 @@ async fn copies_stored_before_migration_5_still_count() {
         .await
         .unwrap();
 
-    assert_eq!(migrate(&cfg).await.unwrap(), vec![5]);
+    assert_eq!(migrate(&cfg).await.unwrap(), vec![5, 6]);
     let copies: u64 = raw(&cfg)
         .query(
             "SELECT count() FROM usage_copies WHERE id_hash = cityHash64(event_source, event_id)",

@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "identity_hash",
         include_str!("../../schemas/clickhouse/0005_identity_hash.sql"),
     ),
+    (
+        6,
+        "usage_voids",
+        include_str!("../../schemas/clickhouse/0006_usage_voids.sql"),
+    ),
 ];
 
 /// The statements that precede every migration: the database and the table recording the

@@ -28,5 +28,5 @@ pub use migrate::{migrate, MIGRATIONS};
 pub use queries::{Cycle, DateRange, ReportRequest, UsageQueries, UsageReport};
 pub use sink::{
     admission_rank, numeric_columns, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow,
-    NumericColumns, OffsetRange, RatedRow, StatementTimes,
+    NumericColumns, OffsetRange, RatedRow, StatementTimes, VoidRow,
 };

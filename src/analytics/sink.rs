@@ -46,6 +46,12 @@ pub const USAGE_LOSERS: &str = "usage_losers";
 const HASHES_PER_QUERY: usize = 4096;
 /// Offsets per roll-up block: each roll-up row covers one block of one partition.
 pub const BLOCK_OFFSETS: u64 = 8192;
+/// Voided usage, by the original's identity and account (migration 0006).
+pub const USAGE_VOIDS: &str = "usage_voids";
+/// The condition a `usage_events` row counts under when it is not voided (SQL on its
+/// columns): its (account, identity) is not in [`USAGE_VOIDS`].
+pub const NOT_VOIDED: &str = "(account_id, event_source, event_id) NOT IN \
+     (SELECT account_id, event_source, event_id FROM usage_voids)";
 /// Usage read after the billing grace (schemas/clickhouse/0003_late_usage.sql).
 pub const LATE_USAGE: &str = "late_usage";
 
@@ -387,7 +393,8 @@ pub fn counted_events_sql(ranges: Option<&[OffsetRange]>) -> String {
 /// `usage_events` rows matching `condition` (SQL on its columns), each with `counted`.
 pub fn counted_events_where(condition: &str) -> String {
     format!(
-        "SELECT *, (event_source, event_id, topic, `partition`, `offset`) IN ({}) AS counted \
+        "SELECT *, (event_source, event_id, topic, `partition`, `offset`) IN ({}) \
+         AND {NOT_VOIDED} AS counted \
          FROM {USAGE_EVENTS} FINAL WHERE {condition}",
         counting_copies_sql(condition),
     )
@@ -417,8 +424,9 @@ pub fn rollup_daily_sql(ranges: Option<&[OffsetRange]>) -> String {
     )
 }
 
-/// The rows of `ranges` (None: all) with `counted`: not a known losing copy. Reads
-/// `usage_losers` by position only, never the identities.
+/// The rows of `ranges` (None: all) with `counted`: not a known losing copy, and not voided.
+/// Reads `usage_losers` by position only, never the identities, and `usage_voids` whole
+/// (voids are rare).
 ///
 /// The ranges are a PREWHERE: the index also selects, in every part, the granule where each
 /// Kafka partition's offsets end (it cannot tell that they end there), 8192 rows per
@@ -434,7 +442,8 @@ fn rollup_source_sql(ranges: Option<&[OffsetRange]>) -> String {
     };
     format!(
         "SELECT *, (topic, `partition`, `offset`) NOT IN \
-         (SELECT topic, `partition`, `offset` FROM {USAGE_LOSERS} WHERE {condition}) AS counted \
+         (SELECT topic, `partition`, `offset` FROM {USAGE_LOSERS} WHERE {condition}) \
+         AND {NOT_VOIDED} AS counted \
          FROM {USAGE_EVENTS} FINAL {filter} {condition}"
     )
 }
@@ -489,6 +498,55 @@ pub fn copies_sql(hashes: &[u64]) -> String {
         "SELECT event_source, event_id, topic, `partition`, `offset`, admission \
          FROM {USAGE_COPIES} WHERE {condition}"
     )
+}
+
+/// The positions of the stored copies of the voided identities of `voids` (their blocks are
+/// recomputed when a void is written).
+pub fn voided_copies_sql(voids: &[VoidRow]) -> String {
+    let hashes: Vec<String> = voids
+        .iter()
+        .map(|v| {
+            format!(
+                "cityHash64({}, {})",
+                sql::string(&v.event_source),
+                sql::string(&v.event_id)
+            )
+        })
+        .collect();
+    let ids: Vec<String> = voids
+        .iter()
+        .map(|v| {
+            format!(
+                "({}, {})",
+                sql::string(&v.event_source),
+                sql::string(&v.event_id)
+            )
+        })
+        .collect();
+    format!(
+        "SELECT topic, `partition`, `offset` FROM {USAGE_COPIES} \
+         WHERE id_hash IN ({}) AND (event_source, event_id) IN ({})",
+        hashes.join(", "),
+        ids.join(", ")
+    )
+}
+
+/// One `usage_voids` row: a usage event voided (`tally.usage.void.v1`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct VoidRow {
+    /// The voided usage event's identity and account.
+    pub event_source: String,
+    pub event_id: String,
+    pub account_id: String,
+    /// The void event's identity, time, author and reason.
+    pub void_source: String,
+    pub void_id: String,
+    #[serde(rename = "void_time")]
+    pub void_time_unix_seconds: u32,
+    pub actor: String,
+    pub reason: String,
+    #[serde(rename = "inserted_at")]
+    pub inserted_at_unix_seconds: u32,
 }
 
 /// A Kafka position: topic, partition, offset.
@@ -875,6 +933,50 @@ impl AnalyticsSink {
             *took += started.elapsed();
         }
         Ok(())
+    }
+
+    /// Writes voids: their rows to `usage_voids` (one INSERT; idempotent by the original's
+    /// identity and account), then recomputes the roll-up blocks holding the stored copies
+    /// of the voided usage, which then count nowhere. A copy written later is left out by its
+    /// own block's recomputation ([`rollup_daily_sql`] reads `usage_voids`). Returns the
+    /// blocks recomputed.
+    pub async fn void(&self, voids: &[VoidRow]) -> Result<usize, AnalyticsError> {
+        if voids.is_empty() {
+            return Ok(0);
+        }
+        let client = &self.client;
+        run_timed("insert usage_voids", INSERT_TIMEOUT, async move {
+            let mut insert = client.insert::<VoidRow>(USAGE_VOIDS).await?;
+            for row in voids {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        })
+        .await?;
+        #[derive(Row, Deserialize)]
+        struct Copy {
+            topic: String,
+            partition: u32,
+            offset: u64,
+        }
+        let sql = voided_copies_sql(voids);
+        let copies = run_timed(
+            "read voided copies",
+            QUERY_TIMEOUT,
+            self.client
+                .query_raw(&sql)
+                .with_setting("max_query_size", query_size(&sql))
+                .fetch_all::<Copy>(),
+        )
+        .await?;
+        let blocks = block_ranges(
+            copies
+                .iter()
+                .map(|c| (c.topic.as_str(), c.partition, c.offset)),
+        );
+        let mut timings = StatementTimes::default();
+        self.recompute_blocks(&blocks, &mut timings).await?;
+        Ok(block_count(&blocks))
     }
 
     /// Marks rows late (one INSERT; idempotent by identity).

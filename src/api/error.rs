@@ -26,6 +26,10 @@ pub enum ApiError {
     /// The ledger holds no such grant (a void names one it holds).
     #[error("the ledger holds no grant {0:?} for this account")]
     GrantNotFound(String),
+    /// The ledger has not charged this usage event (source, id) to the account (a usage void
+    /// names usage it charged).
+    #[error("the ledger has not charged usage event (source {0:?}, id {1:?}) to this account")]
+    UsageNotFound(String, String),
     /// A parameter or body field is wrong; `field` names it.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
@@ -64,9 +68,10 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::AccountNotFound | ApiError::NotFound | ApiError::GrantNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::AccountNotFound
+            | ApiError::NotFound
+            | ApiError::GrantNotFound(_)
+            | ApiError::UsageNotFound(..) => StatusCode::NOT_FOUND,
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -84,6 +89,7 @@ impl ApiError {
             ApiError::AccountNotFound => "account_not_found",
             ApiError::NotFound => "not_found",
             ApiError::GrantNotFound(_) => "grant_not_found",
+            ApiError::UsageNotFound(..) => "usage_not_found",
             ApiError::Invalid { .. } => "invalid_request",
             ApiError::TooLarge { .. } => "body_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -137,6 +143,7 @@ impl IntoResponse for ApiError {
             ApiError::Invalid { field, .. } => error["field"] = json!(field),
             ApiError::Conflict { field, .. } => error["field"] = json!(field),
             ApiError::GrantNotFound(_) => error["field"] = json!("grant_id"),
+            ApiError::UsageNotFound(..) => error["field"] = json!("event_id"),
             _ => {}
         }
         let mut response = (status, axum::Json(json!({ "error": error }))).into_response();

@@ -170,7 +170,8 @@ pub async fn events(
                 Payload::Grant(_)
                 | Payload::Plan(_)
                 | Payload::VoidGrant(_)
-                | Payload::Adjustment(_) => return Err(Refusal::NotUsage),
+                | Payload::Adjustment(_)
+                | Payload::UsageVoid(_) => return Err(Refusal::NotUsage),
             };
             let env = &event.envelope;
             who.ingest(&env.source).map_err(|r| match r {

@@ -266,6 +266,13 @@ fn routes() -> Vec<Route> {
             post(write::adjustment),
         ),
         route(
+            "POST",
+            "/v1/accounts/{id}/usage/void",
+            true,
+            &[200, 202, 400, 401, 403, 404, 413, 415, 500, 503],
+            post(write::void_usage),
+        ),
+        route(
             "PUT",
             "/v1/accounts/{id}/plan",
             true,

@@ -411,6 +411,9 @@ pub fn ledger_line_document(l: &LedgerLine) -> Value {
         "rule_id": l.rule_id,
         "actor": l.actor,
         "reason": l.reason,
+        "reverses": l.reverses_source.as_ref().map(|s| json!({
+            "event_source": s, "event_id": l.reverses_id,
+        })),
     })
 }
 

@@ -36,11 +36,12 @@ use super::error::ApiError;
 use super::input::{json_body, JsonInt};
 use super::{pg, AppState};
 use crate::commands::{
-    self, AdjustmentCommand, CommandError, GrantCommand, PlanCommand, VoidGrantCommand,
+    self, AdjustmentCommand, CommandError, GrantCommand, PlanCommand, UsageVoidCommand,
+    VoidGrantCommand,
 };
 use crate::event::{
     self, encode, types, AdjustmentEvent, DecodeLimits, Event, GrantEvent, GrantKind, Payload,
-    PlanEvent, Rejection, VoidGrantEvent,
+    PlanEvent, Rejection, UsageVoidEvent, VoidGrantEvent,
 };
 
 /// How long the API waits for Kafka to acknowledge an event before answering 503.
@@ -111,6 +112,20 @@ pub struct VoidRequest {
     /// Why (1..=512 bytes), written on the ledger line.
     reason: String,
     /// RFC 3339: when the void takes effect (its event time); absent: now.
+    #[serde(default)]
+    effective_at: Option<String>,
+}
+
+/// POST /v1/accounts/{id}/usage/void body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageVoidRequest {
+    /// The original usage event's CloudEvents `source` and `id`.
+    event_source: String,
+    event_id: String,
+    /// Why (1..=512 bytes), written on the ledger lines.
+    reason: String,
+    /// RFC 3339: when the credits come back (the void's event time); absent: now.
     #[serde(default)]
     effective_at: Option<String>,
 }
@@ -501,5 +516,70 @@ pub async fn adjustment(
     .await
     .map_err(command_error)?;
     tracing::info!(account_id = id, adjustment_id = %req.adjustment_id, credits = %a.credits, by = who.name(), "adjustment published");
+    Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
+}
+
+/// POST /v1/accounts/{id}/usage/void
+pub async fn void_usage(
+    State(api): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let id = who.write(&id, "void usage")?;
+    let req: UsageVoidRequest = json_body(&headers, body, api.cfg.api.max_body_bytes)?;
+    let now = Utc::now();
+    let time = effective_time(req.effective_at.as_deref(), now, api.cfg.billing.grace())?;
+    let source = source_for(id);
+    let event_id = encode::usage_void_event_id(id, &req.event_source, &req.event_id);
+    let data = json!({
+        "event_source": req.event_source, "event_id": req.event_id, "reason": req.reason,
+        "actor": who.name(),
+    });
+    let raw = encode::envelope(types::USAGE_VOID, &source, &event_id, id, time, data);
+    let Payload::UsageVoid(v) = check(&raw, now, &limits(&api))?.payload else {
+        return Err(ApiError::Internal(
+            "a usage void decoded as another type".into(),
+        ));
+    };
+    let answer = |status: &str| {
+        json!({
+            "account_id": id, "event_source": req.event_source, "event_id": req.event_id,
+            "status": status,
+            "event": {"type": types::USAGE_VOID, "source": source, "id": event_id},
+        })
+    };
+    let store = api.store().await?;
+    match pg(store.usage_void_state(id, &req.event_source, &req.event_id)).await? {
+        None => {
+            return Err(ApiError::UsageNotFound(
+                req.event_source.clone(),
+                req.event_id.clone(),
+            ))
+        }
+        Some(s) if s.voided => return Ok((StatusCode::OK, Json(answer("applied")))),
+        Some(_) => {}
+    }
+    let command = UsageVoidCommand {
+        account: id.to_owned(),
+        void: UsageVoidEvent {
+            event_source: v.event_source.to_string().into(),
+            event_id: v.event_id.to_string().into(),
+            reason: v.reason.to_string().into(),
+            actor: Some(who.name().to_owned().into()),
+        },
+    };
+    commands::publish_command(
+        &api.producer,
+        &api.cfg,
+        &source,
+        &command,
+        time,
+        PUBLISH_TIMEOUT,
+    )
+    .await
+    .map_err(command_error)?;
+    tracing::info!(account_id = id, event_source = %req.event_source, event_id = %req.event_id, by = who.name(), "usage void published");
     Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
 }

@@ -1,4 +1,5 @@
-//! `tally accounts set-plan`, `grant`, `void-grant` and `adjust`: the account commands
+//! `tally accounts set-plan`, `grant`, `void-grant`, `adjust` and `void-usage`: the account
+//! commands
 //! ([`crate::commands`]) published from the CLI, with what was sent printed for the operator.
 
 use std::time::Duration;
@@ -6,7 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::commands::{
-    self, AdjustmentCommand, CommandEvent, GrantCommand, PlanCommand, VoidGrantCommand,
+    self, AdjustmentCommand, CommandEvent, GrantCommand, PlanCommand, UsageVoidCommand,
+    VoidGrantCommand,
 };
 use crate::config::Config;
 
@@ -56,6 +58,19 @@ pub async fn adjust(
     let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
     let sent = commands::publish_command(&producer, cfg, SOURCE, &adjustment, now, PUBLISH_TIMEOUT)
         .await?;
+    print_sent(&sent);
+    Ok(())
+}
+
+/// Publishes the usage event's void, effective `now`; prints what was sent.
+pub async fn void_usage(
+    cfg: &Config,
+    void: UsageVoidCommand,
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    let producer = crate::kafka::producer_config(&cfg.kafka).create()?;
+    let sent =
+        commands::publish_command(&producer, cfg, SOURCE, &void, now, PUBLISH_TIMEOUT).await?;
     print_sent(&sent);
     Ok(())
 }

@@ -34,7 +34,7 @@ use serde_json::value::RawValue;
 
 use self::data::{
     clip, id, invalid, printable, required, timestamp, AdjustmentData, CallData, ChatData, Check,
-    GrantData, InstanceData, MeteredData, PlanData, VoidGrantData,
+    GrantData, InstanceData, MeteredData, PlanData, UsageVoidData, VoidGrantData,
 };
 use self::scalar::{is_well_formed, Text, WellFormed};
 use super::*;
@@ -162,6 +162,7 @@ enum TypedData<'a> {
     /// Boxed, as rare as plans.
     GrantVoid(Box<VoidGrantData<'a>>),
     Adjustment(Box<AdjustmentData<'a>>),
+    UsageVoid(Box<UsageVoidData<'a>>),
 }
 
 impl<'a> TypedData<'a> {
@@ -175,6 +176,7 @@ impl<'a> TypedData<'a> {
             EventKind::Plan => TypedData::Plan(Box::new(parse_data(raw)?)),
             EventKind::GrantVoid => TypedData::GrantVoid(Box::new(parse_data(raw)?)),
             EventKind::Adjustment => TypedData::Adjustment(Box::new(parse_data(raw)?)),
+            EventKind::UsageVoid => TypedData::UsageVoid(Box::new(parse_data(raw)?)),
         })
     }
 
@@ -190,6 +192,7 @@ impl<'a> TypedData<'a> {
             TypedData::Plan(d) => d.check(),
             TypedData::GrantVoid(d) => d.check(),
             TypedData::Adjustment(d) => d.check(),
+            TypedData::UsageVoid(d) => d.check(),
         }
     }
 }
@@ -341,6 +344,15 @@ fn api_namespace(
                 return Err(invalid(
                     "id",
                     format!("an adjustment under {API_SOURCE_PREFIX:?} has the id {:?}", clip(&expected)),
+                ));
+            }
+        }
+        Payload::UsageVoid(v) => {
+            let expected = encode::usage_void_event_id(account_id, &v.event_source, &v.event_id);
+            if event_id != expected {
+                return Err(invalid(
+                    "id",
+                    format!("a usage void under {API_SOURCE_PREFIX:?} has the id {:?}", clip(&expected)),
                 ));
             }
         }
@@ -640,6 +652,7 @@ impl<'de> Visitor<'de> for TypedSeed<'_, 'de> {
             EventKind::Adjustment => {
                 TypedData::Adjustment(Box::new(AdjustmentData::deserialize(de)?))
             }
+            EventKind::UsageVoid => TypedData::UsageVoid(Box::new(UsageVoidData::deserialize(de)?)),
         }));
         Ok(())
     }

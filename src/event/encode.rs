@@ -7,7 +7,9 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{types, AdjustmentEvent, GrantEvent, OveragePolicy, PlanEvent, VoidGrantEvent};
+use super::{
+    types, AdjustmentEvent, GrantEvent, OveragePolicy, PlanEvent, UsageVoidEvent, VoidGrantEvent,
+};
 
 /// An RFC 3339 time in UTC with microseconds (as the ledger stores times): events published
 /// one after the other keep their order in event time instead of tying on the second (a tie
@@ -145,6 +147,43 @@ pub fn adjustment(
         types::ADJUSTMENT,
         source,
         &adjustment_event_id(account_id, &a.adjustment_id),
+        account_id,
+        time,
+        data,
+    )
+}
+
+/// The event id of a usage event's void: `usage-void:{account}:{h}`, `h` the first 128 bits
+/// (hex) of SHA-256 over the original's `source`, a NUL and its `id` (both may be 256 bytes:
+/// the id stays short). A usage event is voided once, so a retried void is the same event.
+pub fn usage_void_event_id(account_id: &str, event_source: &str, event_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(event_source.as_bytes());
+    h.update([0u8]);
+    h.update(event_id.as_bytes());
+    let digest = h.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("usage-void:{account_id}:{hex}")
+}
+
+/// A usage event's void (event id [`usage_void_event_id`]).
+pub fn usage_void(
+    source: &str,
+    account_id: &str,
+    v: &UsageVoidEvent<'_>,
+    time: DateTime<Utc>,
+) -> Vec<u8> {
+    let mut data = json!({
+        "event_source": v.event_source, "event_id": v.event_id, "reason": v.reason,
+    });
+    if let Some(a) = &v.actor {
+        data["actor"] = json!(a);
+    }
+    envelope(
+        types::USAGE_VOID,
+        source,
+        &usage_void_event_id(account_id, &v.event_source, &v.event_id),
         account_id,
         time,
         data,
@@ -290,5 +329,35 @@ mod tests {
             };
             assert_eq!((ad.credits, ad.actor), (credits, None));
         }
+        let u = usage_void(
+            &source,
+            "acct-1",
+            &UsageVoidEvent {
+                event_source: "//voice.example/calls".into(),
+                event_id: "call-9".into(),
+                reason: "test call".into(),
+                actor: Some("ops".into()),
+            },
+            now,
+        );
+        let e = decode(&u, now, &DecodeLimits::default()).unwrap();
+        assert_eq!(
+            e.envelope.id,
+            usage_void_event_id("acct-1", "//voice.example/calls", "call-9")
+        );
+        assert!(e.envelope.id.starts_with("usage-void:acct-1:"));
+        assert_eq!(e.envelope.id.len(), "usage-void:acct-1:".len() + 32);
+        let Payload::UsageVoid(uv) = e.payload else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (
+                uv.event_source.as_ref(),
+                uv.event_id.as_ref(),
+                uv.reason.as_ref(),
+                uv.actor.as_deref()
+            ),
+            ("//voice.example/calls", "call-9", "test call", Some("ops"))
+        );
     }
 }

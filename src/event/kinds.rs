@@ -23,6 +23,9 @@ pub enum EventKind {
     GrantVoid,
     /// A manual adjustment.
     Adjustment,
+    /// A usage event voided (on the grants topic too: in order with the account's other
+    /// corrections).
+    UsageVoid,
 }
 
 /// What the registry knows of one kind.
@@ -37,7 +40,7 @@ struct Entry {
 }
 
 /// Rows in the order of [`EventKind::ALL`].
-const ENTRIES: [Entry; 8] = [
+const ENTRIES: [Entry; 9] = [
     Entry {
         event_type: types::CALL,
         name: "call",
@@ -94,11 +97,18 @@ const ENTRIES: [Entry; 8] = [
         usage: false,
         schema: include_str!("../../schemas/events/adjustment.schema.json"),
     },
+    Entry {
+        event_type: types::USAGE_VOID,
+        name: "usage_void",
+        usage_kind: None,
+        usage: false,
+        schema: include_str!("../../schemas/events/usage_void.schema.json"),
+    },
 ];
 
 impl EventKind {
     /// Every kind, usage first, in the order of [`Topics::inputs`].
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Call,
         EventKind::ChatResponse,
         EventKind::InstanceHours,
@@ -107,6 +117,7 @@ impl EventKind {
         EventKind::Plan,
         EventKind::GrantVoid,
         EventKind::Adjustment,
+        EventKind::UsageVoid,
     ];
 
     fn entry(self) -> &'static Entry {
@@ -126,6 +137,7 @@ impl EventKind {
             types::PLAN => EventKind::Plan,
             types::GRANT_VOID => EventKind::GrantVoid,
             types::ADJUSTMENT => EventKind::Adjustment,
+            types::USAGE_VOID => EventKind::UsageVoid,
             _ => return None,
         })
     }
@@ -167,7 +179,7 @@ impl EventKind {
             EventKind::Plan => &topics.plans,
             // Corrections of credits ride the grants topic: in order with the grants they
             // correct, through the one path grants take.
-            EventKind::GrantVoid | EventKind::Adjustment => &topics.grants,
+            EventKind::GrantVoid | EventKind::Adjustment | EventKind::UsageVoid => &topics.grants,
         }
     }
 }
@@ -243,7 +255,11 @@ mod tests {
             .map(|k| k.topic(&topics))
             .collect();
         assert_eq!(routed, topics.inputs());
-        for k in [EventKind::GrantVoid, EventKind::Adjustment] {
+        for k in [
+            EventKind::GrantVoid,
+            EventKind::Adjustment,
+            EventKind::UsageVoid,
+        ] {
             assert_eq!(k.topic(&topics), topics.grants);
         }
     }

@@ -115,6 +115,8 @@ pub mod types {
     pub const GRANT_VOID: &str = "tally.credit.void.v1";
     /// A manual adjustment of an account's credits, plus or minus, with a reason.
     pub const ADJUSTMENT: &str = "tally.credit.adjustment.v1";
+    /// A usage event voided: the credits it was charged given back (a reversal).
+    pub const USAGE_VOID: &str = "tally.usage.void.v1";
 }
 
 /// The CloudEvents attributes Tally uses. (`source`, `id`) is the event's identity;
@@ -261,6 +263,21 @@ pub struct AdjustmentEvent<'a> {
     pub actor: Option<Cow<'a, str>>,
 }
 
+/// A usage event voided (`tally.usage.void.v1`): the credits the original (its `source` and
+/// `id`, of the same account) was charged are given back at the void's time, and analytics
+/// leaves the original out. Idempotent per original: a usage event is voided once. It may
+/// arrive before the original: the ledger keeps it until the original is charged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageVoidEvent<'a> {
+    /// The original usage event's CloudEvents `source`.
+    pub event_source: Cow<'a, str>,
+    /// The original usage event's CloudEvents `id`.
+    pub event_id: Cow<'a, str>,
+    pub reason: Cow<'a, str>,
+    /// Who asked for it (the API token's name); absent: the event's `source` is.
+    pub actor: Option<Cow<'a, str>>,
+}
+
 /// What happens to usage once an account's grants are spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -312,6 +329,7 @@ pub enum Payload<'a> {
     Plan(PlanEvent<'a>),
     VoidGrant(VoidGrantEvent<'a>),
     Adjustment(AdjustmentEvent<'a>),
+    UsageVoid(UsageVoidEvent<'a>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -347,6 +365,10 @@ pub const RESERVED_GRANT_PREFIX: &str = "allowance:";
 /// producer's grant may not use them either.
 pub const ADJUSTMENT_GRANT_PREFIX: &str = "adjustment:";
 
+/// Grant ids of the buckets a voided usage event's credits come back into
+/// (`reversal:{source}:{id}` of the original): a producer's grant may not use them either.
+pub const REVERSAL_GRANT_PREFIX: &str = "reversal:";
+
 /// Sources Tally's HTTP API publishes under: only `//tally/api/accounts/{account}`, with
 /// grants (event id [`grant_event_id`](crate::event::encode::grant_event_id)) and plans
 /// (event id `plan:...`). An event under this prefix of any other shape is refused, so
@@ -377,6 +399,7 @@ impl Payload<'_> {
             Payload::Plan(_) => EventKind::Plan,
             Payload::VoidGrant(_) => EventKind::GrantVoid,
             Payload::Adjustment(_) => EventKind::Adjustment,
+            Payload::UsageVoid(_) => EventKind::UsageVoid,
         }
     }
 
@@ -440,7 +463,8 @@ impl<'a> Event<'a> {
             Payload::Grant(_)
             | Payload::Plan(_)
             | Payload::VoidGrant(_)
-            | Payload::Adjustment(_) => None,
+            | Payload::Adjustment(_)
+            | Payload::UsageVoid(_) => None,
         }
     }
 }

@@ -47,6 +47,14 @@ pub enum Action {
         adjustment_id: String,
         credits: Decimal,
     },
+    /// A usage event voided: the `credits` it was charged (resolved by the store from its
+    /// own ledger lines, or from the usage itself when the void waited for it) given back
+    /// ([`Account::reverse_usage`]).
+    VoidUsage {
+        event_source: String,
+        event_id: String,
+        credits: Decimal,
+    },
 }
 
 /// One event for the ledger: its identity, its own time and its effect.
@@ -110,6 +118,11 @@ impl Placed {
                 adjustment_id,
                 credits,
             } => account.adjust(adjustment_id, *credits, at, out),
+            Action::VoidUsage {
+                event_source,
+                event_id,
+                credits,
+            } => account.reverse_usage(event_source, event_id, *credits, at, out),
         }
     }
 }
@@ -450,6 +463,8 @@ pub fn corrections(from: &Account, to: &Account, at: DateTime<Utc>) -> Vec<Entry
             // A positive adjustment's bucket is added by an adjustment entry.
             let added = if id.starts_with(crate::event::ADJUSTMENT_GRANT_PREFIX) {
                 EntryKind::Adjustment
+            } else if id.starts_with(crate::event::REVERSAL_GRANT_PREFIX) {
+                EntryKind::Reversal
             } else {
                 EntryKind::Grant
             };
@@ -487,6 +502,15 @@ pub fn corrections(from: &Account, to: &Account, at: DateTime<Utc>) -> Vec<Entry
             -incurred,
         ));
     }
+    let reversed = to.overage_reversed - from.overage_reversed;
+    if !reversed.is_zero() {
+        deltas.push((
+            EntryKind::Correction,
+            Some(EntryKind::Reversal),
+            None,
+            reversed,
+        ));
+    }
     let billed = to.overage_billed - from.overage_billed;
     if !billed.is_zero() {
         deltas.push((EntryKind::Correction, Some(EntryKind::Reset), None, billed));
@@ -496,12 +520,13 @@ pub fn corrections(from: &Account, to: &Account, at: DateTime<Utc>) -> Vec<Entry
     let entries: Vec<Entry> = deltas
         .into_iter()
         .map(|(kind, corrects, grant_id, amount)| {
-            match corrects.unwrap_or(kind) {
+            let effect = corrects.unwrap_or(kind);
+            match effect {
                 EntryKind::Settle => {
                     balance += amount;
                     overage += amount;
                 }
-                EntryKind::Overage | EntryKind::Reset => overage -= amount,
+                _ if super::buckets::moves_overage(effect, grant_id.is_some()) => overage -= amount,
                 _ => balance += amount,
             }
             Entry {
@@ -669,7 +694,7 @@ mod tests {
                     balance += e.amount;
                     overage += e.amount;
                 }
-                EntryKind::Overage | EntryKind::Reset => overage -= e.amount,
+                _ if e.moves_overage() => overage -= e.amount,
                 _ => balance += e.amount,
             }
             if let Some(g) = &e.grant_id {
@@ -827,6 +852,149 @@ mod tests {
         );
         let live = &h.book().live;
         assert_eq!((live.balance(), live.overage), (dec!(0), dec!(0)));
+    }
+
+    fn void_usage(id: &str, credits: Decimal) -> Action {
+        Action::VoidUsage {
+            event_source: "s".into(),
+            event_id: id.into(),
+            credits,
+        }
+    }
+
+    #[test]
+    fn a_voided_usage_pays_back_overage_first_then_into_a_bucket_of_its_own() {
+        // Prepaid: package 100; u1 costs 130 (100 from the package, 30 overage); u1 voided:
+        // its 130 come back, 30 pay the overage, 100 go into reversal:s:u1; u2 (10) is paid
+        // from that bucket (the package is spent). Voided again: nothing more.
+        let mut h = Harness::new();
+        h.deliver(&[ev(
+            "pkg",
+            at(1, 1, 0),
+            grant("pkg", GrantKind::Package, dec!(100), None),
+        )]);
+        h.deliver(&[ev("u1", at(1, 2, 0), debit(dec!(130)))]);
+        h.deliver(&[ev("v1", at(1, 3, 0), void_usage("u1", dec!(130)))]);
+        h.deliver(&[ev("v1-again", at(1, 3, 1), void_usage("u1", dec!(130)))]);
+        h.deliver(&[ev("u2", at(1, 4, 0), debit(dec!(10)))]);
+        let rows: Vec<(&str, Option<&str>, Decimal, Decimal, Decimal)> = h
+            .lines
+            .iter()
+            .map(|e| {
+                (
+                    e.kind.as_str(),
+                    e.grant_id.as_deref(),
+                    e.amount,
+                    e.balance_after,
+                    e.overage_after,
+                )
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                ("grant", Some("pkg"), dec!(100), dec!(100), dec!(0)),
+                ("debit", Some("pkg"), dec!(-100), dec!(0), dec!(0)),
+                ("overage", None, dec!(-30), dec!(0), dec!(30)),
+                ("reversal", None, dec!(30), dec!(0), dec!(0)),
+                (
+                    "reversal",
+                    Some("reversal:s:u1"),
+                    dec!(100),
+                    dec!(100),
+                    dec!(0)
+                ),
+                ("debit", Some("reversal:s:u1"), dec!(-10), dec!(90), dec!(0)),
+            ]
+        );
+        let (balance, overage, per_grant) = explain(&h.lines);
+        assert_eq!((balance, overage), (dec!(90), dec!(0)));
+        assert_eq!(per_grant["reversal:s:u1"], dec!(90));
+        let live = &h.book().live;
+        assert_eq!((live.overage_reversed, live.overage), (dec!(30), dec!(0)));
+    }
+
+    #[test]
+    fn a_voided_usage_on_a_billed_overage_plan_lowers_the_overage_billed() {
+        // bill_overage, no allowance: u1 (40) is all overage; voided before the cycle closes:
+        // nothing is billed for it, and nothing is credited either.
+        let mut h = Harness::new();
+        h.deliver(&[ev(
+            "plan",
+            at(1, 1, 0),
+            plan(dec!(0), 1, OveragePolicy::BillOverage),
+        )]);
+        h.deliver(&[ev("u1", at(1, 2, 0), debit(dec!(40)))]);
+        h.deliver(&[ev("u2", at(1, 2, 1), debit(dec!(5)))]);
+        h.deliver(&[ev("v1", at(1, 3, 0), void_usage("u1", dec!(40)))]);
+        h.tick(at(2, 3, 0));
+        let billed: Vec<Decimal> = h.finals.iter().map(|c| c.overage_billed).collect();
+        assert_eq!(billed, vec![dec!(5)]);
+        let (balance, overage, _) = explain(&h.lines);
+        assert_eq!((balance, overage), (dec!(0), dec!(0)));
+    }
+
+    #[test]
+    fn a_voided_usage_gives_the_same_ledger_in_any_arrival_order() {
+        // The set: a package, a promo, two usages, the void of the first (its credits as the
+        // store resolved them) and a promo dated between them. Every arrival order (the
+        // void arriving before usage dated earlier, or before the original: the store keeps
+        // such a void until the original is charged, then hands both to the book) gives the
+        // same state, and every ledger explains itself line by line.
+        let events = [
+            ev(
+                "pkg",
+                at(1, 1, 0),
+                grant("pkg", GrantKind::Package, dec!(50), None),
+            ),
+            ev("u1", at(1, 1, 2), debit(dec!(80))),
+            ev(
+                "promo",
+                at(1, 1, 3),
+                grant("promo", GrantKind::Promo, dec!(20), None),
+            ),
+            ev("u2", at(1, 1, 4), debit(dec!(15))),
+            ev("v1", at(1, 1, 5), void_usage("u1", dec!(80))),
+        ];
+        let mut expected: Option<Account> = None;
+        let mut orders: Vec<Vec<usize>> = Vec::new();
+        // Every permutation (120).
+        fn permute(k: usize, a: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+            if k == a.len() {
+                out.push(a.clone());
+                return;
+            }
+            for i in k..a.len() {
+                a.swap(k, i);
+                permute(k + 1, a, out);
+                a.swap(k, i);
+            }
+        }
+        permute(0, &mut vec![0, 1, 2, 3, 4], &mut orders);
+        for order in orders {
+            let mut h = Harness::new();
+            for i in &order {
+                h.deliver(std::slice::from_ref(&events[*i]));
+            }
+            let (balance, overage, _) = explain(&h.lines);
+            let live = h.book().live.clone();
+            assert_eq!((balance, overage), (live.balance(), live.overage));
+            match &expected {
+                None => expected = Some(live),
+                Some(e) => assert_eq!(&live, e, "order {order:?}"),
+            }
+        }
+        // By hand, in event-time order: u1 (80) takes the package's 50, 30 are overage; the
+        // promo (20) settles 20 of it (overage 10); u2 (15) is overage (25); v1 gives u1's
+        // 80 back: 25 pay the overage, 55 go into reversal:s:u1.
+        let live = expected.unwrap();
+        assert_eq!((live.balance(), live.overage), (dec!(55), dec!(0)));
+        let bucket = live
+            .grants
+            .iter()
+            .find(|g| g.grant_id == "reversal:s:u1")
+            .unwrap();
+        assert_eq!((bucket.granted, bucket.remaining), (dec!(55), dec!(55)));
     }
 
     #[test]
@@ -1109,6 +1277,10 @@ mod tests {
         /// Voids the grant of the event with this index (if it is a grant).
         Void(u8),
         Adjust(i64),
+        /// Voids a usage event (its own: the store voids an original once) with these
+        /// credits (what the store would have resolved; any amount, the book does not check
+        /// it against the original).
+        VoidUsage(i64),
     }
 
     fn gen_event() -> impl Strategy<Value = (u32, Gen, u32)> {
@@ -1120,6 +1292,7 @@ mod tests {
             1 => (0i64..60_000_000, 1u8..=31, any::<bool>()).prop_map(|(a, d, b)| Gen::Plan(a, d, b)),
             1 => (0u8..60).prop_map(Gen::Void),
             1 => (-30_000_000i64..30_000_000).prop_map(Gen::Adjust),
+            1 => (0i64..20_000_000).prop_map(Gen::VoidUsage),
         ];
         // Dense (out-of-order arrivals are frequent) or spread over months (cycles close).
         let minute = prop_oneof![
@@ -1163,6 +1336,11 @@ mod tests {
                     ),
                     Gen::Void(k) => void(&format!("g{k}")),
                     Gen::Adjust(c) => adjust(&format!("a{i}"), Decimal::new(*c, 6)),
+                    Gen::VoidUsage(c) => Action::VoidUsage {
+                        event_source: "y".into(),
+                        event_id: format!("voided-{i}"),
+                        credits: Decimal::new(*c, 6),
+                    },
                 };
                 // Ids share their time's order only by chance: ties break by (source, id).
                 let source = if i % 3 == 0 { "x" } else { "y" };
@@ -1289,7 +1467,7 @@ mod tests {
                 for g in &live.grants {
                     prop_assert_eq!(per_grant.get(&g.grant_id).copied().unwrap_or_default(), g.remaining, "{}", g.grant_id);
                 }
-                prop_assert_eq!(live.overage, live.overage_incurred - live.overage_settled - live.overage_billed);
+                prop_assert_eq!(live.overage, live.overage_incurred - live.overage_settled - live.overage_billed - live.overage_reversed);
             }
             let (r, o) = (&reference.book.as_ref().unwrap().live, &other.book.as_ref().unwrap().live);
             prop_assert_eq!(&r.grants, &o.grants);

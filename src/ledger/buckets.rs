@@ -115,6 +115,10 @@ pub enum EntryKind {
     /// A manual adjustment: credits added (a bucket of their own, `adjustment:{id}`) or taken
     /// from the live grants in consumption order, with a reason.
     Adjustment,
+    /// A voided usage event's credits given back: without a grant, unsettled overage paid
+    /// (amount positive: the overage shrinks by it); with one, the rest into a bucket of its
+    /// own (`reversal:{source}:{id}` of the original).
+    Reversal,
 }
 
 impl EntryKind {
@@ -130,6 +134,7 @@ impl EntryKind {
             EntryKind::Correction => "correction",
             EntryKind::Void => "void",
             EntryKind::Adjustment => "adjustment",
+            EntryKind::Reversal => "reversal",
         }
     }
 
@@ -145,6 +150,7 @@ impl EntryKind {
             EntryKind::Correction,
             EntryKind::Void,
             EntryKind::Adjustment,
+            EntryKind::Reversal,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -154,9 +160,10 @@ impl EntryKind {
 /// One line of the ledger. `amount` is signed. How a line moves the two running figures
 /// (`balance_after`: the spendable balance, `overage_after`: the unsettled overage), by the
 /// kind it has or, for a correction, the kind it corrects:
-/// - grant, debit, expiry, renewal, void, adjustment: balance += amount;
+/// - grant, debit, expiry, renewal, void, adjustment, reversal with a grant: balance += amount;
 /// - settle: balance += amount and overage += amount (a negative amount pays overage);
-/// - overage, reset: overage -= amount (overage is recorded negative, a reset bills it).
+/// - overage, reset, reversal without a grant: overage -= amount (overage is recorded
+///   negative, a reset bills it, a reversal pays it back).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub kind: EntryKind,
@@ -175,6 +182,21 @@ impl Entry {
     /// The kind whose rule moves the running figures (a correction moves them as its kind).
     pub fn effect(&self) -> EntryKind {
         self.corrects.unwrap_or(self.kind)
+    }
+
+    /// Whether the line moves the overage only (`overage_after -= amount`): an overage, a
+    /// reset, or a reversal without a grant (or a correction of one of those).
+    pub fn moves_overage(&self) -> bool {
+        moves_overage(self.effect(), self.grant_id.is_some())
+    }
+}
+
+/// [`Entry::moves_overage`] for a line's effect and whether it names a grant.
+pub fn moves_overage(effect: EntryKind, has_grant: bool) -> bool {
+    match effect {
+        EntryKind::Overage | EntryKind::Reset => true,
+        EntryKind::Reversal => !has_grant,
+        _ => false,
     }
 }
 
@@ -263,6 +285,15 @@ pub fn adjustment_grant_id(adjustment_id: &str) -> String {
     format!("{}{adjustment_id}", crate::event::ADJUSTMENT_GRANT_PREFIX)
 }
 
+/// The grant id of the bucket a voided usage event's credits come back into (what paid no
+/// overage): deterministic, so a usage event is given back once.
+pub fn reversal_grant_id(event_source: &str, event_id: &str) -> String {
+    format!(
+        "{}{event_source}:{event_id}",
+        crate::event::REVERSAL_GRANT_PREFIX
+    )
+}
+
 /// The shortest cycle a billing-day change may cut.
 pub const MIN_IRREGULAR_CYCLE_DAYS: i64 = 14;
 
@@ -305,6 +336,9 @@ pub struct Account {
     /// All overage ever paid from grants (settle entries).
     #[serde(default)]
     pub overage_settled: Decimal,
+    /// All overage ever paid back by voided usage (reversal entries without a grant).
+    #[serde(default, skip_serializing_if = "Decimal::is_zero")]
+    pub overage_reversed: Decimal,
     pub policy: OveragePolicy,
     pub top_up_validity_months: u32,
     /// Highest grant `seq` so far (0: the account never had a grant).
@@ -330,6 +364,7 @@ impl Account {
             overage_incurred: Decimal::ZERO,
             overage_billed: Decimal::ZERO,
             overage_settled: Decimal::ZERO,
+            overage_reversed: Decimal::ZERO,
             policy: OveragePolicy::SettleFromNextGrant,
             top_up_validity_months: DEFAULT_TOP_UP_VALIDITY_MONTHS,
             last_seq: 0,
@@ -598,6 +633,48 @@ impl Account {
         self.check();
     }
 
+    /// Gives back, at event time `at`, the `credits` a voided usage event (`event_source`,
+    /// `event_id`) was charged: unsettled overage is paid first (a `reversal` line without a
+    /// grant), the rest goes into a bucket of its own (`reversal:{source}:{id}`, kind manual,
+    /// never expiring; a `reversal` line). Whatever the policy: overage is what usage owes,
+    /// and usage given back owes less. A bucket the account already holds: nothing more
+    /// (the store gives a usage event back once; this keeps a replay from doing it twice).
+    pub fn reverse_usage(
+        &mut self,
+        event_source: &str,
+        event_id: &str,
+        credits: Decimal,
+        at: DateTime<Utc>,
+        out: &mut Vec<Entry>,
+    ) {
+        self.advance(at, out);
+        if credits <= Decimal::ZERO {
+            return;
+        }
+        let bucket = reversal_grant_id(event_source, event_id);
+        if self.grants.iter().any(|g| g.grant_id == bucket) {
+            return;
+        }
+        let paid = self.overage.min(credits);
+        if paid > Decimal::ZERO {
+            self.overage -= paid;
+            self.overage_reversed += paid;
+            out.push(self.entry(EntryKind::Reversal, None, paid, at));
+        }
+        let rest = credits - paid;
+        if rest > Decimal::ZERO {
+            let new = NewGrant {
+                grant_id: bucket,
+                kind: GrantKind::Manual,
+                credits: rest,
+                expires_at: None,
+                priority: None,
+            };
+            self.add_grant_as(&new, EntryKind::Reversal, at, out);
+        }
+        self.check();
+    }
+
     /// Indices of the grants live at `at`, in consumption order.
     fn live_in_order(&self, at: DateTime<Utc>) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.grants.len())
@@ -738,8 +815,11 @@ impl Account {
         );
         debug_assert_eq!(
             self.overage,
-            self.overage_incurred - self.overage_settled - self.overage_billed,
-            "overage is not incurred - settled - billed"
+            self.overage_incurred
+                - self.overage_settled
+                - self.overage_billed
+                - self.overage_reversed,
+            "overage is not incurred - settled - billed - reversed"
         );
     }
 }

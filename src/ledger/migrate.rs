@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "corrections",
         include_str!("../../schemas/postgres/0012_corrections.sql"),
     ),
+    (
+        15,
+        "usage_voids",
+        include_str!("../../schemas/postgres/0015_usage_voids.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use super::{analytics_limits, limits, prepare, Prepared};
 use crate::analytics::{
     admission_rank, AnalyticsError, AnalyticsSink, ChOffsetStore, InsertOutcome, LateRow,
-    NumericColumns, OffsetRange, RatedRow,
+    NumericColumns, OffsetRange, RatedRow, VoidRow,
 };
 use crate::config::Config;
 use crate::event::{Payload, Reason};
@@ -124,6 +124,7 @@ pub async fn run(
         let mut rows = Vec::with_capacity(batch.records.len());
         let mut rows_of = Vec::with_capacity(batch.records.len());
         let (mut not_usage, mut rejected) = (0u64, 0u64);
+        let mut voids: Vec<VoidRow> = Vec::new();
         for record in &batch.records {
             let prepared = match prepare(record, &prices, now, &admission) {
                 Ok(p) => p,
@@ -142,7 +143,12 @@ pub async fn run(
                     rows.push(row);
                     rows_of.push(record);
                 }
-                Ok(None) => not_usage += 1,
+                Ok(None) => {
+                    not_usage += 1;
+                    if let Some(v) = void_row(&prepared, now) {
+                        voids.push(v);
+                    }
+                }
                 Err(e) => {
                     // Not a dead letter the ledger knows about: say it loudly.
                     rejected += 1;
@@ -176,6 +182,17 @@ pub async fn run(
             }
         };
         fail::fail_point!("analytics-after-insert", |_| std::process::abort());
+        // Voided usage leaves the roll-ups (after the rows: an original in this same batch is
+        // stored when its blocks are recomputed). Idempotent like the rows.
+        if !voids.is_empty() {
+            match retry.run("write usage voids", || sink.void(&voids)).await {
+                Ok(blocks) => tracing::info!(voids = voids.len(), blocks, "usage voided"),
+                Err(Halt::Shutdown) => break,
+                Err(Halt::Failed(e)) => {
+                    return Err(anyhow::anyhow!("analytics: writing usage voids: {e}"))
+                }
+            }
+        }
         let (outcome, refused) = written;
         // Usage read after the billing grace is marked late (its row keeps its day).
         let late = LateRow::of(&rows, now - cfg.billing.grace(), now);
@@ -275,6 +292,27 @@ pub async fn run(
     Ok(stats)
 }
 
+/// The `usage_voids` row of a prepared usage void (None for any other event): the voided
+/// usage's identity and account, and who voided it (`data.actor`, else the void's source).
+pub fn void_row(p: &Prepared<'_, '_>, inserted_at: DateTime<Utc>) -> Option<VoidRow> {
+    let Payload::UsageVoid(v) = &p.event.payload else {
+        return None;
+    };
+    let env = &p.event.envelope;
+    let seconds = |t: DateTime<Utc>| u32::try_from(t.timestamp()).unwrap_or(0);
+    Some(VoidRow {
+        event_source: v.event_source.to_string(),
+        event_id: v.event_id.to_string(),
+        account_id: env.account_id.to_string(),
+        void_source: env.source.to_string(),
+        void_id: env.id.to_string(),
+        void_time_unix_seconds: seconds(env.time),
+        actor: v.actor.as_deref().unwrap_or(&env.source).to_owned(),
+        reason: v.reason.to_string(),
+        inserted_at_unix_seconds: seconds(inserted_at),
+    })
+}
+
 /// The `usage_events` row of a prepared event: None for grants and plans (they carry no
 /// usage). Its numeric columns were checked by `prepare` (`analytics::numeric_columns`).
 pub fn rated_row(
@@ -318,7 +356,8 @@ pub fn rated_row(
         | Payload::Grant(_)
         | Payload::Plan(_)
         | Payload::VoidGrant(_)
-        | Payload::Adjustment(_) => {}
+        | Payload::Adjustment(_)
+        | Payload::UsageVoid(_) => {}
     }
     let inserted_at_unix_seconds =
         u32::try_from(inserted_at.timestamp()).map_err(|_| AnalyticsError::OutOfRange {

@@ -108,6 +108,7 @@ pub async fn run_with_clock(
                 Action::Plan { .. } => "plan",
                 Action::VoidGrant { .. } => "grant_void",
                 Action::Adjust { .. } => "adjustment",
+                Action::VoidUsage { .. } => "usage_void",
             }),
         );
         // Dead letters are acknowledged before the offsets that skip them are stored.
@@ -438,6 +439,14 @@ pub fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
         },
         (Payload::VoidGrant(v), _) => Action::VoidGrant {
             grant_id: v.grant_id.to_string(),
+            why: Correction {
+                actor: v.actor.as_deref().unwrap_or(&env.source),
+                reason: &v.reason,
+            },
+        },
+        (Payload::UsageVoid(v), _) => Action::VoidUsage {
+            event_source: &v.event_source,
+            event_id: &v.event_id,
             why: Correction {
                 actor: v.actor.as_deref().unwrap_or(&env.source),
                 reason: &v.reason,

@@ -15,14 +15,16 @@ fn filter(range: &DateRange, account_id: &str) -> String {
     )
 }
 
-/// Late usage (events, credits) of an account by event day.
+/// Late usage (events, credits) of an account by event day; voided usage left out.
 pub fn late_sql(account_id: &str, range: &DateRange) -> String {
     format!(
         "SELECT count() AS events, sum(credits) AS total_credits FROM late_usage FINAL \
-         WHERE account_id = {} AND event_date >= {} AND event_date <= {}",
+         WHERE account_id = {} AND event_date >= {} AND event_date <= {} \
+         AND {}",
         sql::string(account_id),
         sql::date(range.from),
-        sql::date(range.to)
+        sql::date(range.to),
+        crate::analytics::sink::NOT_VOIDED
     )
 }
 

@@ -10,9 +10,9 @@ use serde::Deserialize;
 use super::scalar::{parse_decimal, parse_rfc3339, StringMap, Text};
 use crate::event::{
     AdjustmentEvent, CallUsage, ChatUsage, Direction, GrantEvent, GrantKind, InstanceUsage,
-    MeteredUsage, OveragePolicy, Payload, PlanEvent, Reason, Recharge, Rejection, VoidGrantEvent,
-    ADJUSTMENT_GRANT_PREFIX, KIND_CALL, KIND_CHAT, KIND_INSTANCE, MAX_REASON_BYTES,
-    RESERVED_GRANT_PREFIX,
+    MeteredUsage, OveragePolicy, Payload, PlanEvent, Reason, Recharge, Rejection, UsageVoidEvent,
+    VoidGrantEvent, ADJUSTMENT_GRANT_PREFIX, KIND_CALL, KIND_CHAT, KIND_INSTANCE, MAX_REASON_BYTES,
+    RESERVED_GRANT_PREFIX, REVERSAL_GRANT_PREFIX,
 };
 
 /// Longest id (`call_id`, `grant_id`...), in bytes.
@@ -455,6 +455,14 @@ impl<'a> GrantData<'a> {
                 ),
             ));
         }
+        if grant_id.starts_with(REVERSAL_GRANT_PREFIX) {
+            return Err(invalid(
+                "data.grant_id",
+                format!(
+                    "grant ids beginning with {REVERSAL_GRANT_PREFIX:?} are reserved for the credits of voided usage",
+                ),
+            ));
+        }
         let kind = GrantKind::parse(kind.as_str()).ok_or_else(|| {
             invalid(
                 "data.kind",
@@ -529,6 +537,41 @@ impl<'a> VoidGrantData<'a> {
             .transpose()?;
         Ok(Payload::VoidGrant(VoidGrantEvent {
             grant_id,
+            reason,
+            actor,
+        }))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UsageVoidData<'a> {
+    #[serde(borrow)]
+    pub(super) event_source: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) event_id: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) reason: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) actor: Option<Text<'a>>,
+}
+
+impl<'a> UsageVoidData<'a> {
+    pub(crate) fn check(&mut self) -> Check<Payload<'a>> {
+        let source = required(self.event_source.take(), "data.event_source")?;
+        let event_id = required(self.event_id.take(), "data.event_id")?;
+        let why = required(self.reason.take(), "data.reason")?;
+        let event_source = id(source, "data.event_source")?;
+        let event_id = id(event_id, "data.event_id")?;
+        let reason = reason(why, "data.reason")?;
+        let actor = self
+            .actor
+            .take()
+            .map(|a| name(a, "data.actor"))
+            .transpose()?;
+        Ok(Payload::UsageVoid(UsageVoidEvent {
+            event_source,
+            event_id,
             reason,
             actor,
         }))

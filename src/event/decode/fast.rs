@@ -14,7 +14,7 @@ use std::borrow::Cow;
 
 use super::data::{
     AdjustmentData, CallData, ChatData, GrantData, InstanceData, MeteredData, PlanData,
-    VoidGrantData,
+    UsageVoidData, VoidGrantData,
 };
 use super::scalar::{StringMap, Text};
 use super::{DataValue, RawEnvelope, TypedData};
@@ -472,6 +472,12 @@ impl<'a> Scanner<'a> {
             EventKind::Adjustment => read_data!(self, place!(Adjustment, boxed AdjustmentData), {
                 0 "adjustment_id" => adjustment_id: opt_text,
                 1 "credits" => credits: opt_text,
+                2 "reason" => reason: opt_text,
+                3 "actor" => actor: opt_text,
+            }),
+            EventKind::UsageVoid => read_data!(self, place!(UsageVoid, boxed UsageVoidData), {
+                0 "event_source" => event_source: opt_text,
+                1 "event_id" => event_id: opt_text,
                 2 "reason" => reason: opt_text,
                 3 "actor" => actor: opt_text,
             }),

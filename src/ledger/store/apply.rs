@@ -1,6 +1,6 @@
 //! A batch applied in ONE transaction: dedupe claims, account locks (in account_id order, so
 //! instances never deadlock on accounts), the books' effects, entries, grants, cycles, alerts
-//! to the outbox and the consumed offsets.
+//! to the outbox, usage voids waiting for their usage, and the consumed offsets.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -43,14 +43,37 @@ impl Store {
         // Every account of the batch is created and locked with the claims, in the same
         // round trip (a batch of duplicates only locks accounts it then leaves unchanged).
         let ids: Vec<&str> = items.iter().map(|i| i.account_id).collect();
-        let (fresh, locked, known) = futures::join!(
+        // The pending voids are read after the locks (same connection, in order): a void
+        // made pending by another transaction on the account has committed.
+        let (fresh, locked, known, waiting) = futures::join!(
             claim(&tx, st, items),
             lock_accounts(&tx, st, &ids),
             known_grants(&tx, st, items),
+            pending_voids(&tx, st, &ids),
         );
         let fresh = fresh?;
         let mut locked = locked?;
         let known = known?;
+        let waiting = waiting?;
+        let charged = charged_usage(&tx, &fresh).await?;
+        // Voids that waited for usage charged now: applied with it, at their own time.
+        let woken: Vec<(Item<'_>, Decimal)> = waiting
+            .iter()
+            .filter_map(|w| {
+                let credits = fresh.iter().find_map(|u| match &u.action {
+                    Action::Debit(d)
+                        if u.account_id == w.account_id
+                            && u.source == w.event_source
+                            && u.id == w.event_id =>
+                    {
+                        Some(d.credits.max(Decimal::ZERO))
+                    }
+                    _ => None,
+                })?;
+                Some((w.item(), credits))
+            })
+            .collect();
+        let mut waits = PendingRows::default();
         outcome.applied = fresh.len();
         outcome.duplicates = items.len() - fresh.len();
         if !fresh.is_empty() {
@@ -66,9 +89,29 @@ impl Store {
                         continue;
                     }
                 }
+                let credits = match &item.action {
+                    Action::VoidUsage {
+                        event_source,
+                        event_id,
+                        ..
+                    } => match charged.get(&(item.account_id, *event_source, *event_id)) {
+                        Some(c) => *c,
+                        None => {
+                            // Not charged yet: it waits for its usage.
+                            waits.push(item);
+                            continue;
+                        }
+                    },
+                    _ => Decimal::ZERO,
+                };
                 let (items, events) = batches.entry(item.account_id).or_default();
                 items.push(item);
-                events.push(item.to_event());
+                events.push(item.to_event_with(credits));
+            }
+            for (item, credits) in &woken {
+                let (items, events) = batches.entry(item.account_id).or_default();
+                items.push(item);
+                events.push(item.to_event_with(*credits));
             }
             let need: Vec<&str> = batches
                 .iter()
@@ -121,16 +164,18 @@ impl Store {
                 }
                 Ok::<(), StoreError>(())
             };
-            let (a, b, c, d) = futures::join!(
+            let (a, b, c, d, e) = futures::join!(
                 open.insert(&tx, st),
                 delete_cycles,
                 write_back(&tx, st, &locked, &rows, &fired, &[]),
+                waits.write(&tx, st, &woken),
                 store_offsets(&tx, st, group_id, next_offsets),
             );
             a?;
             b?;
             c?;
             d?;
+            e?;
         } else {
             store_offsets(&tx, st, group_id, next_offsets).await?;
         }
@@ -154,9 +199,10 @@ pub(super) async fn claim<'i, 'a>(
     if items.is_empty() {
         return Ok(Vec::new());
     }
-    let scopes: Vec<&str> = items.iter().map(|i| i.action.scope().as_str()).collect();
-    let sources: Vec<&str> = items.iter().map(|i| i.source).collect();
-    let ids: Vec<&str> = items.iter().map(|i| i.id).collect();
+    let keys: Vec<(ClaimScope, &str, &str)> = items.iter().map(Item::claim_key).collect();
+    let scopes: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let sources: Vec<&str> = keys.iter().map(|k| k.1).collect();
+    let ids: Vec<&str> = keys.iter().map(|k| k.2).collect();
     let accounts: Vec<&str> = items.iter().map(|i| i.account_id).collect();
     let times: Vec<DateTime<Utc>> = items.iter().map(|i| i.time).collect();
     // Both sent at once: the horizon is read (under the shared purge lock) before the
@@ -184,13 +230,206 @@ pub(super) async fn claim<'i, 'a>(
     Ok(items
         .iter()
         .filter(|i| {
-            claimed.remove(&(
-                i.action.scope().as_str().to_owned(),
-                i.source.to_owned(),
-                i.id.to_owned(),
-            ))
+            let (scope, source, id) = i.claim_key();
+            claimed.remove(&(scope.as_str().to_owned(), source.to_owned(), id.to_owned()))
         })
         .collect())
+}
+
+/// A void waiting for its usage (`pending_usage_voids`).
+pub(super) struct PendingVoid {
+    account_id: String,
+    event_source: String,
+    event_id: String,
+    void_source: String,
+    void_id: String,
+    void_time: DateTime<Utc>,
+    actor: String,
+    reason: String,
+}
+
+impl PendingVoid {
+    /// The void as the item it was when it arrived.
+    fn item(&self) -> Item<'_> {
+        Item {
+            source: &self.void_source,
+            id: &self.void_id,
+            account_id: &self.account_id,
+            time: self.void_time,
+            action: Action::VoidUsage {
+                event_source: &self.event_source,
+                event_id: &self.event_id,
+                why: super::Correction {
+                    actor: &self.actor,
+                    reason: &self.reason,
+                },
+            },
+        }
+    }
+}
+
+/// The pending voids of the batch's accounts (usually none; the caller matches them to
+/// the batch's usage).
+pub(super) async fn pending_voids(
+    tx: &Transaction<'_>,
+    st: &Stmts,
+    ids: &[&str],
+) -> Result<Vec<PendingVoid>, StoreError> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = tx.query(st.get(PENDING_VOIDS), &[&ids]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| PendingVoid {
+            account_id: r.get(0),
+            event_source: r.get(1),
+            event_id: r.get(2),
+            void_source: r.get(3),
+            void_id: r.get(4),
+            void_time: r.get(5),
+            actor: r.get(6),
+            reason: r.get(7),
+        })
+        .collect())
+}
+
+/// Voids to keep until their usage is charged, gathered for one insert.
+#[derive(Default)]
+pub(super) struct PendingRows<'a> {
+    account_id: Vec<&'a str>,
+    event_source: Vec<&'a str>,
+    event_id: Vec<&'a str>,
+    void_source: Vec<&'a str>,
+    void_id: Vec<&'a str>,
+    void_time: Vec<DateTime<Utc>>,
+    actor: Vec<&'a str>,
+    reason: Vec<&'a str>,
+}
+
+impl<'a> PendingRows<'a> {
+    fn push(&mut self, item: &Item<'a>) {
+        if let Action::VoidUsage {
+            event_source,
+            event_id,
+            why,
+        } = &item.action
+        {
+            self.account_id.push(item.account_id);
+            self.event_source.push(event_source);
+            self.event_id.push(event_id);
+            self.void_source.push(item.source);
+            self.void_id.push(item.id);
+            self.void_time.push(item.time);
+            self.actor.push(why.actor);
+            self.reason.push(why.reason);
+        }
+    }
+
+    /// Inserts the new pending voids and deletes those `woken` (applied now).
+    async fn write(
+        &self,
+        tx: &Transaction<'_>,
+        st: &Stmts,
+        woken: &[(Item<'_>, Decimal)],
+    ) -> Result<(), StoreError> {
+        let insert = async {
+            if !self.account_id.is_empty() {
+                tx.execute(
+                    st.get(INSERT_PENDING_VOIDS),
+                    &[
+                        &self.account_id,
+                        &self.event_source,
+                        &self.event_id,
+                        &self.void_source,
+                        &self.void_id,
+                        &self.void_time,
+                        &self.actor,
+                        &self.reason,
+                    ],
+                )
+                .await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        let delete = async {
+            let mut keys: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+            for (item, _) in woken {
+                if let Action::VoidUsage {
+                    event_source,
+                    event_id,
+                    ..
+                } = &item.action
+                {
+                    keys.0.push(item.account_id);
+                    keys.1.push(event_source);
+                    keys.2.push(event_id);
+                }
+            }
+            if !keys.0.is_empty() {
+                tx.execute(st.get(DELETE_PENDING_VOIDS), &[&keys.0, &keys.1, &keys.2])
+                    .await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        let (a, b) = futures::join!(insert, delete);
+        a?;
+        b
+    }
+}
+
+/// The credits the ledger charged each usage event the batch's fresh voids name, by (account,
+/// source, id): the original's own `debit` and `overage` lines (what it was charged,
+/// whoever paid; corrections only move a charge), found through its usage claim (which says
+/// its account and event time, the key of the entries' event-time index); or, for an
+/// original in this same batch, its rated credits. An original not claimed for the void's
+/// account is missing (the void then waits for it). Voids are rare: one statement each.
+pub(super) async fn charged_usage<'a>(
+    tx: &Transaction<'_>,
+    fresh: &[&Item<'a>],
+) -> Result<BTreeMap<(&'a str, &'a str, &'a str), Decimal>, StoreError> {
+    let mut charged = BTreeMap::new();
+    for item in fresh {
+        let Action::VoidUsage {
+            event_source,
+            event_id,
+            ..
+        } = &item.action
+        else {
+            continue;
+        };
+        let key = (item.account_id, *event_source, *event_id);
+        let in_batch = fresh.iter().find_map(|u| match &u.action {
+            Action::Debit(d)
+                if u.account_id == item.account_id
+                    && u.source == *event_source
+                    && u.id == *event_id =>
+            {
+                Some(d.credits.max(Decimal::ZERO))
+            }
+            _ => None,
+        });
+        if let Some(credits) = in_batch {
+            charged.insert(key, credits);
+            continue;
+        }
+        let row = tx
+            .query_opt(
+                "SELECT (SELECT COALESCE(-sum(e.amount), 0) FROM ledger_entries e
+                          WHERE e.event_time = p.event_time AND e.account_id = p.account_id
+                            AND e.event_source = p.event_source AND e.event_id = p.event_id
+                            AND e.kind IN ('debit', 'overage'))
+                 FROM processed_events p
+                 WHERE p.scope = 'usage' AND p.event_source = $1 AND p.event_id = $2
+                   AND p.account_id = $3",
+                &[event_source, event_id, &item.account_id],
+            )
+            .await?;
+        if let Some(r) = row {
+            charged.insert(key, r.get::<_, Decimal>(0));
+        }
+    }
+    Ok(charged)
 }
 
 /// The first item dated before the dedupe horizon, if any.
@@ -575,6 +814,9 @@ pub(super) struct EntryRows<'a> {
     /// Who made a correction (void, adjustment) and why.
     pub(super) actor: Vec<Option<&'a str>>,
     pub(super) reason: Vec<Option<&'a str>>,
+    /// The usage event a reversal line gives back.
+    pub(super) reverses_source: Vec<Option<&'a str>>,
+    pub(super) reverses_id: Vec<Option<&'a str>>,
 }
 
 impl<'a> EntryRows<'a> {
@@ -610,6 +852,16 @@ impl<'a> EntryRows<'a> {
         let why = item.and_then(|i| i.action.correction());
         self.actor.push(why.map(|w| w.actor));
         self.reason.push(why.map(|w| w.reason));
+        let reverses = item.and_then(|i| match &i.action {
+            Action::VoidUsage {
+                event_source,
+                event_id,
+                ..
+            } if e.kind == EntryKind::Reversal => Some((*event_source, *event_id)),
+            _ => None,
+        });
+        self.reverses_source.push(reverses.map(|r| r.0));
+        self.reverses_id.push(reverses.map(|r| r.1));
     }
 
     /// The rows by binary COPY: no statement text or arrays to parse, rows inserted in
@@ -640,6 +892,8 @@ impl<'a> EntryRows<'a> {
                 Type::TIMESTAMPTZ,
                 Type::TEXT,
                 Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
             ],
         );
         futures::pin_mut!(writer);
@@ -664,6 +918,8 @@ impl<'a> EntryRows<'a> {
                     &self.event_time[i],
                     &self.actor[i],
                     &self.reason[i],
+                    &self.reverses_source[i],
+                    &self.reverses_id[i],
                 ])
                 .await?;
         }

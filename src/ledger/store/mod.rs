@@ -154,6 +154,14 @@ pub enum Action<'a> {
         credits: Decimal,
         why: Correction<'a>,
     },
+    /// A usage event voided: the store looks up the credits its own ledger charged it and
+    /// gives them back; when it has not charged it yet, the void waits (`pending_usage_voids`)
+    /// for the usage and is applied, at its own time, with it.
+    VoidUsage {
+        event_source: &'a str,
+        event_id: &'a str,
+        why: Correction<'a>,
+    },
 }
 
 /// Who made a correction and why: written on every ledger line it causes.
@@ -168,7 +176,9 @@ impl<'a> Action<'a> {
     /// Who made it and why, for a correction.
     pub fn correction(&self) -> Option<&Correction<'a>> {
         match self {
-            Action::VoidGrant { why, .. } | Action::Adjust { why, .. } => Some(why),
+            Action::VoidGrant { why, .. }
+            | Action::Adjust { why, .. }
+            | Action::VoidUsage { why, .. } => Some(why),
             _ => None,
         }
     }
@@ -186,6 +196,7 @@ impl Action<'_> {
                 ClaimScope::Grant
             }
             Action::Plan { .. } => ClaimScope::Plan,
+            Action::VoidUsage { .. } => ClaimScope::UsageVoid,
         }
     }
 }
@@ -196,6 +207,9 @@ pub enum ClaimScope {
     Usage,
     Grant,
     Plan,
+    /// A usage event's void, claimed by the ORIGINAL's identity: a usage event is voided
+    /// once, whatever the void's own id.
+    UsageVoid,
 }
 
 impl ClaimScope {
@@ -204,6 +218,7 @@ impl ClaimScope {
             ClaimScope::Usage => "usage",
             ClaimScope::Grant => "grant",
             ClaimScope::Plan => "plan",
+            ClaimScope::UsageVoid => "usage_void",
         }
     }
 }
@@ -244,9 +259,30 @@ pub struct Item<'a> {
     pub action: Action<'a>,
 }
 
+impl<'a> Item<'a> {
+    /// The identity the event is claimed by, in its scope ([`Action::scope`]): its own, or
+    /// for a usage void the original's.
+    pub fn claim_key(&self) -> (ClaimScope, &'a str, &'a str) {
+        match &self.action {
+            Action::VoidUsage {
+                event_source,
+                event_id,
+                ..
+            } => (ClaimScope::UsageVoid, event_source, event_id),
+            action => (action.scope(), self.source, self.id),
+        }
+    }
+}
+
 impl Item<'_> {
-    /// The event as the ledger's core sees it.
+    /// The event as the ledger's core sees it. A usage void's credits are not known here
+    /// (0): the store resolves them ([`Item::to_event_with`]).
     pub fn to_event(&self) -> Event {
+        self.to_event_with(Decimal::ZERO)
+    }
+
+    /// [`Item::to_event`], a usage void giving back `charged` credits.
+    pub fn to_event_with(&self, charged: Decimal) -> Event {
         Event {
             time: self.time,
             source: self.source.to_owned(),
@@ -273,6 +309,15 @@ impl Item<'_> {
                 } => book::Action::Adjust {
                     adjustment_id: adjustment_id.clone(),
                     credits: *credits,
+                },
+                Action::VoidUsage {
+                    event_source,
+                    event_id,
+                    ..
+                } => book::Action::VoidUsage {
+                    event_source: (*event_source).to_owned(),
+                    event_id: (*event_id).to_owned(),
+                    credits: charged,
                 },
             },
         }
@@ -452,7 +497,7 @@ impl Stmts {
 }
 
 /// Every statement [`Stmts`] prepares.
-const PREPARED: [&str; 17] = [
+const PREPARED: [&str; 20] = [
     CLAIM_HORIZON,
     CLAIM,
     CREATE_ACCOUNTS,
@@ -460,6 +505,9 @@ const PREPARED: [&str; 17] = [
     ALERT_STATES,
     LEGACY_GRANTS,
     KNOWN_GRANTS,
+    PENDING_VOIDS,
+    INSERT_PENDING_VOIDS,
+    DELETE_PENDING_VOIDS,
     LOAD_WINDOWS,
     INSERT_OPEN_EVENTS,
     DELETE_REVISABLE_CYCLES,
@@ -473,6 +521,23 @@ const PREPARED: [&str; 17] = [
 ];
 
 const CLAIM_HORIZON: &str = "SELECT dedupe_claim_horizon()";
+
+/// The pending voids of the batch's accounts: usually none (the caller matches them to the
+/// batch's usage). By account, not by identity: a short array, and a table nearly empty.
+const PENDING_VOIDS: &str = "SELECT account_id, event_source, event_id, void_source, void_id,
+            void_time, actor, reason
+     FROM pending_usage_voids WHERE account_id = ANY($1)";
+
+const INSERT_PENDING_VOIDS: &str = "INSERT INTO pending_usage_voids (account_id, event_source,
+            event_id, void_source, void_id, void_time, actor, reason)
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                          $6::timestamptz[], $7::text[], $8::text[])
+     ON CONFLICT DO NOTHING";
+
+const DELETE_PENDING_VOIDS: &str = "DELETE FROM pending_usage_voids p
+     USING unnest($1::text[], $2::text[], $3::text[]) AS u(account_id, event_source, event_id)
+     WHERE p.account_id = u.account_id AND p.event_source = u.event_source
+       AND p.event_id = u.event_id";
 
 const CLAIM: &str =
     "INSERT INTO processed_events (scope, event_source, event_id, account_id, event_time)
@@ -522,7 +587,7 @@ const WRITE_GRANTS: &str = "INSERT INTO grants (account_id, grant_id, kind, prio
 
 const COPY_ENTRIES: &str = "COPY ledger_entries (account_id, kind, corrects, grant_id, amount,
          balance_after, overage_after, effective_at, late, event_source, event_id, usage_kind,
-         price_version, rule_id, event_time, actor, reason)
+         price_version, rule_id, event_time, actor, reason, reverses_source, reverses_id)
      FROM STDIN (FORMAT binary)";
 
 const WRITE_ACCOUNTS: &str = "UPDATE accounts a SET spendable = u.spendable, overage = u.overage,

@@ -230,7 +230,7 @@ impl Store {
             .query(
                 "SELECT entry_id, kind, grant_id, amount, balance_after, overage_after,
                         effective_at, event_id, rule_id, corrects, late, event_source, actor,
-                        reason
+                        reason, reverses_source, reverses_id
                  FROM ledger_entries WHERE account_id = $1 AND entry_id < $2
                  ORDER BY entry_id DESC LIMIT $3",
                 &[&account_id, &before.unwrap_or(i64::MAX), &limit],
@@ -253,13 +253,16 @@ impl Store {
                 event_source: r.get(11),
                 actor: r.get(12),
                 reason: r.get(13),
+                reverses_source: r.get(14),
+                reverses_id: r.get(15),
             })
             .collect())
     }
 
     /// The usage charged per account x UTC day of event time x usage kind, over the days
     /// `from..=to` (one account, or all): see [`ChargedDay`]. Entries written before
-    /// migration 0006 without a known event time are left out.
+    /// migration 0006 without a known event time are left out, and so is voided usage (a
+    /// `reversal` line names it: its charge was given back, and analytics leaves it out).
     pub async fn charged_by_day(
         &self,
         from: NaiveDate,
@@ -275,10 +278,15 @@ impl Store {
                         count(DISTINCT (event_source, event_id)),
                         -COALESCE(sum(amount) FILTER (WHERE late), 0),
                         count(DISTINCT (event_source, event_id)) FILTER (WHERE late)
-                 FROM ledger_entries
+                 FROM ledger_entries e
                  WHERE kind IN ('debit', 'overage') AND usage_kind IS NOT NULL
                    AND event_time >= $1 AND event_time < $2
                    AND ($3::text IS NULL OR account_id = $3)
+                   AND NOT EXISTS (
+                       SELECT 1 FROM ledger_entries r
+                       WHERE r.kind = 'reversal' AND r.account_id = e.account_id
+                         AND r.reverses_source = e.event_source
+                         AND r.reverses_id = e.event_id)
                  GROUP BY 1, 2, 3
                  ORDER BY 1, 2, 3",
                 &[&start, &end, &account_id],
@@ -326,6 +334,30 @@ impl Store {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// What the ledger knows of usage event (`event_source`, `event_id`) for `account_id`:
+    /// None when it has not charged it to this account (never arrived, another account's,
+    /// or its claim purged after the dedupe window); else whether it is voided already.
+    pub async fn usage_void_state(
+        &self,
+        account_id: &str,
+        event_source: &str,
+        event_id: &str,
+    ) -> Result<Option<UsageVoidState>, StoreError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT EXISTS (SELECT 1 FROM processed_events v
+                                WHERE v.scope = 'usage_void' AND v.event_source = p.event_source
+                                  AND v.event_id = p.event_id)
+                 FROM processed_events p
+                 WHERE p.scope = 'usage' AND p.event_source = $1 AND p.event_id = $2
+                   AND p.account_id = $3",
+                &[&event_source, &event_id, &account_id],
+            )
+            .await?;
+        Ok(row.map(|r| UsageVoidState { voided: r.get(0) }))
     }
 
     /// The credits an adjustment event (its source and id) moved, by its own lines
@@ -408,6 +440,16 @@ pub struct LedgerLine {
     pub actor: Option<String>,
     /// A correction's reason.
     pub reason: Option<String>,
+    /// A reversal's usage event (its source and id): the usage voided.
+    pub reverses_source: Option<String>,
+    pub reverses_id: Option<String>,
+}
+
+/// [`Store::usage_void_state`]: the usage is charged to the account; `voided`: a void of it
+/// is applied already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageVoidState {
+    pub voided: bool,
 }
 
 /// What an account's billing page shows: spendable credits by grant, overage, next expiry,
