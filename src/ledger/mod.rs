@@ -9,6 +9,7 @@ pub mod buckets;
 mod config;
 pub mod conninfo;
 pub mod cycle;
+pub mod holds;
 pub mod migrate;
 pub mod store;
 

@@ -4,10 +4,12 @@
 //! version). Must not know about balances, storage or Kafka.
 
 mod check;
+mod cover;
 mod rate;
 mod table;
 
 pub use check::{check, check_file, CheckReport, TableError};
+pub use cover::{Cover, MAX_COVER_SECONDS, MAX_COVER_UNITS};
 pub use rate::{Charge, Unpriced, UnpricedWhy, OUTBOUND_FREE_RULE_ID};
 pub use table::{ModelPrice, PriceRule, PriceTable, PriceVersion, Unit};
 
