@@ -131,6 +131,8 @@ pub struct DebitInfo<'a> {
     pub usage_kind: &'a str,
     pub price_version: &'a str,
     pub rule_id: &'a str,
+    /// The hold the usage settles (`data.hold_id`): released in the same transaction.
+    pub hold_id: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -642,6 +644,7 @@ mod tests {
             usage_kind: "chat",
             price_version: "v1",
             rule_id: "r1",
+            hold_id: None,
         })
     }
 
