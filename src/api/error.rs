@@ -23,6 +23,16 @@ pub enum ApiError {
     /// No such route or file.
     #[error("not found")]
     NotFound,
+    /// No hold with this id on the account (or one purged after its retention).
+    #[error("hold not found")]
+    HoldNotFound,
+    /// A hold found no credits available (or fewer than asked, without `partial`).
+    #[error("not enough credits available: {available} (spendable {spendable}, held {held})")]
+    PaymentRequired {
+        available: rust_decimal::Decimal,
+        spendable: rust_decimal::Decimal,
+        held: rust_decimal::Decimal,
+    },
     /// A parameter or body field is wrong; `field` names it.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
@@ -61,7 +71,10 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::AccountNotFound | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::AccountNotFound | ApiError::NotFound | ApiError::HoldNotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::PaymentRequired { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -78,6 +91,8 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::AccountNotFound => "account_not_found",
             ApiError::NotFound => "not_found",
+            ApiError::HoldNotFound => "hold_not_found",
+            ApiError::PaymentRequired { .. } => "insufficient_credits",
             ApiError::Invalid { .. } => "invalid_request",
             ApiError::TooLarge { .. } => "body_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -130,6 +145,15 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Invalid { field, .. } => error["field"] = json!(field),
             ApiError::Conflict { field, .. } => error["field"] = json!(field),
+            ApiError::PaymentRequired {
+                available,
+                spendable,
+                held,
+            } => {
+                error["available"] = json!(available);
+                error["spendable"] = json!(spendable);
+                error["held"] = json!(held);
+            }
             _ => {}
         }
         let mut response = (status, axum::Json(json!({ "error": error }))).into_response();

@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "entry_fk_checks",
         include_str!("../../schemas/postgres/0011_entry_fk_checks.sql"),
     ),
+    (
+        13,
+        "holds",
+        include_str!("../../schemas/postgres/0013_holds.sql"),
+    ),
 ];
 
 /// Applies the migrations not yet recorded; returns the versions applied now.

@@ -16,6 +16,7 @@ pub mod store;
 pub use buckets::{Account, Entry, EntryKind, NewGrant};
 pub use config::{redact_url, PostgresConfig};
 pub use store::{
-    dedupe_cutoff, AccountBalance, Action, BalanceView, BatchOutcome, ClaimScope, DebitInfo, Item,
-    LedgerLine, PgOffsetStore, PurgeOutcome, Store, StoreError, DEDUPE_PURGE_MARGIN,
+    dedupe_cutoff, AccountBalance, Action, BalanceView, BatchOutcome, ClaimScope, DebitInfo,
+    HoldAnswer, HoldFigures, HoldMissing, HoldPool, HoldRefused, Item, LedgerLine, PgOffsetStore,
+    PurgeOutcome, Store, StoreError, DEDUPE_PURGE_MARGIN,
 };

@@ -24,12 +24,14 @@ use crate::event::OveragePolicy;
 use crate::fault::{Classify, Fault};
 
 mod apply;
+mod holds;
 mod offsets;
 mod outbox;
 mod read;
 mod tick;
 
 use apply::*;
+pub use holds::{HoldAnswer, HoldFigures, HoldMissing, HoldPool, HoldRefused, HOLD_LOCK_CLASS};
 pub use offsets::*;
 pub use outbox::*;
 pub use read::*;
@@ -411,7 +413,7 @@ impl Stmts {
 }
 
 /// Every statement [`Stmts`] prepares.
-const PREPARED: [&str; 17] = [
+const PREPARED: [&str; 21] = [
     CLAIM_HORIZON,
     CLAIM,
     CREATE_ACCOUNTS,
@@ -429,6 +431,10 @@ const PREPARED: [&str; 17] = [
     WRITE_ALERT_STATES,
     WRITE_OUTBOX,
     STORE_OFFSETS,
+    holds::LOCK_HOLD_BUCKETS,
+    holds::SETTLE_HOLDS,
+    holds::LIVE_HOLDS,
+    holds::WRITE_HOLD_ALERTS,
 ];
 
 const CLAIM_HORIZON: &str = "SELECT dedupe_claim_horizon()";
