@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use rust_decimal::Decimal;
 use tokio::sync::Semaphore;
 use tokio_postgres::types::Json;
@@ -296,6 +296,8 @@ impl HoldPool {
         req: &HoldRequest,
         now: DateTime<Utc>,
     ) -> Result<Result<HoldAnswer, HoldRefused>, StoreError> {
+        // Whole microseconds, as PostgreSQL stores times (a retry answers the stored hold).
+        let now = now.trunc_subsecs(6);
         let attrs: Vec<(&str, &str)> = req
             .attributes
             .iter()
@@ -477,6 +479,7 @@ impl HoldPool {
         now: DateTime<Utc>,
         heartbeat: Option<Option<i32>>,
     ) -> Result<Result<Hold, HoldMissing>, StoreError> {
+        let now = now.trunc_subsecs(6);
         let key = lock_key(self.schema(), account_id);
         self.with(async |c| {
             let update = async {
