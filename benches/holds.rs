@@ -73,7 +73,7 @@ async fn run() {
     let hold_rate = env_or("TALLY_BENCH_HOLD_RATE", 1_000);
     let seconds = env_or("TALLY_BENCH_SECONDS", 20);
     let connections = env_or("TALLY_BENCH_CONNECTIONS", 32) as usize;
-    let mut cfg = with_tokens(test_config("bench-holds"));
+    let mut cfg = with_tokens(test_config("bench_holds"));
     cfg.prices.path = common::repo_path("prices/default.toml");
     let env = TestEnv::with_config(cfg).await;
     let topics = env.cfg.kafka.topics.clone();
@@ -169,7 +169,7 @@ async fn run() {
     // the next due job, one at a time.
     let (tx, rx) = mpsc::channel::<Job>(100_000);
     let rx = Arc::new(Mutex::new(rx));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(&'static str, u16, f64)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(&'static str, u16, f64, f64)>();
     let mut workers = Vec::new();
     for _ in 0..connections {
         let rx = rx.clone();
@@ -198,6 +198,7 @@ async fn run() {
                     None => Bytes::new(),
                 };
                 sender.ready().await.unwrap();
+                let sent = Instant::now();
                 let response = sender
                     .send_request(req.body(Full::new(body)).unwrap())
                     .await
@@ -205,7 +206,8 @@ async fn run() {
                 let status = response.status().as_u16();
                 response.into_body().collect().await.unwrap();
                 let ms = job.due.elapsed().as_secs_f64() * 1000.0;
-                let _ = done.send((job.kind, status, ms));
+                let service_ms = sent.elapsed().as_secs_f64() * 1000.0;
+                let _ = done.send((job.kind, status, ms, service_ms));
             }
         }));
     }
@@ -257,7 +259,7 @@ async fn run() {
         tx.send(job).await.unwrap();
     }
     drop(tx);
-    let mut results: Vec<(&'static str, u16, f64)> = Vec::new();
+    let mut results: Vec<(&'static str, u16, f64, f64)> = Vec::new();
     while let Some(r) = done_rx.recv().await {
         results.push(r);
     }
@@ -277,7 +279,7 @@ async fn run() {
         sent as f64 / produce_secs
     );
     let mut statuses: BTreeMap<(&str, u16), u64> = BTreeMap::new();
-    for (kind, status, _) in &results {
+    for (kind, status, _, _) in &results {
         *statuses.entry((kind, *status)).or_default() += 1;
     }
     println!(
@@ -292,7 +294,7 @@ async fn run() {
         ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let pct = |q: f64| ms[((ms.len() as f64 - 1.0) * q) as usize];
         println!(
-            "  {label:<9} n={:<6} p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            "  {label:<10} n={:<6} p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
             ms.len(),
             pct(0.5),
             pct(0.9),
@@ -301,6 +303,8 @@ async fn run() {
         );
     };
     report("all", results.iter().map(|r| r.2).collect());
+    // From the request's actual send (the wait for a free connection left out).
+    report("sent->ans", results.iter().map(|r| r.3).collect());
     for kind in ["create", "heartbeat", "release"] {
         report(
             kind,

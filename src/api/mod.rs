@@ -411,6 +411,16 @@ pub async fn serve(
     if api.tokens.is_empty() {
         tracing::warn!(%addr, "no [[api.tokens]] configured: every /v1 request answers 401");
     }
+    // The hold connections are opened now, not by the first hold requests.
+    let warming = api.clone();
+    tokio::spawn(async move {
+        match warming.holds.warm().await {
+            Ok(n) => tracing::debug!(connections = n, "hold connections opened"),
+            Err(e) => {
+                tracing::warn!(error = %e, "opening the hold connections failed; requests open them")
+            }
+        }
+    });
     let max_connections = api.cfg.api.max_connections;
     let header_read_timeout = Duration::from_millis(api.cfg.api.header_read_timeout_ms);
     tracing::info!(%addr, max_connections, "API listening");

@@ -234,6 +234,28 @@ impl HoldPool {
         }
     }
 
+    /// Opens the pool's connections (all at once) before any request needs one: opening a
+    /// connection (a PostgreSQL backend, authentication, the prepared statements) costs far
+    /// more than a hold, so requests should not wait for it.
+    pub async fn warm(&self) -> Result<usize, StoreError> {
+        let size = self.slots.available_permits();
+        let opened = futures::future::join_all((0..size).map(|_| async {
+            let client = connect(&self.cfg).await?;
+            let stmts = HoldStmts::prepare(&client).await?;
+            Ok::<_, StoreError>(HoldConn { client, stmts })
+        }))
+        .await;
+        let mut n = 0;
+        let mut idle = self.idle.lock().expect("hold pool lock");
+        for conn in opened {
+            if idle.len() < size {
+                idle.push(conn?);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn schema(&self) -> &str {
         &self.cfg.schema
     }
