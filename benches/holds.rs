@@ -165,8 +165,89 @@ async fn run() {
     // The ledger takes the stream up before the holds start.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // The hold load: a dispatcher schedules jobs at `hold_rate`; each connection task sends
-    // the next due job, one at a time.
+    // The hold load, on a thread and runtime of its own (the load tool is not slowed by the
+    // producer and the pipeline sharing this process's runtime; the machine's cores it
+    // shares).
+    let addr = server.addr;
+    let ids = account_ids.clone();
+    let (results, elapsed) = tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(load(addr, ids, hold_rate, seconds, connections))
+    })
+    .await
+    .unwrap();
+    let (sent, produce_secs) = produced.await.unwrap();
+    let lag_started = Instant::now();
+    env.wait_ledger_caught_up(Duration::from_secs(600)).await;
+    let lag_secs = lag_started.elapsed().as_secs_f64();
+    server.stop().await;
+    tally.stop().await;
+    // Leave no ledger behind (the topics stay: a sqlite Tansu deletes every topic at once).
+    env.store()
+        .await
+        .client()
+        .batch_execute(&format!("DROP SCHEMA {} CASCADE", env.cfg.postgres.schema))
+        .await
+        .unwrap();
+
+    println!(
+        "usage produced: {sent} events in {produce_secs:.1} s = {:.0} events/s (ledger caught up {lag_secs:.1} s after the last)",
+        sent as f64 / produce_secs
+    );
+    let mut statuses: BTreeMap<(&str, u16), u64> = BTreeMap::new();
+    for (kind, status, _, _) in &results {
+        *statuses.entry((kind, *status)).or_default() += 1;
+    }
+    println!(
+        "hold requests: {} in {elapsed:.1} s = {:.0} requests/s over {connections} connections; statuses {statuses:?}",
+        results.len(),
+        results.len() as f64 / elapsed
+    );
+    let report = |label: &str, mut ms: Vec<f64>| {
+        if ms.is_empty() {
+            return;
+        }
+        ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let pct = |q: f64| ms[((ms.len() as f64 - 1.0) * q) as usize];
+        println!(
+            "  {label:<10} n={:<6} p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            ms.len(),
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            pct(1.0)
+        );
+    };
+    report("all", results.iter().map(|r| r.2).collect());
+    // From the request's actual send (the wait for a free connection left out).
+    report("sent->ans", results.iter().map(|r| r.3).collect());
+    for kind in ["create", "heartbeat", "release"] {
+        report(
+            kind,
+            results
+                .iter()
+                .filter(|r| r.0 == kind)
+                .map(|r| r.2)
+                .collect(),
+        );
+    }
+}
+
+/// Results of one request: kind, status, ms from its scheduled start, ms from its send.
+type Sample = (&'static str, u16, f64, f64);
+
+/// The hold load: a dispatcher schedules jobs at `hold_rate`; each connection task sends the
+/// next due job, one at a time. Returns the samples and the seconds it took.
+async fn load(
+    addr: std::net::SocketAddr,
+    account_ids: Vec<String>,
+    hold_rate: u64,
+    seconds: u64,
+    connections: usize,
+) -> (Vec<Sample>, f64) {
     let (tx, rx) = mpsc::channel::<Job>(100_000);
     let rx = Arc::new(Mutex::new(rx));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(&'static str, u16, f64, f64)>();
@@ -174,7 +255,6 @@ async fn run() {
     for _ in 0..connections {
         let rx = rx.clone();
         let done = done_tx.clone();
-        let addr = server.addr;
         workers.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
@@ -267,52 +347,5 @@ async fn run() {
     for w in workers {
         w.await.unwrap();
     }
-    let (sent, produce_secs) = produced.await.unwrap();
-    let lag_started = Instant::now();
-    env.wait_ledger_caught_up(Duration::from_secs(600)).await;
-    let lag_secs = lag_started.elapsed().as_secs_f64();
-    server.stop().await;
-    tally.stop().await;
-
-    println!(
-        "usage produced: {sent} events in {produce_secs:.1} s = {:.0} events/s (ledger caught up {lag_secs:.1} s after the last)",
-        sent as f64 / produce_secs
-    );
-    let mut statuses: BTreeMap<(&str, u16), u64> = BTreeMap::new();
-    for (kind, status, _, _) in &results {
-        *statuses.entry((kind, *status)).or_default() += 1;
-    }
-    println!(
-        "hold requests: {} in {elapsed:.1} s = {:.0} requests/s over {connections} connections; statuses {statuses:?}",
-        results.len(),
-        results.len() as f64 / elapsed
-    );
-    let report = |label: &str, mut ms: Vec<f64>| {
-        if ms.is_empty() {
-            return;
-        }
-        ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let pct = |q: f64| ms[((ms.len() as f64 - 1.0) * q) as usize];
-        println!(
-            "  {label:<10} n={:<6} p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-            ms.len(),
-            pct(0.5),
-            pct(0.9),
-            pct(0.99),
-            pct(1.0)
-        );
-    };
-    report("all", results.iter().map(|r| r.2).collect());
-    // From the request's actual send (the wait for a free connection left out).
-    report("sent->ans", results.iter().map(|r| r.3).collect());
-    for kind in ["create", "heartbeat", "release"] {
-        report(
-            kind,
-            results
-                .iter()
-                .filter(|r| r.0 == kind)
-                .map(|r| r.2)
-                .collect(),
-        );
-    }
+    (results, elapsed)
 }

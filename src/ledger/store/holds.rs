@@ -156,7 +156,7 @@ pub enum HoldRefused {
 /// What a hold request's transaction does once it has read.
 enum Step {
     Insert(Box<Hold>, Option<Alert>),
-    Answer(HoldAnswer),
+    Answer(Box<HoldAnswer>),
     Refuse(HoldRefused),
 }
 
@@ -380,7 +380,7 @@ impl HoldPool {
             };
             let answer = if let Some(h) = existing {
                 if req.same_terms(&h) {
-                    Step::Answer(HoldAnswer::Existing(figures(h, held)))
+                    Step::Answer(Box::new(HoldAnswer::Existing(figures(h, held))))
                 } else {
                     Step::Refuse(HoldRefused::Conflict(Box::new(h)))
                 }
@@ -457,7 +457,7 @@ impl HoldPool {
                 }
                 Step::Answer(a) => {
                     c.client.simple_query("COMMIT").await?;
-                    Ok(Ok(a))
+                    Ok(Ok(*a))
                 }
                 Step::Refuse(refused) => {
                     c.client.simple_query("COMMIT").await?;
