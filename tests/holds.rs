@@ -295,7 +295,7 @@ async fn a_hold_expires_at_its_ttl_and_its_credits_are_available_again() {
         &c,
         acct,
         json!({"hold_id": "short", "kind": "call", "attributes": {"direction": "inbound"},
-               "credits": "70", "ttl_seconds": 1}),
+               "credits": "70", "ttl_seconds": 3}),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.text());
@@ -303,7 +303,7 @@ async fn a_hold_expires_at_its_ttl_and_its_credits_are_available_again() {
         figures(&balance(&c, acct).await),
         strings("100.000000", "70.000000", "30.000000")
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     // Past its TTL it no longer counts, whether or not the scheduler has written it.
     assert_eq!(
         figures(&balance(&c, acct).await),
