@@ -148,6 +148,7 @@ impl Workload {
                 usage_kind: "chat_response",
                 price_version: "2025-01",
                 rule_id: "chat",
+                hold_id: None,
             })
         };
         Item {

@@ -517,6 +517,7 @@ async fn a_void_arriving_after_usage_it_predates_is_corrected_in_the_store() {
             usage_kind: "chat_response",
             price_version: "v1",
             rule_id: "r",
+            hold_id: None,
         }),
     };
     let deduction = Item {

@@ -16,6 +16,7 @@ fn debit(credits: Decimal) -> Action<'static> {
         usage_kind: "chat_response",
         price_version: "v1",
         rule_id: "r",
+        hold_id: None,
     })
 }
 

@@ -38,6 +38,7 @@ fn debit(account: &'static str, credits: Decimal, time: chrono::DateTime<Utc>) -
             usage_kind: "chat_response",
             price_version: "v1",
             rule_id: "r",
+            hold_id: None,
         }),
     }
 }

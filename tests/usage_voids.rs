@@ -633,6 +633,7 @@ async fn the_store_gives_the_same_account_whichever_arrives_first() {
                     usage_kind: "chat_response",
                     price_version: "v1",
                     rule_id: "r",
+                    hold_id: None,
                 }),
             },
             grant(own("promo"), GrantKind::Promo, dec!(10), 2),

@@ -218,6 +218,74 @@ pub fn evaluate(
     out
 }
 
+/// A live hold's `credits_exhausted` alert, and its state after it: the account's
+/// available credits (`view`'s spendable at `at` minus `held`, the credits of its live
+/// holds) are at or below zero while the hold `hold_id` (of `hold_credits`) is live, so the
+/// platform can prompt a top-up or end that call. Fires once per crossing (`fired` counts
+/// them, `active` is true while fired); when the available credits are above zero again it
+/// re-arms with a `resolved` message. Key: `credits_exhausted:hold:<hold_id>`.
+pub fn hold_exhausted(
+    view: &Account,
+    at: DateTime<Utc>,
+    hold: HoldExhaustion<'_>,
+) -> Option<(Alert, i32, bool)> {
+    let available = view.spendable(at) - hold.held;
+    let key = format!("credits_exhausted:hold:{}", hold.hold_id);
+    let exhausted = available <= Decimal::ZERO;
+    let mut data = base_data(view, at);
+    data["hold_id"] = json!(hold.hold_id);
+    data["credits"] = json!(money(hold.hold_credits));
+    data["held"] = json!(money(hold.held));
+    data["available"] = json!(money(available));
+    match (exhausted, hold.active) {
+        (true, false) => {
+            let n = hold.fired + 1;
+            Some((
+                Alert {
+                    kind: AlertKind::CreditsExhausted,
+                    status: AlertStatus::Fired,
+                    alert_id: format!("{}/{key}/{n}", view.account_id),
+                    account_id: view.account_id.clone(),
+                    at,
+                    data,
+                },
+                n,
+                true,
+            ))
+        }
+        (false, true) => {
+            let fired_id = format!("{}/{key}/{}", view.account_id, hold.fired);
+            data["resolves"] = json!(fired_id);
+            Some((
+                Alert {
+                    kind: AlertKind::CreditsExhausted,
+                    status: AlertStatus::Resolved,
+                    alert_id: format!("{fired_id}/resolved"),
+                    account_id: view.account_id.clone(),
+                    at,
+                    data,
+                },
+                hold.fired,
+                false,
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// A live hold as [`hold_exhausted`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HoldExhaustion<'a> {
+    pub hold_id: &'a str,
+    /// The hold's own credits.
+    pub hold_credits: Decimal,
+    /// The credits of every live hold of the account, this one included.
+    pub held: Decimal,
+    /// Times its alert fired so far, and whether it is fired now.
+    pub fired: i32,
+    pub active: bool,
+}
+
 /// What every alert message's data holds: the account, its spendable credits and overage at
 /// `at`, and its current cycle when it has a plan.
 fn base_data(account: &Account, at: DateTime<Utc>) -> serde_json::Value {

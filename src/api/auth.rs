@@ -70,6 +70,25 @@ impl Principal {
         }
     }
 
+    /// May this principal place, extend and release holds on `account_id`? Admins and
+    /// ingest tokens (the platform whose usage the hold is for) may; an account token
+    /// answers as for writes (404 for another account, 403 for its own).
+    pub fn hold<'a>(&self, account_id: &'a str) -> Result<&'a str, ApiError> {
+        match self {
+            Principal::Admin { .. } | Principal::Ingest { .. } => checked(account_id),
+            Principal::Account { .. } => self.write(account_id, "place or release holds"),
+        }
+    }
+
+    /// May this principal read the holds of `account_id`? Those who may place them, and the
+    /// account's own token.
+    pub fn read_holds<'a>(&self, account_id: &'a str) -> Result<&'a str, ApiError> {
+        match self {
+            Principal::Ingest { .. } => checked(account_id),
+            _ => self.read(account_id),
+        }
+    }
+
     /// May this principal publish usage events from `source`? Admins may, and ingest tokens
     /// for their sources.
     pub fn ingest(&self, source: &str) -> Result<(), IngestRefusal> {
@@ -82,6 +101,18 @@ impl Principal {
             Principal::Ingest { .. } => Err(IngestRefusal::Source),
             Principal::Account { .. } => Err(IngestRefusal::Role),
         }
+    }
+}
+
+/// The account id when it is well-formed.
+fn checked(account_id: &str) -> Result<&str, ApiError> {
+    if valid_account_id(account_id) {
+        Ok(account_id)
+    } else {
+        Err(ApiError::invalid(
+            "account_id",
+            "must match ^[A-Za-z0-9._:-]{1,128}$",
+        ))
     }
 }
 

@@ -30,6 +30,16 @@ pub enum ApiError {
     /// names usage it charged).
     #[error("the ledger has not charged usage event (source {0:?}, id {1:?}) to this account")]
     UsageNotFound(String, String),
+    /// No hold with this id on the account (or one purged after its retention).
+    #[error("hold not found")]
+    HoldNotFound,
+    /// A hold found no credits available (or fewer than asked, without `partial`).
+    #[error("not enough credits available: {available} (spendable {spendable}, held {held})")]
+    PaymentRequired {
+        available: rust_decimal::Decimal,
+        spendable: rust_decimal::Decimal,
+        held: rust_decimal::Decimal,
+    },
     /// A parameter or body field is wrong; `field` names it.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
@@ -71,7 +81,9 @@ impl ApiError {
             ApiError::AccountNotFound
             | ApiError::NotFound
             | ApiError::GrantNotFound(_)
-            | ApiError::UsageNotFound(..) => StatusCode::NOT_FOUND,
+            | ApiError::UsageNotFound(..)
+            | ApiError::HoldNotFound => StatusCode::NOT_FOUND,
+            ApiError::PaymentRequired { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::Invalid { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -90,6 +102,8 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::GrantNotFound(_) => "grant_not_found",
             ApiError::UsageNotFound(..) => "usage_not_found",
+            ApiError::HoldNotFound => "hold_not_found",
+            ApiError::PaymentRequired { .. } => "insufficient_credits",
             ApiError::Invalid { .. } => "invalid_request",
             ApiError::TooLarge { .. } => "body_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -144,6 +158,15 @@ impl IntoResponse for ApiError {
             ApiError::Conflict { field, .. } => error["field"] = json!(field),
             ApiError::GrantNotFound(_) => error["field"] = json!("grant_id"),
             ApiError::UsageNotFound(..) => error["field"] = json!("event_id"),
+            ApiError::PaymentRequired {
+                available,
+                spendable,
+                held,
+            } => {
+                error["available"] = json!(available);
+                error["spendable"] = json!(spendable);
+                error["held"] = json!(held);
+            }
             _ => {}
         }
         let mut response = (status, axum::Json(json!({ "error": error }))).into_response();

@@ -23,10 +23,12 @@
 pub mod auth;
 mod dashboard;
 pub mod error;
+mod holds;
 mod ingest;
 pub mod input;
 mod read;
 
+pub use holds::hold_document;
 pub use read::{balance_document, ledger_line_document};
 mod system;
 mod write;
@@ -41,7 +43,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post, put, MethodRouter};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::FutureProducer;
@@ -51,13 +53,16 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::analytics::{AnalyticsSink, UsageQueries};
 use crate::config::{Config, PostgresConfig};
-use crate::ledger::Store;
+use crate::ledger::{HoldPool, Store};
 use crate::rating::PriceTable;
 use auth::Tokens;
 use error::ApiError;
 
 /// How long a PostgreSQL call (connection included) may take before the API answers 503.
 const PG_TIMEOUT: Duration = Duration::from_secs(10);
+/// PostgreSQL connections for hold transactions, at most (opened on demand): a hold request
+/// holds one for two round trips and a commit.
+const HOLD_CONNECTIONS: usize = 16;
 /// How long in-flight requests may run on after shutdown is signalled.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,6 +72,8 @@ pub struct Api {
     prices: Arc<PriceTable>,
     tokens: Tokens,
     pg: Pg,
+    /// Connections for hold transactions (each holds one while it runs).
+    holds: HoldPool,
     usage: UsageQueries,
     sink: AnalyticsSink,
     producer: FutureProducer,
@@ -96,6 +103,7 @@ impl Api {
         Ok(Arc::new(Api {
             tokens: Tokens::from_config(&cfg.api.tokens),
             pg: Pg::new(cfg.postgres.clone()),
+            holds: HoldPool::new(cfg.postgres.clone(), HOLD_CONNECTIONS),
             usage: UsageQueries::new(&cfg.clickhouse),
             sink: AnalyticsSink::new(&cfg.clickhouse),
             producer,
@@ -273,6 +281,34 @@ fn routes() -> Vec<Route> {
             post(write::void_usage),
         ),
         route(
+            "POST",
+            "/v1/accounts/{id}/holds",
+            true,
+            &[200, 201, 400, 401, 402, 403, 404, 409, 413, 415, 500, 503],
+            post(holds::create),
+        ),
+        route(
+            "GET",
+            "/v1/accounts/{id}/holds/{hold_id}",
+            true,
+            &[200, 400, 401, 404, 500, 503],
+            get(holds::get),
+        ),
+        route(
+            "DELETE",
+            "/v1/accounts/{id}/holds/{hold_id}",
+            true,
+            &[200, 400, 401, 403, 404, 500, 503],
+            delete(holds::release),
+        ),
+        route(
+            "POST",
+            "/v1/accounts/{id}/holds/{hold_id}/heartbeat",
+            true,
+            &[200, 400, 401, 403, 404, 409, 413, 415, 500, 503],
+            post(holds::heartbeat),
+        ),
+        route(
             "PUT",
             "/v1/accounts/{id}/plan",
             true,
@@ -396,6 +432,16 @@ pub async fn serve(
     if api.tokens.is_empty() {
         tracing::warn!(%addr, "no [[api.tokens]] configured: every /v1 request answers 401");
     }
+    // The hold connections are opened now, not by the first hold requests.
+    let warming = api.clone();
+    tokio::spawn(async move {
+        match warming.holds.warm().await {
+            Ok(n) => tracing::debug!(connections = n, "hold connections opened"),
+            Err(e) => {
+                tracing::warn!(error = %e, "opening the hold connections failed; requests open them")
+            }
+        }
+    });
     let max_connections = api.cfg.api.max_connections;
     let header_read_timeout = Duration::from_millis(api.cfg.api.header_read_timeout_ms);
     tracing::info!(%addr, max_connections, "API listening");

@@ -56,11 +56,15 @@ pub async fn balance(
     let id = who.read(&id)?;
     let now = Utc::now();
     let view = view(&api, id, now).await?;
-    Ok(Json(balance_document(
-        &view,
-        api.prices.version_at(now),
-        now,
-    )))
+    let store = api.store().await?;
+    let (held, holds) = pg(store.held(id, now)).await?;
+    let mut doc = balance_document(&view, api.prices.version_at(now), now);
+    // Credits reserved by live holds, and what is left for new usage (may be negative when
+    // usage debited after a hold was placed).
+    doc["held"] = json!(held);
+    doc["live_holds"] = json!(holds);
+    doc["available"] = json!(crate::credits::fixed(view.spendable - held));
+    Ok(Json(doc))
 }
 
 /// The billing view as JSON: the body of GET /balance, and `tally balance --json`.

@@ -143,7 +143,10 @@ fn malformed(detail: impl Into<String>) -> Rejection {
     Rejection::new(Reason::MalformedJson, None, detail)
 }
 
-/// `data` as read by the envelope pass.
+/// `data` as read by the envelope pass. One per decode, on the stack: boxing the typed data
+/// (a call's is the largest, with its optional `hold_id`) would allocate for every event on
+/// the hot path, so the size difference is kept.
+#[allow(clippy::large_enum_variant)]
 enum DataValue<'a> {
     /// Read before its type was known, or on the slow path.
     Raw(&'a RawValue),

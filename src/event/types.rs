@@ -159,6 +159,8 @@ pub struct CallUsage<'a> {
     pub answered_at: Option<DateTime<Utc>>,
     pub ended_at: DateTime<Utc>,
     pub hold_seconds: u32,
+    /// The credit hold this usage settles (`POST /v1/accounts/{id}/holds`), if any.
+    pub hold_id: Option<Cow<'a, str>>,
 }
 
 /// One or more AI responses (text reply, or spoken response in a voice call).
@@ -170,6 +172,8 @@ pub struct ChatUsage<'a> {
     pub channel: Option<Cow<'a, str>>,
     /// Number of responses in this event (default 1).
     pub responses: u32,
+    /// The credit hold this usage settles, if any.
+    pub hold_id: Option<Cow<'a, str>>,
 }
 
 /// A rented instance over a period.
@@ -179,6 +183,8 @@ pub struct InstanceUsage<'a> {
     pub instance_type: Cow<'a, str>,
     pub started_at: DateTime<Utc>,
     pub ended_at: DateTime<Utc>,
+    /// The credit hold this usage settles, if any.
+    pub hold_id: Option<Cow<'a, str>>,
 }
 
 /// Any other usage kind, priced only by rules (`kind` is what rules match as the event type).
@@ -188,6 +194,8 @@ pub struct MeteredUsage<'a> {
     pub quantity: Decimal,
     /// Attribute name/value pairs rules can match on (model, channel...).
     pub attributes: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// The credit hold this usage settles, if any.
+    pub hold_id: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -409,6 +417,21 @@ impl Payload<'_> {
         match self {
             Payload::Metered(m) => Some(&m.kind),
             other => other.kind().usage_kind(),
+        }
+    }
+
+    /// The credit hold a usage event settles (`data.hold_id`); None for the other events.
+    pub fn hold_id(&self) -> Option<&str> {
+        match self {
+            Payload::Call(c) => c.hold_id.as_deref(),
+            Payload::Chat(c) => c.hold_id.as_deref(),
+            Payload::Instance(i) => i.hold_id.as_deref(),
+            Payload::Metered(m) => m.hold_id.as_deref(),
+            Payload::Grant(_)
+            | Payload::Plan(_)
+            | Payload::VoidGrant(_)
+            | Payload::Adjustment(_)
+            | Payload::UsageVoid(_) => None,
         }
     }
 }

@@ -67,6 +67,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../schemas/postgres/0012_corrections.sql"),
     ),
     (
+        13,
+        "holds",
+        include_str!("../../schemas/postgres/0013_holds.sql"),
+    ),
+    (
         15,
         "usage_voids",
         include_str!("../../schemas/postgres/0015_usage_voids.sql"),

@@ -9,6 +9,7 @@ pub mod buckets;
 mod config;
 pub mod conninfo;
 pub mod cycle;
+pub mod holds;
 pub mod migrate;
 pub mod store;
 
@@ -16,6 +17,6 @@ pub use buckets::{Account, Entry, EntryKind, NewGrant};
 pub use config::{redact_url, BillingConfig, PostgresConfig};
 pub use store::{
     dedupe_cutoff, AccountBalance, Action, BalanceView, BatchOutcome, ClaimScope, Correction,
-    DebitInfo, Item, LedgerLine, PgOffsetStore, PurgeOutcome, Store, StoreError,
-    DEDUPE_PURGE_MARGIN,
+    DebitInfo, HoldAnswer, HoldFigures, HoldMissing, HoldPool, HoldRefused, Item, LedgerLine,
+    PgOffsetStore, PurgeOutcome, Store, StoreError, DEDUPE_PURGE_MARGIN,
 };

@@ -465,6 +465,7 @@ pub fn to_item<'a>(p: &'a super::Prepared<'_, 'a>) -> Item<'a> {
             usage_kind: payload.usage_kind().unwrap_or_default(),
             price_version: charge.price_version,
             rule_id: charge.rule_id,
+            hold_id: payload.hold_id(),
         }),
         (_, None) => unreachable!("prepare() rates every usage event"),
     };

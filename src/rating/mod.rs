@@ -5,11 +5,13 @@
 
 mod check;
 mod config;
+mod cover;
 mod rate;
 mod table;
 
 pub use check::{check, check_file, CheckReport, TableError};
 pub use config::PricesConfig;
+pub use cover::{Cover, MAX_COVER_SECONDS, MAX_COVER_UNITS};
 pub use rate::{Charge, Unpriced, UnpricedWhy, OUTBOUND_FREE_RULE_ID};
 pub use table::{ModelPrice, PriceRule, PriceTable, PriceVersion, Unit};
 

@@ -1390,3 +1390,46 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_cover_is_the_longest_usage_the_credits_pay_for() {
+    let t = table(EXAMPLES);
+    let now = at("2025-06-01T00:00:00Z");
+    // 1 credit per started minute: 10.5 credits pay for 10 minutes (600 s); 601 s would
+    // bill 11 minutes.
+    let c = t
+        .cover("call", &[("channel", "phone")], now, dec("10.5"))
+        .unwrap();
+    assert_eq!(
+        (c.seconds, c.units, c.rule_id),
+        (Some(600), None, "per-started-minute")
+    );
+    // 1.5 per minute in 6 s increments, 30 s minimum: 1 credit pays for 36 s (0.15 per 6 s);
+    // 0.5 credits do not reach the 30 s minimum (0.75). 36 s cost 0.9, 42 s 1.05.
+    let premium = [("channel", "web"), ("voice_tier", "premium")];
+    let c = t.cover("call", &premium, now, dec("1")).unwrap();
+    assert_eq!(c.seconds, Some(36));
+    let c = t.cover("call", &premium, now, dec("0.5")).unwrap();
+    assert!(c.is_nothing());
+    // 1 credit per response: 2.5 credits pay for 2 responses.
+    let c = t
+        .cover(
+            "chat_response",
+            &[("model", "gpt-4o-mini")],
+            now,
+            dec("2.5"),
+        )
+        .unwrap();
+    assert_eq!((c.seconds, c.units), (None, Some(2)));
+    // Free usage (outbound, no rule): the longest usage there is.
+    let c = t
+        .cover("call", &[("direction", "outbound")], now, dec("1"))
+        .unwrap();
+    assert_eq!(c.seconds, Some(MAX_COVER_SECONDS));
+    assert!(t.cover("nothing", &[], now, dec("1")).is_err());
+    assert_eq!(
+        t.charge_seconds("call", &[("channel", "phone")], now, 61)
+            .unwrap(),
+        dec("2")
+    );
+}

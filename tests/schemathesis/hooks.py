@@ -8,7 +8,8 @@ so a schema-valid request is one the server accepts:
 - against the clock: a grant's `expires_at` is in the future; a grant's or plan's
   `effective_at` is not in the future and at most `[billing] grace` ago;
 - between two parameters: `from` is not after `to` (default today) and the usage range is at
-  most 1096 days.
+  most 1096 days; a hold gives exactly one of `credits` and `seconds`;
+- against the price table: a hold's usage is one the price table prices (an inbound call).
 
 Only values that already are valid date-times / dates are moved: a value schemathesis made
 invalid on purpose (negative testing) stays invalid.
@@ -54,6 +55,21 @@ def map_case(context, case):
             body["effective_at"] = _rfc3339(now - timedelta(minutes=5))
         if label.startswith("POST") and _is_datetime(body.get("expires_at")):
             body["expires_at"] = _rfc3339(now + timedelta(days=30))
+    if label == "POST /v1/accounts/{id}/holds" and isinstance(body, dict):
+        import re
+
+        if isinstance(body.get("kind"), str) and re.fullmatch(r"[a-z][a-z0-9_]{0,63}", body["kind"]):
+            attributes = body.get("attributes")
+            if attributes is None:
+                body["kind"], body["attributes"] = "call", {"direction": "inbound"}
+            elif isinstance(attributes, dict) and (len(attributes) < 16 or "direction" in attributes):
+                body["kind"] = "call"
+                attributes["direction"] = "inbound"
+        credits, seconds = body.get("credits"), body.get("seconds")
+        if credits is not None and seconds is not None:
+            del body["seconds"]
+        elif credits is None and seconds is None:
+            body["credits"] = "1"
     if label == "GET /v1/accounts/{id}/usage" and isinstance(case.query, dict):
         query = case.query
         today = now.date()

@@ -212,6 +212,7 @@ const KEY_POOL: &[&str] = &[
     "answered_at",
     "ended_at",
     "hold_seconds",
+    "hold_id",
     "conversation_id",
     "responses",
     "instance_id",

@@ -118,6 +118,11 @@ fn opt_name<'a>(value: Option<Text<'a>>, field: &str) -> Check<Option<Cow<'a, st
     value.map(|v| name(v, field)).transpose()
 }
 
+/// An optional identifier (`data.hold_id`): null is the same as absent.
+fn opt_id<'a>(value: Option<Text<'a>>, field: &str) -> Check<Option<Cow<'a, str>>> {
+    value.map(|v| id(v, field)).transpose()
+}
+
 pub(crate) fn timestamp(value: &Text<'_>, field: &str) -> Check<DateTime<Utc>> {
     parse_rfc3339(value.as_str()).ok_or_else(|| {
         invalid(
@@ -186,6 +191,8 @@ pub(crate) struct CallData<'a> {
     #[serde(borrow)]
     pub(super) ended_at: Option<Text<'a>>,
     pub(super) hold_seconds: Option<i64>,
+    #[serde(borrow)]
+    pub(super) hold_id: Option<Text<'a>>,
 }
 
 impl<'a> CallData<'a> {
@@ -217,6 +224,7 @@ impl<'a> CallData<'a> {
             .transpose()?;
         let ended_at = timestamp(&ended_at, "data.ended_at")?;
         let hold_seconds = self.hold_seconds.take().unwrap_or(0);
+        let hold_id = opt_id(self.hold_id.take(), "data.hold_id")?;
         if hold_seconds < 0 {
             return Err(invalid(
                 "data.hold_seconds",
@@ -265,6 +273,7 @@ impl<'a> CallData<'a> {
             ended_at,
             // At most 31 days, checked above.
             hold_seconds: hold_seconds as u32,
+            hold_id,
         }))
     }
 }
@@ -281,6 +290,8 @@ pub(crate) struct ChatData<'a> {
     #[serde(borrow)]
     pub(super) channel: Option<Text<'a>>,
     pub(super) responses: Option<i64>,
+    #[serde(borrow)]
+    pub(super) hold_id: Option<Text<'a>>,
 }
 
 impl<'a> ChatData<'a> {
@@ -295,12 +306,14 @@ impl<'a> ChatData<'a> {
             None => 1,
             Some(n) => int_in(n, 1, MAX_RESPONSES, "data.responses")? as u32,
         };
+        let hold_id = opt_id(self.hold_id.take(), "data.hold_id")?;
         Ok(Payload::Chat(ChatUsage {
             conversation_id,
             model,
             voice_tier,
             channel,
             responses,
+            hold_id,
         }))
     }
 }
@@ -316,6 +329,8 @@ pub(crate) struct InstanceData<'a> {
     pub(super) started_at: Option<Text<'a>>,
     #[serde(borrow)]
     pub(super) ended_at: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub(super) hold_id: Option<Text<'a>>,
 }
 
 impl<'a> InstanceData<'a> {
@@ -337,11 +352,13 @@ impl<'a> InstanceData<'a> {
                 "the period lasts more than 31 days",
             ));
         }
+        let hold_id = opt_id(self.hold_id.take(), "data.hold_id")?;
         Ok(Payload::Instance(InstanceUsage {
             instance_id,
             instance_type,
             started_at,
             ended_at,
+            hold_id,
         }))
     }
 }
@@ -355,6 +372,8 @@ pub(crate) struct MeteredData<'a> {
     pub(super) quantity: Option<Text<'a>>,
     #[serde(borrow)]
     pub(super) attributes: Option<StringMap<'a>>,
+    #[serde(borrow)]
+    pub(super) hold_id: Option<Text<'a>>,
 }
 
 impl<'a> MeteredData<'a> {
@@ -411,10 +430,12 @@ impl<'a> MeteredData<'a> {
             }
             printable(value, &format!("data.attributes.{key}"))?;
         }
+        let hold_id = opt_id(self.hold_id.take(), "data.hold_id")?;
         Ok(Payload::Metered(MeteredUsage {
             kind: kind.0,
             quantity,
             attributes,
+            hold_id,
         }))
     }
 }

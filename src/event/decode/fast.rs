@@ -426,6 +426,7 @@ impl<'a> Scanner<'a> {
                 6 "answered_at" => answered_at: opt_text,
                 7 "ended_at" => ended_at: opt_text,
                 8 "hold_seconds" => hold_seconds: opt_int,
+                9 "hold_id" => hold_id: opt_text,
             }),
             EventKind::ChatResponse => read_data!(self, place!(Chat, ChatData), {
                 0 "conversation_id" => conversation_id: opt_text,
@@ -433,17 +434,20 @@ impl<'a> Scanner<'a> {
                 2 "voice_tier" => voice_tier: opt_text,
                 3 "channel" => channel: opt_text,
                 4 "responses" => responses: opt_int,
+                5 "hold_id" => hold_id: opt_text,
             }),
             EventKind::InstanceHours => read_data!(self, place!(Instance, InstanceData), {
                 0 "instance_id" => instance_id: opt_text,
                 1 "instance_type" => instance_type: opt_text,
                 2 "started_at" => started_at: opt_text,
                 3 "ended_at" => ended_at: opt_text,
+                4 "hold_id" => hold_id: opt_text,
             }),
             EventKind::Metered => read_data!(self, place!(Metered, MeteredData), {
                 0 "kind" => kind: opt_text,
                 1 "quantity" => quantity: opt_text,
                 2 "attributes" => attributes: opt_string_map,
+                3 "hold_id" => hold_id: opt_text,
             }),
             EventKind::Grant => read_data!(self, place!(Grant, GrantData), {
                 0 "grant_id" => grant_id: opt_text,

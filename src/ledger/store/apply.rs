@@ -176,6 +176,26 @@ impl Store {
             c?;
             d?;
             e?;
+            // Last, just before COMMIT: the hold locks (held through COMMIT only), the holds
+            // this usage settles, alerts on live holds left without credits.
+            let settles: Vec<holds::Settle<'_>> = fresh
+                .iter()
+                .filter_map(|i| match &i.action {
+                    Action::Debit(DebitInfo {
+                        hold_id: Some(hold_id),
+                        ..
+                    }) => Some(holds::Settle {
+                        account_id: i.account_id,
+                        hold_id,
+                        source: i.source,
+                        id: i.id,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            outcome.alerts +=
+                holds::hold_phase(&tx, st, &self.schema, &locked.books, &settles, Utc::now())
+                    .await?;
         } else {
             store_offsets(&tx, st, group_id, next_offsets).await?;
         }

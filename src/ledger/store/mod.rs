@@ -24,12 +24,14 @@ use crate::event::OveragePolicy;
 use crate::fault::{Classify, Fault};
 
 mod apply;
+mod holds;
 mod offsets;
 mod outbox;
 mod read;
 mod tick;
 
 use apply::*;
+pub use holds::{HoldAnswer, HoldFigures, HoldMissing, HoldPool, HoldRefused, HOLD_LOCK_CLASS};
 pub use offsets::*;
 pub use outbox::*;
 pub use read::*;
@@ -131,6 +133,8 @@ pub struct DebitInfo<'a> {
     pub usage_kind: &'a str,
     pub price_version: &'a str,
     pub rule_id: &'a str,
+    /// The hold the usage settles (`data.hold_id`): released in the same transaction.
+    pub hold_id: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -497,7 +501,7 @@ impl Stmts {
 }
 
 /// Every statement [`Stmts`] prepares.
-const PREPARED: [&str; 20] = [
+const PREPARED: [&str; 24] = [
     CLAIM_HORIZON,
     CLAIM,
     CREATE_ACCOUNTS,
@@ -518,6 +522,10 @@ const PREPARED: [&str; 20] = [
     WRITE_ALERT_STATES,
     WRITE_OUTBOX,
     STORE_OFFSETS,
+    holds::LOCK_HOLD_BUCKETS,
+    holds::SETTLE_HOLDS,
+    holds::LIVE_HOLDS,
+    holds::WRITE_HOLD_ALERTS,
 ];
 
 const CLAIM_HORIZON: &str = "SELECT dedupe_claim_horizon()";
@@ -751,6 +759,7 @@ mod tests {
             usage_kind: "chat",
             price_version: "v1",
             rule_id: "r1",
+            hold_id: None,
         })
     }
 

@@ -1,4 +1,5 @@
-//! The scheduler's tick (cycle resets and expiries written on time) and the dedupe purge.
+//! The scheduler's tick (cycle resets and expiries written on time, holds past their TTL)
+//! and the dedupe purge.
 
 use chrono::{DateTime, SubsecRound, Utc};
 
@@ -18,6 +19,12 @@ impl Store {
     /// takes it. So N instances' schedulers split the due accounts and never queue behind
     /// each other or behind the ledger.
     pub async fn tick(&mut self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        // Holds whose TTL passed are marked expired, ended holds past their retention purged
+        // (their own short statements, before the accounts' transaction).
+        let (expired, purged) = self.expire_holds(now).await?;
+        if expired + purged > 0 {
+            tracing::info!(expired, purged, %now, "holds expired and purged");
+        }
         self.prepare().await?;
         let st = self.stmts.as_ref().expect("prepared above");
         let tx = self.client.transaction().await?;
