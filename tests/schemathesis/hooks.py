@@ -5,8 +5,8 @@ schemas/openapi.yaml states every rule a single value must follow. Three rules O
 state are written in its descriptions and applied here to the values schemathesis generates,
 so a schema-valid request is one the server accepts:
 
-- against the clock: a grant's `expires_at` is in the future; a grant's or plan's
-  `effective_at` is not in the future and at most `[billing] grace` ago;
+- against the clock: a grant's `expires_at` is in the future; the `effective_at` of a grant,
+  a plan, a void or an adjustment is not in the future and at most `[billing] grace` ago;
 - between two parameters: `from` is not after `to` (default today) and the usage range is at
   most 1096 days; a hold gives exactly one of `credits` and `seconds`;
 - against the price table: a hold's usage is one the price table prices (an inbound call).
@@ -50,7 +50,13 @@ def map_case(context, case):
     label = context.operation.label if context.operation else ""
     now = datetime.now(timezone.utc)
     body = case.body
-    if label in ("POST /v1/accounts/{id}/grants", "PUT /v1/accounts/{id}/plan") and isinstance(body, dict):
+    if label in (
+        "POST /v1/accounts/{id}/grants",
+        "PUT /v1/accounts/{id}/plan",
+        "POST /v1/accounts/{id}/grants/{grant_id}/void",
+        "POST /v1/accounts/{id}/adjustments",
+        "POST /v1/accounts/{id}/usage/void",
+    ) and isinstance(body, dict):
         if _is_datetime(body.get("effective_at")):
             body["effective_at"] = _rfc3339(now - timedelta(minutes=5))
         if label.startswith("POST") and _is_datetime(body.get("expires_at")):
