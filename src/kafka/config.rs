@@ -19,7 +19,9 @@ pub struct KafkaConfig {
     pub brokers: String,
     pub ledger_group: String,
     pub analytics_group: String,
-    /// Partitions for topics Tally creates (existing topics are left as they are).
+    /// Partitions for topics Tally creates (existing topics are left as they are). Events are
+    /// keyed by account, and a partition is consumed by one instance of a group at a time,
+    /// so this caps how many instances can share the work (docs/scaling.md): 64 by default.
     pub topic_partitions: i32,
     pub replication_factor: i32,
     /// A stable name for this process (e.g. the host name): when set, the consumers use static
@@ -61,7 +63,7 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             ledger_group: "tally-ledger".into(),
             analytics_group: "tally-analytics".into(),
-            topic_partitions: 3,
+            topic_partitions: 64,
             replication_factor: 1,
             instance_id: None,
             unassigned_alert_ms: 30_000,

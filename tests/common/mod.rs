@@ -150,6 +150,9 @@ pub fn test_config(name: &str) -> Config {
     let id = unique(name);
     let mut cfg = Config::default();
     cfg.kafka.brokers = kafka_brokers();
+    // Three, not the production default of 64: every test makes its own topics on the local
+    // broker (Tansu with SQLite), where each partition costs; three still spread accounts.
+    cfg.kafka.topic_partitions = 3;
     cfg.kafka.ledger_group = format!("{id}-ledger");
     cfg.kafka.analytics_group = format!("{id}-analytics");
     let t = &mut cfg.kafka.topics;
