@@ -230,8 +230,27 @@ fn rejection(r: Rejection) -> ApiError {
     ApiError::invalid(field, r.detail)
 }
 
-/// Publishes a command's event (checked again by `commands`, as the CLI's are), answering 503
-/// when the broker does not acknowledge it in time.
+/// Publishes a command's event from `source` at `time` (checked again by `commands`, as the
+/// CLI's are), answering 503 when the broker does not acknowledge it in time.
+async fn publish<C: commands::Command>(
+    api: &AppState,
+    source: &str,
+    command: &C,
+    time: DateTime<Utc>,
+) -> Result<commands::CommandEvent, ApiError> {
+    commands::publish_command(
+        &api.producer,
+        &api.cfg,
+        source,
+        command,
+        time,
+        PUBLISH_TIMEOUT,
+    )
+    .await
+    .map_err(command_error)
+}
+
+/// A command error as the API answers it.
 fn command_error(e: CommandError) -> ApiError {
     match e {
         CommandError::Invalid(r) => rejection(r),
@@ -308,16 +327,7 @@ pub async fn grant(
             priority: g.priority,
         },
     };
-    commands::publish_command(
-        &api.producer,
-        &api.cfg,
-        &source,
-        &command,
-        time,
-        PUBLISH_TIMEOUT,
-    )
-    .await
-    .map_err(command_error)?;
+    publish(&api, &source, &command, time).await?;
     tracing::info!(account_id = id, grant_id = %g.grant_id, kind = g.kind.as_str(), credits = %g.credits, by = who.name(), "grant published");
     Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
 }
@@ -377,16 +387,7 @@ pub async fn plan(
             recharge: p.recharge,
         },
     };
-    let sent = commands::publish_command(
-        &api.producer,
-        &api.cfg,
-        &source,
-        &command,
-        time,
-        PUBLISH_TIMEOUT,
-    )
-    .await
-    .map_err(command_error)?;
+    let sent = publish(&api, &source, &command, time).await?;
     tracing::info!(account_id = id, plan_id = %p.plan_id, by = who.name(), "plan published");
     Ok((
         StatusCode::ACCEPTED,
@@ -437,16 +438,7 @@ pub async fn void_grant(
             actor: Some(who.name().to_owned().into()),
         },
     };
-    commands::publish_command(
-        &api.producer,
-        &api.cfg,
-        &source,
-        &command,
-        time,
-        PUBLISH_TIMEOUT,
-    )
-    .await
-    .map_err(command_error)?;
+    publish(&api, &source, &command, time).await?;
     tracing::info!(account_id = id, grant_id = %grant_id, by = who.name(), "grant void published");
     Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
 }
@@ -505,16 +497,7 @@ pub async fn adjustment(
             actor: Some(who.name().to_owned().into()),
         },
     };
-    commands::publish_command(
-        &api.producer,
-        &api.cfg,
-        &source,
-        &command,
-        time,
-        PUBLISH_TIMEOUT,
-    )
-    .await
-    .map_err(command_error)?;
+    publish(&api, &source, &command, time).await?;
     tracing::info!(account_id = id, adjustment_id = %req.adjustment_id, credits = %a.credits, by = who.name(), "adjustment published");
     Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
 }
@@ -570,16 +553,7 @@ pub async fn void_usage(
             actor: Some(who.name().to_owned().into()),
         },
     };
-    commands::publish_command(
-        &api.producer,
-        &api.cfg,
-        &source,
-        &command,
-        time,
-        PUBLISH_TIMEOUT,
-    )
-    .await
-    .map_err(command_error)?;
+    publish(&api, &source, &command, time).await?;
     tracing::info!(account_id = id, event_source = %req.event_source, event_id = %req.event_id, by = who.name(), "usage void published");
     Ok((StatusCode::ACCEPTED, Json(answer("accepted"))))
 }
