@@ -75,10 +75,38 @@ async fn run() {
     let connections = env_or("TALLY_BENCH_CONNECTIONS", 32) as usize;
     let mut cfg = with_tokens(test_config("bench_holds"));
     cfg.prices.path = common::repo_path("prices/default.toml");
-    let env = TestEnv::with_config(cfg).await;
+    // TALLY_BENCH_BROKER=mock: librdkafka's in-process mock cluster (what `tally dev` runs)
+    // instead of the shared Tansu, so the broker's own CPU (Tansu with SQLite takes most of
+    // a core at 10,000 events/s here) does not sit on the same two cores as PostgreSQL.
+    let mock = match std::env::var("TALLY_BENCH_BROKER").as_deref() {
+        Ok("mock") => {
+            let broker = rdkafka::mocking::MockCluster::new(1).unwrap();
+            cfg.kafka.brokers = broker.bootstrap_servers();
+            cfg.kafka.replication_factor = 1;
+            for topic in cfg.all_topics() {
+                broker
+                    .create_topic(topic, cfg.kafka.topic_partitions, 1)
+                    .unwrap();
+            }
+            println!(
+                "broker: librdkafka's in-process mock cluster {}",
+                cfg.kafka.brokers
+            );
+            Some(broker)
+        }
+        _ => {
+            println!("broker: {}", cfg.kafka.brokers);
+            None
+        }
+    };
+    let env = if mock.is_some() {
+        TestEnv::on_existing_topics(cfg).await
+    } else {
+        TestEnv::with_config(cfg).await
+    };
     let topics = env.cfg.kafka.topics.clone();
     let end = Utc::now() - chrono::Duration::minutes(2);
-    let accounts = 200;
+    let accounts = env_or("TALLY_BENCH_ACCOUNTS", 200) as usize;
     // Grants and plans first, applied before the measurement.
     let setup = demo::generate(&DemoConfig {
         seed: 1,
@@ -107,7 +135,15 @@ async fn run() {
         ids
     };
     env.send(&grants).await;
-    let tally = RunningTally::start_role(&env, tally::app::Role::Ledger);
+    let tally = RunningTally::start_with_options(
+        env.cfg.clone(),
+        env.prices.clone(),
+        tally::app::RunOptions {
+            role: tally::app::Role::Ledger,
+            create_topics: mock.is_none(),
+            ..tally::app::RunOptions::all()
+        },
+    );
     env.wait_ledger_caught_up(Duration::from_secs(600)).await;
     let server = Server::start(env.cfg.clone(), env.prices.clone()).await;
     println!(
@@ -221,6 +257,52 @@ async fn run() {
             pct(1.0)
         );
     };
+    // How long the ledger's batches held the hold locks (what a hold request may wait for),
+    // from the process's own metric: batches, mean, and the share within each bucket bound.
+    let metrics = tally::metrics::render();
+    let value = |name: &str| -> Vec<(String, f64)> {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    let count = value("tally_ledger_hold_lock_seconds_count")
+        .first()
+        .map_or(0.0, |v| v.1);
+    let sum = value("tally_ledger_hold_lock_seconds_sum")
+        .first()
+        .map_or(0.0, |v| v.1);
+    if count > 0.0 {
+        let within: Vec<String> = value("tally_ledger_hold_lock_seconds_bucket")
+            .iter()
+            .filter(|(k, _)| {
+                ["0.005", "0.01", "0.025", "0.05", "0.1"]
+                    .iter()
+                    .any(|b| k.contains(&format!("le=\"{b}\"")))
+            })
+            .map(|(k, v)| {
+                let le = k
+                    .split("le=\"")
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim_end_matches("\"}");
+                format!(
+                    "<= {} ms: {:.1} %",
+                    le.parse::<f64>().unwrap_or(0.0) * 1000.0,
+                    v / count * 100.0
+                )
+            })
+            .collect();
+        println!(
+            "ledger batches holding the hold locks: {count} batches, mean {:.1} ms; {}",
+            sum / count * 1000.0,
+            within.join(", ")
+        );
+    }
     report("all", results.iter().map(|r| r.2).collect());
     // From the request's actual send (the wait for a free connection left out).
     report("sent->ans", results.iter().map(|r| r.3).collect());

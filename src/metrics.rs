@@ -26,6 +26,7 @@ struct Metrics {
     batch_seconds: HistogramVec,
     transaction_seconds: HistogramVec,
     resolve_seconds: HistogramVec,
+    hold_lock_seconds: HistogramVec,
     consumer_lag: IntGaugeVec,
     assigned_partitions: IntGaugeVec,
     http_requests: IntCounterVec,
@@ -102,9 +103,15 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "How long analytics took to resolve the identities of the batches written since the last resolve (one lookup of usage_copies, whose time grows with the table), then store their positions.",
         &[],
     );
+    let hold_lock_seconds = histogram(
+        "tally_ledger_hold_lock_seconds",
+        "How long a ledger batch held its accounts' hold locks: from taking them (its last round trip) to the end of its COMMIT. A hold request for one of those accounts waits up to this long.",
+        &[],
+    );
     Metrics {
         replays,
         resolve_seconds,
+        hold_lock_seconds,
         events: counter(
             "tally_events_total",
             "Events decoded and admitted, by pipeline and kind (usage kind, grant, plan); rate() gives events/s.",
@@ -243,6 +250,14 @@ pub fn transaction_seconds(pipeline: &str, seconds: f64) {
 pub fn resolve_seconds(seconds: f64) {
     METRICS
         .resolve_seconds
+        .with_label_values::<&str>(&[])
+        .observe(seconds);
+}
+
+/// Records how long a ledger batch held the hold locks of its accounts (through COMMIT).
+pub fn hold_lock_seconds(seconds: f64) {
+    METRICS
+        .hold_lock_seconds
         .with_label_values::<&str>(&[])
         .observe(seconds);
 }

@@ -599,4 +599,73 @@ async fn usage_that_leaves_a_live_hold_without_credits_alerts_naming_it() {
     .await;
     assert_eq!(r.status, 402, "{}", r.text());
     assert_eq!(r.json()["error"]["available"], "-3.000000");
+    // A top-up of 10: spendable 15, held 8, available 7 — the hold's alert is resolved, by
+    // the batch that brought the credits, under the same key.
+    f.env
+        .send(&[(
+            f.env.cfg.kafka.topics.grants.clone(),
+            acct.to_owned(),
+            ev::grant(
+                "drain-top-up",
+                acct,
+                &ts(minutes_ago(0)),
+                "top-up-2",
+                "top_up",
+                "10",
+            ),
+        )])
+        .await;
+    f.env.wait_ledger_caught_up(Duration::from_secs(60)).await;
+    assert_eq!(
+        figures(&balance(&c, acct).await),
+        strings("15.000000", "8.000000", "7.000000")
+    );
+    let rows = store
+        .client()
+        .query(
+            "SELECT alert_id, payload FROM alert_outbox WHERE account_id = $1 ORDER BY alert_id",
+            &[&acct],
+        )
+        .await
+        .unwrap();
+    // The hold's alerts, exactly: fired once, then resolved (the account's own low-balance
+    // alerts are not this test's).
+    let hold_alerts: Vec<String> = rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|id| id.contains(":hold:"))
+        .collect();
+    assert_eq!(
+        hold_alerts,
+        [
+            "hold-drain/credits_exhausted:hold:live-call/1",
+            "hold-drain/credits_exhausted:hold:live-call/1/resolved"
+        ]
+    );
+    let resolved: Value = serde_json::from_str(
+        &rows
+            .iter()
+            .find(|r| r.get::<_, String>(0).ends_with("live-call/1/resolved"))
+            .map(|r| r.get::<_, String>(1))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        resolved["type"],
+        "tally.alert.credits_exhausted.resolved.v1"
+    );
+    assert_eq!(
+        (
+            resolved["data"]["resolves"].clone(),
+            resolved["data"]["hold_id"].clone(),
+            resolved["data"]["held"].clone(),
+            resolved["data"]["available"].clone()
+        ),
+        (
+            json!("hold-drain/credits_exhausted:hold:live-call/1"),
+            json!("live-call"),
+            json!("8.000000"),
+            json!("7.000000")
+        )
+    );
 }

@@ -230,8 +230,12 @@ pub fn hold_exhausted(
     hold: HoldExhaustion<'_>,
 ) -> Option<(Alert, i32, bool)> {
     let available = view.spendable(at) - hold.held;
-    let key = format!("credits_exhausted:hold:{}", hold.hold_id);
     let exhausted = available <= Decimal::ZERO;
+    if exhausted == hold.active {
+        // Nothing changes: no payload is built (the batch asks this of every live hold).
+        return None;
+    }
+    let key = format!("credits_exhausted:hold:{}", hold.hold_id);
     let mut data = base_data(view, at);
     data["hold_id"] = json!(hold.hold_id);
     data["credits"] = json!(money(hold.hold_credits));

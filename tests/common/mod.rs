@@ -53,13 +53,23 @@ impl RunningTally {
         prices: Arc<PriceTable>,
         role: tally::app::Role,
     ) -> RunningTally {
-        let mut cfg = (*cfg).clone();
-        cfg.api.enabled = false;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let options = tally::app::RunOptions {
             role,
             ..tally::app::RunOptions::all()
         };
+        Self::start_with_options(cfg, prices, options)
+    }
+
+    /// As [`RunningTally::start_with`], with the run's options (`create_topics: false` on a
+    /// broker without CreateTopics).
+    pub fn start_with_options(
+        cfg: Arc<Config>,
+        prices: Arc<PriceTable>,
+        options: tally::app::RunOptions,
+    ) -> RunningTally {
+        let mut cfg = (*cfg).clone();
+        cfg.api.enabled = false;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(tally::app::run_with_prices(
             Arc::new(cfg),
             prices,
@@ -202,6 +212,12 @@ impl TestEnv {
         tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
             .await
             .expect("Kafka is up (run scripts/services up)");
+        Self::on_existing_topics(cfg).await
+    }
+
+    /// [`TestEnv::with_config`] on a broker whose topics exist already (librdkafka's mock
+    /// cluster has no CreateTopics: its topics are made with `MockCluster::create_topic`).
+    pub async fn on_existing_topics(cfg: Config) -> TestEnv {
         let mut store = Store::connect(&cfg.postgres)
             .await
             .expect("PostgreSQL is up (run scripts/services up)");

@@ -193,12 +193,15 @@ impl Store {
                     _ => None,
                 })
                 .collect();
+            let locking = std::time::Instant::now();
             outcome.alerts +=
                 holds::hold_phase(&tx, st, &self.schema, &locked.books, &settles, Utc::now())
                     .await?;
-        } else {
-            store_offsets(&tx, st, group_id, next_offsets).await?;
+            tx.commit().await?;
+            crate::metrics::hold_lock_seconds(locking.elapsed().as_secs_f64());
+            return Ok(outcome);
         }
+        store_offsets(&tx, st, group_id, next_offsets).await?;
         tx.commit().await?;
         Ok(outcome)
     }

@@ -101,11 +101,22 @@ pub(super) const SETTLE_HOLDS: &str = "UPDATE holds h SET state = 'settled', end
      WHERE h.account_id = u.account_id AND h.hold_id = u.hold_id
        AND h.state IN ('live', 'expired')";
 
-/// The live holds of the batch's accounts (read after the settlements).
-pub(super) const LIVE_HOLDS: &str =
-    "SELECT account_id, hold_id, credits, exhausted_fired, exhausted_active
+/// The live holds of the batch's accounts, summed by account (read after the settlements):
+/// the credits held, how many, and how many have their `credits_exhausted` alert fired now.
+pub(super) const HELD_BY_ACCOUNT: &str =
+    "SELECT account_id, sum(credits), count(*)::int, (count(*) FILTER (WHERE exhausted_active))::int
      FROM holds WHERE account_id = ANY($1) AND state = 'live' AND expires_at > $2
-     ORDER BY account_id, hold_id";
+     GROUP BY account_id";
+
+/// The live holds whose alert turns: of each account named, those whose `exhausted_active`
+/// is the one given (not fired, of an account with nothing available; fired, of an account
+/// with credits available again).
+pub(super) const TURNING_HOLDS: &str =
+    "SELECT h.account_id, h.hold_id, h.credits, h.exhausted_fired, h.exhausted_active
+     FROM holds h JOIN unnest($1::text[], $2::bool[]) AS u(account_id, active)
+       ON h.account_id = u.account_id AND h.exhausted_active = u.active
+     WHERE h.state = 'live' AND h.expires_at > $3
+     ORDER BY h.account_id, h.hold_id";
 
 pub(super) const WRITE_HOLD_ALERTS: &str =
     "UPDATE holds h SET exhausted_fired = u.fired, exhausted_active = u.active
@@ -685,11 +696,15 @@ pub(super) struct Settle<'a> {
     pub(super) id: &'a str,
 }
 
-/// The batch's hold part, its last round trip before COMMIT: the hold locks of every
-/// account it touched (in key order), the holds its usage settles, the live holds left;
-/// then, when some live hold's account has no credits available (or has them again), its
-/// `credits_exhausted` alert (or the resolution) and the holds' alert state. Returns the
-/// alerts written.
+/// The batch's hold part, its last round trips before COMMIT: the hold locks of every
+/// account it touched (in key order), the holds its usage settles, and the live holds left,
+/// summed by account; then, only for an account whose live holds' alert turns (nothing
+/// available and some hold not alerted yet, or credits available again and some hold
+/// alerted), those holds, each one's `credits_exhausted` alert (or its resolution) and the
+/// holds' alert state. Returns the alerts written.
+///
+/// Everything here runs under the hold locks, which hold requests wait for: it reads one row
+/// per account, not one per live hold, and builds a payload only for an alert that turns.
 pub(super) async fn hold_phase(
     tx: &Transaction<'_>,
     st: &Stmts,
@@ -718,47 +733,64 @@ pub(super) async fn hold_phase(
     };
     let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&keys];
     let live_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &now];
-    let (lock, settled, live) = futures::join!(
+    let (lock, settled, held) = futures::join!(
         tx.query_one(st.get(LOCK_HOLD_BUCKETS), &lock_params),
         settle,
-        tx.query(st.get(LIVE_HOLDS), &live_params),
+        tx.query(st.get(HELD_BY_ACCOUNT), &live_params),
     );
     lock?;
     settled?;
-    let live = live?;
-    if live.is_empty() {
-        return Ok(0);
-    }
-    let mut by_account: BTreeMap<String, Vec<(String, Decimal, i32, bool)>> = BTreeMap::new();
-    for r in &live {
-        by_account
-            .entry(r.get(0))
-            .or_default()
-            .push((r.get(1), r.get(2), r.get(3), r.get(4)));
-    }
-    let mut fired: Vec<Alert> = Vec::new();
-    let (mut a, mut h, mut f, mut act) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (account_id, holds) in &by_account {
-        let Some(book) = books.get(account_id) else {
+    // Each account whose holds' alert may turn: its view, the credits held, and the state
+    // of the holds that turn.
+    let mut turning: BTreeMap<String, (Account, Decimal)> = BTreeMap::new();
+    let (mut turn_ids, mut turn_active): (Vec<String>, Vec<bool>) = (Vec::new(), Vec::new());
+    for r in &held? {
+        let account_id: String = r.get(0);
+        let Some(book) = books.get(&account_id) else {
             continue;
         };
+        let (held, live, alerted): (Decimal, i32, i32) = (r.get(1), r.get(2), r.get(3));
         let view = book.view(now);
-        let held: Decimal = holds.iter().map(|(_, c, _, _)| *c).sum();
-        for (hold_id, credits, count, active) in holds {
-            let input = HoldExhaustion {
-                hold_id,
-                hold_credits: *credits,
-                held,
-                fired: *count,
-                active: *active,
-            };
-            if let Some((alert, n, now_active)) = alerts::hold_exhausted(&view, now, input) {
-                fired.push(alert);
-                a.push(account_id.as_str());
-                h.push(hold_id.as_str());
-                f.push(n);
-                act.push(now_active);
-            }
+        let exhausted = view.spendable(now) - held <= Decimal::ZERO;
+        let turns = if exhausted {
+            alerted < live
+        } else {
+            alerted > 0
+        };
+        if turns {
+            turn_ids.push(account_id.clone());
+            // The holds whose state is not the account's yet.
+            turn_active.push(!exhausted);
+            turning.insert(account_id, (view, held));
+        }
+    }
+    if turning.is_empty() {
+        return Ok(0);
+    }
+    let rows = tx
+        .query(st.get(TURNING_HOLDS), &[&turn_ids, &turn_active, &now])
+        .await?;
+    let mut fired: Vec<Alert> = Vec::new();
+    let (mut a, mut h, mut f, mut act) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in &rows {
+        let account_id: &str = r.get(0);
+        let hold_id: &str = r.get(1);
+        let Some((view, held)) = turning.get(account_id) else {
+            continue;
+        };
+        let input = HoldExhaustion {
+            hold_id,
+            hold_credits: r.get(2),
+            held: *held,
+            fired: r.get(3),
+            active: r.get(4),
+        };
+        if let Some((alert, n, now_active)) = alerts::hold_exhausted(view, now, input) {
+            fired.push(alert);
+            a.push(account_id);
+            h.push(hold_id);
+            f.push(n);
+            act.push(now_active);
         }
     }
     if fired.is_empty() {

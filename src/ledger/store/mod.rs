@@ -501,7 +501,7 @@ impl Stmts {
 }
 
 /// Every statement [`Stmts`] prepares.
-const PREPARED: [&str; 24] = [
+const PREPARED: [&str; 25] = [
     CLAIM_HORIZON,
     CLAIM,
     CREATE_ACCOUNTS,
@@ -524,7 +524,8 @@ const PREPARED: [&str; 24] = [
     STORE_OFFSETS,
     holds::LOCK_HOLD_BUCKETS,
     holds::SETTLE_HOLDS,
-    holds::LIVE_HOLDS,
+    holds::HELD_BY_ACCOUNT,
+    holds::TURNING_HOLDS,
     holds::WRITE_HOLD_ALERTS,
 ];
 
