@@ -1,13 +1,26 @@
 //! End-to-end benchmark against the real services (not a test: it asserts nothing, it prints).
 //!
-//! 1. Preloads N demo events (TALLY_BENCH_EVENTS, default 100000) into fresh topics.
+//! 1. Preloads N demo events (TALLY_BENCH_EVENTS, default 100000) for TALLY_BENCH_ACCOUNTS
+//!    accounts (default 200) into fresh topics.
 //! 2. Measures the broker's raw consume rate over those topics (plain rdkafka consumer).
 //! 3. Runs the ledger role alone over the backlog (as `tally run --role ledger` does, through
 //!    `tally::app`): events/s to committed balances.
 //! 4. Runs the analytics role alone over the backlog: events/s to ClickHouse.
 //! 5. Produces at a fixed rate (TALLY_BENCH_RATE, default 10000 events/s, for
-//!    TALLY_BENCH_SECONDS, default 15) with the ledger running, and reports p50/p90/p99/max
-//!    latency from produce (send) to committed balance (offset stored in PostgreSQL).
+//!    TALLY_BENCH_SECONDS, default 15) with a fresh ledger role running, and reports
+//!    p50/p90/p99/max latency from produce (send) to committed balance (offset stored in
+//!    PostgreSQL) — the balance's freshness — over every 10th event, overall and by 10-second
+//!    window of sending (the worst window against the median one).
+//! 6. A purge inside that window: TALLY_BENCH_PURGE_CLAIMS (default 1,000,000) dedupe claims
+//!    dated 40 days ago (past the 35-day window) are stored once the ledger has started, and
+//!    its purge interval (`pipeline.dedupe_purge_interval_ms`) is half the run, so the ledger
+//!    deletes them between its batches half-way through, as it does hourly in production. The
+//!    bench prints when the purge started and ended, and the windows it overlapped.
+//! 7. The process's peak RSS (VmHWM): the bench's own records and samples included, so an
+//!    upper bound of Tally's.
+//!
+//! TALLY_BENCH_BROKER=mock runs everything on librdkafka's in-process mock cluster instead of
+//! Tansu (see `TestEnv::for_bench`).
 //!
 //! Run: `scripts/services up && cargo bench --bench e2e`
 
@@ -51,13 +64,16 @@ async fn run() {
     let events = env_or("TALLY_BENCH_EVENTS", 100_000) as usize;
     let rate = env_or("TALLY_BENCH_RATE", 10_000);
     let seconds = env_or("TALLY_BENCH_SECONDS", 15);
+    let purge_claims = env_or("TALLY_BENCH_PURGE_CLAIMS", 1_000_000) as i64;
+    let accounts = env_or("TALLY_BENCH_ACCOUNTS", 200) as usize;
     let mut cfg = test_config("bench");
     cfg.prices.path = common::repo_path("prices/default.toml");
-    let env = TestEnv::with_config(cfg).await;
+    cfg.pipeline.dedupe_purge_interval_ms = (seconds * 1000 / 2).max(1000);
+    let (env, _broker) = TestEnv::for_bench(cfg).await;
     let end = Utc::now() - chrono::Duration::minutes(5);
     let records = demo::generate(&DemoConfig {
         seed: 1,
-        accounts: 200,
+        accounts,
         events,
         start: end - chrono::Duration::days(3),
         end,
@@ -139,104 +155,276 @@ async fn run() {
     );
     analytics.stop().await;
 
-    // Latency at a fixed produce rate, ledger running.
-    let live = demo::generate(&DemoConfig {
-        seed: 2,
-        accounts: 200,
-        events: (rate * seconds) as usize,
-        start: end - chrono::Duration::days(1),
-        end,
-        duplicate_every: 0,
-        malformed_every: 0,
-    });
-    let live: Vec<_> = live
-        .into_iter()
-        .filter(|r| !matches!(r.topic, EventKind::Grant | EventKind::Plan))
-        .collect();
+    ledger.stop().await;
+
+    // Freshness at a fixed produce rate, a fresh ledger role running (its purge interval
+    // half the run), with expired claims stored after its start-up purge.
+    let ledger = RunningTally::start_role(&env, Role::Ledger);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let store = env.store().await;
+    let old_cutoff = Utc::now() - chrono::Duration::days(36);
+    if purge_claims > 0 {
+        let t = Instant::now();
+        store
+            .client()
+            .execute(
+                "INSERT INTO processed_events (scope, event_source, event_id, account_id, event_time)
+                 SELECT 'usage', '//bench/expired', gen_random_uuid()::text,
+                        'expired-' || (g % 1000)::text,
+                        now() - interval '40 days' + g * interval '1 millisecond'
+                 FROM generate_series(1::bigint, $1::bigint) AS g",
+                &[&purge_claims],
+            )
+            .await
+            .unwrap();
+        store
+            .client()
+            .batch_execute("ANALYZE processed_events")
+            .await
+            .unwrap();
+        println!(
+            "stored {purge_claims} expired claims in {:.1} s; the ledger purges them {} s into the run",
+            t.elapsed().as_secs_f64(),
+            seconds / 2
+        );
+    }
     let (done_tx, done_rx) = watch::channel(false);
     let poller = tokio::spawn(poll_offsets(
         env.store().await,
         env.cfg.kafka.ledger_group.clone(),
+        done_rx.clone(),
+    ));
+    let live_started = Instant::now();
+    let purge_watch = tokio::spawn(watch_purge(
+        env.store().await,
+        old_cutoff,
+        purge_claims > 0,
         done_rx,
     ));
-    let mut sends: Vec<(String, i32, i64, Instant)> = Vec::with_capacity(live.len());
+    // Generated a second at a time (the whole run would be gigabytes), every 10th event's
+    // send kept for the latency.
+    let mut sends: Vec<(String, i32, i64, Instant)> = Vec::new();
     let mut pending = Vec::new();
+    let mut produced = 0u64;
     let t = Instant::now();
-    for (i, r) in live.iter().enumerate() {
-        let due = Duration::from_secs_f64(i as f64 / rate as f64);
-        let elapsed = t.elapsed();
-        if due > elapsed {
-            tokio::time::sleep(due - elapsed).await;
-        }
-        let topic = r.topic.topic(topics);
-        let record = FutureRecord::to(topic)
-            .key(r.key.as_bytes())
-            .payload(&r.payload[..]);
-        let sent_at = Instant::now();
-        let delivery = env
-            .producer
-            .send_result(record)
-            .map_err(|(e, _)| e)
-            .unwrap();
-        pending.push((topic.to_owned(), sent_at, delivery));
-        if pending.len() >= 2_000 {
-            for (topic, sent_at, d) in pending.drain(..) {
-                let delivered = d.await.unwrap().unwrap();
-                sends.push((topic, delivered.partition, delivered.offset, sent_at));
+    // Event times over the 20 hours before `end` (inside the 24-hour grace), in order.
+    let base = end - chrono::Duration::hours(20);
+    for second in 0..seconds {
+        let slice = demo::generate(&DemoConfig {
+            seed: 2 + second,
+            accounts,
+            events: rate as usize,
+            start: base + chrono::Duration::hours(20) * second as i32 / seconds as i32,
+            end: base + chrono::Duration::hours(20) * (second + 1) as i32 / seconds as i32,
+            duplicate_every: 0,
+            malformed_every: 0,
+        });
+        for r in slice
+            .iter()
+            .filter(|r| !matches!(r.topic, EventKind::Grant | EventKind::Plan))
+        {
+            let due = Duration::from_secs_f64(produced as f64 / rate as f64);
+            let elapsed = t.elapsed();
+            if due > elapsed {
+                tokio::time::sleep(due - elapsed).await;
+            }
+            let topic = r.topic.topic(topics);
+            let record = FutureRecord::to(topic)
+                .key(r.key.as_bytes())
+                .payload(&r.payload[..]);
+            let sent_at = Instant::now();
+            let delivery = env
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .unwrap();
+            pending.push((topic, sent_at, delivery, produced.is_multiple_of(10)));
+            produced += 1;
+            if pending.len() >= 2_000 {
+                for (topic, sent_at, d, keep) in pending.drain(..) {
+                    let delivered = d.await.unwrap().unwrap();
+                    if keep {
+                        sends.push((
+                            topic.to_owned(),
+                            delivered.partition,
+                            delivered.offset,
+                            sent_at,
+                        ));
+                    }
+                }
             }
         }
     }
-    for (topic, sent_at, d) in pending.drain(..) {
+    for (topic, sent_at, d, keep) in pending.drain(..) {
         let delivered = d.await.unwrap().unwrap();
-        sends.push((topic, delivered.partition, delivered.offset, sent_at));
+        if keep {
+            sends.push((
+                topic.to_owned(),
+                delivered.partition,
+                delivered.offset,
+                sent_at,
+            ));
+        }
     }
     let produce_secs = t.elapsed().as_secs_f64();
     env.wait_ledger_caught_up(Duration::from_secs(600)).await;
     done_tx.send(true).unwrap();
     let snapshots = poller.await.unwrap();
+    let purge = purge_watch.await.unwrap();
     ledger.stop().await;
 
     // Per partition: (next_offset, first time seen), both increasing.
     let mut timeline: HashMap<(String, i32), Vec<(i64, Instant)>> = HashMap::new();
-    for (at, offsets) in &snapshots {
-        for (k, &next) in offsets {
-            let line = timeline.entry(k.clone()).or_default();
-            if line.last().is_none_or(|(n, _)| *n < next) {
-                line.push((next, *at));
-            }
-        }
+    for (at, k, next) in snapshots {
+        timeline.entry(k).or_default().push((next, at));
     }
-    let mut latencies_ms: Vec<f64> = sends
+    // (seconds into the run it was sent, ms to its committed balance)
+    let samples: Vec<(f64, f64)> = sends
         .iter()
         .filter_map(|(topic, p, offset, sent_at)| {
             let line = timeline.get(&(topic.clone(), *p))?;
             let i = line.partition_point(|(next, _)| *next <= *offset);
-            line.get(i)
-                .map(|(_, at)| at.saturating_duration_since(*sent_at).as_secs_f64() * 1000.0)
+            line.get(i).map(|(_, at)| {
+                (
+                    sent_at
+                        .saturating_duration_since(live_started)
+                        .as_secs_f64(),
+                    at.saturating_duration_since(*sent_at).as_secs_f64() * 1000.0,
+                )
+            })
         })
         .collect();
-    latencies_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |q: f64| latencies_ms[((latencies_ms.len() as f64 - 1.0) * q) as usize];
+    let pct = |mut ms: Vec<f64>, q: f64| {
+        ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        ms[((ms.len() as f64 - 1.0) * q) as usize]
+    };
+    let all: Vec<f64> = samples.iter().map(|s| s.1).collect();
     println!(
-        "latency produce -> committed balance at {:.0} events/s ({} events over {produce_secs:.1} s): p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        live.len() as f64 / produce_secs,
-        latencies_ms.len(),
-        pct(0.5),
-        pct(0.9),
-        pct(0.99),
-        pct(1.0)
+        "freshness, produce -> committed balance at {:.0} events/s ({produced} events over {produce_secs:.1} s, every 10th measured): p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        produced as f64 / produce_secs,
+        pct(all.clone(), 0.5),
+        pct(all.clone(), 0.9),
+        pct(all.clone(), 0.99),
+        pct(all, 1.0)
+    );
+    // By 10-second window of sending: the p99 of each.
+    let mut windows: Vec<(u64, f64)> = Vec::new();
+    for w in 0..seconds.div_ceil(10) {
+        let ms: Vec<f64> = samples
+            .iter()
+            .filter(|s| (s.0 / 10.0) as u64 == w)
+            .map(|s| s.1)
+            .collect();
+        if !ms.is_empty() {
+            windows.push((w * 10, pct(ms, 0.99)));
+        }
+    }
+    let mut p99s: Vec<f64> = windows.iter().map(|w| w.1).collect();
+    p99s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = p99s[p99s.len() / 2];
+    let worst = windows
+        .iter()
+        .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap())
+        .unwrap();
+    println!(
+        "  p99 by 10-s window: median {median:.0} ms, worst {:.0} ms (from {} s) = {:.2} x the median",
+        worst.1,
+        worst.0,
+        worst.1 / median
+    );
+    match purge {
+        Some((started, ended)) => {
+            let during: Vec<String> = windows
+                .iter()
+                .filter(|(w, _)| (*w as f64) < ended && (*w as f64 + 10.0) > started)
+                .map(|(w, p)| format!("{w} s: {p:.0} ms"))
+                .collect();
+            println!(
+                "  purge of {purge_claims} expired claims by the ledger: from {started:.1} s to {ended:.1} s into the run; p99 of the windows it overlapped: {}",
+                during.join(", ")
+            );
+        }
+        None if purge_claims > 0 => println!("  the purge did not finish within the run"),
+        None => {}
+    }
+    let metrics = tally::metrics::render();
+    let replays = metrics
+        .lines()
+        .find(|l| l.starts_with("tally_ledger_replays_total"))
+        .and_then(|l| l.rsplit_once(' '))
+        .map_or("0", |(_, v)| v);
+    println!(
+        "accounts replayed (an event out of event-time order), over the whole bench: {replays}"
+    );
+    println!(
+        "peak RSS (VmHWM) of the bench process (Tally's pipelines, the producer, the samples): {}",
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l["VmHWM:".len()..].trim().to_owned()))
+            .unwrap_or_default()
     );
 }
 
-type Snapshot = (Instant, HashMap<(String, i32), i64>);
+/// When the stored dedupe horizon last moved (a purge started).
+async fn purge_horizon(store: &tally::ledger::Store) -> Option<chrono::DateTime<Utc>> {
+    store
+        .client()
+        .query_one("SELECT max(updated_at) FROM dedupe_horizon", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
 
-/// Samples the stored ledger offsets every 5 ms until told to stop.
+/// When the ledger's purge of the claims dated before `cutoff` started (the stored horizon
+/// moved) and ended (none left), in seconds from this call; None when it did not end.
+async fn watch_purge(
+    store: tally::ledger::Store,
+    cutoff: chrono::DateTime<Utc>,
+    expected: bool,
+    mut done: watch::Receiver<bool>,
+) -> Option<(f64, f64)> {
+    if !expected {
+        return None;
+    }
+    let t = Instant::now();
+    let before = purge_horizon(&store).await;
+    let mut started = None;
+    while !*done.borrow() {
+        if started.is_none() && purge_horizon(&store).await != before {
+            started = Some(t.elapsed().as_secs_f64());
+        }
+        let left: bool = store
+            .client()
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM processed_events WHERE event_time < $1)",
+                &[&cutoff],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !left {
+            return Some((started.unwrap_or(0.0), t.elapsed().as_secs_f64()));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = done.changed() => {}
+        }
+    }
+    None
+}
+
+/// Samples the stored ledger offsets every 5 ms until told to stop; returns each change:
+/// (when first seen, partition, next offset).
 async fn poll_offsets(
     store: tally::ledger::Store,
     group: String,
     mut done: watch::Receiver<bool>,
-) -> Vec<Snapshot> {
+) -> Vec<(Instant, (String, i32), i64)> {
     let mut out = Vec::new();
+    let mut last: HashMap<(String, i32), i64> = HashMap::new();
     while !*done.borrow() {
         let rows = store
             .client()
@@ -247,17 +435,14 @@ async fn poll_offsets(
             .await
             .unwrap();
         let at = Instant::now();
-        out.push((
-            at,
-            rows.iter()
-                .map(|r| {
-                    (
-                        (r.get::<_, String>(0), r.get::<_, i32>(1)),
-                        r.get::<_, i64>(2),
-                    )
-                })
-                .collect(),
-        ));
+        for r in &rows {
+            let key = (r.get::<_, String>(0), r.get::<_, i32>(1));
+            let next: i64 = r.get(2);
+            if last.get(&key).is_none_or(|n| *n < next) {
+                last.insert(key.clone(), next);
+                out.push((at, key, next));
+            }
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
             _ = done.changed() => {}

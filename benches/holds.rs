@@ -2,7 +2,9 @@
 //! prints). The load tool is this program: an open-loop HTTP/1.1 client over keep-alive
 //! connections.
 //!
-//! 1. Grants and plans of a demo stream (200 accounts) are applied by the ledger pipeline.
+//! 1. Grants and plans of a demo stream (TALLY_BENCH_ACCOUNTS accounts, default 200) are
+//!    applied by the ledger pipeline; on Tansu, or with TALLY_BENCH_BROKER=mock on
+//!    librdkafka's in-process mock cluster (see `TestEnv::for_bench`).
 //! 2. The ledger pipeline (with its scheduler and alert relay: `tally run --role ledger`) and
 //!    the API run in this process; demo usage is produced at TALLY_BENCH_RATE events/s
 //!    (default 10000) for the whole measurement, for those same accounts.
@@ -13,8 +15,9 @@
 //!
 //! Latency is measured from each request's scheduled start (so a request queued behind a
 //! slow one counts its wait: no coordinated omission) to its full answer. Prints requests/s,
-//! statuses, p50/p90/p99/max by kind and overall, the produce rate reached and the ledger's
-//! lag at the end.
+//! statuses, p50/p90/p99/max by kind and overall, the produce rate reached, the ledger's
+//! lag at the end, and how long its batches kept the hold locks
+//! (`tally_ledger_hold_lock_seconds`: batches, mean, share within 5/10/25/50/100 ms).
 //!
 //! Run: `scripts/services up && cargo bench --bench holds`
 
@@ -75,35 +78,7 @@ async fn run() {
     let connections = env_or("TALLY_BENCH_CONNECTIONS", 32) as usize;
     let mut cfg = with_tokens(test_config("bench_holds"));
     cfg.prices.path = common::repo_path("prices/default.toml");
-    // TALLY_BENCH_BROKER=mock: librdkafka's in-process mock cluster (what `tally dev` runs)
-    // instead of the shared Tansu, so the broker's own CPU (Tansu with SQLite takes most of
-    // a core at 10,000 events/s here) does not sit on the same two cores as PostgreSQL.
-    let mock = match std::env::var("TALLY_BENCH_BROKER").as_deref() {
-        Ok("mock") => {
-            let broker = rdkafka::mocking::MockCluster::new(1).unwrap();
-            cfg.kafka.brokers = broker.bootstrap_servers();
-            cfg.kafka.replication_factor = 1;
-            for topic in cfg.all_topics() {
-                broker
-                    .create_topic(topic, cfg.kafka.topic_partitions, 1)
-                    .unwrap();
-            }
-            println!(
-                "broker: librdkafka's in-process mock cluster {}",
-                cfg.kafka.brokers
-            );
-            Some(broker)
-        }
-        _ => {
-            println!("broker: {}", cfg.kafka.brokers);
-            None
-        }
-    };
-    let env = if mock.is_some() {
-        TestEnv::on_existing_topics(cfg).await
-    } else {
-        TestEnv::with_config(cfg).await
-    };
+    let (env, _broker) = TestEnv::for_bench(cfg).await;
     let topics = env.cfg.kafka.topics.clone();
     let end = Utc::now() - chrono::Duration::minutes(2);
     let accounts = env_or("TALLY_BENCH_ACCOUNTS", 200) as usize;
@@ -135,15 +110,7 @@ async fn run() {
         ids
     };
     env.send(&grants).await;
-    let tally = RunningTally::start_with_options(
-        env.cfg.clone(),
-        env.prices.clone(),
-        tally::app::RunOptions {
-            role: tally::app::Role::Ledger,
-            create_topics: mock.is_none(),
-            ..tally::app::RunOptions::all()
-        },
-    );
+    let tally = RunningTally::start_role(&env, tally::app::Role::Ledger);
     env.wait_ledger_caught_up(Duration::from_secs(600)).await;
     let server = Server::start(env.cfg.clone(), env.prices.clone()).await;
     println!(

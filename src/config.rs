@@ -149,6 +149,9 @@ pub struct PipelineConfig {
     /// dedupe claims are kept this long plus `ledger::DEDUPE_PURGE_MARGIN`. Enlarging it
     /// never re-admits an event whose claim was purged (the stored dedupe horizon).
     pub dedupe_window_days: i64,
+    /// How often the ledger purges the dedupe claims older than the window (between two
+    /// batches, in chunks of at most 100,000 claims a batch until none is left).
+    pub dedupe_purge_interval_ms: u64,
     /// Back-off bounds when PostgreSQL or ClickHouse is unavailable.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
@@ -182,6 +185,7 @@ impl Default for PipelineConfig {
             max_message_bytes: 64 * 1024,
             max_future_seconds: 300,
             dedupe_window_days: 35,
+            dedupe_purge_interval_ms: 3_600_000,
             retry_initial_ms: crate::retry::RetryPolicy::DEFAULT.initial.as_millis() as u64,
             retry_max_ms: crate::retry::RetryPolicy::DEFAULT.max.as_millis() as u64,
             scheduler_interval_ms: 10_000,
@@ -362,6 +366,12 @@ impl Config {
             return Err(invalid(
                 "pipeline.shutdown_timeout_ms",
                 "must be 100..=3600000 (0.1 s to an hour)",
+            ));
+        }
+        if !(1_000..=86_400_000).contains(&p.dedupe_purge_interval_ms) {
+            return Err(invalid(
+                "pipeline.dedupe_purge_interval_ms",
+                "must be 1000..=86400000 (a second to a day)",
             ));
         }
         if !(1..=3_600_000).contains(&p.scheduler_interval_ms) {
@@ -566,6 +576,29 @@ mod tests {
         assert_eq!(key(|a| a.request_timeout_ms = 0), "api.request_timeout_ms");
         assert_eq!(key(|a| a.max_connections = 0), "api.max_connections");
         assert_eq!(key(|a| a.probe_cache_ms = 60_001), "api.probe_cache_ms");
+    }
+
+    #[test]
+    fn the_dedupe_purge_interval_is_an_hour_and_validated() {
+        let base = Config::default();
+        assert_eq!(base.pipeline.dedupe_purge_interval_ms, 3_600_000);
+        for (value, ok) in [
+            (999, false),
+            (1_000, true),
+            (86_400_000, true),
+            (86_400_001, false),
+        ] {
+            let mut cfg = base.clone();
+            cfg.pipeline.dedupe_purge_interval_ms = value;
+            match cfg.validate() {
+                Ok(()) => assert!(ok, "{value} accepted"),
+                Err(ConfigError::Invalid { key, .. }) => {
+                    assert!(!ok, "{value} refused");
+                    assert_eq!(key, "pipeline.dedupe_purge_interval_ms");
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -74,10 +74,12 @@ pub async fn run_with_clock(
         }
         Err(Halt::Failed(e)) => return Err(anyhow::anyhow!("ledger: connect to PostgreSQL: {e}")),
     };
-    // Purge at start, which also loads the horizon admission checks; then hourly, and at
+    // Purge at start, which also loads the horizon admission checks; then every
+    // `pipeline.dedupe_purge_interval_ms` (an hour by default), and at
     // every batch while a purge has claims left to delete.
     let mut purge_pending = !purge(&mut store, &cfg, clock.now(), &mut admission).await;
     let mut last_purge = Instant::now();
+    let purge_interval = std::time::Duration::from_millis(cfg.pipeline.dedupe_purge_interval_ms);
     tracing::info!(group, ?topics, "ledger pipeline started");
 
     while !*shutdown.borrow() {
@@ -195,7 +197,7 @@ pub async fn run_with_clock(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "ledger batch committed"
         );
-        if purge_pending || last_purge.elapsed() > PURGE_INTERVAL {
+        if purge_pending || last_purge.elapsed() > purge_interval {
             purge_pending = !purge(&mut store, &cfg, clock.now(), &mut admission).await;
             last_purge = Instant::now();
         }
@@ -204,8 +206,6 @@ pub async fn run_with_clock(
     Ok(stats)
 }
 
-/// How often the ledger purges expired dedupe claims.
-const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Claims one purge deletes at most between two batches (in statements of
 /// `DEDUPE_PURGE_CHUNK_ROWS`), so a large backlog never stops the ledger for long.
 const PURGE_MAX_ROWS: u64 = 100_000;

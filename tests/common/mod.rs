@@ -25,7 +25,14 @@ pub struct TestEnv {
     pub cfg: Arc<Config>,
     pub prices: Arc<PriceTable>,
     pub producer: FutureProducer,
+    /// The broker's topics were made before (a broker without CreateTopics): Tally started
+    /// by [`RunningTally::start_role`] does not create them.
+    pub premade_topics: bool,
 }
+
+/// The in-process broker a bench runs on when `TALLY_BENCH_BROKER=mock`.
+pub type MockBroker =
+    rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 
 /// Tally running in this process the way `tally run --role R` runs it
 /// ([`tally::app::run_with_prices`]: the ledger pipeline, the scheduler and the alert relay
@@ -44,7 +51,12 @@ impl RunningTally {
 
     /// One role (or all), with the test's configuration and prices.
     pub fn start_role(env: &TestEnv, role: tally::app::Role) -> RunningTally {
-        Self::start_with(env.cfg.clone(), env.prices.clone(), role)
+        let options = tally::app::RunOptions {
+            role,
+            create_topics: !env.premade_topics,
+            ..tally::app::RunOptions::all()
+        };
+        Self::start_with_options(env.cfg.clone(), env.prices.clone(), options)
     }
 
     /// One role (or all), with this configuration and price table.
@@ -212,7 +224,10 @@ impl TestEnv {
         tally::kafka::ensure_topics(&cfg.kafka, &cfg.all_topics(), cfg.kafka.topic_partitions)
             .await
             .expect("Kafka is up (run scripts/services up)");
-        Self::on_existing_topics(cfg).await
+        TestEnv {
+            premade_topics: false,
+            ..Self::on_existing_topics(cfg).await
+        }
     }
 
     /// [`TestEnv::with_config`] on a broker whose topics exist already (librdkafka's mock
@@ -231,7 +246,33 @@ impl TestEnv {
             cfg: Arc::new(cfg),
             prices,
             producer,
+            premade_topics: true,
         }
+    }
+
+    /// A bench's environment: on the configured broker (Tansu), or with
+    /// `TALLY_BENCH_BROKER=mock` on librdkafka's in-process mock cluster (what `tally dev`
+    /// runs), made here with every topic, so that the broker's own CPU (Tansu with SQLite
+    /// takes most of a core at 10,000 events/s here) does not share the cores PostgreSQL and
+    /// Tally are measured on. Keep the broker alive as long as the environment.
+    pub async fn for_bench(mut cfg: Config) -> (TestEnv, Option<MockBroker>) {
+        if std::env::var("TALLY_BENCH_BROKER").as_deref() != Ok("mock") {
+            println!("broker: {}", cfg.kafka.brokers);
+            return (TestEnv::with_config(cfg).await, None);
+        }
+        let broker = rdkafka::mocking::MockCluster::new(1).expect("the mock broker starts");
+        cfg.kafka.brokers = broker.bootstrap_servers();
+        cfg.kafka.replication_factor = 1;
+        for topic in cfg.all_topics() {
+            broker
+                .create_topic(topic, cfg.kafka.topic_partitions, 1)
+                .expect("a topic on the mock broker");
+        }
+        println!(
+            "broker: librdkafka's in-process mock cluster {}",
+            cfg.kafka.brokers
+        );
+        (TestEnv::on_existing_topics(cfg).await, Some(broker))
     }
 
     pub async fn store(&self) -> Store {
