@@ -204,7 +204,7 @@ async fn run() {
     // Generated a second at a time (the whole run would be gigabytes), every 10th event's
     // send kept for the latency.
     let mut sends: Vec<(String, i32, i64, Instant)> = Vec::new();
-    let mut pending = Vec::new();
+    let mut pending: InFlight<'_> = Vec::new();
     let mut produced = 0u64;
     let t = Instant::now();
     // Event times over the 20 hours before `end` (inside the 24-hour grace), in order.
@@ -241,31 +241,11 @@ async fn run() {
             pending.push((topic, sent_at, delivery, produced.is_multiple_of(10)));
             produced += 1;
             if pending.len() >= 2_000 {
-                for (topic, sent_at, d, keep) in pending.drain(..) {
-                    let delivered = d.await.unwrap().unwrap();
-                    if keep {
-                        sends.push((
-                            topic.to_owned(),
-                            delivered.partition,
-                            delivered.offset,
-                            sent_at,
-                        ));
-                    }
-                }
+                acknowledged(&mut pending, &mut sends).await;
             }
         }
     }
-    for (topic, sent_at, d, keep) in pending.drain(..) {
-        let delivered = d.await.unwrap().unwrap();
-        if keep {
-            sends.push((
-                topic.to_owned(),
-                delivered.partition,
-                delivered.offset,
-                sent_at,
-            ));
-        }
-    }
+    acknowledged(&mut pending, &mut sends).await;
     let produce_secs = t.elapsed().as_secs_f64();
     env.wait_ledger_caught_up(Duration::from_secs(600)).await;
     done_tx.send(true).unwrap();
@@ -366,6 +346,24 @@ async fn run() {
                 .map(|l| l["VmHWM:".len()..].trim().to_owned()))
             .unwrap_or_default()
     );
+}
+
+/// Sends in flight: topic, when sent, its delivery, and whether its latency is measured.
+type InFlight<'t> = Vec<(&'t str, Instant, rdkafka::producer::DeliveryFuture, bool)>;
+
+/// Waits for every send in flight; keeps (topic, partition, offset, when sent) of those measured.
+async fn acknowledged(pending: &mut InFlight<'_>, sends: &mut Vec<(String, i32, i64, Instant)>) {
+    for (topic, sent_at, d, keep) in pending.drain(..) {
+        let delivered = d.await.unwrap().unwrap();
+        if keep {
+            sends.push((
+                topic.to_owned(),
+                delivered.partition,
+                delivered.offset,
+                sent_at,
+            ));
+        }
+    }
 }
 
 /// When the stored dedupe horizon last moved (a purge started).
