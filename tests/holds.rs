@@ -43,6 +43,7 @@ const ACCOUNTS: &[(&str, &str)] = &[
     ("hold-release", "100"),
     ("hold-retry", "100"),
     ("hold-drain", "10"),
+    ("hold-release-alert", "10"),
 ];
 
 async fn set_up() -> (Fixture, (RunningTally, Server)) {
@@ -668,4 +669,111 @@ async fn usage_that_leaves_a_live_hold_without_credits_alerts_naming_it() {
             json!("7.000000")
         )
     );
+}
+
+#[tokio::test]
+async fn a_release_that_frees_credits_resolves_the_other_holds_alerts() {
+    let f = fixture();
+    let c = f.client;
+    let acct = "hold-release-alert";
+    let place = |hold_id: &'static str, credits: &'static str| {
+        hold(
+            &c,
+            acct,
+            json!({"hold_id": hold_id, "kind": "call", "attributes": {"direction": "inbound"},
+                   "credits": credits, "ttl_seconds": 600}),
+        )
+    };
+    // 10 credits: a hold of 6 leaves 4; a hold of 4 takes them all (available 0), and its
+    // own credits_exhausted fires with it.
+    let r = place("first", "6").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = place("second", "4").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["available"], "0.000000");
+    // Releasing the first gives 6 back: spendable 10, held 4, available 6, and the second
+    // hold's alert is resolved at once (no usage batch needed).
+    let r = c
+        .send(
+            Method::DELETE,
+            &format!("/v1/accounts/{acct}/holds/first"),
+            Some(INGEST),
+            None,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        figures(&balance(&c, acct).await),
+        strings("10.000000", "4.000000", "6.000000")
+    );
+    let rows = f
+        .env
+        .store()
+        .await
+        .client()
+        .query(
+            "SELECT alert_id, payload FROM alert_outbox WHERE account_id = $1 ORDER BY alert_id",
+            &[&acct],
+        )
+        .await
+        .unwrap();
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|id| id.contains(":hold:"))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "hold-release-alert/credits_exhausted:hold:second/1",
+            "hold-release-alert/credits_exhausted:hold:second/1/resolved"
+        ]
+    );
+    let resolved: Value = serde_json::from_str(
+        &rows
+            .iter()
+            .find(|r| r.get::<_, String>(0).ends_with("second/1/resolved"))
+            .map(|r| r.get::<_, String>(1))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            resolved["type"].clone(),
+            resolved["data"]["resolves"].clone(),
+            resolved["data"]["held"].clone(),
+            resolved["data"]["available"].clone()
+        ),
+        (
+            json!("tally.alert.credits_exhausted.resolved.v1"),
+            json!("hold-release-alert/credits_exhausted:hold:second/1"),
+            json!("4.000000"),
+            json!("6.000000")
+        )
+    );
+    // Releasing it again resolves nothing more.
+    let r = c
+        .send(
+            Method::DELETE,
+            &format!("/v1/accounts/{acct}/holds/first"),
+            Some(INGEST),
+            None,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let n: i64 = f
+        .env
+        .store()
+        .await
+        .client()
+        .query_one(
+            "SELECT count(*) FROM alert_outbox WHERE account_id = $1",
+            &[&acct],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, rows.len() as i64);
 }

@@ -118,6 +118,16 @@ pub(super) const TURNING_HOLDS: &str =
      WHERE h.state = 'live' AND h.expires_at > $3
      ORDER BY h.account_id, h.hold_id";
 
+/// Whether any live hold of an account has its alert fired now (read without the lock: a
+/// hint that a release may resolve something, decided again under the lock).
+const ANY_ALERTED: &str = "SELECT count(*) FROM holds
+     WHERE account_id = $1 AND state = 'live' AND expires_at > $2 AND exhausted_active";
+
+/// An account's live holds: id, credits, times alerted, alerted now.
+const ACCOUNT_LIVE_HOLDS: &str = "SELECT hold_id, credits, exhausted_fired, exhausted_active
+     FROM holds WHERE account_id = $1 AND state = 'live' AND expires_at > $2
+     ORDER BY hold_id";
+
 pub(super) const WRITE_HOLD_ALERTS: &str =
     "UPDATE holds h SET exhausted_fired = u.fired, exhausted_active = u.active
      FROM unnest($1::text[], $2::text[], $3::int[], $4::bool[]) AS u(account_id, hold_id, fired, active)
@@ -492,14 +502,111 @@ impl HoldPool {
             .await
     }
 
-    /// Releases a live hold now (its credits are available again at once).
+    /// Releases a live hold now (its credits are available again at once). When the account
+    /// has live holds whose `credits_exhausted` alert is fired, and the credits released make
+    /// some available again, those alerts are resolved ([`HoldPool::resolve_available`]).
     pub async fn release(
         &self,
         account_id: &str,
         hold_id: &str,
         now: DateTime<Utc>,
     ) -> Result<Result<Hold, HoldMissing>, StoreError> {
-        self.end_or_extend(account_id, hold_id, now, None).await
+        let released = self.end_or_extend(account_id, hold_id, now, None).await?;
+        if let Ok(hold) = &released {
+            self.resolve_available(account_id, hold.ended_at.unwrap_or(now))
+                .await?;
+        }
+        Ok(released)
+    }
+
+    /// Resolves the `credits_exhausted` alerts of `account_id`'s live holds when credits are
+    /// available at `now`: under the hold lock, the book and the live holds are read, and
+    /// each alerted hold gets its resolution (same key, in the outbox) and is re-armed.
+    /// Returns the alerts resolved. Nothing is read beyond one query when no live hold of
+    /// the account is alerted (the common case).
+    pub async fn resolve_available(
+        &self,
+        account_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let now = now.trunc_subsecs(6);
+        let key = lock_key(self.schema(), account_id);
+        self.with(async |c| {
+            let alerted: i64 = c
+                .client
+                .query_one(ANY_ALERTED, &[&account_id, &now])
+                .await?
+                .get(0);
+            if alerted == 0 {
+                return Ok(0);
+            }
+            let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&key];
+            let book_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&account_id];
+            let live_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&account_id, &now];
+            let (begin, lock, book, live) = futures::join!(
+                c.client.simple_query("BEGIN"),
+                c.client.query(&c.stmts.lock, &lock_params),
+                c.client.query_opt(&c.stmts.book, &book_params),
+                c.client.query(ACCOUNT_LIVE_HOLDS, &live_params),
+            );
+            begin?;
+            lock?;
+            let view = account_now(account_id, book?.as_ref(), now);
+            let live = live?;
+            let held: Decimal = live.iter().map(|r| r.get::<_, Decimal>(1)).sum();
+            let mut resolved = Vec::new();
+            let (mut h, mut f, mut act) = (Vec::new(), Vec::new(), Vec::new());
+            for r in &live {
+                let input = HoldExhaustion {
+                    hold_id: r.get(0),
+                    hold_credits: r.get(1),
+                    held,
+                    fired: r.get(2),
+                    active: r.get(3),
+                };
+                if !input.active {
+                    // Only resolutions: a release never leaves less available.
+                    continue;
+                }
+                if let Some((alert, n, active)) = alerts::hold_exhausted(&view, now, input) {
+                    h.push(input.hold_id);
+                    f.push(n);
+                    act.push(active);
+                    resolved.push(alert);
+                }
+            }
+            let a = vec![account_id; h.len()];
+            let states = async {
+                if h.is_empty() {
+                    return Ok(0);
+                }
+                c.client
+                    .execute(WRITE_HOLD_ALERTS, &[&a, &h, &f, &act])
+                    .await
+            };
+            let payloads: Vec<String> = resolved
+                .iter()
+                .map(|a| a.to_cloud_event().to_string())
+                .collect();
+            let outbox = futures::future::try_join_all(resolved.iter().zip(&payloads).map(
+                |(alert, payload)| async move {
+                    let kind = alert.kind.as_str();
+                    c.client
+                        .execute(
+                            &c.stmts.outbox,
+                            &[&alert.alert_id, &kind, &alert.account_id, payload],
+                        )
+                        .await
+                },
+            ));
+            let (states, outbox, commit) =
+                futures::join!(states, outbox, c.client.simple_query("COMMIT"));
+            states?;
+            outbox?;
+            commit?;
+            Ok(resolved.len())
+        })
+        .await
     }
 
     /// One round trip: BEGIN, the lock, the update of the live hold, COMMIT; then, when no
