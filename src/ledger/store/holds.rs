@@ -513,8 +513,14 @@ impl HoldPool {
     ) -> Result<Result<Hold, HoldMissing>, StoreError> {
         let released = self.end_or_extend(account_id, hold_id, now, None).await?;
         if let Ok(hold) = &released {
-            self.resolve_available(account_id, hold.ended_at.unwrap_or(now))
-                .await?;
+            // The release has committed: a failure here must not answer it as failed (a retry
+            // would find it ended). The account's next batch resolves the alerts then.
+            if let Err(error) = self
+                .resolve_available(account_id, hold.ended_at.unwrap_or(now))
+                .await
+            {
+                tracing::warn!(%error, account_id, "resolving hold alerts after a release failed; the account's next batch resolves them");
+            }
         }
         Ok(released)
     }
