@@ -621,36 +621,18 @@ async fn usage_that_leaves_a_live_hold_without_credits_alerts_naming_it() {
         figures(&balance(&c, acct).await),
         strings("15.000000", "8.000000", "7.000000")
     );
-    let rows = store
-        .client()
-        .query(
-            "SELECT alert_id, payload FROM alert_outbox WHERE account_id = $1 ORDER BY alert_id",
-            &[&acct],
-        )
-        .await
-        .unwrap();
     // The hold's alerts, exactly: fired once, then resolved (the account's own low-balance
     // alerts are not this test's).
-    let hold_alerts: Vec<String> = rows
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .filter(|id| id.contains(":hold:"))
-        .collect();
+    let alerts = hold_alerts(&f.env, acct).await;
+    let ids: Vec<&str> = alerts.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(
-        hold_alerts,
+        ids,
         [
             "hold-drain/credits_exhausted:hold:live-call/1",
             "hold-drain/credits_exhausted:hold:live-call/1/resolved"
         ]
     );
-    let resolved: Value = serde_json::from_str(
-        &rows
-            .iter()
-            .find(|r| r.get::<_, String>(0).ends_with("live-call/1/resolved"))
-            .map(|r| r.get::<_, String>(1))
-            .unwrap(),
-    )
-    .unwrap();
+    let resolved = &alerts[1].1;
     assert_eq!(
         resolved["type"],
         "tally.alert.credits_exhausted.resolved.v1"
@@ -707,22 +689,8 @@ async fn a_release_that_frees_credits_resolves_the_other_holds_alerts() {
         figures(&balance(&c, acct).await),
         strings("10.000000", "4.000000", "6.000000")
     );
-    let rows = f
-        .env
-        .store()
-        .await
-        .client()
-        .query(
-            "SELECT alert_id, payload FROM alert_outbox WHERE account_id = $1 ORDER BY alert_id",
-            &[&acct],
-        )
-        .await
-        .unwrap();
-    let ids: Vec<String> = rows
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .filter(|id| id.contains(":hold:"))
-        .collect();
+    let alerts = hold_alerts(&f.env, acct).await;
+    let ids: Vec<&str> = alerts.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(
         ids,
         [
@@ -730,14 +698,7 @@ async fn a_release_that_frees_credits_resolves_the_other_holds_alerts() {
             "hold-release-alert/credits_exhausted:hold:second/1/resolved"
         ]
     );
-    let resolved: Value = serde_json::from_str(
-        &rows
-            .iter()
-            .find(|r| r.get::<_, String>(0).ends_with("second/1/resolved"))
-            .map(|r| r.get::<_, String>(1))
-            .unwrap(),
-    )
-    .unwrap();
+    let resolved = &alerts[1].1;
     assert_eq!(
         (
             resolved["type"].clone(),
@@ -753,6 +714,18 @@ async fn a_release_that_frees_credits_resolves_the_other_holds_alerts() {
         )
     );
     // Releasing it again resolves nothing more.
+    let count_before: i64 = f
+        .env
+        .store()
+        .await
+        .client()
+        .query_one(
+            "SELECT count(*) FROM alert_outbox WHERE account_id = $1",
+            &[&acct],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let r = c
         .send(
             Method::DELETE,
@@ -775,5 +748,24 @@ async fn a_release_that_frees_credits_resolves_the_other_holds_alerts() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, rows.len() as i64);
+    assert_eq!(n, count_before);
+}
+
+/// The account's hold alerts in the outbox (id, payload), in id order: the account's own
+/// balance alerts left out.
+async fn hold_alerts(env: &TestEnv, acct: &str) -> Vec<(String, Value)> {
+    env.store()
+        .await
+        .client()
+        .query(
+            "SELECT alert_id, payload FROM alert_outbox WHERE account_id = $1 ORDER BY alert_id",
+            &[&acct],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|(id, _)| id.contains(":hold:"))
+        .map(|(id, p)| (id, serde_json::from_str(&p).unwrap()))
+        .collect()
 }
