@@ -146,7 +146,7 @@ pub struct Applied {
 }
 
 /// An account's checkpoint, live state and the last event applied.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Book {
     pub checkpoint: Account,
     pub live: Account,
@@ -155,7 +155,41 @@ pub struct Book {
     /// scheduler must finalize first).
     #[serde(default)]
     pub earliest: Option<DateTime<Utc>>,
+    /// Counts the changes to the book ([`Book::apply`], [`Book::finalize`]): a cache of the
+    /// book's [`Mark`]s is valid for the version it was taken at only.
+    #[serde(default)]
+    pub version: u64,
+    /// States inside the open window a replay may start from (oldest first; never stored:
+    /// a book without marks replays from the checkpoint, with the same result).
+    #[serde(skip)]
+    pub marks: Vec<Mark>,
 }
+
+/// Two books are equal when they hold the same ledger: `version` and `marks` only count
+/// and cache the way there.
+impl PartialEq for Book {
+    fn eq(&self, other: &Book) -> bool {
+        (&self.checkpoint, &self.live, &self.last, &self.earliest)
+            == (&other.checkpoint, &other.live, &other.last, &other.earliest)
+    }
+}
+
+/// The live state at a point of the open window: the checkpoint and every window event up
+/// to `last` applied in order. An event out of order that comes after `last` is replayed
+/// from here, with only the window's events after `last`, instead of from the checkpoint
+/// with the whole window: what bounds a replay's cost when an account's events arrive a
+/// little out of order all day (its topics consumed at slightly different paces).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mark {
+    pub last: Key,
+    pub state: Account,
+}
+
+/// Event time between two marks, and how many marks a book keeps (the newest): an event
+/// out of order by less than about `MARK_SPACING * (MARKS_KEPT - 1)` replays at most that
+/// much of the window.
+pub const MARK_SPACING: chrono::Duration = chrono::Duration::seconds(5);
+pub const MARKS_KEPT: usize = 6;
 
 /// What the store rewrites with every batch: the live state and the order's bookkeeping.
 /// The checkpoint is stored apart and changes only when the final point moves.
@@ -165,6 +199,8 @@ pub struct LivePart {
     pub last: Option<Key>,
     #[serde(default)]
     pub earliest: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// [`LivePart`] borrowed from a book, to serialize without copying.
@@ -173,6 +209,7 @@ pub struct LivePartRef<'a> {
     live: &'a Account,
     last: &'a Option<Key>,
     earliest: &'a Option<DateTime<Utc>>,
+    version: u64,
 }
 
 impl Book {
@@ -183,6 +220,8 @@ impl Book {
             live: part.live,
             last: part.last,
             earliest: part.earliest,
+            version: part.version,
+            marks: Vec::new(),
         }
     }
 
@@ -192,6 +231,7 @@ impl Book {
             live: &self.live,
             last: &self.last,
             earliest: &self.earliest,
+            version: self.version,
         }
     }
 
@@ -201,6 +241,8 @@ impl Book {
             live: Account::new(account_id),
             last: None,
             earliest: None,
+            version: 0,
+            marks: Vec::new(),
         }
     }
 
@@ -212,6 +254,8 @@ impl Book {
             live: state,
             last: None,
             earliest: None,
+            version: 0,
+            marks: Vec::new(),
         }
     }
 
@@ -263,9 +307,27 @@ impl Book {
             .any(|e| !self.in_order(self.placement(e.time).0, &e.source, &e.id))
     }
 
+    /// Where the window a replay of these events reads starts: `Some(t)` when it starts at
+    /// a [`Mark`] (the window's events placed at or after `t` are enough), `None` for the
+    /// whole open window. Asked only when [`Book::needs_window`] says so.
+    pub fn window_from(&self, events: &[Event]) -> Option<DateTime<Utc>> {
+        let earliest = events
+            .iter()
+            .map(|e| self.place(e))
+            .min_by(|a, b| a.order().cmp(&b.order()))?;
+        self.base(&earliest).map(|m| self.marks[m].last.at)
+    }
+
+    /// The newest mark before `earliest` (the earliest event of a replay), if any.
+    fn base(&self, earliest: &Placed) -> Option<usize> {
+        self.marks.iter().rposition(|m| {
+            (m.last.at, m.last.source.as_str(), m.last.id.as_str()) < earliest.order()
+        })
+    }
+
     /// Applies the account's new events. `window`: the open window's events (every event
-    /// placed at or after [`Book::final_at`], in any order), required when
-    /// [`Book::needs_window`] says so.
+    /// placed at or after [`Book::final_at`], in any order; or only those at or after
+    /// [`Book::window_from`], and any more), required when [`Book::needs_window`] says so.
     pub fn apply(&mut self, events: &[Event], window: Option<Vec<Placed>>) -> Applied {
         self.apply_observed(events, window, |_, _| {})
     }
@@ -278,6 +340,7 @@ impl Book {
         window: Option<Vec<Placed>>,
         mut observe: impl FnMut(&Account, DateTime<Utc>),
     ) -> Applied {
+        self.version += 1;
         let placed: Vec<Placed> = events.iter().map(|e| self.place(e)).collect();
         if self.final_at().is_none() {
             let first = placed.iter().map(|p| p.at).min();
@@ -302,11 +365,26 @@ impl Book {
                     entry,
                     cause: Some(i),
                 }));
-                self.last = Some(placed[i].key());
+                let key = placed[i].key();
+                mark(&mut self.marks, &self.live, &key);
+                self.last = Some(key);
                 observe(&self.live, placed[i].at);
             }
         } else {
             let mut window = window.expect("the caller loads the window when needs_window");
+            // The replay starts at the newest mark before the earliest event out of order
+            // (the marks after it are taken again on the way), or at the checkpoint.
+            let base = self.base(&placed[order[0]]);
+            self.marks.truncate(base.map_or(0, |m| m + 1));
+            let mut canonical = match base {
+                Some(m) => {
+                    let from = &self.marks[m].last;
+                    let from = (from.at, from.source.as_str(), from.id.as_str());
+                    window.retain(|p| p.order() > from);
+                    self.marks[m].state.clone()
+                }
+                None => self.checkpoint.clone(),
+            };
             // First each event's own entries, charged at the account's time...
             let mut provisional = self.live.clone();
             for &i in &order {
@@ -324,9 +402,9 @@ impl Book {
             window.extend(placed.iter().cloned());
             window.sort_by(|a, b| a.order().cmp(&b.order()));
             window.dedup_by(|a, b| a.order() == b.order());
-            let mut canonical = self.checkpoint.clone();
             for p in &window {
                 p.apply_at(&mut canonical, p.at, &mut out);
+                mark(&mut self.marks, &canonical, &p.key());
             }
             out.clear();
             if let Some(clock) = provisional.clock {
@@ -373,6 +451,9 @@ impl Book {
         if self.final_at().is_some_and(|f| f >= until) {
             return (Vec::new(), Vec::new());
         }
+        self.version += 1;
+        // A mark before the new final point would replay without the events folded now.
+        self.marks.retain(|m| m.last.at >= until);
         folded.retain(|p| p.at < until);
         folded.sort_by(|a, b| a.order().cmp(&b.order()));
         self.earliest = None; // the window now starts at the final point
@@ -394,7 +475,11 @@ impl Book {
             .filter(|c| c.end <= until)
             .cloned()
             .collect();
-        for state in [&mut self.checkpoint, &mut self.live] {
+        let marked = self.marks.iter_mut().map(|m| &mut m.state);
+        for state in [&mut self.checkpoint, &mut self.live]
+            .into_iter()
+            .chain(marked)
+        {
             state.closed.retain(|c| c.end > until);
         }
         // Spent grants never change again (nothing adds credits to a grant): both states
@@ -411,7 +496,11 @@ impl Book {
             })
             .map(|g| g.grant_id.clone())
             .collect();
-        for state in [&mut self.checkpoint, &mut self.live] {
+        let marked = self.marks.iter_mut().map(|m| &mut m.state);
+        for state in [&mut self.checkpoint, &mut self.live]
+            .into_iter()
+            .chain(marked)
+        {
             state.grants.retain(|g| !spent.contains(&g.grant_id));
         }
         self.check();
@@ -437,6 +526,24 @@ impl Book {
             "the checkpoint is ahead of the live state"
         );
     }
+}
+
+/// Takes a mark of `state` (everything up to `last` applied) when the newest is at least
+/// [`MARK_SPACING`] older, keeping the newest [`MARKS_KEPT`].
+fn mark(marks: &mut Vec<Mark>, state: &Account, last: &Key) {
+    if marks
+        .last()
+        .is_some_and(|m| last.at - m.last.at < MARK_SPACING)
+    {
+        return;
+    }
+    if marks.len() == MARKS_KEPT {
+        marks.remove(0);
+    }
+    marks.push(Mark {
+        last: last.clone(),
+        state: state.clone(),
+    });
 }
 
 /// The entries that take `from` to `to`, per grant and per kind: a new grant as a grant
@@ -615,6 +722,8 @@ mod tests {
         window: Vec<Placed>,
         lines: Vec<Entry>,
         finals: Vec<ClosedCycle>,
+        /// Forgets the book's marks before every delivery (a store that lost its cache).
+        cold: bool,
     }
 
     impl Harness {
@@ -630,8 +739,19 @@ mod tests {
         }
 
         fn deliver(&mut self, events: &[Event]) -> Applied {
+            if self.cold {
+                self.book().marks.clear();
+            }
             let need = self.book().needs_window(events);
-            let window = need.then(|| self.window.clone());
+            // What the store reads: the window from the mark the replay starts at.
+            let window = need.then(|| {
+                let from = self.book().window_from(events);
+                self.window
+                    .iter()
+                    .filter(|p| from.is_none_or(|f| p.at >= f))
+                    .cloned()
+                    .collect()
+            });
             let applied = self.book().apply(events, window);
             // Each event's own debit and overage entries charge exactly its credits, and the
             // corrections of a replay only move charges between grants and overage: they net
@@ -1363,7 +1483,19 @@ mod tests {
         batches: &[(usize, bool)],
         end: DateTime<Utc>,
     ) -> Harness {
+        run_with(events, order, batches, end, false)
+    }
+
+    /// [`run`], `cold`: without the book's marks (every replay from the checkpoint).
+    fn run_with(
+        events: &[(Event, DateTime<Utc>)],
+        order: &[usize],
+        batches: &[(usize, bool)],
+        end: DateTime<Utc>,
+        cold: bool,
+    ) -> Harness {
         let mut h = Harness::new();
+        h.cold = cold;
         let mut i = 0;
         let mut b = 0;
         let mut now = at(1, 1, 0);
@@ -1448,6 +1580,10 @@ mod tests {
             arrival.shuffle(&mut rng);
             arrival.sort_by_key(|&k| events[k].1);
             let other = run(&events, &arrival, &batches, end);
+            // Replays from marks write the same lines as replays from the checkpoint.
+            let cold = run_with(&events, &arrival, &batches, end, true);
+            prop_assert_eq!(&other.lines, &cold.lines);
+            prop_assert_eq!(&other.book, &cold.book);
             let usage: Decimal = events
                 .iter()
                 .map(|(e, _)| match e.action { Action::Debit { credits } => credits, _ => Decimal::ZERO })
