@@ -1322,6 +1322,65 @@ mod tests {
         assert_eq!(per_grant["top"], dec!(350));
     }
 
+    /// A replay that starts at a mark taken before the final point moved past a spent
+    /// grant: the mark forgets the grant as the checkpoint and the live state do, so the
+    /// replay writes what one from the checkpoint writes.
+    #[test]
+    fn a_replay_from_a_mark_matches_one_from_the_checkpoint_across_a_final_point() {
+        let events = [
+            // A plan whose cycle closes on 3-02 00:00, before the final point.
+            ev(
+                "p",
+                at(2, 20, 0),
+                plan(dec!(0), 2, OveragePolicy::BillOverage),
+            ),
+            ev(
+                "g1",
+                at(3, 1, 0),
+                grant("g1", GrantKind::Package, dec!(100), None),
+            ),
+            ev("d1", at(3, 1, 1), debit(dec!(100))),
+            ev(
+                "g2",
+                at(3, 2, 6),
+                grant("g2", GrantKind::Package, dec!(50), None),
+            ),
+            ev("d2", at(3, 2, 7), debit(dec!(10))),
+        ];
+        let late = ev("d3", at(3, 2, 6) + Duration::minutes(30), debit(dec!(5)));
+        let mut hot = Harness::new();
+        let mut cold = Harness::new();
+        cold.cold = true;
+        for h in [&mut hot, &mut cold] {
+            for e in &events {
+                h.deliver(std::slice::from_ref(e));
+            }
+            h.tick(at(3, 3, 2)); // final point 3-02 02:00: g1 is spent before it
+        }
+        assert_eq!(
+            hot.book()
+                .marks
+                .iter()
+                .map(|m| m.last.id.as_str())
+                .collect::<Vec<_>>(),
+            ["g2", "d2"],
+            "the marks after the final point stay"
+        );
+        assert_eq!(
+            hot.book().window_from(std::slice::from_ref(&late)),
+            Some(at(3, 2, 6))
+        );
+        for h in [&mut hot, &mut cold] {
+            assert!(h.deliver(std::slice::from_ref(&late)).replayed);
+        }
+        assert_eq!(hot.lines, cold.lines);
+        assert_eq!(hot.book, cold.book);
+        let live = &hot.book.as_ref().unwrap().live;
+        assert_eq!(live.balance(), dec!(35)); // 50 - 10 - 5
+        assert!(live.closed.is_empty(), "{:?}", live.closed);
+        assert!(!live.grants.iter().any(|g| g.grant_id == "g1"));
+    }
+
     #[test]
     fn an_older_plan_does_not_revert_the_newer_one() {
         let mut h = Harness::new();
