@@ -372,6 +372,7 @@ async fn through_store(
         run.outcome.accounts += o.accounts;
         run.outcome.alerts += o.alerts;
         run.outcome.replayed += o.replayed;
+        run.outcome.window_events += o.window_events;
     }
     run.elapsed = t.elapsed();
     run.pg_cpu = cpu_time(&backend).saturating_sub(pg_before);
@@ -540,13 +541,14 @@ async fn run() {
             r.events as f64 / r.pg_cpu.as_secs_f64().max(1e-9)
         );
         println!(
-            "  applied {}, duplicates {}, ledger entries {}, account-batches {}, alerts {}, replays {}",
+            "  applied {}, duplicates {}, ledger entries {}, account-batches {}, alerts {}, replays {} ({} window events read back)",
             r.outcome.applied,
             r.outcome.duplicates,
             r.outcome.entries,
             r.outcome.accounts,
             r.outcome.alerts,
-            r.outcome.replayed
+            r.outcome.replayed,
+            r.outcome.window_events
         );
         pg.sizes(&schema).await;
         if profile_batches > 0 {

@@ -35,6 +35,7 @@ struct Metrics {
     probe_rounds: IntCounterVec,
     retries: IntCounterVec,
     replays: IntCounter,
+    replayed_events: IntCounter,
     ingest_events: IntCounterVec,
     reconcile_differences: IntGauge,
     reconcile_late: IntGauge,
@@ -98,6 +99,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(replays.clone()))
         .expect("registered once");
+    let replayed_events = IntCounter::with_opts(Opts::new(
+        "tally_ledger_replayed_events_total",
+        "Open-window events the ledger read back and applied again for its replays (each from the account's newest mark before the event out of order, or from its final point); its rate over tally_ledger_replays_total's is the average replay's length.",
+    ))
+    .expect("valid metric");
+    registry
+        .register(Box::new(replayed_events.clone()))
+        .expect("registered once");
     let resolve_seconds = histogram(
         "tally_analytics_resolve_seconds",
         "How long analytics took to resolve the identities of the batches written since the last resolve (one lookup of usage_copies, whose time grows with the table), then store their positions.",
@@ -110,6 +119,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     Metrics {
         replays,
+        replayed_events,
         resolve_seconds,
         hold_lock_seconds,
         events: counter(
@@ -203,10 +213,12 @@ pub fn events<'a>(pipeline: &str, kinds: impl IntoIterator<Item = &'a str>) {
     }
 }
 
-/// Counts the accounts a ledger batch replayed (events out of order).
-pub fn replays(accounts: usize) {
+/// Counts the accounts a ledger batch replayed (events out of order), and the open-window
+/// events it read back for them.
+pub fn replays(accounts: usize, events: usize) {
     if accounts > 0 {
         METRICS.replays.inc_by(accounts as u64);
+        METRICS.replayed_events.inc_by(events as u64);
     }
 }
 

@@ -222,3 +222,155 @@ async fn a_replay_empties_the_row_of_a_grant_it_no_longer_has() {
     );
     assert_eq!(b.spendable, dec!(100));
 }
+
+/// An account whose two usage topics are consumed about a minute apart for an hour (one
+/// event a second, the chat topic's minute always applied after the calls topic's next
+/// one), so every chat batch is out of order: each replay starts at the book's newest mark
+/// before its earliest event and reads back a few minutes of the window, not the hour; and
+/// the ledger, line by line, is the one a store without marks writes (every replay from the
+/// checkpoint, a new connection per batch).
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test]
+async fn replays_start_at_a_mark_and_write_the_ledger_a_replay_from_the_checkpoint_writes() {
+    let start = Utc::now() - Duration::hours(3);
+    let ids: Vec<String> = (0..3600).map(|i| format!("e{i:04}")).collect();
+    // Calls on even seconds (2 credits), chat on odd ones (1 credit).
+    let usage: Vec<Item<'_>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Item {
+            source: if i % 2 == 0 { "calls" } else { "chat" },
+            id,
+            account_id: "a",
+            time: start + Duration::seconds(i as i64),
+            action: debit(if i % 2 == 0 { dec!(2) } else { dec!(1) }),
+        })
+        .collect();
+    let grants = [
+        // Spent first (priority 1) until it expires after 20 minutes (1,800 of its 3,000
+        // credits): a chat minute before the expiry that arrives after it is charged to the
+        // package at first, then corrected by the replay.
+        Item {
+            source: "grants",
+            id: "promo",
+            account_id: "a",
+            time: start - Duration::minutes(1),
+            action: Action::Grant(NewGrant {
+                grant_id: "promo".into(),
+                kind: GrantKind::Promo,
+                credits: dec!(3000),
+                expires_at: Some(start + Duration::minutes(20)),
+                priority: Some(1),
+            }),
+        },
+        Item {
+            source: "grants",
+            id: "package",
+            account_id: "a",
+            time: start - Duration::minutes(1),
+            action: Action::Grant(NewGrant {
+                grant_id: "package".into(),
+                kind: GrantKind::Package,
+                credits: dec!(100000),
+                expires_at: None,
+                priority: Some(2),
+            }),
+        },
+    ];
+    // Arrival: the grants; then calls minute m, chat minute m - 1, calls m + 1, ...
+    let minute = |source: &str, m: i64| -> Vec<Item<'_>> {
+        usage
+            .iter()
+            .filter(|u| u.source == source && (u.time - start).num_seconds() / 60 == m)
+            .cloned()
+            .collect()
+    };
+    let mut batches = vec![grants.to_vec()];
+    for m in 0..=60 {
+        batches.push(minute("calls", m));
+        batches.push(minute("chat", m - 1));
+    }
+    batches.retain(|b| !b.is_empty());
+    let none = Default::default();
+
+    let mut hot = fresh_store("etmarks_hot").await;
+    let (mut replays, mut read_back, mut worst) = (0, 0, 0);
+    for b in &batches {
+        let o = hot.apply_batch("g", b, &none).await.unwrap();
+        replays += o.replayed;
+        read_back += o.window_events;
+        worst = worst.max(o.window_events);
+    }
+    let cfg = common::test_config("etmarks_cold");
+    let mut cold_read_back = 0;
+    for (i, b) in batches.iter().enumerate() {
+        let mut cold = Store::connect(&cfg.postgres).await.unwrap();
+        if i == 0 {
+            cold.migrate().await.unwrap();
+        }
+        cold_read_back += cold.apply_batch("g", b, &none).await.unwrap().window_events;
+    }
+    let cold = Store::connect(&cfg.postgres).await.unwrap();
+
+    // Every chat minute but the last arrived after the next calls minute: 60 replays. A
+    // chat minute's earliest event is at most 119 s behind the newest applied, so its
+    // replay starts at most 4 x 119 s back (one mark per doubling of the distance): at most
+    // 476 of the window's events, against up to the whole hour from the checkpoint.
+    eprintln!("window events read back: {read_back} from marks (worst replay {worst}), {cold_read_back} from the checkpoint");
+    assert_eq!(replays, 60);
+    assert!(worst <= 476, "a replay read back {worst} window events");
+    assert!(
+        cold_read_back >= 3 * read_back,
+        "from the checkpoint: {cold_read_back}; from marks: {read_back}"
+    );
+
+    // The documented rules, in event time: the promo (priority 1) pays everything until it
+    // expires at 1,200 s (3 credits every 2 s: 1,800; its other 1,200 expire), the package
+    // the rest of the hour's 1,800 x 2 + 1,800 x 1 = 5,400: 100,000 - 3,600.
+    let b = hot.balance("a").await.unwrap().unwrap();
+    let remaining: std::collections::BTreeMap<String, Decimal> = b
+        .grants
+        .iter()
+        .map(|g| (g.grant_id.clone(), g.remaining))
+        .collect();
+    assert_eq!(
+        remaining.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("package".to_owned(), dec!(96400)),
+            ("promo".to_owned(), dec!(0))
+        ]
+    );
+    assert_eq!(b.spendable, dec!(96400));
+    let line = |l: &tally::ledger::store::LedgerLine| {
+        (
+            l.kind.clone(),
+            l.corrects.clone(),
+            l.grant_id.clone(),
+            l.amount,
+            l.balance_after,
+            l.event_id.clone(),
+        )
+    };
+    let hot_lines: Vec<_> = hot
+        .entries("a", 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(line)
+        .collect();
+    let cold_lines: Vec<_> = cold
+        .entries("a", 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(line)
+        .collect();
+    assert!(
+        hot_lines.iter().any(|l| l.0 == "correction"),
+        "the replays corrected charges"
+    );
+    assert_eq!(hot_lines, cold_lines);
+}

@@ -185,11 +185,12 @@ pub struct Mark {
     pub state: Account,
 }
 
-/// Event time between two marks, and how many marks a book keeps (the newest): an event
-/// out of order by less than about `MARK_SPACING * (MARKS_KEPT - 1)` replays at most that
-/// much of the window.
+/// Marks are at least `MARK_SPACING` apart in event time, and thinned to one per doubling
+/// of the distance from the newest ([`mark`]), at most `MARKS_KEPT`: an event out of order
+/// by `d` replays about `2d` to `4d` of the window (from 5 s up to 5 s x 2^10, about 85
+/// minutes; beyond that, from the checkpoint).
 pub const MARK_SPACING: chrono::Duration = chrono::Duration::seconds(5);
-pub const MARKS_KEPT: usize = 6;
+pub const MARKS_KEPT: usize = 12;
 
 /// What the store rewrites with every batch: the live state and the order's bookkeeping.
 /// The checkpoint is stored apart and changes only when the final point moves.
@@ -529,7 +530,9 @@ impl Book {
 }
 
 /// Takes a mark of `state` (everything up to `last` applied) when the newest is at least
-/// [`MARK_SPACING`] older, keeping the newest [`MARKS_KEPT`].
+/// [`MARK_SPACING`] older; then keeps the oldest mark of each span [S, 2S), [2S, 4S), ... of
+/// distance from the new one (S: the spacing), the newest [`MARKS_KEPT`] of those. As the
+/// marks age, each span's oldest moves on to the next span, so every span keeps one.
 fn mark(marks: &mut Vec<Mark>, state: &Account, last: &Key) {
     if marks
         .last()
@@ -537,13 +540,26 @@ fn mark(marks: &mut Vec<Mark>, state: &Account, last: &Key) {
     {
         return;
     }
-    if marks.len() == MARKS_KEPT {
-        marks.remove(0);
-    }
     marks.push(Mark {
         last: last.clone(),
         state: state.clone(),
     });
+    let spacing = MARK_SPACING.num_milliseconds();
+    let span = |m: &Mark| {
+        let d = (last.at - m.last.at).num_milliseconds() / spacing;
+        u64::BITS - (d.max(0) as u64).leading_zeros()
+    };
+    // Oldest first, so the first of each span is its oldest.
+    let mut previous = None;
+    marks.retain(|m| {
+        let s = span(m);
+        let keep = previous != Some(s);
+        previous = Some(s);
+        keep
+    });
+    if marks.len() > MARKS_KEPT {
+        marks.drain(..marks.len() - MARKS_KEPT);
+    }
 }
 
 /// The entries that take `from` to `to`, per grant and per kind: a new grant as a grant
@@ -1320,6 +1336,39 @@ mod tests {
         assert_eq!((balance, overage), (dec!(450), dec!(0)));
         assert_eq!(per_grant["pkg"], dec!(100));
         assert_eq!(per_grant["top"], dec!(350));
+    }
+
+    /// Marks taken every 5 s for 3 hours: after each, an event out of order by any `d`
+    /// from 5 s to an hour finds a mark at most `4d` back (the replay reads at most that),
+    /// and never more than MARKS_KEPT are kept.
+    #[test]
+    fn marks_thin_to_one_per_doubling_of_the_distance() {
+        let start = at(3, 1, 0);
+        let state = Account::new("a");
+        let mut marks = Vec::new();
+        for i in 0..(3 * 3600 / 5) {
+            let head = start + Duration::seconds(5 * i);
+            let key = Key {
+                at: head,
+                source: "s".into(),
+                id: format!("e{i}"),
+            };
+            mark(&mut marks, &state, &key);
+            assert!(marks.len() <= MARKS_KEPT);
+            assert_eq!(marks.last().unwrap().last.at, head);
+            for d in [5, 7, 30, 61, 300, 999, 3600] {
+                let late = head - Duration::seconds(d);
+                if late - start < Duration::seconds(4 * d) {
+                    continue; // the marks cannot go back before the first one
+                }
+                let base = marks.iter().rev().find(|m| m.last.at < late);
+                let back = head - base.expect("a mark before").last.at;
+                assert!(
+                    back <= Duration::seconds(4 * d),
+                    "{i}: {d} s late replays {back}"
+                );
+            }
+        }
     }
 
     /// A replay that starts at a mark taken before the final point moved past a spent

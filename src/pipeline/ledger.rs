@@ -184,7 +184,7 @@ pub async fn run_with_clock(
         stats.records += batch.records.len() as u64;
         stats.applied += totals.applied as u64;
         stats.duplicates += totals.duplicates as u64;
-        crate::metrics::replays(totals.replayed);
+        crate::metrics::replays(totals.replayed, totals.window_events);
         stats.dead_letters += letters.len() as u64;
         tracing::debug!(
             records = batch.records.len(),
@@ -194,6 +194,7 @@ pub async fn run_with_clock(
             entries = totals.entries,
             accounts = totals.accounts,
             replayed = totals.replayed,
+            window_events = totals.window_events,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "ledger batch committed"
         );
@@ -383,6 +384,7 @@ impl ApplyPart for Parts<'_, '_, '_> {
         self.totals.alerts += o.alerts;
         self.totals.accounts += o.accounts;
         self.totals.replayed += o.replayed;
+        self.totals.window_events += o.window_events;
         Ok(())
     }
 }

@@ -79,6 +79,7 @@ impl Store {
         if !fresh.is_empty() {
             let touched: BTreeSet<&str> = fresh.iter().map(|i| i.account_id).collect();
             locked.retain(&touched);
+            self.marks.lend(&mut locked.books);
             outcome.accounts = locked.books.len();
             // Each account's new events (a grant id the account already has is claimed and
             // changes nothing: a purchase delivered twice credits once).
@@ -113,17 +114,17 @@ impl Store {
                 items.push(item);
                 events.push(item.to_event_with(*credits));
             }
-            let need: Vec<&str> = batches
+            // The accounts with an event out of order, and where their replay starts.
+            let need: Vec<(&str, Option<DateTime<Utc>>)> = batches
                 .iter()
-                .filter(|(id, (_, events))| {
-                    locked
-                        .books
-                        .get(**id)
-                        .is_some_and(|b| b.needs_window(events))
+                .filter_map(|(id, (_, events))| {
+                    let book = locked.books.get(*id)?;
+                    book.needs_window(events)
+                        .then(|| (*id, book.window_from(events)))
                 })
-                .map(|(id, _)| *id)
                 .collect();
             let mut windows = load_windows(&tx, st, &need, &locked.books).await?;
+            outcome.window_events = windows.values().map(Vec::len).sum();
             let mut rows = EntryRows::default();
             let mut open = OpenRows::default();
             let mut fired = Vec::new();
@@ -199,6 +200,7 @@ impl Store {
                     .await?;
             tx.commit().await?;
             crate::metrics::hold_lock_seconds(locking.elapsed().as_secs_f64());
+            self.marks.keep(&mut locked.books);
             return Ok(outcome);
         }
         store_offsets(&tx, st, group_id, next_offsets).await?;
@@ -555,21 +557,29 @@ pub(super) async fn lock_accounts(
     })
 }
 
-/// The open windows of the given accounts: every event placed at or after the final point.
+/// The open windows of the given accounts, each from where its replay starts
+/// ([`Book::window_from`]; None: every event placed at or after the final point).
 pub(super) async fn load_windows(
     tx: &Transaction<'_>,
     st: &Stmts,
-    ids: &[&str],
+    from: &[(&str, Option<DateTime<Utc>>)],
     books: &BTreeMap<String, Book>,
 ) -> Result<BTreeMap<String, Vec<Placed>>, StoreError> {
-    let mut windows: BTreeMap<String, Vec<Placed>> = ids
+    let mut windows: BTreeMap<String, Vec<Placed>> = from
         .iter()
-        .map(|id| ((*id).to_owned(), Vec::new()))
+        .map(|(id, _)| ((*id).to_owned(), Vec::new()))
         .collect();
-    if ids.is_empty() {
+    if from.is_empty() {
         return Ok(windows);
     }
-    let rows = tx.query(st.get(LOAD_WINDOWS), &[&ids]).await?;
+    let ids: Vec<&str> = from.iter().map(|(id, _)| *id).collect();
+    // The `at` column is in microseconds (below them: `at_nanos`): from the microsecond
+    // before, the book drops what is not after its mark.
+    let at: Vec<Option<DateTime<Utc>>> = from
+        .iter()
+        .map(|(_, t)| t.map(|t| t - chrono::Duration::microseconds(1)))
+        .collect();
+    let rows = tx.query(st.get(LOAD_WINDOWS), &[&ids, &at]).await?;
     for r in &rows {
         let id: String = r.get(0);
         // The placed event as the book saw it (`at` to the nanosecond; the column is

@@ -25,6 +25,7 @@ use crate::fault::{Classify, Fault};
 
 mod apply;
 mod holds;
+mod marks;
 mod offsets;
 mod outbox;
 mod read;
@@ -340,6 +341,9 @@ pub struct BatchOutcome {
     pub alerts: usize,
     /// Accounts whose open window was replayed (an event arrived out of event-time order).
     pub replayed: usize,
+    /// Open-window events read back for those replays (from each book's mark, or its
+    /// final point).
+    pub window_events: usize,
 }
 
 pub struct Store {
@@ -352,6 +356,8 @@ pub struct Store {
     /// How long after its event time an event may still arrive and be billed in order
     /// (`billing.grace`): the final point is `now - grace`.
     pub grace: chrono::Duration,
+    /// The replay marks of the books this store applied to, between batches.
+    marks: marks::MarkCache,
 }
 
 /// The default `billing.grace`.
@@ -429,6 +435,7 @@ impl Store {
             schema: cfg.schema.clone(),
             alert_defaults: AlertDefaults::default(),
             grace: DEFAULT_GRACE,
+            marks: marks::MarkCache::default(),
         })
     }
 
@@ -576,9 +583,13 @@ const KNOWN_GRANTS: &str = "SELECT g.account_id, g.grant_id FROM grants g
      JOIN unnest($1::text[], $2::text[]) AS w(account_id, grant_id)
        ON g.account_id = w.account_id AND g.grant_id = w.grant_id";
 
+/// Each account's open window from a place on (`-infinity`: all of it), by the index on
+/// (account_id, at).
 const LOAD_WINDOWS: &str =
-    "SELECT account_id, at, at_nanos, event_source, event_id, late, credits, placed \
-     FROM open_events WHERE account_id = ANY($1)";
+    "SELECT o.account_id, o.at, o.at_nanos, o.event_source, o.event_id, o.late, o.credits, o.placed \
+     FROM unnest($1::text[], $2::timestamptz[]) AS w(account_id, from_at) \
+     JOIN open_events o ON o.account_id = w.account_id \
+      AND o.at >= COALESCE(w.from_at, '-infinity'::timestamptz)";
 
 const INSERT_OPEN_EVENTS: &str = "INSERT INTO open_events (account_id, at, at_nanos, event_source, event_id, late, credits, placed)
      SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int[], $4::text[], $5::text[],
