@@ -374,3 +374,72 @@ async fn replays_start_at_a_mark_and_write_the_ledger_a_replay_from_the_checkpoi
     );
     assert_eq!(hot_lines, cold_lines);
 }
+
+/// Two instances on one account (a rebalance): the marks one instance cached are not used
+/// once the other has applied to the book, or the late event the other applied would be
+/// missing from the replay that starts at one of them.
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test]
+async fn marks_cached_by_one_instance_are_dropped_when_another_applies() {
+    let start = Utc::now() - Duration::hours(2);
+    let ids: Vec<String> = (0..100).map(|i| format!("e{i:03}")).collect();
+    let cfg = common::test_config("etmarks_two");
+    let mut first = Store::connect(&cfg.postgres).await.unwrap();
+    first.migrate().await.unwrap();
+    let mut second = Store::connect(&cfg.postgres).await.unwrap();
+    let none = Default::default();
+    let grant = Item {
+        source: "grants",
+        id: "g",
+        account_id: "a",
+        time: start - Duration::minutes(1),
+        action: Action::Grant(NewGrant {
+            grant_id: "g".into(),
+            kind: GrantKind::Package,
+            credits: dec!(10000),
+            expires_at: None,
+            priority: None,
+        }),
+    };
+    let usage: Vec<Item<'_>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Item {
+            source: "calls",
+            id,
+            account_id: "a",
+            time: start + Duration::seconds(i as i64),
+            action: debit(dec!(1)),
+        })
+        .collect();
+    first.apply_batch("g", &[grant], &none).await.unwrap();
+    // In order: the first instance takes marks up to second 99.
+    first.apply_batch("g", &usage, &none).await.unwrap();
+    // The second instance applies a late event at 50.5 s (a replay of its own)...
+    let x = Item {
+        source: "chat",
+        id: "x",
+        account_id: "a",
+        time: start + Duration::milliseconds(50_500),
+        action: debit(dec!(7)),
+    };
+    let o = second.apply_batch("g", &[x], &none).await.unwrap();
+    assert_eq!(o.replayed, 1);
+    // ...and the first one a late event at 80.5 s: its marks after 50.5 s do not have x.
+    let y = Item {
+        source: "chat",
+        id: "y",
+        account_id: "a",
+        time: start + Duration::milliseconds(80_500),
+        action: debit(dec!(3)),
+    };
+    let o = first.apply_batch("g", &[y], &none).await.unwrap();
+    assert_eq!(o.replayed, 1);
+    let b = first.balance("a").await.unwrap().unwrap();
+    assert_eq!(b.spendable, dec!(9890)); // 10,000 - 100 x 1 - 7 - 3
+    // From the final point: the whole window (the grant, 100 calls and x) is read back.
+    assert_eq!(o.window_events, 102);
+}
