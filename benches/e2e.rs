@@ -328,14 +328,34 @@ async fn run() {
         None => {}
     }
     let metrics = tally::metrics::render();
-    let replays = metrics
-        .lines()
-        .find(|l| l.starts_with("tally_ledger_replays_total"))
-        .and_then(|l| l.rsplit_once(' '))
-        .map_or("0", |(_, v)| v);
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit_once(' '))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let replays = metric("tally_ledger_replays_total");
+    let read_back = metric("tally_ledger_replayed_events_total");
     println!(
-        "accounts replayed (an event out of event-time order), over the whole bench: {replays}"
+        "accounts replayed (an event out of event-time order), over the whole bench: {replays} ({read_back} open-window events read back, {:.0} per replay)",
+        read_back / replays.max(1.0)
     );
+    // The ledger's batches: how long each took in all (read, prepare, transaction) and in
+    // its PostgreSQL transaction.
+    for (what, name) in [
+        ("batch", "tally_batch_duration_seconds"),
+        ("transaction", "tally_transaction_duration_seconds"),
+    ] {
+        let sum = metric(&format!("{name}_sum{{pipeline=\"ledger\"}}"));
+        let count = metric(&format!("{name}_count{{pipeline=\"ledger\"}}"));
+        println!(
+            "ledger {what}: {count} of them, {:.1} s in all, mean {:.1} ms",
+            sum,
+            1000.0 * sum / count.max(1.0)
+        );
+    }
     println!(
         "peak RSS (VmHWM) of the bench process (Tally's pipelines, the producer, the samples): {}",
         std::fs::read_to_string("/proc/self/status")

@@ -440,6 +440,6 @@ async fn marks_cached_by_one_instance_are_dropped_when_another_applies() {
     assert_eq!(o.replayed, 1);
     let b = first.balance("a").await.unwrap().unwrap();
     assert_eq!(b.spendable, dec!(9890)); // 10,000 - 100 x 1 - 7 - 3
-    // From the final point: the whole window (the grant, 100 calls and x) is read back.
+                                         // From the final point: the whole window (the grant, 100 calls and x) is read back.
     assert_eq!(o.window_events, 102);
 }

@@ -262,7 +262,16 @@ impl BatchConsumer {
         // max.poll.interval.ms is also the rebalance timeout a joining member announces: a
         // broker waits that long for members that died without leaving (SIGKILL) before it
         // completes the rebalance. The loop polls at least every batch, so 30 s is ample.
+        //
+        // max.partition.fetch.bytes (librdkafka's default: 1 MB) is what one fetch brings of
+        // each partition, so it sets how far the partitions of one account's topics run
+        // apart in a batch: with 64 KB (about 180 records of 350 B) the batch interleaves
+        // them finely, and an account's events arrive out of event-time order (a replay)
+        // rarely and by little. queued.max.messages.kbytes (default 64 MB per consumer) caps
+        // the records fetched ahead: a few batches' worth.
         for (key, value) in [
+            ("max.partition.fetch.bytes", "65536"),
+            ("queued.max.messages.kbytes", "16384"),
             ("fetch.wait.max.ms", "20"),
             ("max.poll.interval.ms", "30000"),
             ("session.timeout.ms", "10000"),

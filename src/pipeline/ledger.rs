@@ -82,25 +82,64 @@ pub async fn run_with_clock(
     let purge_interval = std::time::Duration::from_millis(cfg.pipeline.dedupe_purge_interval_ms);
     tracing::info!(group, ?topics, "ledger pipeline started");
 
+    // Records held back by the event-time alignment ([`hold_back`]), applied with the next
+    // batch; their partitions' stored positions stay at the first of them.
+    let mut carried: Vec<Record> = Vec::new();
     while !*shutdown.borrow() {
-        let Some(batch) = consumer.next_batch(&batch_limits, &mut shutdown).await? else {
+        // With records held back, a quiet stream (nothing within the batch wait) applies them.
+        let idle = (!carried.is_empty()).then_some(batch_limits.max_wait);
+        let Some(batch) = consumer
+            .next_batch_within(&batch_limits, idle, &mut shutdown)
+            .await?
+        else {
             break;
         };
         stats.skipped += batch.skipped as u64;
-        if batch.records.is_empty() {
+        let quiet = batch.records.is_empty();
+        let mut records = std::mem::take(&mut carried);
+        if !records.is_empty() {
+            // A partition revoked meanwhile is read again by its new owner.
+            let assigned: std::collections::HashSet<_> =
+                consumer.assignment().into_iter().collect();
+            records.retain(|r| assigned.contains(&(r.topic.to_string(), r.partition)));
+        }
+        records.extend(batch.records);
+        if records.is_empty() {
             continue;
         }
         let started = Instant::now();
         let now = clock.now();
-        let mut prepared = Vec::with_capacity(batch.records.len());
+        let results: Vec<_> = records
+            .iter()
+            .map(|record| prepare(record, &prices, now, &admission))
+            .collect();
+        let mut held = if quiet {
+            Holds::default()
+        } else {
+            hold_back(
+                &records,
+                results
+                    .iter()
+                    .map(|r| r.as_ref().ok().map(|p| to_item(p).time)),
+            )
+        };
+        if held.records > batch_limits.max_events {
+            // The partitions stay too far apart: apply everything rather than hold more.
+            held = Holds::default();
+        }
+        let next_offsets = held.next_offsets(&records);
+        let mut prepared = Vec::with_capacity(records.len());
         let mut letters = Vec::new();
-        for record in &batch.records {
-            let result = prepare(record, &prices, now, &admission);
+        for (record, result) in records.iter().zip(results) {
+            if held.holds(record) {
+                continue;
+            }
             match result {
                 Ok(p) => prepared.push(p),
                 Err(rejection) => letters.push(dead_letter(record, rejection)),
             }
         }
+        let carry: Vec<Record> = records.iter().filter(|r| held.holds(r)).cloned().collect();
         let items: Vec<Item<'_>> = prepared.iter().map(to_item).collect();
         crate::metrics::events(
             "ledger",
@@ -120,15 +159,7 @@ pub async fn run_with_clock(
                 if !letters.is_empty() {
                     fail::fail_point!("ledger-after-dead-letters", |_| std::process::abort());
                 }
-                apply(
-                    &mut store,
-                    &cfg,
-                    &group,
-                    &items,
-                    &batch.next_offsets,
-                    &mut retry,
-                )
-                .await
+                apply(&mut store, &cfg, &group, &items, &next_offsets, &mut retry).await
             }
             Err(halt) => Err(halt.map(Bug::DeadLetters)),
         };
@@ -136,7 +167,7 @@ pub async fn run_with_clock(
             Ok(applied) => applied,
             Err(Halt::Shutdown) => {
                 tracing::warn!(
-                    records = batch.records.len(),
+                    records = records.len(),
                     "shutdown while retrying: batch left uncommitted (read again at the next start)"
                 );
                 break;
@@ -160,7 +191,7 @@ pub async fn run_with_clock(
             .collect();
         if split.is_some() {
             let committed = match send_letters(&dead, &refused_letters, &mut retry).await {
-                Ok(()) => store_offsets(&mut store, &cfg, &group, &batch.next_offsets, &mut retry)
+                Ok(()) => store_offsets(&mut store, &cfg, &group, &next_offsets, &mut retry)
                     .await
                     .map_err(|h| h.map(Bug::Store)),
                 Err(halt) => Err(halt.map(Bug::DeadLetters)),
@@ -176,18 +207,19 @@ pub async fn run_with_clock(
         }
         crate::metrics::transaction_seconds("ledger", transaction.elapsed().as_secs_f64());
         fail::fail_point!("ledger-after-commit", |_| std::process::abort());
-        consumer.committed(&batch.next_offsets);
+        consumer.committed(&next_offsets);
         crate::metrics::batch_seconds("ledger", started.elapsed().as_secs_f64());
         letters.extend(refused_letters);
 
         stats.batches += 1;
-        stats.records += batch.records.len() as u64;
+        stats.records += (records.len() - carry.len()) as u64;
         stats.applied += totals.applied as u64;
         stats.duplicates += totals.duplicates as u64;
         crate::metrics::replays(totals.replayed, totals.window_events);
         stats.dead_letters += letters.len() as u64;
         tracing::debug!(
-            records = batch.records.len(),
+            records = records.len() - carry.len(),
+            held_back = carry.len(),
             applied = totals.applied,
             duplicates = totals.duplicates,
             dead_letters = letters.len(),
@@ -198,6 +230,8 @@ pub async fn run_with_clock(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "ledger batch committed"
         );
+        drop(prepared);
+        carried = carry;
         if purge_pending || last_purge.elapsed() > purge_interval {
             purge_pending = !purge(&mut store, &cfg, clock.now(), &mut admission).await;
             last_purge = Instant::now();
@@ -486,5 +520,149 @@ fn dead_letter(record: &Record, rejection: Rejection) -> DeadLetter<'_> {
         reason: rejection.reason,
         field: rejection.field,
         detail: rejection.detail,
+    }
+}
+
+/// What the event-time alignment holds back of a batch: per partition, the records from
+/// the first one dated after the batch's watermark.
+#[derive(Debug, Default, PartialEq)]
+pub struct Holds {
+    /// Partition -> the offset of its first record held back.
+    pub from: std::collections::HashMap<(Arc<str>, i32), i64>,
+    /// How many records are held back.
+    pub records: usize,
+}
+
+impl Holds {
+    pub fn holds(&self, record: &Record) -> bool {
+        self.from
+            .get(&(record.topic.clone(), record.partition))
+            .is_some_and(|&from| record.offset >= from)
+    }
+
+    /// The positions to store with the batch: past each partition's last record applied,
+    /// never past a record held back.
+    pub fn next_offsets(&self, records: &[Record]) -> crate::kafka::Positions {
+        let mut next = crate::kafka::Positions::new();
+        for r in records {
+            let key = (r.topic.to_string(), r.partition);
+            let end = match self.from.get(&(r.topic.clone(), r.partition)) {
+                Some(&from) => from,
+                None => r.offset + 1,
+            };
+            let e = next.entry(key).or_insert(end);
+            *e = (*e).max(end);
+        }
+        next
+    }
+}
+
+/// Event-time alignment. An account's events come from several topics (calls, chat, ...)
+/// whose partitions the consumer reads at slightly different paces, so a batch may hold
+/// one topic's events up to 10:05 and another's only up to 10:01; the next batch then
+/// brings the second topic's 10:01-10:05, out of order for every account in both, and each
+/// of those accounts is replayed. The watermark is the earliest of the partitions' latest
+/// event times in the batch (`times`: each record's event time, None for a record rejected
+/// at decoding); every partition's records from its first one dated after the watermark
+/// wait for the next batch, which brings the slower partitions' events up to them. A
+/// partition with no record in the batch does not hold the others back (it may be caught
+/// up), and an event late for good is still replayed in order by the ledger.
+pub fn hold_back(
+    records: &[Record],
+    times: impl Iterator<Item = Option<chrono::DateTime<chrono::Utc>>>,
+) -> Holds {
+    let times: Vec<_> = times.collect();
+    let mut latest: std::collections::HashMap<(Arc<str>, i32), chrono::DateTime<chrono::Utc>> =
+        std::collections::HashMap::new();
+    for (r, t) in records.iter().zip(&times) {
+        if let Some(t) = t {
+            let e = latest.entry((r.topic.clone(), r.partition)).or_insert(*t);
+            *e = (*e).max(*t);
+        }
+    }
+    let Some(watermark) = latest.values().min().copied() else {
+        return Holds::default();
+    };
+    let mut holds = Holds::default();
+    for (r, t) in records.iter().zip(&times) {
+        let key = (r.topic.clone(), r.partition);
+        if holds.from.contains_key(&key) {
+            holds.records += 1;
+        } else if t.is_some_and(|t| t > watermark) {
+            holds.from.insert(key, r.offset);
+            holds.records += 1;
+        }
+    }
+    holds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{DateTime, TimeZone, Utc};
+
+    fn record(topic: &str, partition: i32, offset: i64) -> Record {
+        Record {
+            topic: Arc::from(topic),
+            partition,
+            offset,
+            key: None,
+            payload: Vec::new(),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    }
+
+    fn at(minute: u32) -> Option<DateTime<Utc>> {
+        Some(Utc.with_ymd_and_hms(2027, 1, 1, 10, minute, 0).unwrap())
+    }
+
+    #[test]
+    fn the_partitions_ahead_wait_for_the_slowest_ones_latest_event() {
+        // calls/0 runs to 10:05, chat/1 only to 10:02, a rejected record among the calls.
+        let records = [
+            record("calls", 0, 10),
+            record("chat", 1, 40),
+            record("calls", 0, 11),
+            record("calls", 0, 12),
+            record("chat", 1, 41),
+            record("calls", 0, 13),
+            record("calls", 0, 14),
+        ];
+        let times = [at(1), at(1), at(2), at(3), at(2), None, at(5)];
+        let held = hold_back(&records, times.into_iter());
+        // The watermark is 10:02: calls from offset 12 (10:03) on wait, the rejected one too.
+        assert_eq!(held.records, 3);
+        assert_eq!(
+            held.from.into_iter().collect::<Vec<_>>(),
+            vec![((Arc::from("calls"), 0), 12)]
+        );
+        let held = hold_back(&records, times.into_iter());
+        let kept: Vec<i64> = records
+            .iter()
+            .filter(|r| !held.holds(r))
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(kept, [10, 40, 11, 41]);
+        let mut next: Vec<_> = held.next_offsets(&records).into_iter().collect();
+        next.sort();
+        assert_eq!(
+            next,
+            [(("calls".to_owned(), 0), 12), (("chat".to_owned(), 1), 42)]
+        );
+    }
+
+    #[test]
+    fn one_partition_or_none_dated_holds_nothing_back() {
+        let records = [record("calls", 0, 1), record("calls", 0, 2)];
+        assert_eq!(
+            hold_back(&records, [at(9), at(1)].into_iter()),
+            Holds::default()
+        );
+        let records = [record("calls", 0, 1), record("chat", 0, 2)];
+        assert_eq!(
+            hold_back(&records, [None, None].into_iter()),
+            Holds::default()
+        );
     }
 }
