@@ -70,13 +70,16 @@ async fn run() {
     cfg.prices.path = common::repo_path("prices/default.toml");
     cfg.pipeline.dedupe_purge_interval_ms = (seconds * 1000 / 2).max(1000);
     let (env, _broker) = TestEnv::for_bench(cfg).await;
+    // The preload covers the three days before the run's own events, which come after it in
+    // event time (the 20 hours before `end`), as a live stream's would.
     let end = Utc::now() - chrono::Duration::minutes(5);
+    let base = end - chrono::Duration::hours(20);
     let records = demo::generate(&DemoConfig {
         seed: 1,
         accounts,
         events,
-        start: end - chrono::Duration::days(3),
-        end,
+        start: base - chrono::Duration::days(3),
+        end: base,
         duplicate_every: 0,
         malformed_every: 0,
     });
@@ -208,7 +211,6 @@ async fn run() {
     let mut produced = 0u64;
     let t = Instant::now();
     // Event times over the 20 hours before `end` (inside the 24-hour grace), in order.
-    let base = end - chrono::Duration::hours(20);
     for second in 0..seconds {
         let slice = demo::generate(&DemoConfig {
             seed: 2 + second,
