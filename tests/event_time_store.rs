@@ -110,6 +110,16 @@ fn item(id: &'static str, time: DateTime<Utc>, action: Action<'static>) -> Item<
     }
 }
 
+/// Each grant's remaining credits, by grant id.
+fn remaining(b: &tally::ledger::AccountBalance) -> Vec<(String, Decimal)> {
+    let rows: std::collections::BTreeMap<String, Decimal> = b
+        .grants
+        .iter()
+        .map(|g| (g.grant_id.clone(), g.remaining))
+        .collect();
+    rows.into_iter().collect()
+}
+
 fn plan(allowance: Decimal, day: u8) -> Action<'static> {
     Action::Plan {
         plan: tally::ledger::buckets::Plan {
@@ -208,13 +218,8 @@ async fn a_replay_empties_the_row_of_a_grant_it_no_longer_has() {
         .await
         .unwrap();
     let b = store.balance("a").await.unwrap().unwrap();
-    let rows: std::collections::BTreeMap<String, Decimal> = b
-        .grants
-        .iter()
-        .map(|g| (g.grant_id.clone(), g.remaining))
-        .collect();
     assert_eq!(
-        rows.into_iter().collect::<Vec<_>>(),
+        remaining(&b),
         vec![
             ("allowance:2029-12-15".to_owned(), dec!(100)),
             ("allowance:2030-01-01".to_owned(), dec!(0)),
@@ -331,13 +336,8 @@ async fn replays_start_at_a_mark_and_write_the_ledger_a_replay_from_the_checkpoi
     // expires at 1,200 s (3 credits every 2 s: 1,800; its other 1,200 expire), the package
     // the rest of the hour's 1,800 x 2 + 1,800 x 1 = 5,400: 100,000 - 3,600.
     let b = hot.balance("a").await.unwrap().unwrap();
-    let remaining: std::collections::BTreeMap<String, Decimal> = b
-        .grants
-        .iter()
-        .map(|g| (g.grant_id.clone(), g.remaining))
-        .collect();
     assert_eq!(
-        remaining.into_iter().collect::<Vec<_>>(),
+        remaining(&b),
         vec![
             ("package".to_owned(), dec!(96400)),
             ("promo".to_owned(), dec!(0))

@@ -585,12 +585,14 @@ pub fn hold_back(
     };
     let mut holds = Holds::default();
     for (r, t) in records.iter().zip(&times) {
-        let key = (r.topic.clone(), r.partition);
-        if holds.from.contains_key(&key) {
-            holds.records += 1;
-        } else if t.is_some_and(|t| t > watermark) {
-            holds.from.insert(key, r.offset);
-            holds.records += 1;
+        match holds.from.entry((r.topic.clone(), r.partition)) {
+            std::collections::hash_map::Entry::Occupied(_) => holds.records += 1,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                if t.is_some_and(|t| t > watermark) {
+                    v.insert(r.offset);
+                    holds.records += 1;
+                }
+            }
         }
     }
     holds
