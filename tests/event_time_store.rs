@@ -110,6 +110,30 @@ fn item(id: &'static str, time: DateTime<Utc>, action: Action<'static>) -> Item<
     }
 }
 
+/// A grant of account `a` from source "grants", its event id the grant id.
+fn grant_item(
+    id: &'static str,
+    time: DateTime<Utc>,
+    kind: GrantKind,
+    credits: Decimal,
+    expires_at: Option<DateTime<Utc>>,
+    priority: Option<i32>,
+) -> Item<'static> {
+    Item {
+        source: "grants",
+        id,
+        account_id: "a",
+        time,
+        action: Action::Grant(NewGrant {
+            grant_id: id.into(),
+            kind,
+            credits,
+            expires_at,
+            priority,
+        }),
+    }
+}
+
 /// Each grant's remaining credits, by grant id.
 fn remaining(b: &tally::ledger::AccountBalance) -> Vec<(String, Decimal)> {
     let rows: std::collections::BTreeMap<String, Decimal> = b
@@ -258,32 +282,22 @@ async fn replays_start_at_a_mark_and_write_the_ledger_a_replay_from_the_checkpoi
         // Spent first (priority 1) until it expires after 20 minutes (1,800 of its 3,000
         // credits): a chat minute before the expiry that arrives after it is charged to the
         // package at first, then corrected by the replay.
-        Item {
-            source: "grants",
-            id: "promo",
-            account_id: "a",
-            time: start - Duration::minutes(1),
-            action: Action::Grant(NewGrant {
-                grant_id: "promo".into(),
-                kind: GrantKind::Promo,
-                credits: dec!(3000),
-                expires_at: Some(start + Duration::minutes(20)),
-                priority: Some(1),
-            }),
-        },
-        Item {
-            source: "grants",
-            id: "package",
-            account_id: "a",
-            time: start - Duration::minutes(1),
-            action: Action::Grant(NewGrant {
-                grant_id: "package".into(),
-                kind: GrantKind::Package,
-                credits: dec!(100000),
-                expires_at: None,
-                priority: Some(2),
-            }),
-        },
+        grant_item(
+            "promo",
+            start - Duration::minutes(1),
+            GrantKind::Promo,
+            dec!(3000),
+            Some(start + Duration::minutes(20)),
+            Some(1),
+        ),
+        grant_item(
+            "package",
+            start - Duration::minutes(1),
+            GrantKind::Package,
+            dec!(100000),
+            None,
+            Some(2),
+        ),
     ];
     // Arrival: the grants; then calls minute m, chat minute m - 1, calls m + 1, ...
     let minute = |source: &str, m: i64| -> Vec<Item<'_>> {
@@ -391,19 +405,14 @@ async fn marks_cached_by_one_instance_are_dropped_when_another_applies() {
     first.migrate().await.unwrap();
     let mut second = Store::connect(&cfg.postgres).await.unwrap();
     let none = Default::default();
-    let grant = Item {
-        source: "grants",
-        id: "g",
-        account_id: "a",
-        time: start - Duration::minutes(1),
-        action: Action::Grant(NewGrant {
-            grant_id: "g".into(),
-            kind: GrantKind::Package,
-            credits: dec!(10000),
-            expires_at: None,
-            priority: None,
-        }),
-    };
+    let grant = grant_item(
+        "g",
+        start - Duration::minutes(1),
+        GrantKind::Package,
+        dec!(10000),
+        None,
+        None,
+    );
     let usage: Vec<Item<'_>> = ids
         .iter()
         .enumerate()

@@ -230,7 +230,6 @@ pub async fn run_with_clock(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "ledger batch committed"
         );
-        drop(prepared);
         carried = carry;
         if purge_pending || last_purge.elapsed() > purge_interval {
             purge_pending = !purge(&mut store, &cfg, clock.now(), &mut admission).await;
