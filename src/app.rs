@@ -65,7 +65,10 @@ impl RunOptions {
 /// What a clean run did: the totals of the pipelines it ran (None for a role it did not).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RunReport {
+    /// The ledger's totals over its workers (`pipeline.ledger_workers`)...
     pub ledger: Option<crate::pipeline::ledger::LedgerStats>,
+    /// ... and each worker's, in the order they ended.
+    pub ledger_workers: Vec<crate::pipeline::ledger::LedgerStats>,
     pub analytics: Option<crate::pipeline::analytics::AnalyticsStats>,
 }
 
@@ -101,6 +104,18 @@ pub enum RunError {
         stuck: Vec<&'static str>,
     },
 }
+
+/// The ledger consumers' task names, one per `pipeline.ledger_workers`.
+const LEDGER_TASKS: [&str; crate::config::MAX_LEDGER_WORKERS] = [
+    "ledger pipeline",
+    "ledger pipeline 2",
+    "ledger pipeline 3",
+    "ledger pipeline 4",
+    "ledger pipeline 5",
+    "ledger pipeline 6",
+    "ledger pipeline 7",
+    "ledger pipeline 8",
+];
 
 /// Runs the pipelines of `options.role` (and the HTTP API when `api.enabled`) until
 /// `shutdown` resolves, idle exit, or a task fails. On a stop: every task finishes the batch
@@ -151,11 +166,19 @@ pub async fn run_with_prices(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Tasks::default();
     if role.ledger() {
-        let (c, p, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
-        tasks.spawn("ledger pipeline", async move {
-            crate::pipeline::ledger::run(c, p, stop)
+        for name in &LEDGER_TASKS[..cfg.pipeline.ledger_workers] {
+            let (c, p, stop) = (cfg.clone(), prices.clone(), stop_rx.clone());
+            tasks.spawn(name, async move {
+                crate::pipeline::ledger::run(c, p, stop)
+                    .await
+                    .map(TaskEnd::Ledger)
+            });
+        }
+        let (c, stop) = (cfg.clone(), stop_rx.clone());
+        tasks.spawn("dedupe purge", async move {
+            crate::pipeline::purge::run(c, Arc::new(crate::clock::SystemClock), stop)
                 .await
-                .map(TaskEnd::Ledger)
+                .map(|s| TaskEnd::Done(format!("dedupe purge: {s:?}")))
         });
         let (c, stop) = (cfg.clone(), stop_rx.clone());
         tasks.spawn("scheduler", async move {
@@ -236,7 +259,10 @@ pub async fn run_with_prices(
                 Some((_, Ok(Ok(end)))) => {
                     tracing::info!(summary = end.summary(), "task finished");
                     match end {
-                        TaskEnd::Ledger(s) => report.ledger = Some(s),
+                        TaskEnd::Ledger(s) => {
+                            report.ledger.get_or_insert_with(Default::default).add(&s);
+                            report.ledger_workers.push(s);
+                        }
                         TaskEnd::Analytics(s) => report.analytics = Some(s),
                         TaskEnd::Done(_) => {}
                     }

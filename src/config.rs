@@ -124,6 +124,11 @@ impl Default for ApiConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
+    /// Ledger consumers this process runs in the ledger group, each with its own PostgreSQL
+    /// connection: the group splits the partitions between them as between instances, and
+    /// every event of an account is in the same partition number of each topic, so they
+    /// apply disjoint accounts at the same time (docs/scaling.md).
+    pub ledger_workers: usize,
     /// A batch closes at whichever limit comes first: events, bytes, or time.
     pub batch_max_events: usize,
     pub batch_max_bytes: usize,
@@ -149,8 +154,8 @@ pub struct PipelineConfig {
     /// dedupe claims are kept this long plus `ledger::DEDUPE_PURGE_MARGIN`. Enlarging it
     /// never re-admits an event whose claim was purged (the stored dedupe horizon).
     pub dedupe_window_days: i64,
-    /// How often the ledger purges the dedupe claims older than the window (between two
-    /// batches, in chunks of at most 100,000 claims a batch until none is left).
+    /// How often the purge task (`pipeline::purge`, beside the ledger consumers) deletes the
+    /// dedupe claims older than the window, 10,000 a statement until none is left.
     pub dedupe_purge_interval_ms: u64,
     /// Back-off bounds when PostgreSQL or ClickHouse is unavailable.
     pub retry_initial_ms: u64,
@@ -174,6 +179,7 @@ impl PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
+            ledger_workers: 1,
             batch_max_events: 5_000,
             batch_max_bytes: 8 * 1024 * 1024,
             batch_max_wait_ms: 100,
@@ -193,6 +199,9 @@ impl Default for PipelineConfig {
         }
     }
 }
+
+/// Most `pipeline.ledger_workers` in one process (more instances scale further).
+pub const MAX_LEDGER_WORKERS: usize = 8;
 
 /// Largest `pipeline.max_message_bytes` accepted (16 MiB).
 pub const MAX_MESSAGE_BYTES_LIMIT: usize = 16 * 1024 * 1024;
@@ -372,6 +381,18 @@ impl Config {
             return Err(invalid(
                 "pipeline.dedupe_purge_interval_ms",
                 "must be 1000..=86400000 (a second to a day)",
+            ));
+        }
+        if !(1..=MAX_LEDGER_WORKERS).contains(&p.ledger_workers) {
+            return Err(invalid(
+                "pipeline.ledger_workers",
+                format!("must be 1..={MAX_LEDGER_WORKERS}"),
+            ));
+        }
+        if p.ledger_workers > self.kafka.topic_partitions as usize {
+            return Err(invalid(
+                "pipeline.ledger_workers",
+                "must be at most kafka.topic_partitions (a worker without a partition idles)",
             ));
         }
         if !(1..=3_600_000).contains(&p.scheduler_interval_ms) {
@@ -595,6 +616,31 @@ mod tests {
                 Err(ConfigError::Invalid { key, .. }) => {
                     assert!(!ok, "{value} refused");
                     assert_eq!(key, "pipeline.dedupe_purge_interval_ms");
+                }
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn ledger_workers_are_one_to_eight() {
+        assert_eq!(Config::default().pipeline.ledger_workers, 1);
+        for (value, partitions, ok) in [
+            (0, 64, false),
+            (1, 64, true),
+            (8, 64, true),
+            (9, 64, false),
+            (3, 3, true),
+            (4, 3, false),
+        ] {
+            let mut cfg = Config::default();
+            cfg.pipeline.ledger_workers = value;
+            cfg.kafka.topic_partitions = partitions;
+            match cfg.validate() {
+                Ok(()) => assert!(ok, "{value} accepted"),
+                Err(ConfigError::Invalid { key, .. }) => {
+                    assert!(!ok, "{value} refused");
+                    assert_eq!(key, "pipeline.ledger_workers");
                 }
                 Err(other) => panic!("{other:?}"),
             }

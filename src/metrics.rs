@@ -36,6 +36,7 @@ struct Metrics {
     retries: IntCounterVec,
     replays: IntCounter,
     replayed_events: IntCounter,
+    purged_claims: IntCounter,
     ingest_events: IntCounterVec,
     reconcile_differences: IntGauge,
     reconcile_late: IntGauge,
@@ -107,6 +108,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry
         .register(Box::new(replayed_events.clone()))
         .expect("registered once");
+    let purged_claims = IntCounter::with_opts(Opts::new(
+        "tally_ledger_purged_claims_total",
+        "Dedupe claims the purge task deleted (claims of events dated before the stored dedupe horizon); its rate should follow the ledger's applied events a dedupe window later.",
+    ))
+    .expect("valid metric");
+    registry
+        .register(Box::new(purged_claims.clone()))
+        .expect("registered once");
     let resolve_seconds = histogram(
         "tally_analytics_resolve_seconds",
         "How long analytics took to resolve the identities of the batches written since the last resolve (one lookup of usage_copies, whose time grows with the table), then store their positions.",
@@ -120,6 +129,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     Metrics {
         replays,
         replayed_events,
+        purged_claims,
         resolve_seconds,
         hold_lock_seconds,
         events: counter(
@@ -220,6 +230,11 @@ pub fn replays(accounts: usize, events: usize) {
         METRICS.replays.inc_by(accounts as u64);
         METRICS.replayed_events.inc_by(events as u64);
     }
+}
+
+/// Counts dedupe claims the purge deleted.
+pub fn purged_claims(n: u64) {
+    METRICS.purged_claims.inc_by(n);
 }
 
 /// Counts `n` events of `POST /v1/events` with their outcome (accepted, rejected, failed).

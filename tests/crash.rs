@@ -55,6 +55,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, Months, NaiveDate, SecondsFormat, TimeZone, Utc};
@@ -1780,7 +1781,7 @@ fn accounts_of(records: &[DemoRecord]) -> Vec<String> {
     ignore = "needs the services: scripts/test runs it"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_split_partitions_with_same_results() {
+async fn instances_and_workers_split_partitions_with_same_results() {
     let _one_at_a_time = HEAVY.lock().await;
     let mut cfg = test_config("pair");
     cfg.prices.path = common::repo_path("prices/default.toml");
@@ -1789,10 +1790,17 @@ async fn two_instances_split_partitions_with_same_results() {
     let (grants, usage) = split(&records);
     let expected = expected_from_demo(&records, &env.prices);
 
-    // Two instances, as two `tally run` processes would run.
+    // Two instances, as two `tally run` processes would run, the second with two ledger
+    // workers (`pipeline.ledger_workers`): three consumers in the ledger group.
+    let mut two_workers = (*env.cfg).clone();
+    two_workers.pipeline.ledger_workers = 2;
     let instances = [
         common::RunningTally::start(&env),
-        common::RunningTally::start(&env),
+        common::RunningTally::start_with(
+            Arc::new(two_workers),
+            env.prices.clone(),
+            tally::app::Role::All,
+        ),
     ];
 
     send(&env, &grants).await;
@@ -1801,15 +1809,19 @@ async fn two_instances_split_partitions_with_same_results() {
     env.wait_ledger_caught_up(Duration::from_secs(300)).await;
     env.wait_analytics_caught_up(Duration::from_secs(300)).await;
 
-    let mut per_instance = Vec::new();
+    let mut per_worker = Vec::new();
     for instance in instances {
         let report = instance.stop_report().await;
         assert!(report.analytics.is_some(), "each instance ran analytics");
-        per_instance.push(report.ledger.expect("each instance ran the ledger").records);
+        let ledger = report.ledger.expect("each instance ran the ledger");
+        let workers: Vec<u64> = report.ledger_workers.iter().map(|s| s.records).collect();
+        assert_eq!(workers.iter().sum::<u64>(), ledger.records);
+        per_worker.extend(workers);
     }
+    assert_eq!(per_worker.len(), 3, "one worker, then two: {per_worker:?}");
     assert!(
-        per_instance.iter().all(|&n| n > 0),
-        "both instances consumed a share of the partitions: {per_instance:?}"
+        per_worker.iter().all(|&n| n > 0),
+        "every ledger consumer of both instances consumed a share of the partitions: {per_worker:?}"
     );
     let got = actual(&env, &accounts_of(&records)).await;
     assert_eq!(got, expected);

@@ -90,6 +90,16 @@ async fn claims(store: &Store) -> Vec<(String, String, String)> {
         .collect()
 }
 
+async fn claim_count(store: &Store) -> u64 {
+    let n: i64 = store
+        .client()
+        .query_one("SELECT count(*) FROM processed_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    n as u64
+}
+
 #[cfg_attr(
     not(feature = "integration"),
     ignore = "needs the services: scripts/test runs it"
@@ -350,5 +360,155 @@ async fn a_large_purge_runs_in_bounded_chunks() {
             "kept".to_owned()
         )]
     );
+    drop_schema(&store).await;
+}
+
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_task_deletes_beside_the_ledger_and_batches_bring_its_horizon() {
+    let (mut cfg, mut store, prices) = setup("dedupe_task").await;
+    // 25,000 claims dated 2026-01-01 and one dated 2026-01-19; a 7-day window on a clock at
+    // 01-20T00:00: the horizon is 01-20 - 7 d - 1 h = 01-12T23:00, 25,000 claims before it.
+    store
+        .client()
+        .batch_execute(
+            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
+             SELECT '//load.test', 'e-' || n, 'acct-t', '2026-01-01T00:00:00Z'
+             FROM generate_series(1, 25000) n;
+             INSERT INTO processed_events (event_source, event_id, account_id, event_time)
+             VALUES ('//load.test', 'kept', 'acct-t', '2026-01-19T00:00:00Z');",
+        )
+        .await
+        .unwrap();
+    let now = at("2026-01-20T00:00:00Z");
+    let horizon = at("2026-01-12T23:00:00Z");
+    cfg.pipeline.dedupe_window_days = 7;
+    cfg.pipeline.dedupe_purge_interval_ms = 86_400_000;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let purge = tokio::spawn(tally::pipeline::purge::run(
+        Arc::new(cfg),
+        Arc::new(tally::clock::ManualClock::new(now)),
+        stopped,
+    ));
+
+    // The ledger goes on meanwhile: a package of 10 and a response (1 credit) on 01-19.
+    let records = [
+        record(common::ev::grant(
+            "g-t",
+            "acct-t",
+            "2026-01-19T00:00:00Z",
+            "pkg-t",
+            "package",
+            "10",
+        )),
+        record(common::ev::chat(
+            "u-t",
+            "acct-t",
+            "2026-01-19T01:00:00Z",
+            "gpt-4o-mini",
+            "standard",
+            1,
+        )),
+    ];
+    let ready = prepared(&records, &prices, now, &admission(7, None));
+    let items: Vec<_> = ready.iter().map(to_item).collect();
+    let o = store
+        .apply_batch(GROUP, &items, &Positions::new())
+        .await
+        .unwrap();
+    assert_eq!(o.applied, 2);
+
+    // The purge ends by itself with every expired claim deleted, the rest kept.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while claims(&store).await.len() != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge did not finish within 60 s: {} claims left",
+            claims(&store).await.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stop.send(true).unwrap();
+    let stats = common::stopped(purge).await.unwrap();
+    assert_eq!((stats.purges, stats.deleted), (1, 25_000));
+    assert!(stats.first_done.is_some());
+    assert_eq!(
+        claims(&store).await,
+        [
+            (
+                "grant".to_owned(),
+                "//billing.test".to_owned(),
+                "g-t".to_owned()
+            ),
+            (
+                "usage".to_owned(),
+                "//chat.test".to_owned(),
+                "u-t".to_owned()
+            ),
+            (
+                "usage".to_owned(),
+                "//load.test".to_owned(),
+                "kept".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(store.dedupe_horizon().await.unwrap(), Some(horizon));
+
+    // The next batch's claims read the stored horizon: the ledger loop's admission takes it
+    // from there (a re-sent response is a duplicate; 10 - 1 = 9 left).
+    let o = store
+        .apply_batch(GROUP, &items[1..], &Positions::new())
+        .await
+        .unwrap();
+    assert_eq!((o.applied, o.duplicates, o.horizon), (0, 1, Some(horizon)));
+    let balance = store.balance("acct-t").await.unwrap().unwrap();
+    assert_eq!(balance.spendable, dec!(9));
+    drop_schema(&store).await;
+}
+
+#[cfg_attr(
+    not(feature = "integration"),
+    ignore = "needs the services: scripts/test runs it"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_purge_ends_the_purge_task() {
+    let (mut cfg, store, _prices) = setup("dedupe_task_stop").await;
+    // 300,000 expired claims: thirty statements and their pauses, a few seconds of purge.
+    store
+        .client()
+        .batch_execute(
+            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
+             SELECT '//load.test', 'e-' || n, 'acct-s', '2026-01-01T00:00:00Z'
+             FROM generate_series(1, 300000) n;",
+        )
+        .await
+        .unwrap();
+    cfg.pipeline.dedupe_window_days = 7;
+    cfg.pipeline.dedupe_purge_interval_ms = 86_400_000;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let purge = tokio::spawn(tally::pipeline::purge::run(
+        Arc::new(cfg),
+        Arc::new(tally::clock::ManualClock::new(at("2026-01-20T00:00:00Z"))),
+        stopped,
+    ));
+    // Stop once it has started deleting: it ends (within common::STOP_WITHIN, not after
+    // its day-long interval), with claims left for the next start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while claim_count(&store).await == 300_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    let stats = common::stopped(purge).await.unwrap();
+    let left = claim_count(&store).await;
+    assert_eq!(stats.purges, 0, "stopped before it was done");
+    assert_eq!(stats.deleted + left, 300_000);
+    assert!(left > 0, "claims are left for the next start");
     drop_schema(&store).await;
 }

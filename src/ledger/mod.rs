@@ -18,5 +18,5 @@ pub use config::{redact_url, BillingConfig, PostgresConfig};
 pub use store::{
     dedupe_cutoff, AccountBalance, Action, BalanceView, BatchOutcome, ClaimScope, Correction,
     DebitInfo, HoldAnswer, HoldFigures, HoldMissing, HoldPool, HoldRefused, Item, LedgerLine,
-    PgOffsetStore, PurgeOutcome, Store, StoreError, DEDUPE_PURGE_MARGIN,
+    PgOffsetStore, PurgeOutcome, Store, StoreError, DEDUPE_PURGE_CHUNK_ROWS, DEDUPE_PURGE_MARGIN,
 };

@@ -33,6 +33,18 @@ pub struct LedgerStats {
     pub skipped: u64,
 }
 
+impl LedgerStats {
+    /// Adds another ledger consumer's totals (`pipeline.ledger_workers`).
+    pub fn add(&mut self, other: &LedgerStats) {
+        self.batches += other.batches;
+        self.records += other.records;
+        self.applied += other.applied;
+        self.duplicates += other.duplicates;
+        self.dead_letters += other.dead_letters;
+        self.skipped += other.skipped;
+    }
+}
+
 /// Runs until `shutdown` turns true: then finishes the batch in hand, commits, returns.
 pub async fn run(
     cfg: Arc<Config>,
@@ -74,12 +86,15 @@ pub async fn run_with_clock(
         }
         Err(Halt::Failed(e)) => return Err(anyhow::anyhow!("ledger: connect to PostgreSQL: {e}")),
     };
-    // Purge at start, which also loads the horizon admission checks; then every
-    // `pipeline.dedupe_purge_interval_ms` (an hour by default), and at
-    // every batch while a purge has claims left to delete.
-    let mut purge_pending = !purge(&mut store, &cfg, clock.now(), &mut admission).await;
-    let mut last_purge = Instant::now();
-    let purge_interval = std::time::Duration::from_millis(cfg.pipeline.dedupe_purge_interval_ms);
+    // The stored dedupe horizon for admission (the purge task moves it, `super::purge`);
+    // then every batch's claims bring the latest. Admission is a first filter: claiming
+    // checks the stored horizon again, so a stale one here never admits anything twice.
+    match store.dedupe_horizon().await {
+        Ok(horizon) => admission.purged_before = horizon,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the dedupe horizon failed: the first batch's claims read it")
+        }
+    }
     tracing::info!(group, ?topics, "ledger pipeline started");
 
     // Records held back by the event-time alignment ([`hold_back`]), applied with the next
@@ -231,52 +246,12 @@ pub async fn run_with_clock(
             "ledger batch committed"
         );
         carried = carry;
-        if purge_pending || last_purge.elapsed() > purge_interval {
-            purge_pending = !purge(&mut store, &cfg, clock.now(), &mut admission).await;
-            last_purge = Instant::now();
+        if totals.horizon.is_some() {
+            admission.purged_before = totals.horizon;
         }
     }
     tracing::info!(?stats, "ledger pipeline stopped");
     Ok(stats)
-}
-
-/// Claims one purge deletes at most between two batches (in statements of
-/// `DEDUPE_PURGE_CHUNK_ROWS`), so a large backlog never stops the ledger for long.
-const PURGE_MAX_ROWS: u64 = 100_000;
-
-/// Purges dedupe claims by event time at `now` ([`Store::purge_dedupe`]) and carries the
-/// stored horizon into `admission`. True when no claim is left to purge; a failure is
-/// logged (the purge runs again later; claiming checks the stored horizon anyway) and
-/// counts as done, so it is retried at the next interval, not at every batch.
-async fn purge(
-    store: &mut Store,
-    cfg: &Config,
-    now: chrono::DateTime<chrono::Utc>,
-    admission: &mut super::Admission,
-) -> bool {
-    if let Err(e) = reconnect_if_closed(store, cfg).await {
-        tracing::warn!(error = %e, "purging dedupe claims failed");
-        return true;
-    }
-    match store
-        .purge_dedupe(now, admission.dedupe_window, PURGE_MAX_ROWS)
-        .await
-    {
-        Ok(o) => {
-            admission.purged_before = Some(o.horizon);
-            if o.deleted > 0 {
-                tracing::info!(purged = o.deleted, horizon = %o.horizon, done = o.done, "purged expired dedupe claims");
-            }
-            o.done
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "purging dedupe claims failed");
-            if let Ok(horizon) = store.dedupe_horizon().await {
-                admission.purged_before = horizon;
-            }
-            true
-        }
-    }
 }
 
 /// A fault that stops the ledger loop.
@@ -418,6 +393,7 @@ impl ApplyPart for Parts<'_, '_, '_> {
         self.totals.accounts += o.accounts;
         self.totals.replayed += o.replayed;
         self.totals.window_events += o.window_events;
+        self.totals.horizon = self.totals.horizon.max(o.horizon);
         Ok(())
     }
 }

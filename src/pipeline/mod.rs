@@ -5,6 +5,7 @@
 pub mod alerts;
 pub mod analytics;
 pub mod ledger;
+pub mod purge;
 pub mod scheduler;
 
 use std::time::Duration;

@@ -51,7 +51,8 @@ impl Store {
             known_grants(&tx, st, items),
             pending_voids(&tx, st, &ids),
         );
-        let fresh = fresh?;
+        let (fresh, horizon) = fresh?;
+        outcome.horizon = horizon;
         let mut locked = locked?;
         let known = known?;
         let waiting = waiting?;
@@ -211,18 +212,18 @@ impl Store {
 
 /// Claims the identities, each in its scope ([`Action::scope`]), in (scope, source, id)
 /// order (a fixed lock order across instances) and returns the items claimed now, first
-/// occurrence only, in batch order.
+/// occurrence only, in batch order, with the horizon read.
 ///
-/// First reads the dedupe horizon under the shared purge lock ([`Store::purge_dedupe`]): an
-/// item dated before it is refused ([`StoreError::BeforeHorizon`], the input's fault), as
-/// its claim may have been purged.
+/// First reads the dedupe horizon under the shared purge lock
+/// ([`Store::advance_dedupe_horizon`]): an item dated before it is refused
+/// ([`StoreError::BeforeHorizon`], the input's fault), as its claim may have been purged.
 pub(super) async fn claim<'i, 'a>(
     tx: &Transaction<'_>,
     st: &Stmts,
     items: &'i [Item<'a>],
-) -> Result<Vec<&'i Item<'a>>, StoreError> {
+) -> Result<(Vec<&'i Item<'a>>, Option<DateTime<Utc>>), StoreError> {
     if items.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let keys: Vec<(ClaimScope, &str, &str)> = items.iter().map(Item::claim_key).collect();
     let scopes: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
@@ -252,13 +253,14 @@ pub(super) async fn claim<'i, 'a>(
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    Ok(items
+    let fresh = items
         .iter()
         .filter(|i| {
             let (scope, source, id) = i.claim_key();
             claimed.remove(&(scope.as_str().to_owned(), source.to_owned(), id.to_owned()))
         })
-        .collect())
+        .collect();
+    Ok((fresh, horizon))
 }
 
 /// A void waiting for its usage (`pending_usage_voids`).

@@ -344,6 +344,9 @@ pub struct BatchOutcome {
     /// Open-window events read back for those replays (from each book's mark, or its
     /// final point).
     pub window_events: usize,
+    /// The stored dedupe horizon the batch's claims were checked against (None: nothing
+    /// purged yet, or no item): the ledger loop's admission takes it from here.
+    pub horizon: Option<DateTime<Utc>>,
 }
 
 pub struct Store {

@@ -90,22 +90,36 @@ impl Store {
     }
 
     /// Purges dedupe claims by event time, with Tally's clock (`now`, the clock admission
-    /// uses): the stored horizon moves to `now - window - margin` ([`dedupe_cutoff`]; never
-    /// backwards), then claims of events dated before the stored horizon are deleted, in
-    /// statements of [`DEDUPE_PURGE_CHUNK_ROWS`] each, at most about `max_rows` per call.
-    /// Each chunk skips the claims another instance's purge is deleting (`SKIP LOCKED`), so
-    /// N instances purging at once share the work instead of queueing on the same rows.
-    ///
-    /// The horizon is committed first, under the advisory lock every claiming transaction
-    /// holds shared ([`claim`]): transactions that read the old horizon have committed when
-    /// the deletes start, and every later one refuses events dated before the new horizon.
-    /// So no event whose claim is deleted can be claimed again, whatever the window is later.
+    /// uses): [`Store::advance_dedupe_horizon`], then [`Store::delete_claims_before`] the
+    /// stored horizon, at most about `max_rows` per call.
     pub async fn purge_dedupe(
         &mut self,
         now: DateTime<Utc>,
         window: chrono::TimeDelta,
         max_rows: u64,
     ) -> Result<PurgeOutcome, StoreError> {
+        let horizon = self.advance_dedupe_horizon(now, window).await?;
+        let (deleted, done) = self.delete_claims_before(horizon, max_rows).await?;
+        Ok(PurgeOutcome {
+            deleted,
+            horizon,
+            done,
+        })
+    }
+
+    /// Moves the stored dedupe horizon to `now - window - margin` ([`dedupe_cutoff`]; never
+    /// backwards) and returns it.
+    ///
+    /// The horizon is committed under the advisory lock every claiming transaction holds
+    /// shared ([`claim`]): transactions that read the old horizon have committed when this
+    /// returns, and every later one refuses events dated before the new horizon. So no event
+    /// whose claim is deleted after this can be claimed again, whatever the window is later.
+    /// (The lock waits for the batches in flight: call it once per purge, not per chunk.)
+    pub async fn advance_dedupe_horizon(
+        &mut self,
+        now: DateTime<Utc>,
+        window: chrono::TimeDelta,
+    ) -> Result<DateTime<Utc>, StoreError> {
         let tx = self.client.transaction().await?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(7421002, hashtext(current_schema()))",
@@ -124,6 +138,21 @@ impl Store {
             .await?
             .get(0);
         tx.commit().await?;
+        Ok(horizon)
+    }
+
+    /// Deletes claims of events dated before `horizon` (a horizon stored by
+    /// [`Store::advance_dedupe_horizon`], never a later one), in statements of
+    /// [`DEDUPE_PURGE_CHUNK_ROWS`] each, at most about `max_rows`: (deleted, done), done
+    /// false when claims are left. Each statement skips the claims another instance's purge
+    /// is deleting (`SKIP LOCKED`), so N instances purging at once share the work instead of
+    /// queueing on the same rows; none waits for a ledger batch (it deletes only claims no
+    /// batch can insert any more).
+    pub async fn delete_claims_before(
+        &mut self,
+        horizon: DateTime<Utc>,
+        max_rows: u64,
+    ) -> Result<(u64, bool), StoreError> {
         let mut deleted = 0;
         loop {
             let n = self
@@ -137,18 +166,10 @@ impl Store {
                 .await?;
             deleted += n;
             if n < DEDUPE_PURGE_CHUNK_ROWS as u64 {
-                return Ok(PurgeOutcome {
-                    deleted,
-                    horizon,
-                    done: true,
-                });
+                return Ok((deleted, true));
             }
             if deleted >= max_rows {
-                return Ok(PurgeOutcome {
-                    deleted,
-                    horizon,
-                    done: false,
-                });
+                return Ok((deleted, false));
             }
         }
     }
