@@ -14,10 +14,13 @@
 //! 6. A purge inside that window: TALLY_BENCH_PURGE_CLAIMS (default 1,000,000) dedupe claims
 //!    dated 40 days ago (past the 35-day window) are stored once the ledger has started, and
 //!    its purge interval (`pipeline.dedupe_purge_interval_ms`) is half the run, so the ledger
-//!    deletes them between its batches half-way through, as it does hourly in production. The
-//!    bench prints when the purge started and ended, and the windows it overlapped.
+//!    role's purge task deletes them beside the batches half-way through, as it does hourly
+//!    in production. The bench prints when the purge started and ended, and the windows it
+//!    overlapped.
 //! 7. The process's peak RSS (VmHWM): the bench's own records and samples included, so an
 //!    upper bound of Tally's.
+//!
+//! TALLY_BENCH_LEDGER_WORKERS (default 1) sets the ledger's `pipeline.ledger_workers`.
 //!
 //! TALLY_BENCH_BROKER=mock runs everything on librdkafka's in-process mock cluster instead of
 //! Tansu (see `TestEnv::for_bench`).
@@ -69,6 +72,7 @@ async fn run() {
     let mut cfg = test_config("bench");
     cfg.prices.path = common::repo_path("prices/default.toml");
     cfg.pipeline.dedupe_purge_interval_ms = (seconds * 1000 / 2).max(1000);
+    cfg.pipeline.ledger_workers = env_or("TALLY_BENCH_LEDGER_WORKERS", 1) as usize;
     let (env, _broker) = TestEnv::for_bench(cfg).await;
     // The preload covers the three days before the run's own events, which come after it in
     // event time (the 20 hours before `end`), as a live stream's would.

@@ -13,6 +13,9 @@
 //!    connections (default 32): 60% new holds (an inbound call, 120 s, TTL 30 s), 20%
 //!    heartbeats and 20% releases of earlier holds, accounts at random.
 //!
+//! TALLY_BENCH_LEDGER_BATCH and TALLY_BENCH_LEDGER_WORKERS set the ledger's
+//! `pipeline.batch_max_events` and `pipeline.ledger_workers`.
+//!
 //! Latency is measured from each request's scheduled start (so a request queued behind a
 //! slow one counts its wait: no coordinated omission) to its full answer. Prints requests/s,
 //! statuses, p50/p90/p99/max by kind and overall, the produce rate reached, the ledger's
@@ -78,6 +81,19 @@ async fn run() {
     let connections = env_or("TALLY_BENCH_CONNECTIONS", 32) as usize;
     let mut cfg = with_tokens(test_config("bench_holds"));
     cfg.prices.path = common::repo_path("prices/default.toml");
+    // The ledger's batch size and workers, to see what the hold locks wait for.
+    cfg.pipeline.batch_max_events = env_or(
+        "TALLY_BENCH_LEDGER_BATCH",
+        cfg.pipeline.batch_max_events as u64,
+    ) as usize;
+    cfg.pipeline.ledger_workers = env_or(
+        "TALLY_BENCH_LEDGER_WORKERS",
+        cfg.pipeline.ledger_workers as u64,
+    ) as usize;
+    println!(
+        "ledger: batches of at most {} events, {} worker(s)",
+        cfg.pipeline.batch_max_events, cfg.pipeline.ledger_workers
+    );
     let (env, _broker) = TestEnv::for_bench(cfg).await;
     let topics = env.cfg.kafka.topics.clone();
     let end = Utc::now() - chrono::Duration::minutes(2);

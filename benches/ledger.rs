@@ -21,7 +21,9 @@
 //!    pipeline does: (a) empty dedupe table, in order; (b) TALLY_BENCH_LEDGER_PRELOAD claims
 //!    already stored (default 2,000,000; the issue asks for 20,000,000: set it for the full
 //!    figure, the preload alone then takes minutes), bulk-loaded by one
-//!    `INSERT ... SELECT generate_series` and analyzed, in order; (c) empty dedupe table, out
+//!    `INSERT ... SELECT generate_series` and analyzed, in order, with the ledger role's
+//!    purge task (`pipeline::purge`) deleting the preload's expired claims (those dated
+//!    more than the window and its margin ago) beside the batches, as in `tally run`; (c) empty dedupe table, out
 //!    of order. Each prints events/s, the batch latency p50/p99/max and the ratio to the
 //!    in-memory rate.
 //! 3. Time per statement: pg_stat_statements needs `shared_preload_libraries` (a server
@@ -29,7 +31,12 @@
 //!    10) go through a small proxy in this process that reads the wire protocol and times
 //!    every round trip (Sync to ReadyForQuery) by statement. Those batches are slightly
 //!    slower than direct ones (one more loopback hop); the headline rates above are direct.
-//! 4. The process's peak RSS (VmHWM).
+//! 4. TALLY_BENCH_LEDGER_WORKERS (default 2) workers on disjoint partition sets, each its
+//!    own connection, at once, in order, empty dedupe table: `pipeline.ledger_workers`.
+//! 5. The floor: only the rows every event writes (claim, open-window row, ledger line),
+//!    generated inside PostgreSQL into the same tables, on one connection and on as many as
+//!    the workers: the rate no ledger of these tables can pass here.
+//! 6. The process's peak RSS (VmHWM).
 //!
 //! Run: `scripts/services up && cargo bench --bench ledger`
 //! (PostgreSQL from TALLY_TEST_POSTGRES_URL, default `host=127.0.0.1 user=postgres dbname=tally`.)
@@ -313,6 +320,8 @@ struct PgRun {
     /// over the run: unlike wall time, not inflated by other work on the machine.
     pg_cpu: Duration,
     own_cpu: Duration,
+    /// When each batch started.
+    starts: Vec<Instant>,
 }
 
 /// CPU time (user + system) of a process so far, from /proc/PID/stat (zero when unknown).
@@ -363,6 +372,7 @@ async fn through_store(
             next.insert((TOPIC.to_owned(), p), offsets.0[p as usize]);
         }
         let started = Instant::now();
+        run.starts.push(started);
         let o = store.apply_batch(GROUP, &items, &next).await.unwrap();
         run.latencies.push(started.elapsed());
         run.events += items.len();
@@ -380,6 +390,191 @@ async fn through_store(
     run
 }
 
+/// Scenario 4: the in-order events split into `workers` disjoint partition sets (partition modulo
+/// `workers`), each applied by its own task on its own connection, all at once: what
+/// `pipeline.ledger_workers` (or as many instances) does, as the consumer group splits the
+/// partitions and every event of an account is in the same partition number.
+async fn workers_run(
+    w: &Arc<Workload>,
+    url: &str,
+    schema: &str,
+    workers: usize,
+    batch: usize,
+    events: usize,
+    single_in_memory: Duration,
+) {
+    let cfg = PostgresConfig {
+        url: Secret::new(url.to_owned()),
+        schema: schema.to_owned(),
+    };
+    let mut stores = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        stores.push(connect(&cfg).await);
+    }
+    stores[0].migrate().await.expect("PostgreSQL migrations");
+    println!("[empty dedupe table, in order, {workers} workers on disjoint partition sets] schema {schema}");
+    let own_before = cpu_time("self");
+    let t = Instant::now();
+    let tasks: Vec<_> = stores
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut store)| {
+            let w = w.clone();
+            tokio::spawn(async move {
+                let order: Vec<u32> = (0..events as u32)
+                    .filter(|&i| w.partition(i as usize) as usize % workers == k)
+                    .collect();
+                let mut offsets = Offsets(vec![0; w.partitions as usize]);
+                through_store(&mut store, &w, &order, batch, &mut offsets).await
+            })
+        })
+        .collect();
+    let mut runs = Vec::with_capacity(workers);
+    for task in tasks {
+        runs.push(task.await.expect("a worker panicked"));
+    }
+    let elapsed = t.elapsed();
+    let own_cpu = cpu_time("self").saturating_sub(own_before);
+    let pg_cpu: Duration = runs.iter().map(|r| r.pg_cpu).sum();
+    let total: usize = runs.iter().map(|r| r.events).sum();
+    let latencies: Vec<Duration> = runs.iter().flat_map(|r| r.latencies.clone()).collect();
+    let (p50, p99, max) = percentiles(latencies);
+    println!(
+        "  {total} events in {:.1} s: {:.0} events/s; batch p50 {p50:.0} ms, p99 {p99:.0} ms, max \
+         {max:.0} ms; per worker: {}",
+        elapsed.as_secs_f64(),
+        rate(total, elapsed),
+        runs.iter()
+            .map(|r| format!("{} events in {:.1} s", r.events, r.elapsed.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  CPU time per event: PostgreSQL backends {:.1} us (together), this process {:.1} us; \
+         {:.1} % of the single-threaded in-memory Book::apply rate",
+        pg_cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
+        own_cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
+        100.0 * rate(total, elapsed) / rate(events, single_in_memory)
+    );
+    let applied: usize = runs.iter().map(|r| r.outcome.applied).sum();
+    let entries: usize = runs.iter().map(|r| r.outcome.entries).sum();
+    println!("  applied {applied}, ledger entries {entries}");
+}
+
+/// Scenario 5, the floor: per event, only the rows every event writes (its claim, its open-window
+/// row, one ledger line), generated inside PostgreSQL by `INSERT ... SELECT
+/// generate_series` into the real tables with their indexes (no client, no wire, no
+/// logic: nothing a ledger could do writes these rows faster), `connections` at once on
+/// disjoint ranges, table after table, each statement its own transaction (committed, as a
+/// ledger must). Also the generator alone (the same rows counted, not inserted), its share
+/// of each figure. The rate a ledger of these tables can approach, never pass, here.
+async fn floor_run(url: &str, schema: &str, connections: usize, events: usize, accounts: usize) {
+    let mut store = connect(&PostgresConfig {
+        url: Secret::new(url.to_owned()),
+        schema: schema.to_owned(),
+    })
+    .await;
+    store.migrate().await.expect("PostgreSQL migrations");
+    let per = (events / connections) as i64;
+    let total = per as usize * connections;
+    let mut clients = Vec::new();
+    let mut backends = Vec::new();
+    for _ in 0..connections {
+        let c = Arc::new(PgConnect::new(url).await);
+        let pid: i32 =
+            c.0.query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+        backends.push(pid.to_string());
+        clients.push(c);
+    }
+    let account = format!("'acct-' || lpad((g % {accounts})::text, 5, '0')");
+    let time = "now() - g * interval '1 ms'";
+    let claim = format!(
+        "SELECT 'usage', '{SOURCE}', gen_random_uuid()::text, {account}, {time}
+         FROM generate_series($1::bigint, $2::bigint) AS g ORDER BY 1, 2, 3"
+    );
+    let phases = [
+        ("generator alone (claims' rows counted)", format!("SELECT count(*) FROM ({claim}) s")),
+        (
+            "claims (processed_events)",
+            format!(
+                "INSERT INTO {schema}.processed_events (scope, event_source, event_id, account_id, event_time)
+                 {claim} ON CONFLICT DO NOTHING"
+            ),
+        ),
+        (
+            "open-window rows (open_events)",
+            format!(
+                "INSERT INTO {schema}.open_events (account_id, at, event_source, event_id, late, credits)
+                 SELECT {account}, {time}, '{SOURCE}', gen_random_uuid()::text, false, 1.25
+                 FROM generate_series($1::bigint, $2::bigint) AS g"
+            ),
+        ),
+        (
+            "ledger lines (ledger_entries)",
+            format!(
+                "INSERT INTO {schema}.ledger_entries (account_id, kind, grant_id, amount, balance_after,
+                        overage_after, effective_at, event_source, event_id, usage_kind,
+                        price_version, rule_id, event_time)
+                 SELECT {account}, 'debit', 'grant-1', -1.25, 1000 - g * 0.001, 0, now(),
+                        '{SOURCE}', gen_random_uuid()::text, 'chat_response', '2025-01', 'chat', {time}
+                 FROM generate_series($1::bigint, $2::bigint) AS g"
+            ),
+        ),
+    ];
+    println!(
+        "[floor: the rows every event writes, generated inside PostgreSQL, {connections} \
+         connection(s) at once, {total} events] schema {schema}"
+    );
+    let mut rows_time = Duration::ZERO;
+    let mut claim_and_line = Duration::ZERO;
+    let mut cpu = Duration::ZERO;
+    for (k, (name, sql)) in phases.iter().enumerate() {
+        let before: Vec<Duration> = backends.iter().map(|b| cpu_time(b)).collect();
+        let t = Instant::now();
+        let tasks: Vec<_> = clients
+            .iter()
+            .enumerate()
+            .map(|(c, client)| {
+                let (client, sql) = (client.clone(), sql.clone());
+                let (lo, hi) = (c as i64 * per + 1, (c as i64 + 1) * per);
+                tokio::spawn(async move { client.0.execute(&sql, &[&lo, &hi]).await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("a floor connection panicked");
+        }
+        let elapsed = t.elapsed();
+        let used: Duration = backends
+            .iter()
+            .zip(before)
+            .map(|(b, before)| cpu_time(b).saturating_sub(before))
+            .sum();
+        if k > 0 {
+            rows_time += elapsed;
+            cpu += used;
+            if k != 2 {
+                claim_and_line += elapsed;
+            }
+        }
+        println!(
+            "  {name:<40} {:>6.2} s {:>9.0} rows/s, PostgreSQL CPU {:.1} us a row",
+            elapsed.as_secs_f64(),
+            rate(total, elapsed),
+            used.as_secs_f64() * 1e6 / total.max(1) as f64
+        );
+    }
+    println!(
+        "  the three rows: {:.0} events/s (PostgreSQL CPU {:.1} us an event); the claim and the \
+         ledger line alone: {:.0} events/s",
+        rate(total, rows_time),
+        cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
+        rate(total, claim_and_line)
+    );
+}
+
 fn rate(events: usize, d: Duration) -> f64 {
     events as f64 / d.as_secs_f64()
 }
@@ -391,6 +586,7 @@ async fn run() {
     let preload = env_or("TALLY_BENCH_LEDGER_PRELOAD", 2_000_000);
     let partitions = env_or("TALLY_BENCH_LEDGER_PARTITIONS", 64) as u32;
     let profile_batches = env_or("TALLY_BENCH_LEDGER_PROFILE_BATCHES", 10) as usize;
+    let workers = env_or("TALLY_BENCH_LEDGER_WORKERS", 2) as usize;
     let keep = std::env::var("TALLY_BENCH_KEEP").as_deref() == Ok("1");
     let url = std::env::var("TALLY_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=tally".into());
@@ -402,7 +598,7 @@ async fn run() {
     // The measured events, then the profiled ones after them (same accounts, later times).
     let total = events + profile_batches * batch;
     let t = Instant::now();
-    let w = Workload::generate(total, accounts, partitions, 1);
+    let w = Arc::new(Workload::generate(total, accounts, partitions, 1));
     let in_order: Vec<u32> = (0..total as u32).collect();
     let (shuffled, late) = w.out_of_order(OUT_OF_ORDER, 2);
     let late_measured = {
@@ -511,8 +707,48 @@ async fn run() {
             pg.preload(&schema, claims, accounts).await;
         }
         let mut offsets = Offsets(vec![0; partitions as usize]);
+        // With claims stored, the ledger role's purge task runs beside the batches, as in
+        // `tally run`: the preload's claims dated before the horizon are deleted meanwhile.
+        let purge = (claims > 0).then(|| {
+            let mut cfg = Config {
+                postgres: cfg.clone(),
+                ..Config::default()
+            };
+            cfg.pipeline.dedupe_purge_interval_ms = 86_400_000;
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(tally::pipeline::purge::run(
+                Arc::new(cfg),
+                Arc::new(tally::clock::SystemClock),
+                stopped,
+            ));
+            (stop, task)
+        });
         let r = through_store(&mut store, &w, &order[..events], batch, &mut offsets).await;
         let (p50, p99, max) = percentiles(r.latencies.clone());
+        if let Some((stop, task)) = purge {
+            stop.send(true).unwrap();
+            let stats = task.await.unwrap().unwrap();
+            let during: Vec<Duration> = r
+                .starts
+                .iter()
+                .zip(&r.latencies)
+                .filter(|(s, _)| stats.first_done.is_none_or(|done| **s < done))
+                .map(|(_, l)| *l)
+                .collect();
+            let (_, _, worst) = percentiles(during.clone());
+            println!(
+                "  purge task beside the batches (as in `tally run`): {} expired claims deleted; \
+                 {} batches ran during it ({}), the worst {worst:.0} ms = {:.2} x the median batch",
+                stats.deleted,
+                during.len(),
+                if stats.first_done.is_some() {
+                    "it finished within the run"
+                } else {
+                    "it was still running at the end"
+                },
+                worst / p50
+            );
+        }
         let pg_rate = rate(r.events, r.elapsed);
         let mem_rate = rate(events, mem.elapsed);
         println!(
@@ -590,6 +826,16 @@ async fn run() {
             );
         }
     }
+    if workers > 1 {
+        let schema = format!("bench_ledger_{}_workers", std::process::id());
+        schemas.push(schema.clone());
+        workers_run(&w, &url, &schema, workers, batch, events, mem_in.elapsed).await;
+    }
+    for k in [1, workers.max(2)] {
+        let schema = format!("bench_ledger_{}_floor_{k}", std::process::id());
+        schemas.push(schema.clone());
+        floor_run(&url, &schema, k, events, accounts).await;
+    }
     if keep {
         println!("kept schemas {}", schemas.join(", "));
     } else {
@@ -643,7 +889,8 @@ impl PgConnect {
     }
 
     /// `claims` usage claims with random UUIDs, dated over the 35 days before the events,
-    /// in one statement; then ANALYZE, as autovacuum would.
+    /// in one statement, in key order (the index grows at its end: minutes less for 20
+    /// million than in random order); then ANALYZE, as autovacuum would.
     async fn preload(&self, schema: &str, claims: u64, accounts: usize) {
         let t = Instant::now();
         let n = self
@@ -655,7 +902,8 @@ impl PgConnect {
                      SELECT 'usage', $1::text, gen_random_uuid()::text,
                             'acct-' || lpad((g % $2::bigint)::text, 5, '0'),
                             now() - interval '36 days' + g * (interval '35 days' / $3::bigint)
-                     FROM generate_series(1::bigint, $3::bigint) AS g"
+                     FROM generate_series(1::bigint, $3::bigint) AS g
+                     ORDER BY 1, 2, 3"
                 ),
                 &[&SOURCE, &(accounts as i64), &(claims as i64)],
             )
