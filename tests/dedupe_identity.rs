@@ -90,6 +90,23 @@ async fn claims(store: &Store) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// `expired` usage claims of `account` dated 2026-01-01 (`e-1`, `e-2`, ...), before every
+/// horizon these tests reach, and one, `kept`, dated 2026-01-19.
+async fn store_claims(store: &Store, account: &str, expired: i32) {
+    store
+        .client()
+        .execute(
+            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
+             SELECT '//load.test', 'e-' || n, $1, '2026-01-01T00:00:00Z'::timestamptz
+             FROM generate_series(1, $2) n
+             UNION ALL
+             SELECT '//load.test', 'kept', $1, '2026-01-19T00:00:00Z'::timestamptz",
+            &[&account, &expired],
+        )
+        .await
+        .unwrap();
+}
+
 async fn claim_count(store: &Store) -> u64 {
     let n: i64 = store
         .client()
@@ -315,17 +332,7 @@ async fn a_purged_event_stays_too_late_when_the_window_grows() {
 async fn a_large_purge_runs_in_bounded_chunks() {
     let (_cfg, mut store, _prices) = setup("dedupe_chunks").await;
     // 25,000 claims dated 2026-01-01 and one dated 2026-01-19.
-    store
-        .client()
-        .batch_execute(
-            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
-             SELECT '//load.test', 'e-' || n, 'acct-c', '2026-01-01T00:00:00Z'
-             FROM generate_series(1, 25000) n;
-             INSERT INTO processed_events (event_source, event_id, account_id, event_time)
-             VALUES ('//load.test', 'kept', 'acct-c', '2026-01-19T00:00:00Z');",
-        )
-        .await
-        .unwrap();
+    store_claims(&store, "acct-c", 25_000).await;
     let purge_at = at("2026-01-20T00:00:00Z");
     let horizon = at("2026-01-12T23:00:00Z");
     // At most 10,000 rows this call: one chunk of 10,000, more left.
@@ -372,17 +379,7 @@ async fn the_purge_task_deletes_beside_the_ledger_and_batches_bring_its_horizon(
     let (mut cfg, mut store, prices) = setup("dedupe_task").await;
     // 25,000 claims dated 2026-01-01 and one dated 2026-01-19; a 7-day window on a clock at
     // 01-20T00:00: the horizon is 01-20 - 7 d - 1 h = 01-12T23:00, 25,000 claims before it.
-    store
-        .client()
-        .batch_execute(
-            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
-             SELECT '//load.test', 'e-' || n, 'acct-t', '2026-01-01T00:00:00Z'
-             FROM generate_series(1, 25000) n;
-             INSERT INTO processed_events (event_source, event_id, account_id, event_time)
-             VALUES ('//load.test', 'kept', 'acct-t', '2026-01-19T00:00:00Z');",
-        )
-        .await
-        .unwrap();
+    store_claims(&store, "acct-t", 25_000).await;
     let now = at("2026-01-20T00:00:00Z");
     let horizon = at("2026-01-12T23:00:00Z");
     cfg.pipeline.dedupe_window_days = 7;
@@ -476,16 +473,9 @@ async fn the_purge_task_deletes_beside_the_ledger_and_batches_bring_its_horizon(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_a_purge_ends_the_purge_task() {
     let (mut cfg, store, _prices) = setup("dedupe_task_stop").await;
-    // 300,000 expired claims: thirty statements and their pauses, a few seconds of purge.
-    store
-        .client()
-        .batch_execute(
-            "INSERT INTO processed_events (event_source, event_id, account_id, event_time)
-             SELECT '//load.test', 'e-' || n, 'acct-s', '2026-01-01T00:00:00Z'
-             FROM generate_series(1, 300000) n;",
-        )
-        .await
-        .unwrap();
+    // 300,000 expired claims (and one kept): thirty statements and their pauses, a few
+    // seconds of purge.
+    store_claims(&store, "acct-s", 300_000).await;
     cfg.pipeline.dedupe_window_days = 7;
     cfg.pipeline.dedupe_purge_interval_ms = 86_400_000;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -497,7 +487,7 @@ async fn a_stop_during_a_purge_ends_the_purge_task() {
     // Stop once it has started deleting: it ends (within common::STOP_WITHIN, not after
     // its day-long interval), with claims left for the next start.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while claim_count(&store).await == 300_000 {
+    while claim_count(&store).await == 300_001 {
         assert!(
             std::time::Instant::now() < deadline,
             "the purge never started"
@@ -508,7 +498,7 @@ async fn a_stop_during_a_purge_ends_the_purge_task() {
     let stats = common::stopped(purge).await.unwrap();
     let left = claim_count(&store).await;
     assert_eq!(stats.purges, 0, "stopped before it was done");
-    assert_eq!(stats.deleted + left, 300_000);
-    assert!(left > 0, "claims are left for the next start");
+    assert_eq!(stats.deleted + left, 300_001);
+    assert!(left > 1, "expired claims are left for the next start");
     drop_schema(&store).await;
 }
