@@ -17,8 +17,9 @@
 //!    role's purge task deletes them beside the batches half-way through, as it does hourly
 //!    in production. The bench prints when the purge started and ended, and the windows it
 //!    overlapped.
-//! 7. The process's peak RSS (VmHWM): the bench's own records and samples included, so an
-//!    upper bound of Tally's.
+//! 7. The process's peak RSS (VmHWM), reset after the preload and the raw consume (the
+//!    bench's own), so it covers the pipelines' runs; the producer and the samples are
+//!    still in it, so it is an upper bound of Tally's.
 //!
 //! TALLY_BENCH_LEDGER_WORKERS (default 1) sets the ledger's `pipeline.ledger_workers`.
 //!
@@ -136,6 +137,18 @@ async fn run() {
         first.unwrap().duration_since(t).as_secs_f64()
     );
     drop(raw);
+    // The preload and the raw consume are the bench's own: the peak RSS from here on is
+    // the pipelines' run (Linux resets VmHWM to the current RSS on "5" in clear_refs).
+    let before = vm("VmHWM:");
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    println!(
+        "peak RSS (VmHWM) of the preload and raw consume: {before}; {}",
+        if reset {
+            format!("reset to the current RSS, {}", vm("VmRSS:"))
+        } else {
+            "not reset (no /proc/self/clear_refs): the figure at the end includes them".into()
+        }
+    );
 
     // The ledger role alone over the backlog (`tally run --role ledger`: the ledger
     // pipeline, the scheduler and the alert relay).
@@ -363,15 +376,22 @@ async fn run() {
         );
     }
     println!(
-        "peak RSS (VmHWM) of the bench process (Tally's pipelines, the producer, the samples): {}",
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| s
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(|l| l["VmHWM:".len()..].trim().to_owned()))
-            .unwrap_or_default()
+        "peak RSS (VmHWM) of the bench process since the raw consume (Tally's pipelines, the \
+         producer, the samples): {}",
+        vm("VmHWM:")
     );
+}
+
+/// A line of /proc/self/status (`VmHWM:`, `VmRSS:`), its value.
+fn vm(key: &str) -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .map(|l| l[key.len()..].trim().to_owned())
+        })
+        .unwrap_or_default()
 }
 
 /// Sends in flight: topic, when sent, its delivery, and whether its latency is measured.
