@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::fault::{Classify, Fault};
 use crate::ledger::{Store, StoreError, DEDUPE_PURGE_CHUNK_ROWS};
 
 /// What the purge task did, for logs and benches.
@@ -31,9 +32,11 @@ pub struct PurgeStats {
     pub first_done: Option<Instant>,
 }
 
-/// Purges until shutdown. A failure (PostgreSQL unreachable, a statement refused) is logged
-/// and the purge tried again after `pipeline.retry_max_ms`: it never stops the ledger, and
-/// claiming checks the stored horizon anyway.
+/// Purges until shutdown, which ends a purge in hand at once (a statement cut short deletes
+/// nothing; the next start purges again). A transient failure (PostgreSQL unreachable, a
+/// deadlock) is logged and the purge tried again after `pipeline.retry_max_ms`; any other
+/// (a refused statement, a broken schema) is logged as an error and tried again only at the
+/// next interval. Neither stops the ledger: claiming checks the stored horizon anyway.
 pub async fn run(
     cfg: Arc<Config>,
     clock: Arc<dyn Clock>,
@@ -44,25 +47,23 @@ pub async fn run(
     let mut store: Option<Store> = None;
     let mut stats = PurgeStats::default();
     while !*shutdown.borrow() {
-        let wait = match purge(
-            &cfg,
-            &mut store,
-            clock.now(),
-            window,
-            &mut stats,
-            &mut shutdown,
-        )
-        .await
-        {
+        let purged = tokio::select! {
+            purged = purge(&cfg, &mut store, clock.now(), window, &mut stats) => purged,
+            _ = shutdown.wait_for(|&stop| stop) => break,
+        };
+        let wait = match purged {
             Ok(()) => interval,
-            Err(e) => {
-                tracing::warn!(error = %e, "purging dedupe claims failed: trying again later");
+            Err(e) if e.fault() == Fault::Transient => {
+                tracing::warn!(error = %e, "purging dedupe claims failed: trying again soon");
                 store = None;
                 Duration::from_millis(cfg.pipeline.retry_max_ms)
             }
+            Err(e) => {
+                tracing::error!(error = %e, "purging dedupe claims failed: trying again at the next interval");
+                store = None;
+                interval
+            }
         };
-        // `wait_for`, not `changed`: a stop seen during the purge must not wait a whole
-        // interval here.
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|&stop| stop) => {}
@@ -71,14 +72,13 @@ pub async fn run(
     Ok(stats)
 }
 
-/// One purge: the horizon, then chunk after chunk until none is left or shutdown.
+/// One purge: the horizon, then chunk after chunk until none is left.
 async fn purge(
     cfg: &Config,
     store: &mut Option<Store>,
     now: chrono::DateTime<chrono::Utc>,
     window: chrono::TimeDelta,
     stats: &mut PurgeStats,
-    shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
     if store.as_ref().is_none_or(Store::is_closed) {
         *store = Some(Store::connect(&cfg.postgres).await?);
@@ -99,10 +99,7 @@ async fn purge(
             break;
         }
         // A third of one core at most: twice as long a pause as the statement took.
-        tokio::select! {
-            _ = tokio::time::sleep(chunk.elapsed() * 2) => {}
-            _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
-        }
+        tokio::time::sleep(chunk.elapsed() * 2).await;
     }
     stats.purges += 1;
     stats.first_done.get_or_insert_with(Instant::now);
